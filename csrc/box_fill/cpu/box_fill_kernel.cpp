@@ -1,0 +1,79 @@
+// CPU box_fill: per (image, channel) plane, each box adds its value at the four corners of a
+// float64 difference grid and one 2-D prefix sum paints every box at once. Work is
+// O(B*C*H*W + N*C) whatever the box sizes; one thread owns a plane and sums in a fixed order,
+// so the output is deterministic (no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../../common/cpu_boxes.h"
+
+namespace lgd_ops {
+namespace {
+
+template <typename scalar_t>
+void fill_planes(const scalar_t* values, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
+                 int64_t W, bool average, int64_t begin, int64_t end) {
+  std::vector<double> diff(H * W), col(W);
+  for (int64_t plane = begin; plane < end; ++plane) {
+    const int64_t b = plane / C, c = plane % C;
+    if (ix.start[b] == ix.start[b + 1]) continue;  // the plane stays zero
+    std::fill(diff.begin(), diff.end(), 0.0);
+    for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
+      const int64_t n = ix.order[k];
+      const CellRange r = ix.cells[n];
+      double v = static_cast<double>(values[n * C + c]);
+      if (average) v /= double(r.count());
+      const bool right = r.x1 + 1 < W, below = r.y1 + 1 < H;
+      diff[r.y0 * W + r.x0] += v;
+      if (right) diff[r.y0 * W + r.x1 + 1] -= v;
+      if (below) diff[(r.y1 + 1) * W + r.x0] -= v;
+      if (right && below) diff[(r.y1 + 1) * W + r.x1 + 1] += v;
+    }
+    std::fill(col.begin(), col.end(), 0.0);
+    scalar_t* o = out + plane * H * W;
+    for (int64_t j = 0; j < H; ++j) {
+      double row = 0.0;
+      for (int64_t i = 0; i < W; ++i) {
+        col[i] += diff[j * W + i];  // running sums down each column,
+        row += col[i];              // then along the row
+        o[j * W + i] = static_cast<scalar_t>(row);
+      }
+    }
+  }
+}
+
+at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes,
+                        const at::Tensor& batch_idx, int64_t in_h, int64_t in_w, int64_t batch,
+                        int64_t out_h, int64_t out_w, bool average) {
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == boxes.size(0),
+              "lgd_ops.box_fill: values must be [N, C] with N = boxes.size(0), got ",
+              values.sizes());
+  TORCH_CHECK(batch >= 0 && out_h >= 0 && out_w >= 0,
+              "lgd_ops.box_fill: output size must be non-negative, got (", batch, ", ", out_h,
+              ", ", out_w, ")");
+  check_box_args(boxes, batch_idx, in_h, in_w, values, "values");
+  const int64_t C = values.size(1);
+  at::Tensor out = at::zeros({batch, C, out_h, out_w}, values.options());
+  if (out.numel() == 0) return out;
+  const ImageBoxes ix = index_boxes(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
+  const at::Tensor vals = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
+    const scalar_t* v = vals.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
+      fill_planes<scalar_t>(v, o, ix, C, out_h, out_w, average, begin, end);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lgd_ops, CPU, m) { m.impl("box_fill", &box_fill_cpu); }
+
+}  // namespace lgd_ops

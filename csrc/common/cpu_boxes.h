@@ -1,0 +1,69 @@
+// CPU-side preparation shared by the box kernels: each box's cell range on the level grid and the
+// boxes grouped by image, so a (b, c) plane visits only its own image's boxes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "box_math.h"
+
+namespace lgd_ops {
+
+struct ImageBoxes {
+  std::vector<CellRange> cells;  // per box, in input order
+  std::vector<int64_t> order;    // box ids, grouped by image, input order inside an image
+  std::vector<int64_t> start;    // boxes of image b: order[start[b] .. start[b + 1])
+};
+
+// Checks the box arguments every box op takes; throws a c10::Error naming the argument.
+inline void check_box_args(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t in_h,
+                           int64_t in_w, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "lgd_ops: boxes must be [N, 4], got ",
+              boxes.sizes());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "lgd_ops: boxes must be floating point, got ",
+              boxes.scalar_type());
+  TORCH_CHECK(batch_idx.dim() == 1 && batch_idx.size(0) == boxes.size(0),
+              "lgd_ops: batch_idx must be [N] with N = boxes.size(0) = ", boxes.size(0), ", got ",
+              batch_idx.sizes());
+  TORCH_CHECK(batch_idx.scalar_type() == at::kLong, "lgd_ops: batch_idx must be int64, got ",
+              batch_idx.scalar_type());
+  TORCH_CHECK(in_h > 0 && in_w > 0, "lgd_ops: image_size must be positive, got (", in_h, ", ",
+              in_w, ")");
+  TORCH_CHECK(boxes.device() == like.device() && batch_idx.device() == like.device(),
+              "lgd_ops: boxes, batch_idx and ", like_name, " must be on one device");
+}
+
+// Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
+inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch,
+                              int64_t in_h, int64_t in_w, int64_t h, int64_t w) {
+  const int64_t n = boxes.size(0);
+  const at::Tensor bx = boxes.to(at::kDouble).contiguous();
+  const at::Tensor bi = batch_idx.contiguous();
+  const double* b = bx.data_ptr<double>();
+  const int64_t* img = bi.data_ptr<int64_t>();
+  ImageBoxes out;
+  out.cells.resize(n);
+  out.order.resize(n);
+  out.start.assign(batch + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = img[i] >= 0 && img[i] < batch;
+    out.cells[i] = valid ? box_cells(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3], in_h,
+                                     in_w, h, w)
+                         : CellRange{0, -1, 0, -1};
+    if (valid && !out.cells[i].empty()) ++out.start[img[i] + 1];
+  }
+  for (int64_t i = 0; i < batch; ++i) out.start[i + 1] += out.start[i];
+  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);
+  int64_t used = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (img[i] >= 0 && img[i] < batch && !out.cells[i].empty()) {
+      out.order[fill[img[i]]++] = i;
+      ++used;
+    }
+  }
+  out.order.resize(used);
+  return out;
+}
+
+}  // namespace lgd_ops

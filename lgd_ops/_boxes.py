@@ -1,0 +1,25 @@
+"""Dense box masks on a level grid (LGD_SPEC §1), the way the authors' code builds them.
+
+Only the reference ops use these; the kernels compute the same cell ranges in
+csrc/common/box_math.h without ever materialising a mask.
+"""
+import torch
+
+
+def box_masks(boxes, image_size, height, width):
+    """Bool [N, height*width]: cell (i, j) of the level grid lies inside the box.
+
+    Float64 throughout so the cells chosen are bit-for-bit those of the kernels.
+    """
+    in_h, in_w = image_size
+    b = boxes.detach().to(torch.float64)
+    x1, x2 = b[:, 0].clamp(0, in_w - 1), b[:, 2].clamp(0, in_w - 1)
+    y1, y2 = b[:, 1].clamp(0, in_h - 1), b[:, 3].clamp(0, in_h - 1)
+    valid = (x2 > x1) & (y2 > y1)  # also False for NaN
+    rx, ry = width / in_w, height / in_h
+    cols = torch.arange(width, dtype=torch.float64, device=b.device)
+    rows = torch.arange(height, dtype=torch.float64, device=b.device)
+    in_x = (cols >= (x1 * rx)[:, None]) & (cols <= (x2 * rx)[:, None])
+    in_y = (rows >= (y1 * ry)[:, None]) & (rows <= (y2 * ry)[:, None])
+    mask = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]
+    return mask.reshape(b.shape[0], height * width)

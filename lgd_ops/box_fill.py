@@ -1,0 +1,57 @@
+"""box_fill: the knowledge mapper's sum of object embeddings painted into their boxes (LGD_SPEC §3).
+
+Kernels: csrc/box_fill/ (torch.ops.lgd_ops.box_fill); its backward is box_pool with average=False.
+"""
+import torch
+
+from ._backend import HAS_EXTENSION, resolve
+from ._boxes import box_masks
+from ._checks import check_boxes, check_size, check_tensor
+
+
+def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, backend="auto"):
+    """Sum of `embeddings` [N, C] over the boxes covering each cell -> [B, C, H, W].
+
+    output_size = (B, H, W); boxes, batch_idx and image_size as in box_pool. Overlaps add up;
+    an image with no boxes gets a zero map.
+    """
+    check_tensor("box_fill", "embeddings", embeddings, dim=2, floating=True)
+    n_img, height, width = check_size("box_fill", "output_size", output_size, 3, 1)
+    in_h, in_w = check_boxes("box_fill", boxes, batch_idx, image_size, n_img, embeddings, "embeddings")
+    if embeddings.shape[0] != boxes.shape[0]:
+        raise ValueError(
+            f"box_fill: embeddings must have one row per box ({boxes.shape[0]}), got {embeddings.shape[0]}"
+        )
+    name = resolve(backend, embeddings.device)
+    if name == "reference":
+        return reference_box_fill(embeddings, boxes, batch_idx, (in_h, in_w), (n_img, height, width))
+    return torch.ops.lgd_ops.box_fill(embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False)
+
+
+def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, average=False):
+    """Dense masks [N, H*W]: each image's map is its embeddings^T times its masks."""
+    n_img, height, width = output_size
+    masks = box_masks(boxes, image_size, height, width).to(embeddings.dtype)
+    if average:
+        embeddings = embeddings / masks.sum(1, keepdim=True).clamp(min=1)
+    maps = [embeddings.T @ (masks * (batch_idx == b)[:, None]) for b in range(n_img)]
+    return torch.stack(maps).reshape(n_img, embeddings.shape[1], height, width)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("lgd_ops::box_fill")
+    def _(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average):
+        return values.new_empty(batch, values.shape[1], out_h, out_w)
+
+    def _setup(ctx, inputs, output):
+        _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs
+        ctx.save_for_backward(boxes, batch_idx)
+        ctx.args = (in_h, in_w, average)
+
+    def _backward(ctx, grad):
+        boxes, batch_idx = ctx.saved_tensors
+        grad_values = torch.ops.lgd_ops.box_pool(grad, boxes, batch_idx, *ctx.args)
+        return grad_values, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("lgd_ops::box_fill", _backward, setup_context=_setup)

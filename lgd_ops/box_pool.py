@@ -1,0 +1,56 @@
+"""box_pool: the mean of a feature map over each object box's cells (LGD_SPEC §1-2).
+
+The appearance encoder pools every level this way. Kernels: csrc/box_pool/ (torch.ops.lgd_ops.box_pool);
+its backward is box_fill with average=True, its adjoint.
+"""
+import torch
+
+from ._backend import HAS_EXTENSION, resolve
+from ._boxes import box_masks
+from ._checks import check_boxes, check_tensor
+
+
+def box_pool(features, boxes, batch_idx, image_size, *, backend="auto"):
+    """Mean of `features` [B, C, H, W] over each box's cells -> [N, C].
+
+    boxes [N, 4] (x1, y1, x2, y2) in padded-input pixels, batch_idx [N] int64 (the box's image),
+    image_size (H_in, W_in) the padded input size. A box covering no cell gives a zero row.
+    """
+    check_tensor("box_pool", "features", features, dim=4, floating=True)
+    in_h, in_w = check_boxes("box_pool", boxes, batch_idx, image_size, features.shape[0], features, "features")
+    name = resolve(backend, features.device)
+    if name == "reference":
+        return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
+    return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True)
+
+
+def reference_box_pool(features, boxes, batch_idx, image_size, average=True):
+    """Dense masks [N, H*W] times the flattened map, image by image (the authors' formulation)."""
+    n_img, channels, height, width = features.shape
+    masks = box_masks(boxes, image_size, height, width).to(features.dtype)
+    flat = features.reshape(n_img, channels, height * width)
+    out = features.new_zeros(boxes.shape[0], channels)
+    for b in range(n_img):
+        out = torch.where((batch_idx == b)[:, None], masks @ flat[b].T, out)
+    if average:
+        out = out / masks.sum(1, keepdim=True).clamp(min=1)
+    return out
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("lgd_ops::box_pool")
+    def _(features, boxes, batch_idx, in_h, in_w, average):
+        return features.new_empty(boxes.shape[0], features.shape[1])
+
+    def _setup(ctx, inputs, output):
+        features, boxes, batch_idx, in_h, in_w, average = inputs
+        ctx.save_for_backward(boxes, batch_idx)
+        ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average)
+
+    def _backward(ctx, grad):
+        boxes, batch_idx = ctx.saved_tensors
+        grad_features = torch.ops.lgd_ops.box_fill(grad, boxes, batch_idx, *ctx.args)
+        return grad_features, None, None, None, None, None
+
+    torch.library.register_autograd("lgd_ops::box_pool", _backward, setup_context=_setup)

@@ -1,0 +1,90 @@
+"""normalized_mse: InstanceNorm both maps, then one mean squared error over all levels (LGD_SPEC §4).
+
+Kernels: csrc/normalized_mse/. The forward keeps five numbers per (b, c) plane and the backward
+recomputes the normalized maps from them, so no normalized copy of a feature map is ever stored.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._backend import HAS_EXTENSION, resolve
+from ._checks import check_eps, check_same_device, check_tensor
+
+
+def normalized_mse(student, teacher, *, eps=1e-5, backend="auto"):
+    """sum_l ||IN(student_l) - IN(teacher_l)||^2 / sum_l numel(student_l); no gradient to the teacher.
+
+    student and teacher are [B, C, H, W] tensors or equal-length lists of them (pyramid levels);
+    IN is InstanceNorm2d(affine=False, eps): each (b, c) plane by its mean and biased variance.
+    """
+    students, teachers = _levels(student, teacher)
+    eps = check_eps("normalized_mse", eps)
+    teachers = [t.detach() for t in teachers]
+    name = resolve(backend, students[0].device)
+    if name == "reference":
+        return reference_normalized_mse(students, teachers, eps)
+    return torch.ops.lgd_ops.normalized_mse(students, teachers, eps)[0]
+
+
+def reference_normalized_mse(students, teachers, eps=1e-5):
+    """F.instance_norm on every level, squared error summed, divided by the total element count."""
+    total = sum(s.numel() for s in students)
+    sq = sum(
+        (F.instance_norm(s, eps=eps) - F.instance_norm(t.detach(), eps=eps)).pow(2).sum()
+        for s, t in zip(students, teachers)
+    )
+    return sq / total
+
+
+def _levels(student, teacher):
+    op = "normalized_mse"
+    single = isinstance(student, torch.Tensor)
+    if single != isinstance(teacher, torch.Tensor):
+        raise ValueError(f"{op}: student and teacher must both be tensors or both be lists of tensors")
+    students = [student] if single else list(student)
+    teachers = [teacher] if single else list(teacher)
+    if not students or len(students) != len(teachers):
+        raise ValueError(
+            f"{op}: student and teacher must be non-empty lists of equal length, got "
+            f"{len(students)} and {len(teachers)}"
+        )
+    for level, (s, t) in enumerate(zip(students, teachers)):
+        check_tensor(op, f"student[{level}]", s, dim=4, floating=True)
+        check_tensor(op, f"teacher[{level}]", t, dim=4, floating=True)
+        if s.shape != t.shape:
+            raise ValueError(
+                f"{op}: student[{level}] {tuple(s.shape)} and teacher[{level}] {tuple(t.shape)} must have one shape"
+            )
+        if s.numel() == 0:
+            raise ValueError(f"{op}: student[{level}] is empty (shape {tuple(s.shape)})")
+        if s.dtype != students[0].dtype or t.dtype != students[0].dtype:
+            raise ValueError(f"{op}: all maps must share one dtype, got {s.dtype} and {t.dtype} at level {level}")
+    check_same_device(op, {f"{side}[{i}]": x for side, xs in (("student", students), ("teacher", teachers))
+                           for i, x in enumerate(xs)})
+    return students, teachers
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("lgd_ops::normalized_mse")
+    def _(student, teacher, eps):
+        planes = sum(s.shape[0] * s.shape[1] for s in student)
+        acc = torch.float64 if student[0].dtype == torch.float64 else torch.float32
+        return student[0].new_empty(()), student[0].new_empty(5, planes, dtype=acc)
+
+    @torch.library.register_fake("lgd_ops::normalized_mse_backward")
+    def _(grad, student, teacher, stats):
+        return [torch.empty_like(s, memory_format=torch.contiguous_format) for s in student]
+
+    def _setup(ctx, inputs, output):
+        student, teacher, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*student, *teacher, output[1])
+        ctx.levels = len(student)
+
+    def _backward(ctx, grad, _grad_stats):
+        saved = ctx.saved_tensors
+        n = ctx.levels
+        grads = torch.ops.lgd_ops.normalized_mse_backward(grad, saved[:n], saved[n : 2 * n], saved[-1])
+        return list(grads), [None] * n, None
+
+    torch.library.register_autograd("lgd_ops::normalized_mse", _backward, setup_context=_setup)
