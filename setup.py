@@ -46,7 +46,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 def sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+    """csrc/ files matching pattern, without csrc/tests/ (the ctest programs)."""
+    found = glob.glob(os.path.join(ROOT, "csrc", pattern))
+    return sorted(os.path.relpath(p, ROOT) for p in found if os.sep + "tests" + os.sep not in p)
 
 
 def extension():

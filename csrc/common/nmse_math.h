@@ -19,7 +19,8 @@ struct PlaneTerms {
 LGD_HOST_DEVICE PlaneTerms nmse_plane_terms(double n, double s_m2, double t_m2, double st_c,
                                             double eps) {
   PlaneTerms p;
-  const double vs = s_m2 / n, vt = t_m2 / n, cst = st_c / n;  // biased (InstanceNorm) moments
+  // Biased (InstanceNorm) moments; rounding can leave a one-pass sum of squares slightly negative.
+  const double vs = s_m2 > 0.0 ? s_m2 / n : 0.0, vt = t_m2 > 0.0 ? t_m2 / n : 0.0, cst = st_c / n;
   p.s_rstd = 1.0 / std::sqrt(vs + eps);
   p.t_rstd = 1.0 / std::sqrt(vt + eps);
   const double ss = vs * p.s_rstd * p.s_rstd;     // mean(xs^2)

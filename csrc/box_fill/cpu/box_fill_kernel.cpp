@@ -1,7 +1,8 @@
-// CPU box_fill: per (image, channel) plane, each box adds its value at the four corners of a
-// float64 difference grid and one 2-D prefix sum paints every box at once. Work is
-// O(B*C*H*W + N*C) whatever the box sizes; one thread owns a plane and sums in a fixed order,
-// so the output is deterministic (no atomics).
+// CPU box_fill: per (image, channel) plane, each box adds its value along its top row and
+// subtracts it along the row below its bottom in a float64 difference grid; one running sum down
+// each column (vectorised across columns) then paints every box at once. Work is
+// O(B*C*H*W + N*C*width) whatever the box heights; one thread owns a plane and adds in a fixed
+// order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,27 +22,31 @@ void fill_planes(const scalar_t* values, scalar_t* out, const ImageBoxes& ix, in
   std::vector<double> diff(H * W), col(W);
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t b = plane / C, c = plane % C;
-    if (ix.start[b] == ix.start[b + 1]) continue;  // the plane stays zero
+    scalar_t* o = out + plane * H * W;
+    if (ix.start[b] == ix.start[b + 1]) {
+      std::fill(o, o + H * W, scalar_t(0));
+      continue;
+    }
     std::fill(diff.begin(), diff.end(), 0.0);
     for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
       const int64_t n = ix.order[k];
       const CellRange r = ix.cells[n];
       double v = static_cast<double>(values[n * C + c]);
       if (average) v /= double(r.count());
-      const bool right = r.x1 + 1 < W, below = r.y1 + 1 < H;
-      diff[r.y0 * W + r.x0] += v;
-      if (right) diff[r.y0 * W + r.x1 + 1] -= v;
-      if (below) diff[(r.y1 + 1) * W + r.x0] -= v;
-      if (right && below) diff[(r.y1 + 1) * W + r.x1 + 1] += v;
+      double* top = &diff[r.y0 * W];
+      for (int32_t i = r.x0; i <= r.x1; ++i) top[i] += v;
+      if (r.y1 + 1 < H) {
+        double* below = &diff[(r.y1 + 1) * W];
+        for (int32_t i = r.x0; i <= r.x1; ++i) below[i] -= v;
+      }
     }
     std::fill(col.begin(), col.end(), 0.0);
-    scalar_t* o = out + plane * H * W;
     for (int64_t j = 0; j < H; ++j) {
-      double row = 0.0;
+      const double* d = &diff[j * W];
+      scalar_t* row = o + j * W;
       for (int64_t i = 0; i < W; ++i) {
-        col[i] += diff[j * W + i];  // running sums down each column,
-        row += col[i];              // then along the row
-        o[j * W + i] = static_cast<scalar_t>(row);
+        col[i] += d[i];
+        row[i] = static_cast<scalar_t>(col[i]);
       }
     }
   }
@@ -58,7 +63,7 @@ at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes,
               ", ", out_w, ")");
   check_box_args(boxes, batch_idx, in_h, in_w, values, "values");
   const int64_t C = values.size(1);
-  at::Tensor out = at::zeros({batch, C, out_h, out_w}, values.options());
+  at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options());  // every plane is written
   if (out.numel() == 0) return out;
   const ImageBoxes ix = index_boxes(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();

@@ -1,7 +1,8 @@
-// CPU normalized_mse: one thread per (image, channel) plane. The forward reads each plane twice
-// (means, then central moments, in float64 with four independent partial sums so the adds
-// pipeline) and keeps only five numbers per plane; the backward is one elementwise sweep.
-// Per-plane losses are added in plane order, so the loss is identical run to run.
+// CPU normalized_mse: one thread per (image, channel) plane. The forward reads each plane once,
+// accumulating float64 moments about the plane's first element (so the central moments keep
+// their precision) in four independent lanes that the compiler vectorises, and keeps only five
+// numbers per plane; the backward is one elementwise sweep. Per-plane losses are added in plane
+// order, so the loss is identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,40 +19,30 @@ namespace {
 
 constexpr int kLanes = 4;
 
-template <typename scalar_t>
-void plane_means(const scalar_t* s, const scalar_t* t, int64_t n, double* ms, double* mt) {
-  double as[kLanes] = {0, 0, 0, 0}, at_[kLanes] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      as[l] += static_cast<double>(s[i + l]);
-      at_[l] += static_cast<double>(t[i + l]);
-    }
-  for (; i < n; ++i) {
-    as[0] += static_cast<double>(s[i]);
-    at_[0] += static_cast<double>(t[i]);
-  }
-  *ms = ((as[0] + as[1]) + (as[2] + as[3])) / double(n);
-  *mt = ((at_[0] + at_[1]) + (at_[2] + at_[3])) / double(n);
-}
+struct Moments {
+  double s_mean, t_mean, s_m2, t_m2, st_c;  // means and sums of squared / cross deviations
+};
 
 template <typename scalar_t>
-void plane_moments(const scalar_t* s, const scalar_t* t, int64_t n, double ms, double mt,
-                   double* s_m2, double* t_m2, double* st_c) {
-  double ss[kLanes] = {0, 0, 0, 0}, tt[kLanes] = {0, 0, 0, 0}, st[kLanes] = {0, 0, 0, 0};
+Moments plane_moments(const scalar_t* s, const scalar_t* t, int64_t n) {
+  const double s0 = static_cast<double>(s[0]), t0 = static_cast<double>(t[0]);
+  double a[kLanes] = {}, b[kLanes] = {}, aa[kLanes] = {}, bb[kLanes] = {}, ab[kLanes] = {};
   auto add = [&](int l, int64_t i) {
-    const double ds = static_cast<double>(s[i]) - ms, dt = static_cast<double>(t[i]) - mt;
-    ss[l] += ds * ds;
-    tt[l] += dt * dt;
-    st[l] += ds * dt;
+    const double x = static_cast<double>(s[i]) - s0, y = static_cast<double>(t[i]) - t0;
+    a[l] += x;
+    b[l] += y;
+    aa[l] += x * x;
+    bb[l] += y * y;
+    ab[l] += x * y;
   };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) add(l, i + l);
   for (; i < n; ++i) add(0, i);
-  *s_m2 = (ss[0] + ss[1]) + (ss[2] + ss[3]);
-  *t_m2 = (tt[0] + tt[1]) + (tt[2] + tt[3]);
-  *st_c = (st[0] + st[1]) + (st[2] + st[3]);
+  auto total = [](const double* v) { return (v[0] + v[1]) + (v[2] + v[3]); };
+  const double sa = total(a), sb = total(b), dn = double(n);
+  return {s0 + sa / dn, t0 + sb / dn, total(aa) - sa * sa / dn, total(bb) - sb * sb / dn,
+          total(ab) - sa * sb / dn};
 }
 
 void check_levels(at::TensorList student, at::TensorList teacher) {
@@ -91,16 +82,12 @@ std::tuple<at::Tensor, at::Tensor> normalized_mse_cpu(at::TensorList student,
       const scalar_t* tp = t.data_ptr<scalar_t>();
       at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-          double ms = 0, mt = 0, s_m2 = 0, t_m2 = 0, st_c = 0;
-          if (n > 0) {
-            plane_means(sp + p * n, tp + p * n, n, &ms, &mt);
-            plane_moments(sp + p * n, tp + p * n, n, ms, mt, &s_m2, &t_m2, &st_c);
-          }
-          const PlaneTerms r = nmse_plane_terms(n > 0 ? double(n) : 1.0, s_m2, t_m2, st_c, eps);
+          const Moments m = n > 0 ? plane_moments(sp + p * n, tp + p * n, n) : Moments{0, 0, 0, 0, 0};
+          const PlaneTerms r = nmse_plane_terms(n > 0 ? double(n) : 1.0, m.s_m2, m.t_m2, m.st_c, eps);
           const int64_t q = first + p;
-          stat[q] = ms;
+          stat[q] = m.s_mean;
           stat[planes + q] = r.s_rstd;
-          stat[2 * planes + q] = mt;
+          stat[2 * planes + q] = m.t_mean;
           stat[3 * planes + q] = r.t_rstd;
           stat[4 * planes + q] = r.k;
           loss[q] = r.loss;
