@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "box_checks.h"
 #include "box_math.h"
 
 namespace lgd_ops {
@@ -15,24 +16,6 @@ struct ImageBoxes {
   std::vector<int64_t> order;    // box ids, grouped by image, input order inside an image
   std::vector<int64_t> start;    // boxes of image b: order[start[b] .. start[b + 1])
 };
-
-// Checks the box arguments every box op takes; throws a c10::Error naming the argument.
-inline void check_box_args(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t in_h,
-                           int64_t in_w, const at::Tensor& like, const char* like_name) {
-  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4, "lgd_ops: boxes must be [N, 4], got ",
-              boxes.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "lgd_ops: boxes must be floating point, got ",
-              boxes.scalar_type());
-  TORCH_CHECK(batch_idx.dim() == 1 && batch_idx.size(0) == boxes.size(0),
-              "lgd_ops: batch_idx must be [N] with N = boxes.size(0) = ", boxes.size(0), ", got ",
-              batch_idx.sizes());
-  TORCH_CHECK(batch_idx.scalar_type() == at::kLong, "lgd_ops: batch_idx must be int64, got ",
-              batch_idx.scalar_type());
-  TORCH_CHECK(in_h > 0 && in_w > 0, "lgd_ops: image_size must be positive, got (", in_h, ", ",
-              in_w, ")");
-  TORCH_CHECK(boxes.device() == like.device() && batch_idx.device() == like.device(),
-              "lgd_ops: boxes, batch_idx and ", like_name, " must be on one device");
-}
 
 // Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
 inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch,

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../../common/nmse_checks.h"
 #include "../../common/nmse_math.h"
 
 namespace lgd_ops {
@@ -45,32 +46,12 @@ Moments plane_moments(const scalar_t* s, const scalar_t* t, int64_t n) {
           total(ab) - sa * sb / dn};
 }
 
-void check_levels(at::TensorList student, at::TensorList teacher) {
-  TORCH_CHECK(!student.empty() && student.size() == teacher.size(),
-              "lgd_ops.normalized_mse: student and teacher must be equal-length non-empty lists, got ",
-              student.size(), " and ", teacher.size());
-  for (size_t l = 0; l < student.size(); ++l) {
-    TORCH_CHECK(student[l].dim() == 4 && student[l].sizes() == teacher[l].sizes(),
-                "lgd_ops.normalized_mse: level ", l, " student ", student[l].sizes(), " and teacher ",
-                teacher[l].sizes(), " must be equal [B, C, H, W] shapes");
-    TORCH_CHECK(student[l].scalar_type() == student[0].scalar_type() &&
-                    teacher[l].scalar_type() == student[0].scalar_type(),
-                "lgd_ops.normalized_mse: all maps must share one dtype");
-    TORCH_CHECK(student[l].device() == student[0].device() &&
-                    teacher[l].device() == student[0].device(),
-                "lgd_ops.normalized_mse: all maps must be on one device");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> normalized_mse_cpu(at::TensorList student,
                                                       at::TensorList teacher, double eps) {
   check_levels(student, teacher);
   const auto acc_dtype = student[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  int64_t planes = 0, total = 0;
-  for (const auto& s : student) {
-    planes += s.size(0) * s.size(1);
-    total += s.numel();
-  }
+  int64_t total = 0;
+  const int64_t planes = count_planes(student, &total);
   at::Tensor stats = at::empty({5, planes}, student[0].options().dtype(acc_dtype));
   std::vector<double> stat(5 * planes), loss(planes, 0.0);
   int64_t first = 0;  // index of the level's first plane
@@ -82,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor> normalized_mse_cpu(at::TensorList student,
       const scalar_t* tp = t.data_ptr<scalar_t>();
       at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-          const Moments m = n > 0 ? plane_moments(sp + p * n, tp + p * n, n) : Moments{0, 0, 0, 0, 0};
-          const PlaneTerms r = nmse_plane_terms(n > 0 ? double(n) : 1.0, m.s_m2, m.t_m2, m.st_c, eps);
+          const Moments m = plane_moments(sp + p * n, tp + p * n, n);  // n > 0: check_levels
+          const PlaneTerms r = nmse_plane_terms(double(n), m.s_m2, m.t_m2, m.st_c, eps);
           const int64_t q = first + p;
           stat[q] = m.s_mean;
           stat[planes + q] = r.s_rstd;
@@ -99,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> normalized_mse_cpu(at::TensorList student,
   double sum = 0.0;
   for (double v : loss) sum += v;
   stats.copy_(at::from_blob(stat.data(), {5, planes}, at::TensorOptions().dtype(at::kDouble)));
-  at::Tensor out = at::scalar_tensor(total > 0 ? sum / double(total) : 0.0,
+  at::Tensor out = at::scalar_tensor(sum / double(total),
                                      student[0].options().dtype(at::kDouble));
   return {out.to(student[0].scalar_type()), stats};
 }
@@ -107,17 +88,14 @@ std::tuple<at::Tensor, at::Tensor> normalized_mse_cpu(at::TensorList student,
 std::vector<at::Tensor> normalized_mse_backward_cpu(const at::Tensor& grad, at::TensorList student,
                                                     at::TensorList teacher, const at::Tensor& stats) {
   check_levels(student, teacher);
-  int64_t planes = 0, total = 0;
-  for (const auto& s : student) {
-    planes += s.size(0) * s.size(1);
-    total += s.numel();
-  }
+  int64_t total = 0;
+  const int64_t planes = count_planes(student, &total);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 5 && stats.size(1) == planes,
               "lgd_ops.normalized_mse_backward: stats must be [5, ", planes, "], got ", stats.sizes());
   TORCH_CHECK(grad.numel() == 1, "lgd_ops.normalized_mse_backward: grad must be a scalar");
   const at::Tensor st = stats.to(at::kDouble).contiguous();
   const double* sd = st.data_ptr<double>();
-  const double scale = total > 0 ? grad.item<double>() * 2.0 / double(total) : 0.0;
+  const double scale = grad.item<double>() * 2.0 / double(total);
   std::vector<at::Tensor> grads;
   int64_t first = 0;
   for (size_t l = 0; l < student.size(); ++l) {
