@@ -1,10 +1,15 @@
 """Which implementation runs an op: the compiled extension if it loaded, else the reference.
 
 Precedence: the op's `backend=` argument, then `use_backend(...)`, then env `LGD_OPS_BACKEND`,
-then "auto" (the fastest backend available for the tensors' device).
+then "auto" (the fastest backend available for the tensors' device: cuda > triton > reference on
+CUDA tensors, cpu > reference on CPU tensors; auto never picks triton for CPU tensors).
+"triton" (lgd_ops/triton/) needs triton and a GPU, or TRITON_INTERPRET=1 to run CPU tensors
+through Triton's interpreter (slow: for tests).
 """
 import contextlib
 import contextvars
+import functools
+import importlib
 import os
 
 import torch
@@ -27,6 +32,24 @@ def _has_kernel(key):
     return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("lgd_ops::box_pool", key)
 
 
+def _triton_interpret():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error():
+    """None if triton imports, else the error (tried once, and only when triton could run)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return exc
+    return None
+
+
+def _has_triton():
+    return (_triton_interpret() or torch.cuda.is_available()) and _triton_import_error() is None
+
+
 def available_backends():
     """Backends usable in this process, fastest-first per device ("cuda" means compiled in)."""
     names = ["reference"]
@@ -34,6 +57,8 @@ def available_backends():
         names.append("cpu")
     if _has_kernel("CUDA"):
         names.append("cuda")
+    if _has_triton():
+        names.append("triton")
     return names
 
 
@@ -53,19 +78,40 @@ def _check_name(name, where):
         raise ValueError(f"{where}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend, device):
-    """The backend that runs an op whose tensors live on `device`; a clear error if it can't."""
+    """The backend that runs an op whose tensors live on `device`; a clear error if it can't.
+
+    Under torch.compile it runs once while tracing and its answer is baked into the graph (it reads
+    the dispatcher, the environment and use_backend(), none of which Dynamo can trace).
+    """
     _check_name(backend, "backend")
     if backend == "auto":
         backend = _override.get() or os.environ.get("LGD_OPS_BACKEND", "auto") or "auto"
         _check_name(backend, "LGD_OPS_BACKEND")
     available = available_backends()
     if backend == "auto":
-        preferred = "cuda" if device.type == "cuda" else "cpu"
-        return preferred if preferred in available else "reference"
+        preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        backend = next((name for name in preferred if name in available), "reference")
+        if backend == "triton":
+            _load_triton_ops()
+        return backend
     if backend not in available:
         why = f" (extension failed to load: {EXTENSION_ERROR})" if not HAS_EXTENSION else ""
+        if backend == "triton":
+            error = _triton_import_error() if (_triton_interpret() or torch.cuda.is_available()) else None
+            why = f" (triton failed to import: {error})" if error else " (it needs a GPU, or TRITON_INTERPRET=1)"
         raise ValueError(f"backend {backend!r} is not available{why}; available: {available}")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend {backend!r} cannot run tensors on device {device}")
+    if backend == "triton":
+        if device.type != "cuda" and not _triton_interpret():
+            raise ValueError(f"backend 'triton' cannot run tensors on device {device} (CPU tensors need "
+                             "TRITON_INTERPRET=1)")
+        _load_triton_ops()
     return backend
+
+
+def _load_triton_ops():
+    """Registers torch.ops.lgd_ops.*_triton (imported on first use: @triton.jit reads TRITON_INTERPRET)."""
+    importlib.import_module("lgd_ops.triton")

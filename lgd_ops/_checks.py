@@ -63,6 +63,6 @@ def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name):
 
 
 def check_eps(op, eps):
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
     return float(eps)

@@ -25,6 +25,9 @@ def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, backend="
     name = resolve(backend, embeddings.device)
     if name == "reference":
         return reference_box_fill(embeddings, boxes, batch_idx, (in_h, in_w), (n_img, height, width))
+    if name == "triton":
+        return torch.ops.lgd_ops.box_fill_triton(
+            embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False)
     return torch.ops.lgd_ops.box_fill(embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False)
 
 

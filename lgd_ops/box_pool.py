@@ -21,6 +21,8 @@ def box_pool(features, boxes, batch_idx, image_size, *, backend="auto"):
     name = resolve(backend, features.device)
     if name == "reference":
         return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
+    if name == "triton":
+        return torch.ops.lgd_ops.box_pool_triton(features, boxes, batch_idx, in_h, in_w, True)
     return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True)
 
 

@@ -11,6 +11,8 @@ from ._checks import check_same_device, check_size, check_tensor
 
 def _level_masks(op, masks, batch_idx, num_images, height, width, like, like_name):
     check_tensor(op, "masks", masks, dim=3)
+    if masks.shape[1] == 0 or masks.shape[2] == 0:
+        raise ValueError(f"{op}: masks must be [N, Hm, Wm] with Hm, Wm >= 1, got shape {tuple(masks.shape)}")
     check_tensor(op, "batch_idx", batch_idx, dim=1)
     if batch_idx.dtype != torch.int64 or batch_idx.shape[0] != masks.shape[0]:
         raise ValueError(f"{op}: batch_idx must be int64 [N] with N = masks.shape[0] ({masks.shape[0]})")

@@ -4,7 +4,6 @@ Kernels: csrc/normalized_mse/. The forward keeps five numbers per (b, c) plane a
 recomputes the normalized maps from them, so no normalized copy of a feature map is ever stored.
 """
 import torch
-import torch.nn.functional as F
 
 from ._backend import HAS_EXTENSION, resolve
 from ._checks import check_eps, check_same_device, check_tensor
@@ -22,17 +21,26 @@ def normalized_mse(student, teacher, *, eps=1e-5, backend="auto"):
     name = resolve(backend, students[0].device)
     if name == "reference":
         return reference_normalized_mse(students, teachers, eps)
+    if name == "triton":
+        return torch.ops.lgd_ops.normalized_mse_triton(students, teachers, eps)[0]
     return torch.ops.lgd_ops.normalized_mse(students, teachers, eps)[0]
 
 
 def reference_normalized_mse(students, teachers, eps=1e-5):
-    """F.instance_norm on every level, squared error summed, divided by the total element count."""
+    """InstanceNorm on every level, squared error summed, divided by the total element count."""
     total = sum(s.numel() for s in students)
-    sq = sum(
-        (F.instance_norm(s, eps=eps) - F.instance_norm(t.detach(), eps=eps)).pow(2).sum()
-        for s, t in zip(students, teachers)
-    )
+    sq = sum((_instance_norm(s, eps) - _instance_norm(t.detach(), eps)).pow(2).sum() for s, t in zip(students, teachers))
     return sq / total
+
+
+def _instance_norm(x, eps):
+    """F.instance_norm(x, eps=eps)'s math, written out because F.instance_norm refuses 1x1 maps
+    in training mode (a 1x1 plane normalizes to 0, which the kernels return). fp16/bf16 maps are
+    normalized in fp32, as autocast runs instance_norm."""
+    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    mean = y.mean((2, 3), keepdim=True)
+    var = y.var((2, 3), unbiased=False, keepdim=True)
+    return ((y - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def _levels(student, teacher):

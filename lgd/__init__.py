@@ -1,0 +1,35 @@
+"""LGD's modules (LGD_SPEC §4-7), on top of lgd_ops.
+
+Objects of a batch travel as PackedLabels (flat tensors + batch_idx, context object last per image);
+feature pyramids as dicts or lists of [B, C, H_l, W_l]. LGDTeacher composes the four teacher modules
+(label encoder, appearance encoder, relation adapter, knowledge mapper); DistillationLoss holds the
+student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: reference only).
+
+    teacher = LGDTeacher(num_classes, use_context=True, detach_appearance=False)   # RetinaNet / FCOS
+    loss_fn = DistillationLoss()
+    instructive = teacher(fpn_features, gt_instances, images.tensor.shape[-2:])     # same keys as fpn_features
+    loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
+    # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
+"""
+from .appearance_encoder import AppearanceEncoder
+from .distillation_loss import DistillationLoss
+from .knowledge_mapper import KnowledgeMapper, StudentAdapter
+from .label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, max_per_image
+from .labels import CONTEXT_CLASS, PackedLabels
+from .relation_adapter import RelationAdapter
+from .teacher import LGDTeacher
+
+__all__ = [
+    "AppearanceEncoder",
+    "CONTEXT_CLASS",
+    "DistillationLoss",
+    "KnowledgeMapper",
+    "LGDTeacher",
+    "LabelEncoder",
+    "PackedLabels",
+    "RelationAdapter",
+    "SpatialTransformer",
+    "StudentAdapter",
+    "build_descriptors",
+    "max_per_image",
+]

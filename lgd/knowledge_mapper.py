@@ -1,0 +1,87 @@
+"""Intra-object knowledge mapper (LGD_SPEC §7): relation embeddings painted back into feature maps, and the
+student-side adapter F_adapt the distillation loss puts on the student's features."""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lgd_ops
+
+from ._levels import check_embeddings
+from .labels import PackedLabels
+
+
+def _conv_gn(channels, relu):
+    layers = [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(1, channels, affine=False)]
+    return layers + [nn.ReLU()] if relu else layers
+
+
+class KnowledgeMapper(nn.Module):
+    """Instructive features X^I_l [B, channels, H_l, W_l] from the per-level relation embeddings e.
+
+    X^I_l = F_ref(ReLU(G(fill(F_inst(e_i))) + F_ctx(e_context))), weights shared across levels, with
+    F_inst, F_ctx Linear(channels, channels); fill the sum of the (non-context) objects' vectors over the
+    cells of their boxes (lgd_ops.box_fill, LGD_SPEC §3) or, with use_masks, of their masks
+    (lgd_ops.mask_fill); G a 3x3 conv; F_ctx(e_context) added to every cell of its image; F_ref =
+    [3x3 conv, GroupNorm(1, affine=False), ReLU] x 2, 3x3 conv, GroupNorm(1, affine=False).
+    use_context=False (the authors' Faster/Mask R-CNN configs): no F_ctx and X^I_l = F_ref(ReLU(G(fill))).
+    It must match labels.context. backend goes to lgd_ops.box_fill (mask_fill is reference-only).
+    """
+
+    def __init__(self, channels: int = 256, *, use_context: bool = True, use_masks: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.channels, self.use_context, self.use_masks, self.backend = channels, use_context, use_masks, backend
+        self.instance_proj = nn.Linear(channels, channels)  # F_inst
+        self.context_proj = nn.Linear(channels, channels) if use_context else None  # F_ctx
+        self.spatial = nn.Conv2d(channels, channels, 3, padding=1)  # G
+        self.refine = nn.Sequential(*_conv_gn(channels, True), *_conv_gn(channels, True), *_conv_gn(channels, False))
+
+    def forward(self, embeddings: Sequence[torch.Tensor], labels: PackedLabels,
+                level_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+        """embeddings: list (levels) of [N, channels]; level_sizes: (H_l, W_l) per level -> list of maps."""
+        if not isinstance(labels, PackedLabels):
+            raise ValueError(f"KnowledgeMapper: labels must be PackedLabels, got {type(labels).__name__}")
+        check_embeddings(embeddings, labels.num_objects, self.channels, "KnowledgeMapper", "embeddings")
+        if not isinstance(level_sizes, (list, tuple)) or len(level_sizes) != len(embeddings):
+            raise ValueError(f"KnowledgeMapper: level_sizes must give one (H, W) per level ({len(embeddings)}), "
+                             f"got {level_sizes!r}")
+        if labels.context != self.use_context:
+            raise ValueError(f"KnowledgeMapper: use_context={self.use_context} but labels.context={labels.context}")
+        if self.use_masks and labels.masks is None:
+            raise ValueError("KnowledgeMapper: use_masks=True needs labels built with masks")
+        is_ctx = labels.is_context
+        inst = torch.nonzero(~is_ctx).flatten()
+        ctx = torch.nonzero(is_ctx).flatten()  # one per image, in image order (PackedLabels layout)
+        batch_idx = labels.batch_idx[inst]
+        regions = labels.masks[inst] if self.use_masks else labels.boxes[inst]
+        out = []
+        for e, size in zip(embeddings, level_sizes):
+            output_size = (labels.num_images, *size)
+            painted_values = self.instance_proj(e[inst])
+            if self.use_masks:
+                painted = lgd_ops.mask_fill(painted_values, regions, batch_idx, output_size)
+            else:
+                painted = lgd_ops.box_fill(painted_values, regions, batch_idx, labels.image_size, output_size,
+                                           backend=self.backend)
+            x = self.spatial(painted)
+            if self.use_context:
+                x = x + self.context_proj(e[ctx])[:, :, None, None]
+            out.append(self.refine(F.relu(x)))
+        return out
+
+
+class StudentAdapter(nn.Module):
+    """F_adapt (LGD_SPEC §7): 3x3 conv, ReLU, 3x3 conv, ReLU, 3x3 conv on one student level; shared across
+    levels. It lets the student's features match the instructive ones without being forced equal."""
+
+    def __init__(self, channels: int = 256):
+        super().__init__()
+        self.channels = channels
+        self.layers = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

@@ -1,0 +1,116 @@
+"""Label encoder (LGD_SPEC §5): a PointNet over each image's objects, one object = one point.
+
+Each object's descriptor (box, one-hot class, optional 7 x 7 mask crop, rescaled to [-1, 1]) goes through
+STN(k), a shared per-object MLP, STN(64), more MLP, a max over the objects of the same image (the global
+feature), and a fusion MLP, giving a label embedding per object, context object included.
+Objects are packed (PackedLabels): a 1x1 Conv1d over points is a Linear per object, so the layers are
+nn.Linear on [N, C]; every LayerNorm normalizes one object's channels, without affine parameters.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .labels import MASK_CROP, PackedLabels
+
+STN_POOLS = ("image", "object")
+
+
+def build_descriptors(labels: PackedLabels, num_classes: int, *, use_masks: bool = False) -> torch.Tensor:
+    """[N, 4 + K (+ 49)] descriptors in [-1, 1], in the labels' box dtype.
+
+    [0, 1] values first: the clamped box over (W_in, H_in, W_in, H_in), the one-hot class (all zeros for a
+    context object), with use_masks the 7 x 7 mask crop; then x -> 2x - 1.
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"build_descriptors: num_classes must be an int >= 1, got {num_classes!r}")
+    real = ~labels.is_context
+    if labels.num_objects and bool((labels.classes >= num_classes).any()):
+        raise ValueError(f"build_descriptors: classes must be in [0, {num_classes}), got max "
+                         f"{int(labels.classes.max())}")
+    in_h, in_w = labels.image_size
+    boxes = labels.boxes / labels.boxes.new_tensor([in_w, in_h, in_w, in_h])
+    one_hot = F.one_hot(labels.classes.clamp(min=0), num_classes).to(boxes.dtype) * real[:, None]
+    parts = [boxes, one_hot]
+    if use_masks:
+        if labels.mask_crops is None:
+            raise ValueError("build_descriptors: use_masks=True needs labels built with masks")
+        parts.append(labels.mask_crops.to(boxes.dtype))
+    return torch.cat(parts, dim=1) * 2 - 1
+
+
+def max_per_image(x: torch.Tensor, batch_idx: torch.Tensor, num_images: int) -> torch.Tensor:
+    """[B, C]: the channel-wise max over each image's rows of x [N, C]; zeros for an image without rows."""
+    index = batch_idx[:, None].expand_as(x)
+    return x.new_zeros(num_images, x.shape[1]).scatter_reduce(0, index, x, "amax", include_self=False)
+
+
+def _mlp(in_features, out_features):
+    return nn.Sequential(nn.Linear(in_features, out_features),
+                         nn.LayerNorm(out_features, elementwise_affine=False), nn.ReLU())
+
+
+class SpatialTransformer(nn.Module):
+    """STN(d): predicts a d x d matrix T from the points and returns each point transformed, x @ T.
+
+    Point MLP d -> 64 -> 128 -> 1024, max over the points (pool="image": the image's objects, as in
+    LGD_SPEC §5 and PointNet's one transform per cloud; pool="object": no pooling, each object gets its own
+    T, which is what the authors' code computes since its max runs over a length-1 axis), then
+    1024 -> 512 -> 256 and a final Linear 256 -> d*d.
+    Initialisation: that final Linear starts at weight 0, bias = identity, so T = I at the start (the
+    PointNet / spatial-transformer convention) and the descriptors enter the network unchanged. The
+    authors' code has neither the identity shortcut nor this initialisation (T starts as a small random
+    matrix); the forward function class is the same, only the starting point differs.
+    """
+
+    def __init__(self, dim: int, pool: str = "image"):
+        super().__init__()
+        if pool not in STN_POOLS:
+            raise ValueError(f"SpatialTransformer: pool must be one of {STN_POOLS}, got {pool!r}")
+        self.dim, self.pool = dim, pool
+        self.points = nn.Sequential(_mlp(dim, 64), _mlp(64, 128), _mlp(128, 1024))
+        self.head = nn.Sequential(_mlp(1024, 512), _mlp(512, 256))
+        self.matrix = nn.Linear(256, dim * dim)
+        nn.init.zeros_(self.matrix.weight)
+        with torch.no_grad():
+            self.matrix.bias.copy_(torch.eye(dim).flatten())
+
+    def forward(self, x: torch.Tensor, batch_idx: torch.Tensor, num_images: int) -> torch.Tensor:
+        """x [N, d] -> [N, d]: row n times its transform."""
+        feats = self.points(x)
+        if self.pool == "image":
+            transforms = self.matrix(self.head(max_per_image(feats, batch_idx, num_images)))[batch_idx]
+        else:
+            transforms = self.matrix(self.head(feats))
+        return torch.bmm(x[:, None, :], transforms.view(-1, self.dim, self.dim))[:, 0]
+
+
+class LabelEncoder(nn.Module):
+    """Label embeddings [N, channels] from PackedLabels (LGD_SPEC §5).
+
+    Any number of classes K; descriptor length 4 + K (+ 49 with use_masks, the Mask R-CNN variant).
+    Layers: STN(k) -> Linear(k, 64) LN ReLU -> STN(64) (this 64-d feature is kept) -> Linear(64, 128)
+    LN ReLU -> Linear(128, 1024) LN ReLU -> max over the image's objects -> concat(64, 1024) ->
+    Linear(1088, channels) LN ReLU -> Linear(channels, channels) LN ReLU. stn_pool: see SpatialTransformer.
+    """
+
+    def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False, stn_pool: str = "image"):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"LabelEncoder: num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes, self.use_masks = num_classes, use_masks
+        self.descriptor_dim = 4 + num_classes + (MASK_CROP ** 2 if use_masks else 0)
+        self.input_transform = SpatialTransformer(self.descriptor_dim, stn_pool)
+        self.embed = _mlp(self.descriptor_dim, 64)
+        self.feature_transform = SpatialTransformer(64, stn_pool)
+        self.lift = nn.Sequential(_mlp(64, 128), _mlp(128, 1024))
+        self.fuse = nn.Sequential(_mlp(64 + 1024, channels), _mlp(channels, channels))
+
+    def forward(self, labels: PackedLabels) -> torch.Tensor:
+        if not isinstance(labels, PackedLabels):
+            raise ValueError(f"LabelEncoder: labels must be PackedLabels, got {type(labels).__name__}")
+        weight = self.embed[0].weight
+        x = build_descriptors(labels, self.num_classes, use_masks=self.use_masks).to(weight.dtype)
+        idx, num_images = labels.batch_idx, labels.num_images
+        local = self.feature_transform(self.embed(self.input_transform(x, idx, num_images)), idx, num_images)
+        global_ = max_per_image(self.lift(local), idx, num_images)[idx]
+        return self.fuse(torch.cat([local, global_], dim=1))

@@ -1,0 +1,67 @@
+"""The LGD teacher: the instructive knowledge X^I computed from the labels and the student's own features."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+from detectron2.structures import Instances
+
+from ._levels import Levels, check_levels, join_levels, split_levels
+from .appearance_encoder import AppearanceEncoder
+from .knowledge_mapper import KnowledgeMapper
+from .label_encoder import LabelEncoder
+from .labels import PackedLabels
+from .relation_adapter import RelationAdapter
+
+
+class LGDTeacher(nn.Module):
+    """Label encoder + appearance encoder + relation adapter + knowledge mapper (LGD_SPEC §5-7) in one module.
+
+    forward(features, targets, image_size) -> instructive features X^I, one map per level, the same shapes
+    as the student's FPN features (and the same container: dict with the same keys, or list).
+    Options, with the authors' settings: use_context (context object; RetinaNet and FCOS on, Faster/Mask
+    R-CNN off), detach_appearance (X_l detached before F_proj; Faster/Mask R-CNN on, RetinaNet/FCOS off),
+    use_masks (Mask R-CNN variant: instance masks instead of boxes, mask crop in the descriptor),
+    stn_pool (see label_encoder.SpatialTransformer). backend goes to every lgd_ops call.
+    The whole module is trained by the teacher's optimizer (LGD_SPEC §8) and dropped at inference.
+    """
+
+    def __init__(self, num_classes: int, *, channels: int = 256, num_heads: int = 8, use_context: bool = True,
+                 detach_appearance: bool = False, use_masks: bool = False, stn_pool: str = "image",
+                 backend: str = "auto"):
+        super().__init__()
+        self.channels, self.use_context, self.use_masks = channels, use_context, use_masks
+        self.label_encoder = LabelEncoder(num_classes, channels=channels, use_masks=use_masks, stn_pool=stn_pool)
+        self.appearance_encoder = AppearanceEncoder(channels, detach_input=detach_appearance, use_masks=use_masks,
+                                                    backend=backend)
+        self.relation_adapter = RelationAdapter(channels, num_heads)
+        self.knowledge_mapper = KnowledgeMapper(channels, use_context=use_context, use_masks=use_masks,
+                                                backend=backend)
+
+    def pack(self, targets: Sequence[Instances], image_size: Tuple[int, int]) -> PackedLabels:
+        """PackedLabels of detectron2 Instances (gt_boxes, gt_classes, gt_masks with use_masks) for this teacher."""
+        return PackedLabels.from_instances(targets, image_size, context=self.use_context, masks=self.use_masks)
+
+    def forward(self, features: Levels, targets: Union[Sequence[Instances], PackedLabels],
+                image_size: Optional[Tuple[int, int]] = None) -> Levels:
+        """features: dict or list of [B, channels, H_l, W_l] (the student's FPN outputs); targets: one
+        Instances per image, or PackedLabels (built with this teacher's context/masks settings);
+        image_size: the padded input size (H_in, W_in), required with Instances."""
+        levels, keys = split_levels(features, "LGDTeacher")
+        if isinstance(targets, PackedLabels):
+            labels = targets
+            if image_size is not None and tuple(image_size) != labels.image_size:
+                raise ValueError(f"LGDTeacher: image_size {tuple(image_size)} differs from the labels' "
+                                 f"{labels.image_size}")
+            if labels.context != self.use_context or (self.use_masks and labels.masks is None):
+                raise ValueError(f"LGDTeacher: labels built with context={labels.context}, "
+                                 f"masks={labels.masks is not None}; this teacher needs context={self.use_context}"
+                                 f"{', masks' if self.use_masks else ''}")
+        elif image_size is None:
+            raise ValueError("LGDTeacher: image_size (the padded input size) is required with Instances targets")
+        else:
+            labels = self.pack(targets, image_size)
+        check_levels(levels, self.channels, labels.num_images, "LGDTeacher")
+        label_embeddings = self.label_encoder(labels)
+        appearance = self.appearance_encoder(levels, labels)
+        relations = self.relation_adapter(appearance, label_embeddings, labels)
+        instructive = self.knowledge_mapper(relations, labels, [tuple(x.shape[-2:]) for x in levels])
+        return join_levels(instructive, keys)

@@ -1,0 +1,192 @@
+"""normalized_mse on Triton: torch.ops.lgd_ops.normalized_mse_triton and its backward (LGD_SPEC §4).
+
+Forward: one program per (image, channel) plane (a launch per pyramid level) reads both maps once,
+accumulating moments about the plane's first element (fp32 for fp16/bf16/fp32 maps, fp64 for fp64)
+and turns them, in fp64, into the per-plane terms of csrc/common/nmse_math.h: stats [5, planes] =
+(mean_s, rstd_s, mean_t, rstd_t, k) and the plane's loss; the loss is their sum over the element
+count. Backward: one elementwise pass per level (a program per plane and block of it),
+grad = scale * rstd_s * ((xs - xt) - xs * k) with scale = grad_out * 2 / total, read on the device (no host
+sync). No normalized map is stored, and nothing is added atomically, so both passes are deterministic.
+
+eps and scale reach the kernels as fp64 tensors: Triton types a Python float argument as fp32.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import acc_fp64, device_guard
+
+FORWARD_BLOCK = 1024
+BACKWARD_BLOCK = 1024
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (blocks of a plane)
+
+
+@triton.jit
+def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, planes, ACC_FP64: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    base = plane * n
+    if ACC_FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    s0 = tl.load(s_ptr + base).to(acc_ty)
+    t0 = tl.load(t_ptr + base).to(acc_ty)
+    a = tl.zeros([BLOCK], dtype=acc_ty)  # sums of x, y, x^2, y^2, x*y with x = s - s0, y = t - t0
+    b = tl.zeros([BLOCK], dtype=acc_ty)
+    aa = tl.zeros([BLOCK], dtype=acc_ty)
+    bb = tl.zeros([BLOCK], dtype=acc_ty)
+    ab = tl.zeros([BLOCK], dtype=acc_ty)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.where(mask, tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(acc_ty) - s0, 0.0)
+        y = tl.where(mask, tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(acc_ty) - t0, 0.0)
+        a += x
+        b += y
+        aa += x * x
+        bb += y * y
+        ab += x * y
+    # nmse_plane_terms (csrc/common/nmse_math.h), in fp64
+    dn = tl.cast(n, tl.float64)
+    sa = tl.sum(a, axis=0).to(tl.float64)
+    sb = tl.sum(b, axis=0).to(tl.float64)
+    s_m2 = tl.sum(aa, axis=0).to(tl.float64) - sa * sa / dn
+    t_m2 = tl.sum(bb, axis=0).to(tl.float64) - sb * sb / dn
+    st_c = tl.sum(ab, axis=0).to(tl.float64) - sa * sb / dn
+    eps = tl.load(eps_ptr)
+    vs = tl.where(s_m2 > 0.0, s_m2 / dn, 0.0)  # rounding can leave a one-pass sum slightly negative
+    vt = tl.where(t_m2 > 0.0, t_m2 / dn, 0.0)
+    s_rstd = 1.0 / tl.sqrt(vs + eps)
+    t_rstd = 1.0 / tl.sqrt(vt + eps)
+    ss = vs * s_rstd * s_rstd
+    tt = vt * t_rstd * t_rstd
+    st = (st_c / dn) * s_rstd * t_rstd
+    per_elem = ss + tt - 2.0 * st
+    q = first + plane
+    stat_ty = stats_ptr.dtype.element_ty
+    tl.store(stats_ptr + q, (s0.to(tl.float64) + sa / dn).to(stat_ty))
+    tl.store(stats_ptr + planes + q, s_rstd.to(stat_ty))
+    tl.store(stats_ptr + 2 * planes + q, (t0.to(tl.float64) + sb / dn).to(stat_ty))
+    tl.store(stats_ptr + 3 * planes + q, t_rstd.to(stat_ty))
+    tl.store(stats_ptr + 4 * planes + q, (ss - st).to(stat_ty))
+    tl.store(loss_ptr + q, tl.where(per_elem > 0.0, dn * per_elem, 0.0))
+
+
+@triton.jit
+def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, planes, ACC_FP64: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    if ACC_FP64:
+        acc_ty = tl.float64
+    else:
+        acc_ty = tl.float32
+    plane = tl.program_id(0).to(tl.int64)  # a program per (plane, block of the plane)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    q = first + plane
+    s_mean = tl.load(stats_ptr + q).to(acc_ty)
+    s_rstd = tl.load(stats_ptr + planes + q).to(acc_ty)
+    t_mean = tl.load(stats_ptr + 2 * planes + q).to(acc_ty)
+    t_rstd = tl.load(stats_ptr + 3 * planes + q).to(acc_ty)
+    k = tl.load(stats_ptr + 4 * planes + q).to(acc_ty)
+    scale = tl.load(scale_ptr).to(acc_ty)
+    base = plane * n
+    s = tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    t = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    xs = (s - s_mean) * s_rstd
+    xt = (t - t_mean) * t_rstd
+    g = scale * s_rstd * ((xs - xt) - xs * k)  # nmse_grad (csrc/common/nmse_math.h)
+    tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_levels(op, student, teacher):
+    """The checks of csrc/common/nmse_checks.h, for direct torch.ops calls."""
+    if not student or len(student) != len(teacher):
+        raise RuntimeError(f"{op}: student and teacher must be equal-length non-empty lists, got "
+                           f"{len(student)} and {len(teacher)}")
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        if s.dim() != 4 or s.shape != t.shape:
+            raise RuntimeError(f"{op}: level {level} student {tuple(s.shape)} and teacher {tuple(t.shape)} "
+                               "must be equal [B, C, H, W] shapes")
+        if s.numel() == 0:
+            raise RuntimeError(f"{op}: level {level} is empty")
+        if s.dtype != student[0].dtype or t.dtype != student[0].dtype:
+            raise RuntimeError(f"{op}: all maps must share one dtype")
+        if s.device != student[0].device or t.device != student[0].device:
+            raise RuntimeError(f"{op}: all maps must be on one device")
+
+
+@triton_op("lgd_ops::normalized_mse_triton", mutates_args=())
+def normalized_mse_triton(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats): sum over levels of ||IN(s) - IN(t)||^2 / total elements, in the student's dtype, and
+    the per-plane stats [5, planes] (fp64 for fp64 maps, else fp32) that the backward reads."""
+    _check_levels("lgd_ops.normalized_mse_triton", student, teacher)
+    like = student[0]
+    fp64 = acc_fp64(like.dtype)
+    planes = sum(s.shape[0] * s.shape[1] for s in student)
+    total = sum(s.numel() for s in student)
+    stats = like.new_empty(5, planes, dtype=torch.float64 if fp64 else torch.float32)
+    plane_loss = like.new_empty(planes, dtype=torch.float64)
+    eps_t = torch.full((1,), eps, dtype=torch.float64, device=like.device)
+    first = 0
+    with device_guard(like):
+        for s, t in zip(student, teacher):
+            s, t = s.contiguous(), t.contiguous()
+            count = s.shape[0] * s.shape[1]
+            wrap_triton(_nmse_forward_kernel)[(count,)](
+                s, t, eps_t, stats, plane_loss, s.shape[2] * s.shape[3], first, planes, ACC_FP64=fp64,
+                BLOCK=FORWARD_BLOCK)
+            first += count
+    loss = plane_loss.sum() / total  # fixed-order sum of the per-plane losses
+    return loss.to(like.dtype), stats
+
+
+@triton_op("lgd_ops::normalized_mse_backward_triton", mutates_args=())
+def normalized_mse_backward_triton(grad: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
+                                   stats: torch.Tensor) -> list[torch.Tensor]:
+    """d loss / d student for every level (contiguous, the student's dtype), from the forward's stats."""
+    op = "lgd_ops.normalized_mse_backward_triton"
+    _check_levels(op, student, teacher)
+    planes = sum(s.shape[0] * s.shape[1] for s in student)
+    total = sum(s.numel() for s in student)
+    if stats.dim() != 2 or stats.shape[0] != 5 or stats.shape[1] != planes:
+        raise RuntimeError(f"{op}: stats must be [5, {planes}], got {tuple(stats.shape)}")
+    if grad.numel() != 1:
+        raise RuntimeError(f"{op}: grad must be a scalar")
+    fp64 = acc_fp64(student[0].dtype)
+    stats = stats.to(torch.float64 if fp64 else torch.float32).contiguous()
+    scale = (grad.detach().reshape(1).to(torch.float64) * (2.0 / total)).contiguous()
+    grads = []
+    first = 0
+    with device_guard(student[0]):
+        for s, t in zip(student, teacher):
+            s, t = s.contiguous(), t.contiguous()
+            g = torch.empty_like(s)
+            n = s.shape[2] * s.shape[3]
+            block = 256 if n <= 256 else BACKWARD_BLOCK
+            if triton.cdiv(n, block) > MAX_GRID_Y:
+                raise RuntimeError(f"{op}: planes of at most {MAX_GRID_Y * block} elements, got {n}")
+            wrap_triton(_nmse_backward_kernel)[(s.shape[0] * s.shape[1], triton.cdiv(n, block))](
+                s, t, g, stats, scale, n, first, planes, ACC_FP64=fp64, BLOCK=block)
+            grads.append(g)
+            first += s.shape[0] * s.shape[1]
+    return grads
+
+
+def _setup(ctx, inputs, output):
+    student, teacher, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*student, *teacher, output[1])
+    ctx.levels = len(student)
+
+
+def _backward(ctx, grad, _grad_stats):
+    saved = ctx.saved_tensors
+    n = ctx.levels
+    grads = torch.ops.lgd_ops.normalized_mse_backward_triton(grad, saved[:n], saved[n : 2 * n], saved[-1])
+    return list(grads), [None] * n, None
+
+
+normalized_mse_triton.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,224 @@
+"""Backend selection: the op's backend= argument, then use_backend(), then LGD_OPS_BACKEND, then "auto"."""
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lgd_ops
+from lgd_ops import _backend
+from conftest import backends_for, kernel_params
+
+HAS_CPU_KERNELS = "cpu" in lgd_ops.available_backends()
+needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_KERNELS, reason="lgd_ops._C not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+class RecordOps(TorchDispatchMode):
+    """Names of the lgd_ops custom ops dispatched inside the block (none when the reference runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "lgd_ops":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _calls(device="cpu", backend="auto"):
+    """Runs the three ops with `backend` and returns the custom ops they dispatched."""
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device)
+    batch_idx = torch.zeros(1, dtype=torch.int64, device=device)
+    features = torch.randn(1, 2, 4, 4, device=device)
+    with RecordOps() as rec:
+        lgd_ops.box_pool(features, boxes, batch_idx, (16, 16), backend=backend)
+        lgd_ops.box_fill(torch.randn(1, 2, device=device), boxes, batch_idx, (16, 16), (1, 4, 4), backend=backend)
+        lgd_ops.normalized_mse(features, torch.randn_like(features), backend=backend)
+    return rec.names
+
+
+COMPILED = ["box_pool", "box_fill", "normalized_mse"]
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("LGD_OPS_BACKEND", raising=False)
+
+
+def test_available_backends():
+    names = lgd_ops.available_backends()
+    assert names[0] == "reference"
+    assert set(names) <= set(_backend.BACKENDS)
+    assert len(set(names)) == len(names)
+    assert ("cpu" in names) == _backend.HAS_EXTENSION
+    if "cuda" in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("lgd_ops::box_pool", "CUDA")
+
+
+def test_backends_for_helper():
+    assert "reference" not in backends_for("cpu")
+    assert ("cpu" in backends_for("cpu")) == HAS_CPU_KERNELS
+    assert "cpu" not in backends_for("cuda") and "cuda" not in backends_for("cpu")
+    assert all(p.values[0] in ("cpu", "cuda") for p in kernel_params())
+
+
+@needs_cpu_kernels
+def test_auto_uses_compiled_kernels_on_cpu(no_env):
+    assert _backend.resolve("auto", torch.device("cpu")) == "cpu"
+    assert _calls() == COMPILED
+
+
+def test_explicit_reference_runs_no_custom_op(no_env):
+    assert _backend.resolve("reference", torch.device("cpu")) == "reference"
+    assert _calls(backend="reference") == []
+
+
+@needs_cpu_kernels
+def test_explicit_cpu_backend(no_env):
+    assert _calls(backend="cpu") == COMPILED
+
+
+def test_use_backend_context(no_env):
+    with lgd_ops.use_backend("reference"):
+        assert _calls() == []
+        assert _backend.resolve("auto", torch.device("cpu")) == "reference"
+    assert _backend.resolve("auto", torch.device("cpu")) == ("cpu" if HAS_CPU_KERNELS else "reference")
+
+
+@needs_cpu_kernels
+def test_argument_beats_use_backend_and_nesting_restores(no_env):
+    with lgd_ops.use_backend("reference"):
+        assert _calls(backend="cpu") == COMPILED
+        with lgd_ops.use_backend("cpu"):
+            assert _calls() == COMPILED
+        assert _calls() == []
+    assert _calls() == COMPILED
+
+
+def test_use_backend_restored_after_exception(no_env):
+    with pytest.raises(KeyError):
+        with lgd_ops.use_backend("reference"):
+            raise KeyError("boom")
+    assert _backend._override.get() is None
+
+
+@needs_cpu_kernels
+def test_use_backend_is_local_to_its_thread(no_env):
+    seen = []
+    with lgd_ops.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(_backend.resolve("auto", torch.device("cpu"))))
+        t.start()
+        t.join()
+        assert _calls() == []
+    assert seen == ["cpu"]
+
+
+@pytest.mark.parametrize("name", ["nope", "CPU", "", None, "gpu"])
+def test_use_backend_unknown_name(name):
+    with pytest.raises(ValueError, match=r"use_backend\(name\).*unknown backend"):
+        with lgd_ops.use_backend(name):
+            pass
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("LGD_OPS_BACKEND", "reference")
+    assert _calls() == []
+    if HAS_CPU_KERNELS:
+        assert _calls(backend="cpu") == COMPILED  # the argument beats the env var
+        with lgd_ops.use_backend("cpu"):  # and so does use_backend
+            assert _calls() == COMPILED
+        monkeypatch.setenv("LGD_OPS_BACKEND", "cpu")
+        assert _calls() == COMPILED
+        with lgd_ops.use_backend("reference"):
+            assert _calls() == []
+
+
+@pytest.mark.parametrize("value", ["", "auto"])
+def test_env_var_auto(monkeypatch, value):
+    monkeypatch.setenv("LGD_OPS_BACKEND", value)
+    assert _backend.resolve("auto", torch.device("cpu")) == ("cpu" if HAS_CPU_KERNELS else "reference")
+
+
+def test_env_var_unknown(monkeypatch):
+    monkeypatch.setenv("LGD_OPS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="LGD_OPS_BACKEND.*unknown backend 'fastest'"):
+        _calls()
+    # an explicit argument does not read the env var
+    assert _calls(backend="reference") == []
+
+
+@pytest.mark.parametrize("op", ["box_pool", "box_fill", "normalized_mse"])
+def test_unknown_backend_argument(no_env, op):
+    with pytest.raises(ValueError, match="backend: unknown backend 'fast'"):
+        _run_one(op, "fast")
+
+
+@pytest.mark.parametrize("op", ["box_pool", "box_fill", "normalized_mse"])
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_unavailable_backend(no_env, op, name):
+    if name in lgd_ops.available_backends():
+        pytest.skip(f"{name} is available here")
+    with pytest.raises(ValueError, match=f"backend '{name}' is not available.*available: "):
+        _run_one(op, name)
+
+
+def test_unavailable_backend_via_use_backend_and_env(monkeypatch):
+    if "cuda" in lgd_ops.available_backends():
+        pytest.skip("cuda is available here")
+    with lgd_ops.use_backend("cuda"):  # a known name: accepted here, refused when an op runs
+        with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+            _calls()
+    monkeypatch.setenv("LGD_OPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="backend 'cuda' is not available"):
+        _calls()
+
+
+def test_device_mismatch_without_gpu(monkeypatch):
+    """A compiled backend bound to another device type is refused (simulated: pretend cuda kernels exist)."""
+    monkeypatch.setattr(_backend, "available_backends", lambda: ["reference", "cpu", "cuda"])
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run tensors on device cpu"):
+        _backend.resolve("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run tensors on device cuda"):
+        _backend.resolve("cpu", torch.device("cuda", 0))
+    assert _backend.resolve("auto", torch.device("cuda", 0)) == "cuda"
+    assert _backend.resolve("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(_backend, "available_backends", lambda: ["reference"])
+    assert _backend.resolve("auto", torch.device("cuda", 0)) == "reference"
+
+
+@needs_cuda
+@pytest.mark.parametrize("op", ["box_pool", "box_fill", "normalized_mse"])
+def test_device_mismatch_on_gpu(no_env, op):
+    if HAS_CPU_KERNELS:
+        with pytest.raises(ValueError, match="backend 'cpu' cannot run tensors on device cuda"):
+            _run_one(op, "cpu", device="cuda")
+    if "cuda" in lgd_ops.available_backends():
+        with pytest.raises(ValueError, match="backend 'cuda' cannot run tensors on device cpu"):
+            _run_one(op, "cuda", device="cpu")
+        assert _calls(device="cuda") == COMPILED
+
+
+def _run_one(op, backend, device="cpu"):
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]], device=device)
+    batch_idx = torch.zeros(1, dtype=torch.int64, device=device)
+    features = torch.randn(1, 2, 4, 4, device=device)
+    if op == "box_pool":
+        return lgd_ops.box_pool(features, boxes, batch_idx, (16, 16), backend=backend)
+    if op == "box_fill":
+        return lgd_ops.box_fill(torch.randn(1, 2, device=device), boxes, batch_idx, (16, 16), (1, 4, 4),
+                                backend=backend)
+    return lgd_ops.normalized_mse(features, torch.randn_like(features), backend=backend)
+
+
+@pytest.mark.parametrize("op", ["box_pool", "box_fill", "normalized_mse"])
+def test_cuda_backend_refuses_cpu_tensors(no_env, op):
+    """"cuda" is listed when the CUDA kernels are compiled in, even on a machine without a GPU."""
+    if "cuda" not in lgd_ops.available_backends():
+        pytest.skip("CUDA kernels not compiled in")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run tensors on device cpu"):
+        _run_one(op, "cuda", device="cpu")
+    with lgd_ops.use_backend("cuda"):
+        with pytest.raises(ValueError, match="backend 'cuda' cannot run tensors on device cpu"):
+            _run_one(op, "auto", device="cpu")
