@@ -41,20 +41,27 @@ def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, av
     return torch.stack(maps).reshape(n_img, embeddings.shape[1], height, width)
 
 
+def register_autograd(op, adjoint):
+    """Autograd of a box_fill-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_pool-schema
+    op) of the output gradient, with the same average flag (LGD_SPEC §3: fill and pool are adjoint)."""
+
+    def setup_context(ctx, inputs, output):
+        _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs
+        ctx.save_for_backward(boxes, batch_idx)
+        ctx.args = (in_h, in_w, average)
+
+    def backward(ctx, grad):
+        boxes, batch_idx = ctx.saved_tensors
+        grad_values = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)
+        return grad_values, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::box_fill")
     def _(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average):
         return values.new_empty(batch, values.shape[1], out_h, out_w)
 
-    def _setup(ctx, inputs, output):
-        _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs
-        ctx.save_for_backward(boxes, batch_idx)
-        ctx.args = (in_h, in_w, average)
-
-    def _backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_values = torch.ops.lgd_ops.box_pool(grad, boxes, batch_idx, *ctx.args)
-        return grad_values, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("lgd_ops::box_fill", _backward, setup_context=_setup)
+    register_autograd("lgd_ops::box_fill", "box_pool")

@@ -39,20 +39,27 @@ def reference_box_pool(features, boxes, batch_idx, image_size, average=True):
     return out
 
 
+def register_autograd(op, adjoint):
+    """Autograd of a box_pool-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_fill-schema
+    op) of the output gradient, with the same average flag (LGD_SPEC §3: fill and pool are adjoint)."""
+
+    def setup_context(ctx, inputs, output):
+        features, boxes, batch_idx, in_h, in_w, average = inputs
+        ctx.save_for_backward(boxes, batch_idx)
+        ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average)
+
+    def backward(ctx, grad):
+        boxes, batch_idx = ctx.saved_tensors
+        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)
+        return grad_features, None, None, None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::box_pool")
     def _(features, boxes, batch_idx, in_h, in_w, average):
         return features.new_empty(boxes.shape[0], features.shape[1])
 
-    def _setup(ctx, inputs, output):
-        features, boxes, batch_idx, in_h, in_w, average = inputs
-        ctx.save_for_backward(boxes, batch_idx)
-        ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average)
-
-    def _backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_features = torch.ops.lgd_ops.box_fill(grad, boxes, batch_idx, *ctx.args)
-        return grad_features, None, None, None, None, None
-
-    torch.library.register_autograd("lgd_ops::box_pool", _backward, setup_context=_setup)
+    register_autograd("lgd_ops::box_pool", "box_fill")

@@ -71,6 +71,24 @@ def _levels(student, teacher):
     return students, teachers
 
 
+def register_autograd(op, backward_op):
+    """Autograd of a normalized_mse-schema op: torch.ops.lgd_ops.<backward_op>(grad, student, teacher,
+    stats) gives the students' gradients from the saved per-plane statistics; the teacher gets none."""
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*student, *teacher, output[1])
+        ctx.levels = len(student)
+
+    def backward(ctx, grad, _grad_stats):
+        saved, n = ctx.saved_tensors, ctx.levels
+        grads = getattr(torch.ops.lgd_ops, backward_op)(grad, saved[:n], saved[n : 2 * n], saved[-1])
+        return list(grads), [None] * n, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::normalized_mse")
@@ -83,16 +101,4 @@ if HAS_EXTENSION:
     def _(grad, student, teacher, stats):
         return [torch.empty_like(s, memory_format=torch.contiguous_format) for s in student]
 
-    def _setup(ctx, inputs, output):
-        student, teacher, _ = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(*student, *teacher, output[1])
-        ctx.levels = len(student)
-
-    def _backward(ctx, grad, _grad_stats):
-        saved = ctx.saved_tensors
-        n = ctx.levels
-        grads = torch.ops.lgd_ops.normalized_mse_backward(grad, saved[:n], saved[n : 2 * n], saved[-1])
-        return list(grads), [None] * n, None
-
-    torch.library.register_autograd("lgd_ops::normalized_mse", _backward, setup_context=_setup)
+    register_autograd("lgd_ops::normalized_mse", "normalized_mse_backward")

@@ -15,6 +15,7 @@ struct ImageBoxes {
   std::vector<CellRange> cells;  // per box, in input order
   std::vector<int64_t> order;    // box ids, grouped by image, input order inside an image
   std::vector<int64_t> start;    // boxes of image b: order[start[b] .. start[b + 1])
+  std::vector<int64_t> area;     // total cells covered by image b's boxes (overlaps counted twice)
 };
 
 // Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
@@ -29,12 +30,16 @@ inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_i
   out.cells.resize(n);
   out.order.resize(n);
   out.start.assign(batch + 1, 0);
+  out.area.assign(batch, 0);
   for (int64_t i = 0; i < n; ++i) {
     const bool valid = img[i] >= 0 && img[i] < batch;
     out.cells[i] = valid ? box_cells(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3], in_h,
                                      in_w, h, w)
                          : CellRange{0, -1, 0, -1};
-    if (valid && !out.cells[i].empty()) ++out.start[img[i] + 1];
+    if (valid && !out.cells[i].empty()) {
+      ++out.start[img[i] + 1];
+      out.area[img[i]] += out.cells[i].count();
+    }
   }
   for (int64_t i = 0; i < batch; ++i) out.start[i + 1] += out.start[i];
   std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1);

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..box_fill import register_autograd
 from ._common import acc_fp64, box_cells, check_box_args, device_guard, group_by_image
 
 MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension (the image)
@@ -89,16 +90,4 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     return out
 
 
-def _setup(ctx, inputs, output):
-    _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs
-    ctx.save_for_backward(boxes, batch_idx)
-    ctx.args = (in_h, in_w, average)
-
-
-def _backward(ctx, grad):
-    boxes, batch_idx = ctx.saved_tensors
-    grad_values = torch.ops.lgd_ops.box_pool_triton(grad, boxes, batch_idx, *ctx.args)
-    return grad_values, None, None, None, None, None, None, None, None
-
-
-box_fill_triton.register_autograd(_backward, setup_context=_setup)
+register_autograd("lgd_ops::box_fill_triton", "box_pool_triton")

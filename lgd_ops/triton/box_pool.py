@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..box_pool import register_autograd
 from ._common import acc_fp64, box_cells, check_box_args, device_guard
 
 
@@ -73,16 +74,4 @@ def box_pool_triton(features: torch.Tensor, boxes: torch.Tensor, batch_idx: torc
     return out
 
 
-def _setup(ctx, inputs, output):
-    features, boxes, batch_idx, in_h, in_w, average = inputs
-    ctx.save_for_backward(boxes, batch_idx)
-    ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average)
-
-
-def _backward(ctx, grad):
-    boxes, batch_idx = ctx.saved_tensors
-    grad_features = torch.ops.lgd_ops.box_fill_triton(grad, boxes, batch_idx, *ctx.args)
-    return grad_features, None, None, None, None, None
-
-
-box_pool_triton.register_autograd(_backward, setup_context=_setup)
+register_autograd("lgd_ops::box_pool_triton", "box_fill_triton")

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..normalized_mse import register_autograd
 from ._common import acc_fp64, device_guard
 
 FORWARD_BLOCK = 1024
@@ -175,18 +176,4 @@ def normalized_mse_backward_triton(grad: torch.Tensor, student: list[torch.Tenso
     return grads
 
 
-def _setup(ctx, inputs, output):
-    student, teacher, _ = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*student, *teacher, output[1])
-    ctx.levels = len(student)
-
-
-def _backward(ctx, grad, _grad_stats):
-    saved = ctx.saved_tensors
-    n = ctx.levels
-    grads = torch.ops.lgd_ops.normalized_mse_backward_triton(grad, saved[:n], saved[n : 2 * n], saved[-1])
-    return list(grads), [None] * n, None
-
-
-normalized_mse_triton.register_autograd(_backward, setup_context=_setup)
+register_autograd("lgd_ops::normalized_mse_triton", "normalized_mse_backward_triton")

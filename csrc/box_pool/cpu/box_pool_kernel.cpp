@@ -1,13 +1,17 @@
-// CPU box_pool: per (image, channel) plane, float64 running sums down each column (a vectorised
-// pass over the plane), then each box is the difference of two prefix rows summed over its width.
-// Work is O(B*C*H*W + N*C*width): a direct loop would cost the box areas (~10x H*W at 100
-// objects per image) and a full summed-area table has a serial dependency along every row.
-// One thread owns a plane and sums in a fixed order, so results are identical run to run.
+// CPU box_pool, per (image, channel) plane, whichever reads less:
+//  - boxes covering fewer cells in total than the plane: sum each box's rectangle directly;
+//  - otherwise: float64 running sums down each column (one vectorised pass over the plane), then
+//    each box is the difference of two prefix rows summed over its width, O(H*W + boxes*width)
+//    instead of the box areas (~10x H*W at 100 objects per image). A full summed-area table would
+//    add a serial dependency along every row.
+// Sums are float64 in four independent lanes; one thread owns a plane and adds in a fixed order,
+// so results are identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../../common/cpu_boxes.h"
@@ -15,31 +19,50 @@
 namespace lgd_ops {
 namespace {
 
+// sum over i in [x0, x1] of f(i), in four lanes so the adds pipeline.
+template <typename F>
+double lane_sum(int32_t x0, int32_t x1, F f) {
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  int32_t i = x0;
+  for (; i + 3 <= x1; i += 4)
+    for (int l = 0; l < 4; ++l) lane[l] += f(i + l);
+  for (; i <= x1; ++i) lane[0] += f(i);
+  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
 template <typename scalar_t>
 void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
                  int64_t W, bool average, int64_t begin, int64_t end) {
-  std::vector<double> prefix((H + 1) * W, 0.0);  // prefix[j][i] = sum of rows < j in column i
+  std::vector<double> prefix;  // prefix[j][i] = sum of rows < j in column i (allocated on first use)
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t b = plane / C, c = plane % C;
     if (ix.start[b] == ix.start[b + 1]) continue;
     const scalar_t* f = feat + plane * H * W;
-    for (int64_t j = 0; j < H; ++j) {
-      const double* above = &prefix[j * W];
-      double* cur = &prefix[(j + 1) * W];
-      const scalar_t* row = f + j * W;
-      for (int64_t i = 0; i < W; ++i) cur[i] = above[i] + static_cast<double>(row[i]);
+    const bool direct = ix.area[b] < H * W;
+    if (!direct) {
+      prefix.resize((H + 1) * W);
+      std::fill(prefix.begin(), prefix.begin() + W, 0.0);
+      for (int64_t j = 0; j < H; ++j) {
+        const double* above = &prefix[j * W];
+        double* cur = &prefix[(j + 1) * W];
+        const scalar_t* row = f + j * W;
+        for (int64_t i = 0; i < W; ++i) cur[i] = above[i] + static_cast<double>(row[i]);
+      }
     }
     for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
       const int64_t n = ix.order[k];
       const CellRange r = ix.cells[n];
-      const double* lo = &prefix[r.y0 * W];
-      const double* hi = &prefix[(r.y1 + 1) * W];
-      double lane[4] = {0.0, 0.0, 0.0, 0.0};  // independent partial sums pipeline the adds
-      int32_t i = r.x0;
-      for (; i + 3 <= r.x1; i += 4)
-        for (int l = 0; l < 4; ++l) lane[l] += hi[i + l] - lo[i + l];
-      for (; i <= r.x1; ++i) lane[0] += hi[i] - lo[i];
-      const double sum = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+      double sum = 0.0;
+      if (direct) {
+        for (int32_t j = r.y0; j <= r.y1; ++j) {
+          const scalar_t* row = f + j * W;
+          sum += lane_sum(r.x0, r.x1, [row](int32_t i) { return static_cast<double>(row[i]); });
+        }
+      } else {
+        const double* lo = &prefix[r.y0 * W];
+        const double* hi = &prefix[(r.y1 + 1) * W];
+        sum = lane_sum(r.x0, r.x1, [lo, hi](int32_t i) { return hi[i] - lo[i]; });
+      }
       out[n * C + c] = static_cast<scalar_t>(average ? sum / double(r.count()) : sum);
     }
   }
