@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,7 +122,7 @@ def time_it(fn, device, repeats):
 def peak_memory(op, shape, objects, dtype, device, backend):
     """Peak bytes one forward+backward allocates beyond its inputs.
 
-    CUDA: the caching allocator's peak statistics. CPU: the peak resident size of a fresh child
+    CUDA: the caching allocator's peak statistics. CPU: the peak resident size (VmHWM) of a fresh child
     process (glibc told to mmap every block over 64 KiB, so freed memory leaves the RSS at once),
     measured from after its inputs are built, with the libraries warmed up on a tiny case first.
     """
@@ -142,15 +141,25 @@ def peak_memory(op, shape, objects, dtype, device, backend):
     return int(out.strip().splitlines()[-1])
 
 
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
 def _peak_child(op, shape, objects, dtype, backend):
-    """Runs in a child process: prints the RSS growth (bytes) of one forward+backward."""
+    """Runs in a child process: prints the peak resident-size growth (bytes) of one forward+backward.
+
+    Reads the kernel's high-water mark VmHWM after resetting it (ru_maxrss would not do: Linux keeps
+    it across exec, so it starts at the parent's size)."""
     device = torch.device("cpu")
     make_case(op, "tiny", int(objects), getattr(torch, dtype), device)[1](backend)
     _, forward_backward = make_case(op, shape, int(objects), getattr(torch, dtype), device)
     gc.collect()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = _proc_status_kib("VmRSS")
     forward_backward(backend)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)  # ru_maxrss is in KiB
+    print((_proc_status_kib("VmHWM") - base) * 1024)
 
 
 def main():

@@ -1,9 +1,11 @@
-// CPU-side preparation shared by the box kernels: each box's cell range on the level grid and the
-// boxes grouped by image, so a (b, c) plane visits only its own image's boxes.
+// CPU-side preparation shared by the box kernels: each box's cell range on the level grid, the
+// boxes grouped by image (a (b, c) plane visits only its own image's boxes), and each image's
+// row events for the kernels' top-to-bottom sweep over a plane.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "box_checks.h"
@@ -11,11 +13,19 @@
 
 namespace lgd_ops {
 
+// A box enters the sweep at row y0 (top) and leaves before row y1 + 1 (bottom).
+struct RowEvent {
+  int32_t row;
+  bool top;
+  int64_t box;  // box id
+};
+
 struct ImageBoxes {
   std::vector<CellRange> cells;  // per box, in input order
   std::vector<int64_t> order;    // box ids, grouped by image, input order inside an image
   std::vector<int64_t> start;    // boxes of image b: order[start[b] .. start[b + 1])
   std::vector<int64_t> area;     // total cells covered by image b's boxes (overlaps counted twice)
+  std::vector<RowEvent> events;  // image b: events[2 * start[b] .. 2 * start[b + 1]), sorted by row
 };
 
 // Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
@@ -51,6 +61,17 @@ inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_i
     }
   }
   out.order.resize(used);
+  out.events.reserve(2 * used);
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto first = out.events.end() - out.events.begin();
+    for (int64_t k = out.start[b]; k < out.start[b + 1]; ++k) {
+      const CellRange r = out.cells[out.order[k]];
+      out.events.push_back({r.y0, true, out.order[k]});
+      out.events.push_back({r.y1 + 1, false, out.order[k]});
+    }
+    std::stable_sort(out.events.begin() + first, out.events.end(),
+                     [](const RowEvent& a, const RowEvent& e) { return a.row < e.row; });
+  }
   return out;
 }
 

@@ -1,8 +1,8 @@
-// CPU box_fill: per (image, channel) plane, each box adds its value along its top row and
-// subtracts it along the row below its bottom in a float64 difference grid; one running sum down
-// each column (vectorised across columns) then paints every box at once. Work is
-// O(B*C*H*W + N*C*width) whatever the box heights; one thread owns a plane and adds in a fixed
-// order, so the output is deterministic (no atomics).
+// CPU box_fill: per (image, channel) plane, one sweep down the plane keeping a float64 running
+// value per column (one row of state, in L1): at a box's top row its value is added to its
+// columns, before the row below its bottom it is taken away, and every row is written as it
+// stands. O(H*W + boxes*width) whatever the box heights, no scratch map; one thread owns a plane
+// and adds in a fixed order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,35 +19,23 @@ namespace {
 template <typename scalar_t>
 void fill_planes(const scalar_t* values, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
                  int64_t W, bool average, int64_t begin, int64_t end) {
-  std::vector<double> diff(H * W), col(W);
+  std::vector<double> col(W);
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t b = plane / C, c = plane % C;
     scalar_t* o = out + plane * H * W;
-    if (ix.start[b] == ix.start[b + 1]) {
-      std::fill(o, o + H * W, scalar_t(0));
-      continue;
-    }
-    std::fill(diff.begin(), diff.end(), 0.0);
-    for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
-      const int64_t n = ix.order[k];
-      const CellRange r = ix.cells[n];
-      double v = static_cast<double>(values[n * C + c]);
-      if (average) v /= double(r.count());
-      double* top = &diff[r.y0 * W];
-      for (int32_t i = r.x0; i <= r.x1; ++i) top[i] += v;
-      if (r.y1 + 1 < H) {
-        double* below = &diff[(r.y1 + 1) * W];
-        for (int32_t i = r.x0; i <= r.x1; ++i) below[i] -= v;
-      }
-    }
     std::fill(col.begin(), col.end(), 0.0);
+    const RowEvent* ev = ix.events.data() + 2 * ix.start[b];
+    const RowEvent* ev_end = ix.events.data() + 2 * ix.start[b + 1];
     for (int64_t j = 0; j < H; ++j) {
-      const double* d = &diff[j * W];
-      scalar_t* row = o + j * W;
-      for (int64_t i = 0; i < W; ++i) {
-        col[i] += d[i];
-        row[i] = static_cast<scalar_t>(col[i]);
+      for (; ev != ev_end && ev->row == j; ++ev) {
+        const CellRange r = ix.cells[ev->box];
+        double v = static_cast<double>(values[ev->box * C + c]);
+        if (average) v /= double(r.count());
+        if (!ev->top) v = -v;
+        for (int32_t i = r.x0; i <= r.x1; ++i) col[i] += v;
       }
+      scalar_t* row = o + j * W;
+      for (int64_t i = 0; i < W; ++i) row[i] = static_cast<scalar_t>(col[i]);
     }
   }
 }
