@@ -54,7 +54,9 @@ def sources(pattern):
 def extension():
     cpp = sources("module.cpp") + sources("*/*.cpp") + sources("*/cpu/*.cpp")
     cuda = sources("*/cuda/*.cu")
-    cxx = ["-O3"]  # torch supplies the C++ standard (C++20 for torch 2.14)
+    # torch supplies the C++ standard (C++20 for torch 2.14). at::parallel_for is inline OpenMP code:
+    # without -fopenmp the CPU kernels would silently run on one thread.
+    cxx = ["-O3", "-fopenmp"]
     if CUDA_HOME and cuda:
         # cusparse.h (pulled in by ATen/cuda/CUDAContext.h) ships in the nvidia wheels, not always
         # in the toolkit.
@@ -67,11 +69,12 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[("LGD_OPS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
         )
     why = "LGD_OPS_NO_CUDA=1" if os.environ.get("LGD_OPS_NO_CUDA") == "1" else (
         "no CUDA sources" if not cuda else "no CUDA toolkit found")
     print(f"lgd_ops: building CPU kernels only ({len(cpp)} C++ sources; {why})")
-    return CppExtension("lgd_ops._C", cpp, extra_compile_args={"cxx": cxx})
+    return CppExtension("lgd_ops._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(

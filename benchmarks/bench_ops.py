@@ -3,7 +3,7 @@
 For each op, backend and objects-per-image: forward and forward+backward wall time over all pyramid
 levels (median and 20th/80th percentiles of repeats) and the peak memory the call allocates beyond
 its inputs (allocator peak on GPU, child-process peak RSS on CPU). Prints a markdown
-table with each backend's time as a ratio of the reference's, and writes CSV + JSON stamped with
+table with each backend's time as a ratio of the reference's, and writes CSV, JSON and the table stamped with
 the device, torch version and thread count.
 
   python benchmarks/bench_ops.py                       # COCO RetinaNet shape, every backend
@@ -30,6 +30,13 @@ SHAPES = {
     "faster_rcnn": (2, 256, 800, 1216, [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]),
     "tiny": (2, 8, 64, 96, [(16, 24), (8, 12), (4, 6)]),
 }
+
+
+# glibc settings for the timed runs: freed blocks stay in the heap, so a repeat does not pay the
+# page faults of fresh 40 MB maps (what a caching allocator, or a long training run, sees). Without
+# them both backends' CPU times swing 2-3x with the kernel's page-fault cost.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                 "MALLOC_TOP_PAD_": "536870912"}
 
 
 def device_name(device):
@@ -135,7 +142,8 @@ def peak_memory(op, shape, objects, dtype, device, backend):
         forward_backward(backend)
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, os.path.abspath(__file__), "--peak-child", op, shape, str(objects), str(dtype).split(".")[-1], backend]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
@@ -165,6 +173,8 @@ def _peak_child(op, shape, objects, dtype, backend):
 def main():
     if len(sys.argv) == 7 and sys.argv[1] == "--peak-child":
         return _peak_child(*sys.argv[2:])
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **STEADY_MALLOC))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="retinanet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,6 +195,7 @@ def main():
         "device": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc": "steady (glibc keeps freed blocks)" if device.type == "cpu" else "caching allocator",
         "shape": args.shape,
         "dtype": args.dtype,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -211,13 +222,15 @@ def main():
         for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_peak_mb"):
             r[f"{key}_vs_ref"] = r[key] / base[key] if base and base[key] else float("nan")
 
-    print()
-    print("| op | objects/img | backend | fwd ms | fwd+bwd ms (p20-p80) | fwd+bwd vs ref | peak MB | peak vs ref |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    table = [f"lgd_ops benchmark, {stamp['device']}, torch {stamp['torch']}, shape {args.shape}, {args.dtype}, "
+             f"{stamp['date']} (fwd+bwd = forward and backward over all levels; peak = memory beyond the inputs)", "",
+             "| op | objects/img | backend | fwd ms | fwd+bwd ms (p20-p80) | fwd+bwd vs ref | peak MB | peak vs ref |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        print(f"| {r['op']} | {r['objects'] or '-'} | {r['backend']} | {r['fwd_ms']:.2f} | "
-              f"{r['fwdbwd_ms']:.2f} ({r['fwdbwd_p20_ms']:.2f}-{r['fwdbwd_p80_ms']:.2f}) | "
-              f"{r['fwdbwd_ms_vs_ref']:.3f}x | {r['fwdbwd_peak_mb']:.1f} | {r['fwdbwd_peak_mb_vs_ref']:.3f}x |")
+        table.append(f"| {r['op']} | {r['objects'] or '-'} | {r['backend']} | {r['fwd_ms']:.2f} | "
+                     f"{r['fwdbwd_ms']:.2f} ({r['fwdbwd_p20_ms']:.2f}-{r['fwdbwd_p80_ms']:.2f}) | "
+                     f"{r['fwdbwd_ms_vs_ref']:.3f}x | {r['fwdbwd_peak_mb']:.1f} | {r['fwdbwd_peak_mb_vs_ref']:.3f}x |")
+    print("\n" + "\n".join(table))
 
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"ops_{device.type}_{args.shape}_{args.dtype}")
@@ -227,7 +240,9 @@ def main():
         writer.writerows(rows)
     with open(base + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\nwrote {base}.csv and {base}.json")
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(table) + "\n")
+    print(f"\nwrote {base}.csv, .json and .md")
 
 
 if __name__ == "__main__":

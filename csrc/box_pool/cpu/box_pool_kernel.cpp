@@ -1,5 +1,6 @@
-// CPU box_pool, per (image, channel) plane, whichever reads less:
-//  - boxes covering fewer cells in total than the plane: sum each box's rectangle directly;
+// CPU box_pool, per (image, channel) plane, whichever is cheaper:
+//  - boxes covering under a quarter of the plane in total: sum each box's rectangle directly (a
+//    direct read costs about four sweep cells: short rows, scalar float-to-double loads);
 //  - otherwise one sweep down the plane keeping float64 running sums of each column (so the
 //    sweep state is one row, in L1): at a box's top row its columns' running sums are subtracted,
 //    after its bottom row they are added, which leaves the box sum. O(H*W + boxes*width) instead of
@@ -38,7 +39,7 @@ void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int6
     const int64_t b = plane / C, c = plane % C;
     if (ix.start[b] == ix.start[b + 1]) continue;
     const scalar_t* f = feat + plane * H * W;
-    if (ix.area[b] < H * W) {
+    if (4 * ix.area[b] < H * W) {
       for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
         const int64_t n = ix.order[k];
         const CellRange r = ix.cells[n];
