@@ -97,6 +97,17 @@ def all_backends_on(device):
     return ["reference"] + backends_for(device)
 
 
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+DTYPES = pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
+DEVICE_BACKEND = pytest.mark.parametrize("device,backend", oracle_params())
+KERNELS = pytest.mark.parametrize("device,backend", kernel_params())
+
+
+def value_scale(x):
+    """Tolerance scale for comparing x: its largest magnitude, at least 1."""
+    return max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # Tolerances against the float64 oracles
 # ----------------------------------------------------------------------------------------------

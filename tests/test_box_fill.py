@@ -6,31 +6,23 @@ from hypothesis import strategies as st
 
 import lgd_ops
 from conftest import (
-    raw_op,
-    draw_box_problem,
-    ALL_DTYPES,
-    assert_compiled_matches_eager,
-    BOX_CASES,
     all_backends_on,
     assert_close_to_oracle,
+    assert_compiled_matches_eager,
     box_case,
+    BOX_CASES,
     box_dtype_for,
-    kernel_params,
+    DEVICE_BACKEND,
+    draw_box_problem,
+    DTYPES,
+    KERNELS,
     oracle_box_fill,
     oracle_box_pool,
-    oracle_params,
     random_batch_idx,
     random_boxes,
+    raw_op,
+    value_scale,
 )
-
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-DTYPES = pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
-DEVICE_BACKEND = pytest.mark.parametrize("device,backend", oracle_params())
-KERNELS = pytest.mark.parametrize("device,backend", kernel_params())
-
-
-def _scale(expected):
-    return max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
 
 
 def _embeddings(n, c, dtype, device, layout="contiguous", requires_grad=False):
@@ -83,7 +75,7 @@ def test_forward_matches_oracle(device, backend, case, dtype):
     got = lgd_ops.box_fill(emb, boxes, batch_idx, image_size, (b, *level), backend=backend)
     expected = oracle_box_fill(emb, boxes, batch_idx, image_size, (b, *level))
     assert got.shape == (b, c, *level) and got.device == emb.device
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), f"{backend} {case}")
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), f"{backend} {case}")
 
 
 @DEVICE_BACKEND
@@ -99,7 +91,7 @@ def test_backward_matches_oracle(device, backend, case, dtype):
     ref = emb.detach().to(torch.float64).cpu().requires_grad_(True)
     (oracle_box_fill(ref, boxes, batch_idx, image_size, (b, *level)) * upstream.cpu().double()).sum().backward()
     assert emb.grad.shape == emb.shape
-    assert_close_to_oracle(emb.grad, ref.grad, dtype, _scale(ref.grad), f"{backend} {case} grad")
+    assert_close_to_oracle(emb.grad, ref.grad, dtype, value_scale(ref.grad), f"{backend} {case} grad")
 
 
 @DEVICE_BACKEND
@@ -112,19 +104,19 @@ def test_memory_layouts(device, backend, layout, dtype):
     assert not emb.is_contiguous()
     got = lgd_ops.box_fill(emb, boxes, batch_idx, image_size, (b, *level), backend=backend)
     expected = oracle_box_fill(emb, boxes, batch_idx, image_size, (b, *level))
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), layout)
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), layout)
     # non-contiguous upstream gradients: a permuted one (channels-last consumer) and an expanded one
     weight = torch.randn(b, *level, c, dtype=torch.float64).to(device=device, dtype=dtype)
     (got.permute(0, 2, 3, 1) * weight).sum().backward()
     ref = emb.detach().to(torch.float64).cpu().requires_grad_(True)
     out_ref = oracle_box_fill(ref, boxes, batch_idx, image_size, (b, *level))
     (out_ref.permute(0, 2, 3, 1) * weight.cpu().double()).sum().backward()
-    assert_close_to_oracle(emb.grad, ref.grad, dtype, _scale(ref.grad), f"{layout} grad")
+    assert_close_to_oracle(emb.grad, ref.grad, dtype, value_scale(ref.grad), f"{layout} grad")
     emb.grad = None
     lgd_ops.box_fill(emb, boxes, batch_idx, image_size, (b, *level), backend=backend).sum().backward()
     ref.grad = None
     oracle_box_fill(ref, boxes, batch_idx, image_size, (b, *level)).sum().backward()
-    assert_close_to_oracle(emb.grad, ref.grad, dtype, _scale(ref.grad), f"{layout} expanded grad")
+    assert_close_to_oracle(emb.grad, ref.grad, dtype, value_scale(ref.grad), f"{layout} expanded grad")
 
 
 @DEVICE_BACKEND
@@ -235,7 +227,7 @@ def test_deterministic_across_runs_and_threads(backend):
     for a, b_, s in zip(first, second, single):
         assert torch.equal(a, b_) and torch.equal(a, s)
     expected = oracle_box_fill(emb, boxes, batch_idx, image_size, (b, *level))
-    assert_close_to_oracle(first[0], expected, torch.float32, _scale(expected), "2 threads")
+    assert_close_to_oracle(first[0], expected, torch.float32, value_scale(expected), "2 threads")
 
 
 @given(data=st.data())

@@ -6,31 +6,23 @@ from hypothesis import strategies as st
 
 import lgd_ops
 from conftest import (
-    raw_op,
-    draw_box_problem,
-    ALL_DTYPES,
-    assert_compiled_matches_eager,
-    BOX_CASES,
     all_backends_on,
     assert_close_to_oracle,
+    assert_compiled_matches_eager,
     box_case,
+    BOX_CASES,
     box_dtype_for,
-    kernel_params,
+    DEVICE_BACKEND,
+    draw_box_problem,
+    DTYPES,
+    KERNELS,
     make_features,
     oracle_box_pool,
-    oracle_params,
     random_batch_idx,
     random_boxes,
+    raw_op,
+    value_scale,
 )
-
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-DTYPES = pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
-DEVICE_BACKEND = pytest.mark.parametrize("device,backend", oracle_params())
-KERNELS = pytest.mark.parametrize("device,backend", kernel_params())
-
-
-def _scale(expected):
-    return max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def test_forward_matches_oracle(device, backend, case, dtype):
     got = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
     expected = oracle_box_pool(features, boxes, batch_idx, image_size)
     assert got.shape == (boxes.shape[0], c) and got.device == features.device
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), f"{backend} {case}")
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), f"{backend} {case}")
 
 
 @DEVICE_BACKEND
@@ -114,7 +106,7 @@ def test_backward_matches_oracle(device, backend, case, dtype):
     ref = features.detach().to(torch.float64).cpu().requires_grad_(True)
     (oracle_box_pool(ref, boxes, batch_idx, image_size) * upstream.cpu().to(torch.float64)).sum().backward()
     assert features.grad.shape == features.shape
-    assert_close_to_oracle(features.grad, ref.grad, dtype, _scale(ref.grad), f"{backend} {case} grad")
+    assert_close_to_oracle(features.grad, ref.grad, dtype, value_scale(ref.grad), f"{backend} {case} grad")
 
 
 @DEVICE_BACKEND
@@ -126,12 +118,12 @@ def test_memory_layouts(device, backend, layout, dtype):
     features = make_features((b, c, *level), dtype, device, layout=layout, requires_grad=True)
     got = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
     expected = oracle_box_pool(features, boxes, batch_idx, image_size)
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), layout)
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), layout)
     # an expanded (stride-0) upstream gradient, as out.sum() produces
     got.sum().backward()
     ref = features.detach().to(torch.float64).cpu().requires_grad_(True)
     oracle_box_pool(ref, boxes, batch_idx, image_size).sum().backward()
-    assert_close_to_oracle(features.grad, ref.grad, dtype, _scale(ref.grad), f"{layout} grad")
+    assert_close_to_oracle(features.grad, ref.grad, dtype, value_scale(ref.grad), f"{layout} grad")
 
 
 @DEVICE_BACKEND
@@ -266,7 +258,7 @@ def test_deterministic_across_runs_and_threads(backend):
     for a, b_, s in zip(first, second, single):
         assert torch.equal(a, b_) and torch.equal(a, s)
     expected = oracle_box_pool(features, boxes, batch_idx, image_size)
-    assert_close_to_oracle(first[0], expected, torch.float32, _scale(expected), "2 threads")
+    assert_close_to_oracle(first[0], expected, torch.float32, value_scale(expected), "2 threads")
 
 
 @given(data=st.data())

@@ -8,18 +8,17 @@ import torch
 
 import lgd_ops
 from conftest import (
-    ALL_DTYPES,
     assert_close_to_oracle,
     box_case,
+    DTYPES,
     make_features,
-    oracle_masks,
     oracle_mask_fill,
     oracle_mask_pool,
+    oracle_masks,
     random_batch_idx,
+    value_scale,
 )
 
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-DTYPES = pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 DEVICES = pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"))])
 
@@ -69,10 +68,6 @@ def _inputs(case, dtype, device, mask_kind="bool"):
     return masks, batch_idx, b, c, level
 
 
-def _scale(x):
-    return max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0
-
-
 @DEVICES
 @pytest.mark.parametrize("case", list(CASES))
 @DTYPES
@@ -82,12 +77,12 @@ def test_mask_pool_matches_oracle(device, case, dtype):
     got = lgd_ops.mask_pool(features, masks, batch_idx)
     expected = oracle_mask_pool(features, masks, batch_idx)
     assert got.shape == (masks.shape[0], c)
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), case)
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), case)
     upstream = torch.randn(masks.shape[0], c, dtype=torch.float64).to(device=device, dtype=dtype)
     got.backward(upstream)
     ref = features.detach().to(torch.float64).cpu().requires_grad_(True)
     (oracle_mask_pool(ref, masks, batch_idx) * upstream.cpu().double()).sum().backward()
-    assert_close_to_oracle(features.grad, ref.grad, dtype, _scale(ref.grad), f"{case} grad")
+    assert_close_to_oracle(features.grad, ref.grad, dtype, value_scale(ref.grad), f"{case} grad")
 
 
 @DEVICES
@@ -99,12 +94,12 @@ def test_mask_fill_matches_oracle(device, case, dtype):
     got = lgd_ops.mask_fill(emb, masks, batch_idx, (b, *level))
     expected = oracle_mask_fill(emb, masks, batch_idx, (b, *level))
     assert got.shape == (b, c, *level)
-    assert_close_to_oracle(got, expected, dtype, _scale(expected), case)
+    assert_close_to_oracle(got, expected, dtype, value_scale(expected), case)
     upstream = torch.randn(b, c, *level, dtype=torch.float64).to(device=device, dtype=dtype)
     got.backward(upstream)
     ref = emb.detach().to(torch.float64).cpu().requires_grad_(True)
     (oracle_mask_fill(ref, masks, batch_idx, (b, *level)) * upstream.cpu().double()).sum().backward()
-    assert_close_to_oracle(emb.grad, ref.grad, dtype, _scale(ref.grad), f"{case} grad")
+    assert_close_to_oracle(emb.grad, ref.grad, dtype, value_scale(ref.grad), f"{case} grad")
 
 
 @DEVICES

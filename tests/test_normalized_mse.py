@@ -6,21 +6,18 @@ from hypothesis import strategies as st
 
 import lgd_ops
 from conftest import (
-    raw_op,
-    ALL_DTYPES,
-    assert_compiled_matches_eager,
-    TOL,
     all_backends_on,
     assert_close_to_oracle,
-    kernel_params,
+    assert_compiled_matches_eager,
+    DEVICE_BACKEND,
+    DTYPES,
+    KERNELS,
     oracle_normalized_mse,
     oracle_params,
+    raw_op,
+    TOL,
 )
 
-DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-DTYPES = pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
-DEVICE_BACKEND = pytest.mark.parametrize("device,backend", oracle_params())
-KERNELS = pytest.mark.parametrize("device,backend", kernel_params())
 
 # name -> (student level shapes, how the maps are drawn)
 CASES = {
