@@ -10,9 +10,12 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     instructive = teacher(fpn_features, gt_instances, images.tensor.shape[-2:])     # same keys as fpn_features
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
     # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
+
+LGDDistiller (lgd.distiller) wraps a built detectron2 detector (RetinaNet so far) with all of the above.
 """
 from .appearance_encoder import AppearanceEncoder
 from .distillation_loss import DistillationLoss
+from .distiller import LGDDistiller
 from .knowledge_mapper import KnowledgeMapper, StudentAdapter
 from .label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, max_per_image
 from .labels import CONTEXT_CLASS, PackedLabels
@@ -24,6 +27,7 @@ __all__ = [
     "CONTEXT_CLASS",
     "DistillationLoss",
     "KnowledgeMapper",
+    "LGDDistiller",
     "LGDTeacher",
     "LabelEncoder",
     "PackedLabels",
