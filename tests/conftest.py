@@ -103,6 +103,21 @@ DEVICE_BACKEND = pytest.mark.parametrize("device,backend", oracle_params())
 KERNELS = pytest.mark.parametrize("device,backend", kernel_params())
 
 
+def same_bits_across_runs_and_threads(run):
+    """run() -> tensors; asserts two runs on 2 threads and one on 1 thread agree bit for bit, returns the first."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = run(), run()
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, s in zip(first, second, single):
+        assert torch.equal(a, b) and torch.equal(a, s)
+    return first
+
+
 def value_scale(x):
     """Tolerance scale for comparing x: its largest magnitude, at least 1."""
     return max(1.0, float(x.detach().abs().max())) if x.numel() else 1.0

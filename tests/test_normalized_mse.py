@@ -15,6 +15,7 @@ from conftest import (
     oracle_normalized_mse,
     oracle_params,
     raw_op,
+    same_bits_across_runs_and_threads,
     TOL,
 )
 
@@ -286,16 +287,7 @@ def test_deterministic_across_runs_and_threads(backend):
         loss.backward()
         return [loss.detach().clone()] + [s.grad.clone() for s in students]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = run(), run()
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b, s in zip(first, second, single):
-        assert torch.equal(a, b) and torch.equal(a, s)
+    first = same_bits_across_runs_and_threads(run)
     expected = oracle_normalized_mse(students, teachers)
     torch.testing.assert_close(first[0].double(), expected, **TOL[torch.float32])
 
