@@ -11,7 +11,8 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
     # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
 
-LGDDistiller (lgd.distiller) wraps a built detectron2 detector (RetinaNet so far) with all of the above.
+LGDDistiller (lgd.distiller) wraps a built detectron2 detector (RetinaNet so far) with all of the above;
+lgd.trainer trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule).
 """
 from .appearance_encoder import AppearanceEncoder
 from .distillation_loss import DistillationLoss
@@ -21,19 +22,30 @@ from .label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, 
 from .labels import CONTEXT_CLASS, PackedLabels
 from .relation_adapter import RelationAdapter
 from .teacher import LGDTeacher
+from .trainer import (BackboneFreezeSchedule, DistillationSchedule, LGDAMPTrainer, LGDSchedule, LGDTrainer,
+                      MultiOptimizerLRScheduler, build_lgd_hooks, build_lgd_optimizers, scale_schedule)
 
 __all__ = [
     "AppearanceEncoder",
+    "BackboneFreezeSchedule",
     "CONTEXT_CLASS",
     "DistillationLoss",
+    "DistillationSchedule",
     "KnowledgeMapper",
+    "LGDAMPTrainer",
     "LGDDistiller",
+    "LGDSchedule",
     "LGDTeacher",
+    "LGDTrainer",
     "LabelEncoder",
+    "MultiOptimizerLRScheduler",
     "PackedLabels",
     "RelationAdapter",
     "SpatialTransformer",
     "StudentAdapter",
     "build_descriptors",
+    "build_lgd_hooks",
+    "build_lgd_optimizers",
     "max_per_image",
+    "scale_schedule",
 ]

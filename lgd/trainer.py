@@ -1,0 +1,289 @@
+"""LGD training on detectron2's engine (LGD_SPEC §8): two optimizers, a trainer, and the schedule hooks.
+
+    model = LGDDistiller(instantiate(cfg.model))
+    schedule = scale_schedule(90000)                  # the paper's 1x; scale_schedule(2000) for a short run
+    optimizers = build_lgd_optimizers(model, lr=0.01)   # (student + adapter, teacher)
+    trainer = LGDTrainer(model, data_loader, optimizers, clip_grad_norm=None)
+    trainer.register_hooks(build_lgd_hooks(schedule) + [hooks.IterationTimer(), hooks.PeriodicWriter(...)])
+    trainer.train(start_iter, schedule.max_iter)
+
+Every schedule hook derives its state from trainer.iter in before_step (never from toggles), so a run resumed
+at any iteration gets the right distillation / backbone-freeze state and learning rates at its first step:
+  DistillationSchedule   model.distill_enabled = iter >= distill_start_iter      (logs lgd/distill_enabled)
+  BackboneFreezeSchedule model.set_backbone_frozen(iter < backbone_freeze_iters) (logs lgd/backbone_frozen)
+  MultiOptimizerLRScheduler  one detectron2 LRMultiplier per optimizer, same ParamScheduler (logs lr, lr_teacher)
+detectron2's own LRScheduler hook drives one optimizer only, hence the last hook.
+
+LGDTrainer is a SimpleTrainer: trainer.optimizer is the student optimizer (what stock hooks read),
+trainer.optimizers holds both, and state_dict() carries both (so DetectionCheckpointer(..., trainer=trainer)
+saves and resumes them). LGDAMPTrainer adds autocast + one GradScaler shared by the two optimizers.
+
+Caveat: freezing toggles requires_grad, which DistributedDataParallel does not follow after it is built;
+under DDP use find_unused_parameters=True or rebuild the wrapper at the unfreeze iteration (not done here).
+"""
+import dataclasses
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
+
+__all__ = [
+    "BackboneFreezeSchedule",
+    "DistillationSchedule",
+    "LGDAMPTrainer",
+    "LGDSchedule",
+    "LGDTrainer",
+    "MultiOptimizerLRScheduler",
+    "build_lgd_hooks",
+    "build_lgd_optimizers",
+    "scale_schedule",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule (LGD_SPEC §8)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LGDSchedule:
+    """Iteration counts of one LGD run. Iterations are 0-based: distillation is on from iteration
+    distill_start_iter, the bottom-up backbone trains from iteration backbone_freeze_iters, the LR drops
+    by 10 at each of steps, after a linear warm-up of warmup_iters from warmup_factor (detectron2's)."""
+
+    max_iter: int
+    steps: Tuple[int, ...]
+    distill_start_iter: int
+    backbone_freeze_iters: int
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+
+    def lr_multiplier(self) -> ParamScheduler:
+        """The LR multiplier over [0, max_iter) as detectron2's model-zoo configs build it."""
+        values = [0.1 ** k for k in range(len(self.steps) + 1)]
+        steps = MultiStepParamScheduler(values, milestones=list(self.steps) + [self.max_iter])
+        return WarmupParamScheduler(steps, self.warmup_factor, self.warmup_iters / self.max_iter)
+
+
+# the paper's schedules (batch 16): distillation on at 30k for both, backbone frozen 10k (1x) / 20k (2x)
+PAPER_SCHEDULES = {
+    "1x": LGDSchedule(90000, (60000, 80000), distill_start_iter=30000, backbone_freeze_iters=10000),
+    "2x": LGDSchedule(180000, (120000, 160000), distill_start_iter=30000, backbone_freeze_iters=20000),
+}
+
+
+def scale_schedule(max_iter: int, base: str = "1x") -> LGDSchedule:
+    """The paper's `base` schedule ("1x" or "2x") with every iteration count scaled by max_iter / its length.
+
+    scale_schedule(90000) is the paper's 1x; scale_schedule(900) has steps (600, 800), distillation from 300,
+    the backbone frozen for 100 and 10 warm-up iterations. Steps stay strictly inside (0, max_iter).
+    """
+    if base not in PAPER_SCHEDULES:
+        raise ValueError(f"scale_schedule: base must be one of {sorted(PAPER_SCHEDULES)}, got {base!r}")
+    if max_iter < 1:
+        raise ValueError(f"scale_schedule: max_iter must be >= 1, got {max_iter}")
+    ref = PAPER_SCHEDULES[base]
+
+    def scale(n):
+        return int(round(n * max_iter / ref.max_iter))
+
+    # strictly increasing milestones inside (0, max_iter): very short runs lose the steps that collide
+    steps = tuple(sorted({min(max(scale(s), 1), max_iter - 1) for s in ref.steps})) if max_iter > 1 else ()
+    return dataclasses.replace(
+        ref, max_iter=max_iter, steps=steps, distill_start_iter=scale(ref.distill_start_iter),
+        backbone_freeze_iters=scale(ref.backbone_freeze_iters), warmup_iters=scale(ref.warmup_iters))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The LGDDistiller inside a (Distributed)DataParallel wrapper."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+class DistillationSchedule(HookBase):
+    """Distillation off (loss_distill trains only the adapter) before iteration start_iter, on from it."""
+
+    def __init__(self, start_iter: int):
+        self.start_iter = int(start_iter)
+
+    def before_step(self):
+        enabled = self.trainer.iter >= self.start_iter
+        _unwrap(self.trainer.model).distill_enabled = enabled
+        self.trainer.storage.put_scalar("lgd/distill_enabled", float(enabled), smoothing_hint=False)
+
+
+class BackboneFreezeSchedule(HookBase):
+    """The student's bottom-up backbone frozen before iteration freeze_iters (the FPN always trains)."""
+
+    def __init__(self, freeze_iters: int):
+        self.freeze_iters = int(freeze_iters)
+
+    def before_step(self):
+        frozen = self.trainer.iter < self.freeze_iters
+        model = _unwrap(self.trainer.model)
+        if model.backbone_frozen != frozen:
+            model.set_backbone_frozen(frozen)
+        self.trainer.storage.put_scalar("lgd/backbone_frozen", float(frozen), smoothing_hint=False)
+
+
+class MultiOptimizerLRScheduler(HookBase):
+    """detectron2's LRScheduler hook for several optimizers: one LRMultiplier per optimizer, all driven by the
+    same ParamScheduler (a multiplier of each param group's initial LR). The LRs are a function of
+    trainer.iter only (rebuilt in before_train at trainer.iter), so there is no state to checkpoint.
+
+    optimizers: defaults to trainer.optimizers. names: the EventStorage key of each optimizer's LR
+    (default "lr" for the first, "lr_1", ... for the others; build_lgd_hooks uses "lr", "lr_teacher").
+    max_iter: the length the ParamScheduler spans (default trainer.max_iter, as detectron2's hook);
+    build_lgd_hooks passes the schedule's, so a run stopped early or split in pieces keeps the same LRs.
+    """
+
+    def __init__(self, scheduler: ParamScheduler, optimizers: Optional[Sequence[torch.optim.Optimizer]] = None,
+                 names: Optional[Sequence[str]] = None, max_iter: Optional[int] = None):
+        if not isinstance(scheduler, ParamScheduler):
+            raise ValueError(f"MultiOptimizerLRScheduler needs an fvcore ParamScheduler, got {type(scheduler)}")
+        self._param_scheduler = scheduler
+        self._optimizers = list(optimizers) if optimizers is not None else None
+        self._names = list(names) if names is not None else None
+        self._max_iter = max_iter
+        self.schedulers: List[LRMultiplier] = []
+
+    def before_train(self):
+        optimizers = self._optimizers if self._optimizers is not None else list(self.trainer.optimizers)
+        names = self._names or ["lr"] + [f"lr_{i}" for i in range(1, len(optimizers))]
+        if len(names) != len(optimizers):
+            raise ValueError(f"MultiOptimizerLRScheduler: {len(names)} names for {len(optimizers)} optimizers")
+        self._names = names
+        self.schedulers = []
+        for opt in optimizers:
+            for group in opt.param_groups:  # resuming without a loaded optimizer state: current LR is the base
+                group.setdefault("initial_lr", group["lr"])
+            max_iter = self._max_iter if self._max_iter is not None else self.trainer.max_iter
+            self.schedulers.append(LRMultiplier(opt, self._param_scheduler, max_iter,
+                                                last_iter=self.trainer.iter - 1))
+
+    def after_step(self):
+        for name, sched in zip(self._names, self.schedulers):
+            self.trainer.storage.put_scalar(name, sched.optimizer.param_groups[0]["lr"], smoothing_hint=False)
+            sched.step()
+
+
+def build_lgd_hooks(schedule: LGDSchedule) -> List[HookBase]:
+    """The three LGD schedule hooks, LR names "lr" (student) and "lr_teacher"; register them first."""
+    return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters),
+            MultiOptimizerLRScheduler(schedule.lr_multiplier(), names=["lr", "lr_teacher"],
+                                      max_iter=schedule.max_iter)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and trainers
+# ----------------------------------------------------------------------------------------------
+
+def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+                         ) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
+    """(student + adapter, teacher) SGD optimizers, as in the authors' code (LGD_SPEC §8): lr 0.01 for
+    RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16. Frozen parameters stay in the student optimizer: SGD
+    skips them while they have no gradient."""
+    model = _unwrap(model)
+    return tuple(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+                 for params in (model.student_parameters(), model.teacher_parameters()))
+
+
+class LGDTrainer(SimpleTrainer):
+    """SimpleTrainer for an LGDDistiller: sums its loss dict, zeroes and steps both optimizers.
+
+    optimizers: (student, teacher) from build_lgd_optimizers, or any sequence of optimizers.
+    clip_grad_norm: if set, each optimizer's gradients are clipped to this total L2 norm separately.
+    """
+
+    def __init__(self, model: nn.Module, data_loader, optimizers: Sequence[torch.optim.Optimizer],
+                 clip_grad_norm: Optional[float] = None):
+        optimizers = list(optimizers)
+        if not optimizers:
+            raise ValueError("LGDTrainer needs at least one optimizer")
+        super().__init__(model, data_loader, optimizers[0])
+        self.optimizers = optimizers
+        self.clip_grad_norm = clip_grad_norm
+
+    def _next_data(self):
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        return data, time.perf_counter() - start
+
+    def _zero_grad(self):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def _clip(self, opt):
+        if self.clip_grad_norm is None:
+            return
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+
+    def run_step(self):
+        assert self.model.training, "[LGDTrainer] model was changed to eval mode!"
+        data, data_time = self._next_data()
+        loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        self._zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        for opt in self.optimizers:
+            self._clip(opt)
+            opt.step()
+
+    def state_dict(self):
+        ret = super().state_dict()  # "optimizer": the first (student) one
+        ret["optimizers"] = [opt.state_dict() for opt in self.optimizers]
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for opt, sd in zip(self.optimizers, state_dict["optimizers"]):
+            opt.load_state_dict(sd)
+
+
+class LGDAMPTrainer(LGDTrainer):
+    """LGDTrainer with autocast and one GradScaler for both optimizers (detectron2's AMPTrainer, two optimizers).
+
+    device_type / dtype: autocast's ("cuda", float16 by default). grad_scaler: defaults to
+    torch.amp.GradScaler(device_type).
+    """
+
+    def __init__(self, model, data_loader, optimizers, clip_grad_norm=None, grad_scaler=None,
+                 device_type: str = "cuda", dtype: Optional[torch.dtype] = None):
+        super().__init__(model, data_loader, optimizers, clip_grad_norm)
+        self.device_type = device_type
+        self.dtype = dtype
+        self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device_type)
+
+    def run_step(self):
+        assert self.model.training, "[LGDAMPTrainer] model was changed to eval mode!"
+        data, data_time = self._next_data()
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self._zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self._write_metrics(loss_dict, data_time)
+        for opt in self.optimizers:
+            if self.clip_grad_norm is not None:
+                self.grad_scaler.unscale_(opt)
+                self._clip(opt)
+            self.grad_scaler.step(opt)
+        self.grad_scaler.update()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

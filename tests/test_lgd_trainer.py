@@ -1,0 +1,219 @@
+"""LGD training on detectron2's engine (lgd.trainer, LGD_SPEC §8): schedule hooks, two optimizers, LR, resume.
+
+A tiny RetinaNet LGDDistiller (test_lgd_distiller's builder) trained for a few iterations on one synthetic batch
+repeated forever; a recorder hook, registered after the LGD hooks, traces the state seen by each step.
+"""
+import itertools
+
+import pytest
+import torch
+from detectron2.engine import HookBase
+
+from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, LGDAMPTrainer, LGDSchedule, LGDTrainer,
+                         build_lgd_hooks, build_lgd_optimizers, scale_schedule)
+from test_lgd_distiller import make_batch, make_distiller
+
+# distillation from iteration 3, bottom-up frozen for 0-1, LR: warm-up 0.1 -> 1 over 2 iterations, /10 at 3, 5
+SCHEDULE = LGDSchedule(max_iter=6, steps=(3, 5), distill_start_iter=3, backbone_freeze_iters=2,
+                       warmup_iters=2, warmup_factor=0.1)
+EXPECTED_MULTIPLIER = [0.1, 0.55, 1.0, 0.1, 0.1, 0.01]
+LR_STUDENT, LR_TEACHER = 0.01, 0.02
+
+
+def data_loader():
+    return itertools.repeat(make_batch())
+
+
+def groups(model):
+    """name -> list of parameters: bottom-up backbone, FPN (rest of the backbone), teacher."""
+    backbone = model.detector.backbone
+    return {
+        "bottom_up": list(backbone.bottom_up.parameters()),
+        "fpn": [p for n, p in backbone.named_parameters() if not n.startswith("bottom_up.")],
+        "head": list(model.detector.head.parameters()),
+        "teacher": model.teacher_parameters(),
+    }
+
+
+class Recorder(HookBase):
+    """Per step: the model's flags, both LRs, which parameter groups changed, and whether loss_distill's
+    gradient reaches the FPN (wrapping the distillation loss' forward)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.trace = []
+        original = model.distill_loss.forward
+        fpn = groups(model)["fpn"]
+
+        def forward(*args, **kwargs):
+            loss = original(*args, **kwargs)
+            grads = torch.autograd.grad(loss, fpn, retain_graph=True, allow_unused=True)
+            self.current["distill_reaches_fpn"] = any(g is not None and g.abs().sum() > 0 for g in grads)
+            return loss
+
+        model.distill_loss.forward = forward
+
+    def before_step(self):
+        self.before = {k: [p.detach().clone() for p in ps] for k, ps in groups(self.model).items()}
+        self.current = {
+            "iter": self.trainer.iter,
+            "distill_enabled": self.model.distill_enabled,
+            "backbone_frozen": self.model.backbone_frozen,
+            "lr": [opt.param_groups[0]["lr"] for opt in self.trainer.optimizers],
+        }
+
+    def after_step(self):
+        for name, params in groups(self.model).items():
+            self.current[name + "_changed"] = any(
+                not torch.equal(p, q) for p, q in zip(params, self.before[name]))
+        storage = self.trainer.storage
+        self.current["logged"] = {k: storage.history(k).latest() for k in
+                                  ("lgd/distill_enabled", "lgd/backbone_frozen", "loss_distill", "loss_cls_tea")}
+        self.trace.append(self.current)
+
+
+def run(start_iter, max_iter, schedule=SCHEDULE, **trainer_kwargs):
+    model = make_distiller()
+    student, teacher = build_lgd_optimizers(model, lr=LR_STUDENT)
+    for group in teacher.param_groups:
+        group["lr"] = LR_TEACHER
+    trainer = LGDTrainer(model, data_loader(), (student, teacher), **trainer_kwargs)
+    recorder = Recorder(model)
+    trainer.register_hooks(build_lgd_hooks(schedule) + [recorder])
+    trainer.train(start_iter, max_iter)
+    return trainer, recorder.trace
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return run(0, SCHEDULE.max_iter)[1]
+
+
+def test_steps_run_in_order(trace):
+    assert [t["iter"] for t in trace] == list(range(SCHEDULE.max_iter))
+
+
+def test_distillation_switches_on_at_start_iter(trace):
+    for t in trace:
+        on = t["iter"] >= SCHEDULE.distill_start_iter
+        assert t["distill_enabled"] is on, t["iter"]
+        assert t["distill_reaches_fpn"] is on, t["iter"]  # warm-up: student features detached
+        assert t["logged"]["lgd/distill_enabled"] == float(on)
+        assert torch.isfinite(torch.tensor(t["logged"]["loss_distill"]))
+
+
+def test_backbone_frozen_then_trained_fpn_always(trace):
+    for t in trace:
+        frozen = t["iter"] < SCHEDULE.backbone_freeze_iters
+        assert t["backbone_frozen"] is frozen, t["iter"]
+        assert t["logged"]["lgd/backbone_frozen"] == float(frozen)
+        assert t["bottom_up_changed"] is not frozen, t["iter"]
+        assert t["fpn_changed"] and t["head_changed"], t["iter"]
+
+
+def test_both_optimizers_step(trace):
+    assert all(t["teacher_changed"] for t in trace)
+    assert all(t["head_changed"] for t in trace)
+    assert "loss_cls_tea" in trace[0]["logged"]
+
+
+def test_lr_schedule_applies_to_both_optimizers(trace):
+    for t, m in zip(trace, EXPECTED_MULTIPLIER):
+        assert t["lr"] == pytest.approx([LR_STUDENT * m, LR_TEACHER * m], rel=1e-6), t["iter"]
+
+
+@pytest.mark.parametrize("start_iter", [1, 4])
+def test_resume_state_at_first_step(start_iter):
+    """train(start_iter, ...) on a fresh model (distill on, backbone trainable by default): the hooks set the
+    state of iteration start_iter before its step, and the LRs continue the schedule."""
+    _, trace = run(start_iter, start_iter + 1)
+    (t,) = trace
+    assert t["iter"] == start_iter
+    assert t["distill_enabled"] is (start_iter >= SCHEDULE.distill_start_iter)
+    assert t["backbone_frozen"] is (start_iter < SCHEDULE.backbone_freeze_iters)
+    assert t["bottom_up_changed"] is not t["backbone_frozen"]
+    m = EXPECTED_MULTIPLIER[start_iter]
+    assert t["lr"] == pytest.approx([LR_STUDENT * m, LR_TEACHER * m], rel=1e-6)
+
+
+def test_gradient_clipping_per_optimizer_and_state_dict():
+    max_norm = 1e-3
+    trainer, _ = run(2, 3, clip_grad_norm=max_norm)
+    for opt in trainer.optimizers:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        assert grads
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= max_norm * (1 + 1e-4)
+    state = trainer.state_dict()
+    assert state["iteration"] == 3 and len(state["optimizers"]) == 2
+    fresh = LGDTrainer(make_distiller(), data_loader(), build_lgd_optimizers(make_distiller(), lr=0.5))
+    fresh.load_state_dict(state)
+    assert fresh.iter == 3
+    for opt, want in zip(fresh.optimizers, (LR_STUDENT, LR_TEACHER)):
+        assert opt.param_groups[0]["initial_lr"] == want
+        assert opt.state_dict()["state"]  # momentum buffers restored
+
+
+def test_scale_schedule():
+    one_x = scale_schedule(90000)
+    assert (one_x.steps, one_x.distill_start_iter, one_x.backbone_freeze_iters) == ((60000, 80000), 30000, 10000)
+    two_x = scale_schedule(180000, "2x")
+    assert (two_x.steps, two_x.distill_start_iter, two_x.backbone_freeze_iters) == ((120000, 160000), 30000, 20000)
+    short = scale_schedule(900)
+    assert (short.max_iter, short.steps, short.distill_start_iter, short.backbone_freeze_iters,
+            short.warmup_iters) == (900, (600, 800), 300, 100, 10)
+    mult = short.lr_multiplier()
+    assert mult(700 / 900) == pytest.approx(0.1) and mult(850 / 900) == pytest.approx(0.01)
+    assert mult(0.0) == pytest.approx(0.001)
+    with pytest.raises(ValueError):
+        scale_schedule(100, "3x")
+
+
+def test_hooks_state_comes_from_iteration_not_toggles():
+    class Fake:
+        def __init__(self, it):
+            self.iter, self.model = it, make_distiller()
+            self.storage = type("S", (), {"put_scalar": lambda *a, **k: None})()
+
+    for it in (5, 0, 7, 1):  # arbitrary order, as after a resume
+        trainer = Fake(it)
+        for hook in (DistillationSchedule(3), BackboneFreezeSchedule(2)):
+            hook.trainer = trainer
+            hook.before_step()
+        assert trainer.model.distill_enabled is (it >= 3)
+        assert trainer.model.backbone_frozen is (it < 2)
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+])
+def test_amp_trainer_steps_both_optimizers(device, dtype):
+    model = make_distiller().to(device)
+    trainer = LGDAMPTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.01), clip_grad_norm=1.0,
+                            grad_scaler=torch.amp.GradScaler(device), device_type=device, dtype=dtype)
+    before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
+    trainer.train(0, 2)
+    for name, params in groups(model).items():
+        assert any(not torch.equal(p, q) for p, q in zip(params, before[name])), name
+    state = trainer.state_dict()
+    assert len(state["optimizers"]) == 2 and "grad_scaler" in state
+
+
+def test_detection_checkpointer_saves_and_resumes_both_optimizers(tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    trainer, _ = run(1, 3)
+    DetectionCheckpointer(trainer.model, str(tmp_path), trainer=trainer).save("model_0000002")
+    model = make_distiller(seed=1)
+    fresh = LGDTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.5))
+    DetectionCheckpointer(model, str(tmp_path), trainer=fresh).resume_or_load(
+        str(tmp_path / "model_0000002.pth"), resume=True)
+    assert fresh.iter == trainer.iter
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    for got, want in zip(fresh.optimizers, trainer.optimizers):
+        assert [g["lr"] for g in got.param_groups] == [g["lr"] for g in want.param_groups]
+        buffers = [got.state[p]["momentum_buffer"] for p in got.param_groups[0]["params"] if p in got.state]
+        expected = [want.state[p]["momentum_buffer"] for p in want.param_groups[0]["params"] if p in want.state]
+        assert len(buffers) == len(expected) > 0
+        assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
