@@ -85,4 +85,5 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["lgd-train=lgd.train_net:main"]},
 )

@@ -12,7 +12,9 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
 
 LGDDistiller (lgd.distiller) wraps a built detectron2 detector (RetinaNet so far) with all of the above;
-lgd.trainer trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule).
+lgd.trainer trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule);
+lgd.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/; not imported here, so that
+`python -m lgd.train_net` runs cleanly).
 """
 from .appearance_encoder import AppearanceEncoder
 from .distillation_loss import DistillationLoss

@@ -1,0 +1,177 @@
+"""lgd-train end to end (lgd.train_net.main), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
+LGD RetinaNet config shrunk (test_lgd_distiller's ResNet-18/BN/32-channel model, 96 x 128 images, batch 2) by a
+config file that loads it, 4 iterations, checkpoints every 2, COCO evaluation of the student at the end, then
+--resume from the iteration-2 checkpoint and --eval-only."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("pycocotools")
+
+from lgd.train_net import build_schedule, main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
+H, W = 96, 128
+
+TINY_CONFIG = """
+from detectron2.config import LazyCall as L, LazyConfig
+from detectron2.layers import ShapeSpec
+import detectron2.data.transforms as T
+
+_cfg = LazyConfig.load({config!r})
+dataloader, model, optimizer, train, lgd = _cfg.dataloader, _cfg.model, _cfg.optimizer, _cfg.train, _cfg.lgd
+stages = model.backbone.bottom_up.stages
+stages.depth = 18
+del stages.stride_in_1x1  # BasicBlock has no such option
+stages.norm = model.backbone.bottom_up.stem.norm = "BN"
+model.backbone.bottom_up.freeze_at = 0
+model.backbone.out_channels = 32
+model.backbone.top_block.in_channels = 512
+model.head.input_shape = [ShapeSpec(channels=32)] * 5
+model.head.conv_dims = [32, 32]
+model.num_classes = 2
+dataloader.train.mapper.augmentations = [L(T.RandomFlip)(horizontal=True)]
+dataloader.train.total_batch_size = 2
+dataloader.train.num_workers = 0
+dataloader.test.mapper.augmentations = []
+dataloader.test.num_workers = 0
+train.init_checkpoint = ""
+"""
+
+
+def make_dataset(root):
+    """4 PNG images with 1-2 filled rectangles each, 2 categories, a COCO json."""
+    from PIL import Image, ImageDraw
+
+    images_dir = root / "images"
+    images_dir.mkdir()
+    rects = [[(10, 10, 50, 40, 1)], [(60, 20, 120, 80, 2), (5, 50, 40, 90, 1)],
+             [(30, 30, 90, 70, 2)], [(0, 0, 64, 48, 1), (70, 50, 125, 92, 2)]]
+    images, annotations = [], []
+    for i, objs in enumerate(rects):
+        img = Image.new("RGB", (W, H), (40, 40, 40))
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1, cat in objs:
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(220, 30, 30) if cat == 1 else (30, 30, 220))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat,
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        name = f"img{i}.png"
+        img.save(images_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": W, "height": H})
+    ann = root / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations,
+                               "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
+    return str(ann), str(images_dir)
+
+
+def argv(cfg_file, ann, images, out, *extra, max_iter=4):
+    return ["--config-file", cfg_file, "--ops", "reference", "--register-coco", "lgd_test_synth", ann, images,
+            *extra, f"train.output_dir={out}", f"train.max_iter={max_iter}", "train.checkpointer.period=2",
+            "train.eval_period=0", "train.log_period=1", "train.device=cpu",
+            "dataloader.train.dataset.names=lgd_test_synth", "dataloader.test.dataset.names=lgd_test_synth"]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lgd_train_net")
+    ann, images = make_dataset(root)
+    cfg_file = root / "tiny_lgd.py"
+    cfg_file.write_text(TINY_CONFIG.format(config=LGD_CONFIG))
+    return root, str(cfg_file), ann, images
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    root, cfg_file, ann, images = setup
+    out = str(root / "run")
+    results = main(argv(cfg_file, ann, images, out))
+    return out, results
+
+
+def test_train_logs_finite_lgd_losses(trained):
+    out, _ = trained
+    rows = [r for r in read_metrics(out) if "loss_distill" in r]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    for row in rows:
+        for key in ("loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill", "total_loss"):
+            assert math.isfinite(row[key]), (key, row)
+        assert "lr" in row and "lr_teacher" in row
+
+
+def test_checkpoints_written(trained):
+    out, _ = trained
+    for name in ("model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic writes leave no temporaries
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"
+
+
+def test_coco_evaluation_of_student(trained):
+    out, results = trained
+    assert set(results) == {"bbox"}
+    assert {"AP", "AP50", "AP75"} <= set(results["bbox"])
+    assert any("bbox/AP" in r for r in read_metrics(out))
+
+
+def test_resume_from_iteration_2_checkpoint(setup, trained):
+    root, cfg_file, ann, images = setup
+    out = root / "resumed"
+    out.mkdir()
+    shutil.copy(os.path.join(trained[0], "model_0000001.pth"), out / "model_0000001.pth")
+    (out / "last_checkpoint").write_text("model_0000001.pth")
+    results = main(argv(cfg_file, ann, images, str(out), "--resume"))
+    iterations = [r["iteration"] for r in read_metrics(str(out)) if "loss_distill" in r]
+    assert iterations == [2, 3]
+    assert (out / "model_final.pth").is_file() and "bbox" in results
+
+
+def test_eval_only_evaluates_checkpoint(setup, trained):
+    _, cfg_file, ann, images = setup
+    out = trained[0]
+    results = main(argv(cfg_file, ann, images, out, "--eval-only",
+                        f"train.init_checkpoint={os.path.join(out, 'model_final.pth')}"))
+    assert "AP" in results["bbox"]
+
+
+def test_schedule_rule():
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(LGD_CONFIG)
+    full = build_schedule(cfg)
+    assert (full.max_iter, full.steps, full.distill_start_iter, full.backbone_freeze_iters) == (
+        90000, (60000, 80000), 30000, 10000)
+    cfg.train.max_iter = 900
+    short = build_schedule(cfg)
+    assert (short.steps, short.distill_start_iter, short.backbone_freeze_iters, short.warmup_iters) == (
+        (600, 800), 300, 100, 10)
+    cfg2 = LazyConfig.load(LGD_CONFIG.replace("1x", "2x"))
+    two = build_schedule(cfg2)
+    assert (two.max_iter, two.steps, two.distill_start_iter, two.backbone_freeze_iters) == (
+        180000, (120000, 160000), 30000, 20000)
+
+
+def test_atomic_checkpointer_loads_plain_student_checkpoint(tmp_path):
+    import torch
+
+    from lgd.train_net import AtomicCheckpointer
+    from test_lgd_distiller import make_distiller
+
+    src, dst = make_distiller(seed=0), make_distiller(seed=1)
+    torch.save({"model": src.detector.state_dict()}, tmp_path / "student.pth")  # stock detectron2 keys
+    AtomicCheckpointer(dst, str(tmp_path)).load(str(tmp_path / "student.pth"))
+    for name, value in src.detector.state_dict().items():
+        assert torch.equal(dst.detector.state_dict()[name], value), name
+    AtomicCheckpointer(dst, str(tmp_path)).save("full")
+    assert sorted(os.listdir(tmp_path)) == ["full.pth", "last_checkpoint", "student.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "full.pth"
+    assert any(k.startswith("teacher.") for k in torch.load(tmp_path / "full.pth")["model"])
