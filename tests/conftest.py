@@ -450,3 +450,21 @@ def raw_op(name, backend):
         importlib.import_module("lgd_ops.triton")  # registers the *_triton ops
         return getattr(torch.ops.lgd_ops, f"{name}_triton")
     return getattr(torch.ops.lgd_ops, name)
+
+
+def shrink_retinanet_config(model, num_classes):
+    """Shrinks a model-zoo RetinaNet LazyConfig `model` in place for CPU tests: ResNet-18 with BN (no
+    weights, so no FrozenBN), a 32-channel FPN and head, `num_classes` classes."""
+    from detectron2.layers import ShapeSpec
+
+    stages = model.backbone.bottom_up.stages
+    stages.depth = 18
+    del stages.stride_in_1x1  # BasicBlock has no such option
+    stages.norm = model.backbone.bottom_up.stem.norm = "BN"
+    model.backbone.bottom_up.freeze_at = 0
+    model.backbone.out_channels = 32
+    model.backbone.top_block.in_channels = 512
+    model.head.input_shape = [ShapeSpec(channels=32)] * 5
+    model.head.conv_dims = [32, 32]
+    model.num_classes = num_classes
+    return model

@@ -9,11 +9,11 @@ import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.config import instantiate
-from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
+from conftest import shrink_retinanet_config
 from lgd import LGDDistiller, LGDTeacher
 from lgd.distiller import TEACHER_SUFFIX
 
@@ -24,17 +24,7 @@ ALL_KEYS = DET_KEYS | {k + TEACHER_SUFFIX for k in DET_KEYS} | {"loss_distill"}
 
 
 def tiny_retinanet(seed=0):
-    cfg = model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model
-    stages = cfg.backbone.bottom_up.stages
-    stages.depth = 18
-    del stages.stride_in_1x1  # BasicBlock has no such option
-    stages.norm = cfg.backbone.bottom_up.stem.norm = "BN"
-    cfg.backbone.bottom_up.freeze_at = 0
-    cfg.backbone.out_channels = 32
-    cfg.backbone.top_block.in_channels = 512
-    cfg.head.input_shape = [ShapeSpec(channels=32)] * 5
-    cfg.head.conv_dims = [32, 32]
-    cfg.num_classes = NUM_CLASSES
+    cfg = shrink_retinanet_config(model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model, NUM_CLASSES)
     torch.manual_seed(seed)
     return instantiate(cfg)
 

@@ -19,21 +19,12 @@ H, W = 96, 128
 
 TINY_CONFIG = """
 from detectron2.config import LazyCall as L, LazyConfig
-from detectron2.layers import ShapeSpec
 import detectron2.data.transforms as T
+from conftest import shrink_retinanet_config
 
 _cfg = LazyConfig.load({config!r})
 dataloader, model, optimizer, train, lgd = _cfg.dataloader, _cfg.model, _cfg.optimizer, _cfg.train, _cfg.lgd
-stages = model.backbone.bottom_up.stages
-stages.depth = 18
-del stages.stride_in_1x1  # BasicBlock has no such option
-stages.norm = model.backbone.bottom_up.stem.norm = "BN"
-model.backbone.bottom_up.freeze_at = 0
-model.backbone.out_channels = 32
-model.backbone.top_block.in_channels = 512
-model.head.input_shape = [ShapeSpec(channels=32)] * 5
-model.head.conv_dims = [32, 32]
-model.num_classes = 2
+shrink_retinanet_config(model, num_classes=2)
 dataloader.train.mapper.augmentations = [L(T.RandomFlip)(horizontal=True)]
 dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 0
