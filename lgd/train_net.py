@@ -188,7 +188,8 @@ def worker(args):
         return do_test(cfg, model.detector.eval())
 
     optimizers = build_lgd_optimizers(model, lr=float(cfg.optimizer.lr), momentum=float(cfg.optimizer.momentum),
-                                      weight_decay=float(cfg.optimizer.weight_decay))
+                                      weight_decay=float(cfg.optimizer.weight_decay),
+                                      weight_decay_norm=float(cfg.optimizer.params.get("weight_decay_norm", 0.0)))
     teacher_lr = cfg.lgd.get("teacher_lr", None)
     if teacher_lr is not None:
         for group in optimizers[1].param_groups:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
 
 __all__ = [
@@ -184,14 +185,20 @@ def build_lgd_hooks(schedule: LGDSchedule) -> List[HookBase]:
 # Optimizers and trainers
 # ----------------------------------------------------------------------------------------------
 
-def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
-                         ) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
+def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                         weight_decay_norm: float = 0.0) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
     """(student + adapter, teacher) SGD optimizers, as in the authors' code (LGD_SPEC §8): lr 0.01 for
-    RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16. Frozen parameters stay in the student optimizer: SGD
-    skips them while they have no gradient."""
+    RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16. Parameter groups come from detectron2's
+    get_default_optimizer_params, so norm layers get `weight_decay_norm` (0, detectron2's default) as in
+    the stock configs. Build them before any freezing: parameters with requires_grad=False are left out,
+    while parameters frozen later stay in and SGD skips them while they have no gradient."""
     model = _unwrap(model)
-    return tuple(torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-                 for params in (model.student_parameters(), model.teacher_parameters()))
+    student = nn.ModuleList([model.detector, model.distill_loss])
+    return tuple(
+        torch.optim.SGD(get_default_optimizer_params(part, base_lr=lr, weight_decay=weight_decay,
+                                                     weight_decay_norm=weight_decay_norm),
+                        lr=lr, momentum=momentum)
+        for part in (student, model.teacher))
 
 
 class LGDTrainer(SimpleTrainer):

@@ -217,3 +217,16 @@ def test_detection_checkpointer_saves_and_resumes_both_optimizers(tmp_path):
         expected = [want.state[p]["momentum_buffer"] for p in want.param_groups[0]["params"] if p in want.state]
         assert len(buffers) == len(expected) > 0
         assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
+
+
+def test_optimizers_cover_every_parameter_once_without_decay_on_norms():
+    model = make_distiller()
+    student, teacher = build_lgd_optimizers(model, lr=0.01, weight_decay=1e-4)
+    decay = {id(p): g["weight_decay"] for opt in (student, teacher) for g in opt.param_groups for p in g["params"]}
+    assert sorted(decay) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
+    assert sum(len(g["params"]) for opt in (student, teacher) for g in opt.param_groups) == len(decay)
+    assert {id(p) for g in teacher.param_groups for p in g["params"]} == {id(p) for p in model.teacher.parameters()}
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    assert norm_params and all(decay[i] == 0.0 for i in norm_params)
+    assert all(decay[id(p)] == 1e-4 for p in model.parameters() if id(p) not in norm_params)
