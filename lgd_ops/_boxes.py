@@ -1,6 +1,7 @@
-"""Dense box masks on a level grid (LGD_SPEC §1), the way the authors' code builds them.
+"""Dense box masks on a level grid (LGD_SPEC §1) and pooling / filling with dense masks, the way the
+authors' code does it.
 
-Only the reference ops use these; the kernels compute the same cell ranges in
+Only the reference ops and the mask ops use these; the kernels compute the same cell ranges in
 csrc/common/box_math.h without ever materialising a mask.
 """
 import torch
@@ -23,3 +24,22 @@ def box_masks(boxes, image_size, height, width):
     in_y = (rows >= (y1 * ry)[:, None]) & (rows <= (y2 * ry)[:, None])
     mask = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]
     return mask.reshape(b.shape[0], height * width)
+
+
+def pool_with_masks(features, masks, batch_idx, average):
+    """[N, C]: masks [N, H*W] (features' dtype) times each object's image map; the mean if average."""
+    n_img, channels, height, width = features.shape
+    flat = features.reshape(n_img, channels, height * width)
+    out = features.new_zeros(masks.shape[0], channels)
+    for b in range(n_img):
+        out = torch.where((batch_idx == b)[:, None], masks @ flat[b].T, out)
+    return out / masks.sum(1, keepdim=True).clamp(min=1) if average else out
+
+
+def fill_with_masks(values, masks, batch_idx, output_size, average):
+    """[B, C, H, W]: each image's map is its values^T times its masks [N, H*W]; values / count if average."""
+    n_img, height, width = output_size
+    if average:
+        values = values / masks.sum(1, keepdim=True).clamp(min=1)
+    maps = [values.T @ (masks * (batch_idx == b)[:, None]) for b in range(n_img)]
+    return torch.stack(maps).reshape(n_img, values.shape[1], height, width)

@@ -5,7 +5,7 @@ Kernels: csrc/box_fill/ (torch.ops.lgd_ops.box_fill); its backward is box_pool w
 import torch
 
 from ._backend import HAS_EXTENSION, resolve
-from ._boxes import box_masks
+from ._boxes import box_masks, fill_with_masks
 from ._checks import check_boxes, check_size, check_tensor
 
 
@@ -33,12 +33,8 @@ def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, backend="
 
 def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, average=False):
     """Dense masks [N, H*W]: each image's map is its embeddings^T times its masks."""
-    n_img, height, width = output_size
-    masks = box_masks(boxes, image_size, height, width).to(embeddings.dtype)
-    if average:
-        embeddings = embeddings / masks.sum(1, keepdim=True).clamp(min=1)
-    maps = [embeddings.T @ (masks * (batch_idx == b)[:, None]) for b in range(n_img)]
-    return torch.stack(maps).reshape(n_img, embeddings.shape[1], height, width)
+    masks = box_masks(boxes, image_size, output_size[1], output_size[2]).to(embeddings.dtype)
+    return fill_with_masks(embeddings, masks, batch_idx, output_size, average)
 
 
 def register_autograd(op, adjoint):

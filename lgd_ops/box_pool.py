@@ -6,7 +6,7 @@ its backward is box_fill with average=True, its adjoint.
 import torch
 
 from ._backend import HAS_EXTENSION, resolve
-from ._boxes import box_masks
+from ._boxes import box_masks, pool_with_masks
 from ._checks import check_boxes, check_tensor
 
 
@@ -28,15 +28,8 @@ def box_pool(features, boxes, batch_idx, image_size, *, backend="auto"):
 
 def reference_box_pool(features, boxes, batch_idx, image_size, average=True):
     """Dense masks [N, H*W] times the flattened map, image by image (the authors' formulation)."""
-    n_img, channels, height, width = features.shape
-    masks = box_masks(boxes, image_size, height, width).to(features.dtype)
-    flat = features.reshape(n_img, channels, height * width)
-    out = features.new_zeros(boxes.shape[0], channels)
-    for b in range(n_img):
-        out = torch.where((batch_idx == b)[:, None], masks @ flat[b].T, out)
-    if average:
-        out = out / masks.sum(1, keepdim=True).clamp(min=1)
-    return out
+    masks = box_masks(boxes, image_size, features.shape[2], features.shape[3]).to(features.dtype)
+    return pool_with_masks(features, masks, batch_idx, average)
 
 
 def register_autograd(op, adjoint):

@@ -6,6 +6,7 @@ Reference implementations only: the masks are dense by nature.
 import torch
 import torch.nn.functional as F
 
+from ._boxes import fill_with_masks, pool_with_masks
 from ._checks import check_same_device, check_size, check_tensor
 
 
@@ -29,13 +30,9 @@ def _level_masks(op, masks, batch_idx, num_images, height, width, like, like_nam
 def mask_pool(features, masks, batch_idx):
     """Mean of `features` [B, C, H, W] over each object's mask pixels -> [N, C] (zero for an empty mask)."""
     check_tensor("mask_pool", "features", features, dim=4, floating=True)
-    n_img, channels, height, width = features.shape
+    n_img, _, height, width = features.shape
     m = _level_masks("mask_pool", masks, batch_idx, n_img, height, width, features, "features")
-    flat = features.reshape(n_img, channels, height * width)
-    out = features.new_zeros(m.shape[0], channels)
-    for b in range(n_img):
-        out = torch.where((batch_idx == b)[:, None], m @ flat[b].T, out)
-    return out / m.sum(1, keepdim=True).clamp(min=1)
+    return pool_with_masks(features, m, batch_idx, average=True)
 
 
 def mask_fill(embeddings, masks, batch_idx, output_size):
@@ -45,5 +42,4 @@ def mask_fill(embeddings, masks, batch_idx, output_size):
     m = _level_masks("mask_fill", masks, batch_idx, n_img, height, width, embeddings, "embeddings")
     if embeddings.shape[0] != m.shape[0]:
         raise ValueError(f"mask_fill: embeddings must have one row per mask ({m.shape[0]}), got {embeddings.shape[0]}")
-    maps = [embeddings.T @ (m * (batch_idx == b)[:, None]) for b in range(n_img)]
-    return torch.stack(maps).reshape(n_img, embeddings.shape[1], height, width)
+    return fill_with_masks(embeddings, m, batch_idx, (n_img, height, width), average=False)
