@@ -45,6 +45,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
 from .distiller import LGDDistiller
+from .op_report import OpReport
 from .trainer import LGDAMPTrainer, LGDSchedule, LGDTrainer, build_lgd_hooks, build_lgd_optimizers
 
 __all__ = ["AtomicCheckpointer", "build_parser", "build_schedule", "do_test", "main"]
@@ -220,6 +221,7 @@ def worker(args):
 
     trainer.register_hooks(build_lgd_hooks(schedule) + [
         hooks.IterationTimer(),
+        OpReport(int(cfg.lgd.get("op_report_period", 1000))),  # lgd/op_report.py; after the timer: not in `time`
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
         hooks.EvalHook(cfg.train.eval_period, test_and_keep),
         hooks.PeriodicWriter([CommonMetricPrinter(schedule.max_iter),

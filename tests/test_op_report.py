@@ -1,0 +1,58 @@
+"""lgd.op_report.OpReport: a short tiny training run (test_lgd_distiller's RetinaNet, CPU) logs the op-report
+scalars on report iterations only, through detectron2's JSONWriter; period 0 logs nothing. Times are not asserted."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from detectron2.engine import hooks
+from detectron2.utils.events import JSONWriter
+
+import lgd_ops
+from lgd.op_report import OPS, OpReport, time_lgd_ops
+from lgd.trainer import LGDTrainer, build_lgd_optimizers
+from test_lgd_distiller import make_batch, make_distiller
+
+KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup")} | {
+    "op_report/lgd_fwd_ms", "op_report/step_ms", "op_report/lgd_fwd_share"}
+
+
+def train(tmp_path, period, max_iter=3):
+    backend = "cpu" if "cpu" in lgd_ops.available_backends() else "reference"
+    model = make_distiller(backend=backend)
+    trainer = LGDTrainer(model, itertools.repeat(make_batch()), build_lgd_optimizers(model, lr=0.001))
+    trainer.register_hooks([OpReport(period=period, repeats=1),
+                            hooks.PeriodicWriter([JSONWriter(str(tmp_path / "metrics.json"))], period=1)])
+    trainer.train(0, max_iter)
+    with open(tmp_path / "metrics.json") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_report_iterations_log_the_scalars(tmp_path):
+    rows = train(tmp_path, period=2)
+    reported = [r["iteration"] for r in rows if KEYS <= set(r)]
+    assert reported == [1]  # (iter + 1) % period == 0
+    row = next(r for r in rows if r["iteration"] == 1)
+    assert all(math.isfinite(row[k]) and row[k] >= 0 for k in KEYS)
+    assert 0 < row["op_report/lgd_fwd_share"] < 1
+    assert not any(k.startswith("op_report/") for r in rows if r["iteration"] != 1 for k in r)
+
+
+def test_period_zero_disables(tmp_path):
+    rows = train(tmp_path, period=0, max_iter=1)
+    assert rows and not any(k.startswith("op_report/") for r in rows for k in r)
+
+
+def test_time_lgd_ops_reference_and_bad_input():
+    levels = [torch.randn(2, 4, 8, 10), torch.randn(2, 4, 4, 5)]
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 20.0], [10.0, 5.0, 60.0, 50.0]])
+    report = time_lgd_ops(levels, boxes, torch.tensor([0, 1]), (64, 80), backend="reference", repeats=1)
+    assert set(report) == set(OPS)
+    assert all(r["backend"] == "reference" and r["speedup"] == 1.0 for r in report.values())
+    with pytest.raises(ValueError, match="levels"):
+        time_lgd_ops([], boxes, torch.tensor([0, 1]), (64, 80))
+    with pytest.raises(ValueError, match="repeats"):
+        OpReport(period=10, repeats=0)
+    with pytest.raises(ValueError, match="period"):
+        OpReport(period=-1)
