@@ -452,9 +452,10 @@ def raw_op(name, backend):
     return getattr(torch.ops.lgd_ops, name)
 
 
-def shrink_retinanet_config(model, num_classes):
-    """Shrinks a model-zoo RetinaNet LazyConfig `model` in place for CPU tests: ResNet-18 with BN (no
-    weights, so no FrozenBN), a 32-channel FPN and head, `num_classes` classes."""
+def shrink_detector_config(model, num_classes):
+    """Shrinks a model-zoo LazyConfig `model` (RetinaNet, FCOS, Faster/Mask R-CNN) in place for CPU tests:
+    ResNet-18 with BN (no weights, so no FrozenBN), a 32-channel FPN and heads, small ROI heads and
+    samples, `num_classes` classes."""
     from detectron2.layers import ShapeSpec
 
     stages = model.backbone.bottom_up.stages
@@ -463,8 +464,24 @@ def shrink_retinanet_config(model, num_classes):
     stages.norm = model.backbone.bottom_up.stem.norm = "BN"
     model.backbone.bottom_up.freeze_at = 0
     model.backbone.out_channels = 32
-    model.backbone.top_block.in_channels = 512
-    model.head.input_shape = [ShapeSpec(channels=32)] * 5
-    model.head.conv_dims = [32, 32]
-    model.num_classes = num_classes
+    if "head" in model:  # RetinaNet / FCOS
+        top = model.backbone.top_block
+        top.in_channels = 32 if top.get("in_feature") == "p5" else 512  # FCOS builds P6 from P5, RetinaNet from C5
+        model.head.input_shape = [ShapeSpec(channels=32)] * 5
+        model.head.conv_dims = [32, 32]
+        model.num_classes = num_classes
+        return model
+    rpn, heads = model.proposal_generator, model.roi_heads
+    rpn.head.in_channels = 32
+    rpn.batch_size_per_image, rpn.pre_nms_topk, rpn.post_nms_topk = 64, (200, 100), (100, 100)
+    heads.num_classes, heads.batch_size_per_image = num_classes, 64
+    heads.box_head.input_shape = ShapeSpec(channels=32, height=7, width=7)
+    heads.box_head.fc_dims = [64, 64]
+    heads.box_predictor.input_shape = ShapeSpec(channels=64)
+    if heads.get("mask_head") is not None:
+        heads.mask_head.input_shape = ShapeSpec(channels=32, width=14, height=14)
+        heads.mask_head.conv_dims = [32, 32]
     return model
+
+
+shrink_retinanet_config = shrink_detector_config  # the name the RetinaNet tests use
