@@ -83,7 +83,10 @@ def register_coco_by_path(spec, metadata=None):
 
 def register_voc_by_path(name, dirname, split, year=2007, class_names=VOC_CLASS_NAMES):
     """Register a Pascal VOC-layout folder (Annotations/, ImageSets/Main/<split>.txt, JPEGImages/) under ``name``
-    with detectron2's register_pascal_voc (evaluator_type "pascal_voc"); idempotent. Returns ``name``."""
+    with detectron2's register_pascal_voc (evaluator_type "pascal_voc"); idempotent. Returns ``name``.
+
+    Note: detectron2 v0.6's loader fails on a split file listing a single image id (np.loadtxt gives a 0-d array).
+    """
     dirname = _existing(dirname, "directory", "dirname")
     _existing(dirname / "ImageSets" / "Main" / f"{split}.txt", "file", "split")
     if year not in (2007, 2012):
