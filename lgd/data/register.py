@@ -93,4 +93,5 @@ def register_voc_by_path(name, dirname, split, year=2007, class_names=VOC_CLASS_
         raise ValueError(f"year must be 2007 or 2012 (selects the VOC evaluation protocol), got {year!r}")
     if not _already_registered(name, dirname=str(dirname), split=split, year=year):
         register_pascal_voc(name, str(dirname), split, year, list(class_names))
+        MetadataCatalog.get(name).evaluator_type = "pascal_voc"  # as detectron2's builtin VOC splits have
     return name
