@@ -1,10 +1,12 @@
-"""lgd-train: end-to-end LGD training / evaluation of a detectron2 RetinaNet (LGD_SPEC §8), LazyConfig based.
+"""lgd-train / lgd-eval: end-to-end LGD (or baseline) training and evaluation of a detectron2 detector
+(LGD_SPEC §8), LazyConfig based.
 
     lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops fused|reference]
               [--resume] [--eval-only] [--register-coco NAME JSON IMAGE_ROOT ...] [key=value ...]
+    lgd-eval  --config-file CFG --checkpoint PATH [--register-coco NAME JSON IMAGE_ROOT ...] [key=value ...]
 
-(also `python -m lgd.train_net ...`). Options are detectron2's default_argument_parser's (--num-machines,
---machine-rank, --dist-url as well) plus:
+(also `python -m lgd.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
+default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) plus:
   --ops fused|reference   lgd_ops backend: "fused" = "auto" (compiled kernels when built), "reference" = pure
                           PyTorch. Default: the config's lgd.backend.
   --register-coco NAME JSON IMAGE_ROOT   register a COCO-format dataset (detectron2's register_coco_instances)
@@ -14,12 +16,22 @@
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
-What it does: model = LGDDistiller(instantiate(cfg.model)), two SGD optimizers (student + adapter at
+What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), two SGD optimizers (student + adapter at
 optimizer.lr, teacher at lgd.teacher_lr), LGDTrainer (LGDAMPTrainer when train.amp.enabled), hooks:
-the LGD schedule hooks, IterationTimer, PeriodicCheckpointer (atomic writes), EvalHook (COCO evaluation of the
-STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter with ETA,
-JSONWriter to OUTPUT/metrics.json). --resume continues from OUTPUT/last_checkpoint; --eval-only evaluates the
-student of train.init_checkpoint (or, with --resume, of the last checkpoint) and returns the results.
+IterationSeed, the LGD schedule hooks, IterationTimer, PeriodicCheckpointer (atomic writes), EvalHook (COCO
+evaluation of the STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter
+with ETA, JSONWriter to OUTPUT/metrics.json, TensorboardXWriter to OUTPUT). --resume continues from
+OUTPUT/last_checkpoint; --eval-only evaluates the student of train.init_checkpoint (or, with --resume, of the
+last checkpoint) and returns the results. With --num-gpus N and no CUDA, N CPU processes train with gloo.
+
+Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
+the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
+backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
+
+Python API (for benchmarks / demos): load_config(path, overrides) -> cfg; build_model(cfg, lgd_enabled=None,
+backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None, backend=None,
+resume=False, extra_hooks=()) -> the last evaluation results ({} without evaluator); evaluate(cfg, checkpoint)
+-> COCO results of the student of any checkpoint. lgd_enabled=None means the config's lgd.enabled (default True).
 
 Schedule rule (build_schedule): the lgd.* iteration counts (steps, warmup_iters, distill_start_iter,
 backbone_freeze_iters) are written for lgd.max_iter iterations (90k for 1x). If train.max_iter == lgd.max_iter
@@ -27,85 +39,46 @@ they are used as written; otherwise each is scaled by train.max_iter / lgd.max_i
 lgd.trainer.scale_schedule; LR steps kept strictly inside (0, max_iter)), so a short run keeps the proportions
 of the paper's schedule. cfg.lr_multiplier is not used.
 
-Checkpoints: `model` holds the whole LGDDistiller (student under `detector.`); train.init_checkpoint may also
-be a plain detectron2 checkpoint of the student (keys without `detector.`) or detectron2://... ImageNet weights.
+Exact resume: the training images come from ResumableTrainingSampler (detectron2's TrainingSampler stream,
+continued at iteration * total_batch_size on resume) and IterationSeed reseeds every step, both from
+train.seed (0 when unset or negative: unlike detectron2, the data order is fixed by default), so a run
+stopped and resumed sees the same batches and losses as an uninterrupted one. Exact for num_workers=0 and
+images of one aspect-ratio group (or aspect_ratio_grouping=False): worker processes draw augmentations from
+their own RNG streams, and aspect-ratio grouping keeps a partial batch that a checkpoint does not hold.
+A dataloader.train that is not detectron2's build_detection_train_loader is used as is (not exact).
+
+Checkpoints: `model` holds the whole LGDDistiller (student under `detector.`) or, in baseline mode, the plain
+detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (lgd.checkpoint), or
+detectron2://... ImageNet weights. lgd-export (lgd.export) writes the student as a stock detectron2 checkpoint.
 """
+import argparse
 import dataclasses
 import logging
 import os
 import tempfile
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import default_argument_parser, default_setup, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.logger import setup_logger
 
+from .checkpoint import AtomicCheckpointer
 from .distiller import LGDDistiller
-from .op_report import OpReport
-from .trainer import LGDAMPTrainer, LGDSchedule, LGDTrainer, build_lgd_hooks, build_lgd_optimizers
+from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, ResumableTrainingSampler,
+                      build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
-__all__ = ["AtomicCheckpointer", "build_parser", "build_schedule", "do_test", "main"]
+__all__ = ["AtomicCheckpointer", "build_model", "build_parser", "build_schedule", "build_train_loader", "do_test",
+           "eval_main", "evaluate", "launch_cpu", "load_config", "main", "train"]
 
 logger = logging.getLogger("lgd.train_net")
 OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
-
-
-class AtomicCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer whose files are written atomically: fvcore's Checkpointer.save writes the target
-    file in place (PathManager.open(path, "wb")), so a crash mid-write leaves a truncated checkpoint that
-    last_checkpoint points to. Here local files go to a temporary file in the same directory, then os.replace.
-    Also loads plain detectron2 student checkpoints (no `detector.` prefix) into model.detector."""
-
-    def _atomic_write(self, path, write):
-        directory = os.path.dirname(path) or "."
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    def _is_local(self):
-        return "://" not in str(self.save_dir)
-
-    def save(self, name, **kwargs):
-        if not self.save_dir or not self.save_to_disk:
-            return
-        if not self._is_local():
-            return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to {}".format(save_file))
-        self._atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename):
-        if not self._is_local():
-            return super().tag_last_checkpoint(last_filename_basename)
-        self._atomic_write(os.path.join(self.save_dir, "last_checkpoint"),
-                           lambda f: f.write(last_filename_basename.encode()))
-
-    def _load_file(self, filename):
-        loaded = super()._load_file(filename)
-        state = loaded.get("model")
-        if (isinstance(self.model, LGDDistiller) and isinstance(state, dict) and state
-                and not loaded.get("matching_heuristics", False)
-                and not any(k.startswith(("detector.", "teacher.", "distill_loss.")) for k in state)):
-            loaded["model"] = {"detector." + k: v for k, v in state.items()}  # a plain student checkpoint
-        return loaded
 
 
 def build_parser():
@@ -139,14 +112,20 @@ def build_schedule(cfg) -> LGDSchedule:
 
 
 def do_test(cfg, detector):
-    """COCO evaluation (cfg.dataloader.evaluator) of the student detector on cfg.dataloader.test."""
-    if "evaluator" not in cfg.dataloader:
+    """COCO evaluation (cfg.dataloader.evaluator) of the student detector on cfg.dataloader.test;
+    {} when the config has no evaluator (or dataloader.evaluator=None)."""
+    if cfg.dataloader.get("evaluator") is None:
         return {}
     evaluator = instantiate(cfg.dataloader.evaluator)
     results = inference_on_dataset(detector, instantiate(cfg.dataloader.test), evaluator)
     if comm.is_main_process() and results:
         print_csv_format(results)
     return results
+
+
+def load_config(config_file, overrides=()):
+    """LazyConfig.load(config_file) with `key=value` overrides applied."""
+    return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
 
 
 def _device(cfg):
@@ -157,81 +136,170 @@ def _device(cfg):
     return device
 
 
-def _build_model(cfg, args, device):
-    backend = OPS_BACKENDS[args.ops] if args.ops else str(cfg.lgd.get("backend", "auto"))
+def _lgd_enabled(cfg, lgd_enabled):
+    return bool(cfg.lgd.get("enabled", True)) if lgd_enabled is None else bool(lgd_enabled)
+
+
+def _data_seed(cfg):
+    seed = int(cfg.train.get("seed", -1))
+    return seed if seed >= 0 else 0
+
+
+def build_model(cfg, lgd_enabled=None, backend=None):
+    """LGDDistiller(instantiate(cfg.model)) (lgd_enabled, default cfg.lgd.enabled) or the plain detector
+    (baseline), on train.device. backend: lgd_ops backend, default the config's lgd.backend."""
     detector = instantiate(cfg.model)
-    model = LGDDistiller(detector, backend=backend, distill_weight=float(cfg.lgd.get("distill_weight", 1.0)))
-    return model.to(device)
+    if _lgd_enabled(cfg, lgd_enabled):
+        backend = backend if backend is not None else str(cfg.lgd.get("backend", "auto"))
+        detector = LGDDistiller(detector, backend=backend, distill_weight=float(cfg.lgd.get("distill_weight", 1.0)))
+    return detector.to(_device(cfg))
 
 
-def _register_datasets(args):
+def build_optimizers(cfg, model):
+    """(student + adapter, teacher) SGDs for an LGDDistiller (teacher LR: lgd.teacher_lr), (SGD,) for a
+    plain detector; optimizer.lr / momentum / weight_decay / params.weight_decay_norm."""
+    opt = cfg.optimizer
+    kwargs = dict(lr=float(opt.lr), momentum=float(opt.momentum), weight_decay=float(opt.weight_decay),
+                  weight_decay_norm=float(opt.get("params", {}).get("weight_decay_norm", 0.0)))
+    if not isinstance(model, LGDDistiller):
+        return (build_sgd(model, **kwargs),)
+    optimizers = build_lgd_optimizers(model, **kwargs)
+    teacher_lr = cfg.lgd.get("teacher_lr", None)
+    if teacher_lr is not None:
+        for group in optimizers[1].param_groups:
+            group["lr"] = float(teacher_lr)
+    return optimizers
+
+
+def build_train_loader(cfg, start_iter=0):
+    """cfg.dataloader.train, with a ResumableTrainingSampler (seed: train.seed, or 0) that starts at
+    start_iter * total_batch_size when it is detectron2's build_detection_train_loader (module docstring)."""
+    loader_cfg = cfg.dataloader.train
+    if loader_cfg.get("_target_") is not build_detection_train_loader or loader_cfg.get("sampler") is not None:
+        logger.warning("lgd-train: dataloader.train is not a plain build_detection_train_loader; "
+                       "a resumed run will not see the same data order")
+        return instantiate(loader_cfg)
+    kwargs = {k: instantiate(loader_cfg[k]) for k in loader_cfg if k != "_target_"}
+    batch = int(kwargs["total_batch_size"])
+    kwargs["sampler"] = ResumableTrainingSampler(len(kwargs["dataset"]), seed=_data_seed(cfg), start=start_iter * batch)
+    return build_detection_train_loader(**kwargs)
+
+
+def _ddp_kwargs(cfg, device):
+    # backbone freezing toggles requires_grad after DDP is built: DDP must tolerate unused parameters
+    kwargs = dict(cfg.train.get("ddp", {}))
+    kwargs["find_unused_parameters"] = True
+    if device == "cpu":
+        kwargs["device_ids"] = None  # a CPU module takes no device ids
+    return kwargs
+
+
+def _build_trainer(cfg, model, loader, optimizers, device):
+    clip = cfg.lgd.get("clip_grad_norm", None)
+    if not cfg.train.amp.enabled:
+        return LGDTrainer(model, loader, optimizers, clip_grad_norm=clip)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return LGDAMPTrainer(model, loader, optimizers, clip_grad_norm=clip,
+                         grad_scaler=torch.amp.GradScaler(device_type), device_type=device_type,
+                         dtype=None if device_type == "cuda" else torch.bfloat16)
+
+
+def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
+    """Trains cfg (LGD, or the baseline with lgd_enabled=False; module docstring) from train.init_checkpoint,
+    or from OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks are registered after the
+    built-in ones. Returns the last evaluation results ({} without evaluator; on the main process)."""
+    device = _device(cfg)
+    model = build_model(cfg, lgd_enabled, backend)
+    logger.info("Model:\n%s", model)
+    output_dir = cfg.train.output_dir
+    # weights first, so that the data loader can start where the checkpoint stopped
+    initial = AtomicCheckpointer(model, output_dir)
+    resumed = resume and initial.has_checkpoint()
+    loaded = initial.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    trainer_state = loaded.get("trainer") if resumed else None
+    start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
+
+    optimizers = build_optimizers(cfg, model)
+    trainer = _build_trainer(cfg, create_ddp_model(model, **_ddp_kwargs(cfg, device)),
+                             build_train_loader(cfg, start_iter), optimizers, device)
+    if trainer_state:
+        trainer.load_state_dict(trainer_state)
+
+    schedule = build_schedule(cfg)
+    logger.info("Schedule: %s", schedule)
+    checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer)
+    results = {}
+    detector = model.detector if isinstance(model, LGDDistiller) else model
+
+    def test_and_keep():
+        results.clear()
+        results.update(do_test(cfg, detector))
+        return results
+
+    main = comm.is_main_process()
+    writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+               TensorboardXWriter(output_dir)] if main else []
+    lgd_hooks = build_lgd_hooks(schedule, lgd_enabled=isinstance(model, LGDDistiller))
+    trainer.register_hooks([IterationSeed(_data_seed(cfg))] + lgd_hooks + [
+        hooks.IterationTimer(),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+        hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+        hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
+    ] + list(extra_hooks))
+    trainer.train(start_iter, schedule.max_iter)
+    return results
+
+
+def evaluate(cfg, checkpoint):
+    """COCO evaluation (do_test) of the student detector instantiate(cfg.model) with the weights of
+    `checkpoint`: an LGD checkpoint (its student) or a plain detectron2 one."""
+    if not checkpoint:
+        raise ValueError("evaluate: checkpoint must name a checkpoint file, got an empty path")
+    detector = instantiate(cfg.model).to(_device(cfg))
+    AtomicCheckpointer(detector).load(checkpoint)
+    return do_test(cfg, detector.eval())
+
+
+def _register_datasets(register_coco):
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    for name, json_file, image_root in args.register_coco:
+    for name, json_file, image_root in register_coco:
         if name not in DatasetCatalog.list():
             register_coco_instances(name, {}, json_file, image_root)
 
 
 def worker(args):
-    """One process of lgd-train (launched once per GPU). Returns the last evaluation results (dict)."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    """One process of lgd-train (launched once per GPU / CPU process). Returns the last evaluation results."""
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
-    _register_datasets(args)
-    device = _device(cfg)
-    model = _build_model(cfg, args, device)
-    logger.info("LGD model:\n%s", model)
-
+    _register_datasets(args.register_coco)
     if args.eval_only:
-        AtomicCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint,
-                                                                       resume=args.resume)
-        return do_test(cfg, model.detector.eval())
+        checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
+        use_last = args.resume and checkpointer.has_checkpoint()
+        return evaluate(cfg, checkpointer.get_checkpoint_file() if use_last else cfg.train.init_checkpoint)
+    return train(cfg, backend=OPS_BACKENDS[args.ops] if args.ops else None, resume=args.resume)
 
-    optimizers = build_lgd_optimizers(model, lr=float(cfg.optimizer.lr), momentum=float(cfg.optimizer.momentum),
-                                      weight_decay=float(cfg.optimizer.weight_decay),
-                                      weight_decay_norm=float(cfg.optimizer.params.get("weight_decay_norm", 0.0)))
-    teacher_lr = cfg.lgd.get("teacher_lr", None)
-    if teacher_lr is not None:
-        for group in optimizers[1].param_groups:
-            group["lr"] = float(teacher_lr)
-    # backbone freezing toggles requires_grad after DDP is built: DDP must tolerate unused parameters
-    ddp_kwargs = dict(cfg.train.get("ddp", {}))
-    ddp_kwargs["find_unused_parameters"] = True
-    ddp_model = create_ddp_model(model, **ddp_kwargs)
-    train_loader = instantiate(cfg.dataloader.train)
-    clip = cfg.lgd.get("clip_grad_norm", None)
-    if cfg.train.amp.enabled:
-        device_type = "cuda" if device.startswith("cuda") else "cpu"
-        trainer = LGDAMPTrainer(ddp_model, train_loader, optimizers, clip_grad_norm=clip,
-                                grad_scaler=torch.amp.GradScaler(device_type), device_type=device_type,
-                                dtype=None if device_type == "cuda" else torch.bfloat16)
-    else:
-        trainer = LGDTrainer(ddp_model, train_loader, optimizers, clip_grad_norm=clip)
 
-    schedule = build_schedule(cfg)
-    logger.info("LGD schedule: %s", schedule)
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    results = {}
+def _cpu_worker(rank, main_func, world_size, dist_url, args):
+    dist.init_process_group("gloo", init_method=dist_url, world_size=world_size, rank=rank)
+    comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))  # as detectron2's launch does
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
 
-    def test_and_keep():
-        results.clear()
-        results.update(do_test(cfg, model.detector))
-        return results
 
-    trainer.register_hooks(build_lgd_hooks(schedule) + [
-        hooks.IterationTimer(),
-        OpReport(int(cfg.lgd.get("op_report_period", 1000))),  # lgd/op_report.py; after the timer: not in `time`
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, test_and_keep),
-        hooks.PeriodicWriter([CommonMetricPrinter(schedule.max_iter),
-                              JSONWriter(os.path.join(cfg.train.output_dir, "metrics.json"))],
-                             period=cfg.train.log_period) if comm.is_main_process() else None,
-    ])
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, schedule.max_iter)
-    return results
+def launch_cpu(main_func, num_processes, dist_url="auto", args=()):
+    """detectron2's launch for CPU processes on one machine (its own requires CUDA and NCCL): spawns
+    num_processes processes in a gloo process group and calls main_func(*args) in each. dist_url "auto":
+    a rendezvous file in a fresh temporary directory (no port to pick)."""
+    if num_processes < 2:
+        raise ValueError(f"launch_cpu: num_processes must be >= 2, got {num_processes}")
+    with tempfile.TemporaryDirectory(prefix="lgd_gloo_") as tmp:
+        url = f"file://{os.path.join(tmp, 'rendezvous')}" if dist_url == "auto" else dist_url
+        mp.spawn(_cpu_worker, nprocs=num_processes, args=(main_func, num_processes, url, args), daemon=False)
 
 
 def main(argv=None):
@@ -240,9 +308,35 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.num_gpus * args.num_machines <= 1:
         return worker(args)
-    launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    if torch.cuda.is_available():
+        launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    elif args.num_machines > 1:
+        raise ValueError("lgd-train: --num-machines > 1 needs CUDA (CPU processes run on one machine only)")
+    else:
+        launch_cpu(worker, args.num_gpus, dist_url=args.dist_url, args=(args,))
     return None
+
+
+def build_eval_parser():
+    parser = argparse.ArgumentParser(prog="lgd-eval", description="COCO evaluation of a checkpoint's student "
+                                     "detector (LGD or plain detectron2 checkpoint) with the config's test loader")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
+    parser.add_argument("--checkpoint", required=True, help="LGD or detectron2 checkpoint (.pth)")
+    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"), help="register a COCO-format dataset (repeatable)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value LazyConfig overrides")
+    return parser
+
+
+def eval_main(argv=None):
+    """Entry point of lgd-eval (single process). Returns the evaluation results."""
+    args = build_eval_parser().parse_args(argv)
+    setup_logger()
+    setup_logger(name="lgd")
+    cfg = load_config(args.config_file, args.opts)
+    _register_datasets(args.register_coco)
+    return evaluate(cfg, args.checkpoint)
 
 
 if __name__ == "__main__":

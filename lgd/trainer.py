@@ -18,16 +18,25 @@ LGDTrainer is a SimpleTrainer: trainer.optimizer is the student optimizer (what 
 trainer.optimizers holds both, and state_dict() carries both (so DetectionCheckpointer(..., trainer=trainer)
 saves and resumes them). LGDAMPTrainer adds autocast + one GradScaler shared by the two optimizers.
 
+Exact resume (lgd-train): ResumableTrainingSampler makes the data order a function of (seed, iteration) and
+IterationSeed reseeds python/numpy/torch before each step from (seed, iteration, rank), so augmentations drawn
+in the main process (num_workers=0) are too; the distiller checkpoints RetinaNet's EMA loss normalizer.
+
 Caveat: freezing toggles requires_grad, which DistributedDataParallel does not follow after it is built;
 under DDP use find_unused_parameters=True or rebuild the wrapper at the unfreeze iteration (not done here).
 """
 import dataclasses
+import itertools
 import time
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.solver import LRMultiplier, WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
@@ -35,12 +44,15 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamSchedule
 __all__ = [
     "BackboneFreezeSchedule",
     "DistillationSchedule",
+    "IterationSeed",
     "LGDAMPTrainer",
     "LGDSchedule",
     "LGDTrainer",
     "MultiOptimizerLRScheduler",
+    "ResumableTrainingSampler",
     "build_lgd_hooks",
     "build_lgd_optimizers",
+    "build_sgd",
     "scale_schedule",
 ]
 
@@ -174,31 +186,67 @@ class MultiOptimizerLRScheduler(HookBase):
             sched.step()
 
 
-def build_lgd_hooks(schedule: LGDSchedule) -> List[HookBase]:
-    """The three LGD schedule hooks, LR names "lr" (student) and "lr_teacher"; register them first."""
+def build_lgd_hooks(schedule: LGDSchedule, lgd_enabled: bool = True) -> List[HookBase]:
+    """The three LGD schedule hooks, LR names "lr" (student) and "lr_teacher"; register them first.
+    lgd_enabled=False (baseline: a plain detector, one optimizer): the LR schedule only, named "lr"."""
+    if not lgd_enabled:
+        return [MultiOptimizerLRScheduler(schedule.lr_multiplier(), names=["lr"], max_iter=schedule.max_iter)]
     return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters),
             MultiOptimizerLRScheduler(schedule.lr_multiplier(), names=["lr", "lr_teacher"],
                                       max_iter=schedule.max_iter)]
+
+
+class IterationSeed(HookBase):
+    """Reseeds python, numpy and torch before every step from (seed, iteration, rank), so the randomness a
+    step draws in the main process (augmentations with num_workers=0, any model sampling) does not depend on
+    what ran before it: a resumed run draws the same numbers as an uninterrupted one."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def before_step(self):
+        entropy = [self.seed, self.trainer.iter, comm.get_rank()]
+        seed_all_rng(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+class ResumableTrainingSampler(TrainingSampler):
+    """detectron2's TrainingSampler (same infinite, seeded, rank-sharded index stream) started at global
+    position `start`: resuming at iteration i with start = i * total_batch_size continues the very stream an
+    uninterrupted run reads, where TrainingSampler would restart it from the beginning. `seed` must be fixed
+    (not None) for the stream to be reproducible across runs."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, start: int = 0):
+        if start < 0:
+            raise ValueError(f"ResumableTrainingSampler: start must be >= 0, got {start}")
+        super().__init__(size, shuffle=shuffle, seed=seed)
+        self._start = int(start)
+
+    def __iter__(self):
+        yield from itertools.islice(self._infinite_indices(), self._start + self._rank, None, self._world_size)
 
 
 # ----------------------------------------------------------------------------------------------
 # Optimizers and trainers
 # ----------------------------------------------------------------------------------------------
 
+def build_sgd(module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+              weight_decay_norm: float = 0.0) -> torch.optim.SGD:
+    """SGD over `module` with detectron2's parameter groups (get_default_optimizer_params): norm layers get
+    `weight_decay_norm` (0, detectron2's default) as in the stock configs; frozen parameters are left out."""
+    return torch.optim.SGD(get_default_optimizer_params(module, base_lr=lr, weight_decay=weight_decay,
+                                                        weight_decay_norm=weight_decay_norm),
+                           lr=lr, momentum=momentum)
+
+
 def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
                          weight_decay_norm: float = 0.0) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
     """(student + adapter, teacher) SGD optimizers, as in the authors' code (LGD_SPEC §8): lr 0.01 for
-    RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16. Parameter groups come from detectron2's
-    get_default_optimizer_params, so norm layers get `weight_decay_norm` (0, detectron2's default) as in
-    the stock configs. Build them before any freezing: parameters with requires_grad=False are left out,
-    while parameters frozen later stay in and SGD skips them while they have no gradient."""
+    RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16; each a build_sgd. Build them before any freezing:
+    parameters with requires_grad=False are left out, while parameters frozen later stay in and SGD skips
+    them while they have no gradient."""
     model = _unwrap(model)
     student = nn.ModuleList([model.detector, model.distill_loss])
-    return tuple(
-        torch.optim.SGD(get_default_optimizer_params(part, base_lr=lr, weight_decay=weight_decay,
-                                                     weight_decay_norm=weight_decay_norm),
-                        lr=lr, momentum=momentum)
-        for part in (student, model.teacher))
+    return tuple(build_sgd(part, lr, momentum, weight_decay, weight_decay_norm) for part in (student, model.teacher))
 
 
 class LGDTrainer(SimpleTrainer):
