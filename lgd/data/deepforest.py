@@ -73,7 +73,8 @@ def read_voc_xml(xml_file, label_map):
         candidates = [xml_file.with_suffix(ext) for ext in (".png", ".tif", ".jpg")]
         image = next((path for path in candidates if path.is_file()), None)
         if image is None:
-            raise FileNotFoundError(f"xml_file {xml_file}: no image named in <filename> or {[c.name for c in candidates]}")
+            raise FileNotFoundError(
+                f"xml_file {xml_file}: no image as named in <filename>, nor any of {[c.name for c in candidates]}")
     boxes, names = [], []
     for obj in root.iter("object"):
         name = obj.findtext("name", default="").strip()

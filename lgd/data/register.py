@@ -24,7 +24,7 @@ from detectron2.data.datasets.pascal_voc import register_pascal_voc
 _SPEC_FORMAT = "[NAME=]ANNOTATIONS.json:IMAGE_ROOT"
 
 
-def _already_registered(name, **expected):
+def is_registered_as(name, **expected):
     """True if ``name`` is registered with metadata equal to ``expected``; ValueError if with other values."""
     if name not in DatasetCatalog.list():
         return False
@@ -35,7 +35,8 @@ def _already_registered(name, **expected):
     return True
 
 
-def _existing(path, kind, argument):
+def existing_path(path, kind, argument):
+    """``path`` resolved; FileNotFoundError naming ``argument`` unless it is an existing file/directory (``kind``)."""
     path = Path(path).expanduser().resolve()
     exists = path.is_file() if kind == "file" else path.is_dir()
     if not exists:
@@ -45,9 +46,9 @@ def _existing(path, kind, argument):
 
 def register_coco_once(name, json_file, image_root, metadata=None):
     """register_coco_instances, skipped when ``name`` already points at the same json and image root."""
-    json_file = str(_existing(json_file, "file", "json_file"))
-    image_root = str(_existing(image_root, "directory", "image_root"))
-    if not _already_registered(name, json_file=json_file, image_root=image_root):
+    json_file = str(existing_path(json_file, "file", "json_file"))
+    image_root = str(existing_path(image_root, "directory", "image_root"))
+    if not is_registered_as(name, json_file=json_file, image_root=image_root):
         register_coco_instances(name, dict(metadata or {}), json_file, image_root)
     return name
 
@@ -87,11 +88,11 @@ def register_voc_by_path(name, dirname, split, year=2007, class_names=VOC_CLASS_
 
     Note: detectron2 v0.6's loader fails on a split file listing a single image id (np.loadtxt gives a 0-d array).
     """
-    dirname = _existing(dirname, "directory", "dirname")
-    _existing(dirname / "ImageSets" / "Main" / f"{split}.txt", "file", "split")
+    dirname = existing_path(dirname, "directory", "dirname")
+    existing_path(dirname / "ImageSets" / "Main" / f"{split}.txt", "file", "split")
     if year not in (2007, 2012):
         raise ValueError(f"year must be 2007 or 2012 (selects the VOC evaluation protocol), got {year!r}")
-    if not _already_registered(name, dirname=str(dirname), split=split, year=year):
+    if not is_registered_as(name, dirname=str(dirname), split=split, year=year):
         register_pascal_voc(name, str(dirname), split, year, list(class_names))
         MetadataCatalog.get(name).evaluator_type = "pascal_voc"  # as detectron2's builtin VOC splits have
     return name
