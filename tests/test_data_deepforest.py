@@ -7,6 +7,7 @@ Fixtures (tests/fixtures/voc_tiles/): scene_a.png 100x80 and scene_b.png 40x30, 
 With tile_size=50, overlap=10: scene_a tiles start at x in {0, 40, 50}, y in {0, 30}; scene_b is one 40x30 tile.
 """
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,19 @@ def test_missing_assets_say_how_to_fetch(tmp_path):
     for accessor in (assets.demo_asset_dir, assets.mobilenetv2_weights_path, deepforest.prepare_demo_dataset):
         with pytest.raises(assets.AssetsMissingError, match="fetch_demo_assets.sh"):
             accessor(tmp_path)
+
+
+def test_fetch_script_is_a_no_op_when_assets_are_present(tmp_path):
+    """Present asset folders are kept as they are and nothing is downloaded (no network needed)."""
+    for folder in (assets.DEEPFOREST_ASSETS, assets.MOBILENETV2_ASSETS):
+        (tmp_path / "assets" / folder).mkdir(parents=True)
+    script = Path(__file__).parents[1] / assets.FETCH_SCRIPT
+    run = subprocess.run(["bash", str(script)], env={"LGD_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("already in") == 2
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == sorted(
+        [assets.DEEPFOREST_ASSETS, assets.MOBILENETV2_ASSETS])  # scratch folder removed
 
 
 def test_demo_registration_is_cached_and_idempotent(tmp_path):

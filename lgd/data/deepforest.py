@@ -28,6 +28,10 @@ Conversion (convert_voc_to_tiled_coco), all in pixels:
   also records ``source_image`` and ``tile_origin``), plus ``manifest.json`` (parameters, per-split counts).
   The output folder appears by one rename of a finished temporary folder, so readers never see a partial one.
 
+Result with the demo parameters (400 px tiles, 50 px overlap): train 51 tiles (2 empty), 909 tile boxes from 672
+source boxes; val 12 tiles, 390 tile boxes from 279 source boxes. Boxes near tile borders appear in both
+overlapping tiles, in val too (each tile is evaluated as its own image). Median box side ~40 px.
+
 prepare_demo_dataset() converts once into ``<cache>/datasets/deepforest-2.1.0-tiles-v<VERSION>-<params>``:
 bump CONVERTER_VERSION whenever the conversion's output changes, so stale caches are not reused.
 register_demo_datasets() registers "lgd_demo_train" and "lgd_demo_val" (COCO evaluator).
