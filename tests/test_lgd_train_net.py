@@ -1,17 +1,22 @@
 """lgd-train end to end (lgd.train_net.main), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
 LGD RetinaNet config shrunk (test_lgd_distiller's ResNet-18/BN/32-channel model, 96 x 128 images, batch 2) by a
 config file that loads it, 4 iterations, checkpoints every 2, COCO evaluation of the student at the end, then
---resume from the iteration-2 checkpoint and --eval-only."""
+--resume from the iteration-2 checkpoint and --eval-only; the baseline mode (lgd.enabled=False), lgd-eval on LGD
+and plain checkpoints, and lgd-export's round trip into a stock detectron2 model in a process without lgd."""
 import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("pycocotools")
 
-from lgd.train_net import build_schedule, main  # noqa: E402
+from lgd.train_net import build_schedule, eval_main, load_config, main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
@@ -59,11 +64,19 @@ def make_dataset(root):
     return str(ann), str(images_dir)
 
 
-def argv(cfg_file, ann, images, out, *extra, max_iter=4):
-    return ["--config-file", cfg_file, "--ops", "reference", "--register-coco", "lgd_test_synth", ann, images,
-            *extra, f"train.output_dir={out}", f"train.max_iter={max_iter}", "train.checkpointer.period=2",
+DATASET = "lgd_test_synth"
+
+
+def overrides(out, max_iter=4):
+    """The LazyConfig overrides of every run here: the synthetic dataset, CPU, checkpoints every 2 iterations."""
+    return [f"train.output_dir={out}", f"train.max_iter={max_iter}", "train.checkpointer.period=2",
             "train.eval_period=0", "train.log_period=1", "train.device=cpu",
-            "dataloader.train.dataset.names=lgd_test_synth", "dataloader.test.dataset.names=lgd_test_synth"]
+            f"dataloader.train.dataset.names={DATASET}", f"dataloader.test.dataset.names={DATASET}"]
+
+
+def argv(cfg_file, ann, images, out, *extra, max_iter=4):
+    return ["--config-file", cfg_file, "--ops", "reference", "--register-coco", DATASET, ann, images,
+            *extra, *overrides(out, max_iter)]
 
 
 def read_metrics(out):
@@ -166,3 +179,106 @@ def test_atomic_checkpointer_loads_plain_student_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["full.pth", "last_checkpoint", "student.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "full.pth"
     assert any(k.startswith("teacher.") for k in torch.load(tmp_path / "full.pth")["model"])
+
+
+def test_tensorboard_events_written(trained):
+    out, _ = trained
+    assert [f for f in os.listdir(out) if f.startswith("events.out.tfevents")]
+
+
+def test_baseline_mode_trains_plain_detector(setup):
+    root, cfg_file, ann, images = setup
+    out = str(root / "baseline")
+    results = main(argv(cfg_file, ann, images, out, "lgd.enabled=False", max_iter=2))
+    rows = [r for r in read_metrics(out) if "loss_cls" in r]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss_cls"]) and "loss_distill" not in r and "lr_teacher" not in r for r in rows)
+    state = torch.load(os.path.join(out, "model_final.pth"))
+    assert state["model"] and not any(k.startswith(("detector.", "teacher.")) for k in state["model"])
+    assert len(state["trainer"]["optimizers"]) == 1
+    assert "AP" in results["bbox"]
+
+
+@pytest.fixture(scope="module")
+def exported(setup, trained):
+    """lgd-export of the trained LGD checkpoint (python -m lgd.export's main)."""
+    from lgd.export import main as export_main
+
+    root, cfg_file, _, _ = setup
+    path = str(root / "student.pth")
+    export_main(["--config-file", cfg_file, "--checkpoint", os.path.join(trained[0], "model_final.pth"),
+                 "--output", path])
+    return path
+
+
+def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
+    _, cfg_file, ann, images = setup
+    common = ["--config-file", cfg_file, "--register-coco", DATASET, ann, images]
+    cfg_overrides = overrides(trained[0])
+    lgd_results = eval_main(common + ["--checkpoint", os.path.join(trained[0], "model_final.pth")] + cfg_overrides)
+    plain_results = eval_main(common + ["--checkpoint", exported] + cfg_overrides)
+    assert "AP" in lgd_results["bbox"]
+    assert lgd_results == plain_results or all(  # NaN APs (no detections) compare unequal
+        math.isnan(a) and math.isnan(b) or a == b
+        for a, b in zip(lgd_results["bbox"].values(), plain_results["bbox"].values()))
+
+
+def test_export_checks_the_config(setup, trained, tmp_path):
+    from lgd.export import main as export_main
+
+    _, cfg_file, _, _ = setup
+    with pytest.raises(ValueError, match="does not fit"):
+        export_main(["--config-file", cfg_file, "--checkpoint", os.path.join(trained[0], "model_final.pth"),
+                     "--output", str(tmp_path / "x.pth"), "model.num_classes=3"])
+    assert not os.listdir(tmp_path)
+
+
+STOCK_SCRIPT = """
+import sys
+for name in ("lgd", "lgd_ops"):  # any import of the project fails in this process
+    sys.modules[name] = None
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+
+model_file, checkpoint, inputs_file, outputs_file, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))  # the parent's: the same reduction order in every kernel
+model = instantiate(LazyConfig.load(model_file).model).eval()
+DetectionCheckpointer(model).load(checkpoint)
+with torch.no_grad():
+    outputs = model(torch.load(inputs_file))
+torch.save([{k: getattr(v, "tensor", v) for k, v in o["instances"].get_fields().items()} for o in outputs],
+           outputs_file)
+"""
+
+
+def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_path):
+    """The exported student, loaded by detectron2 alone in a fresh process (lgd imports blocked), gives the
+    same detections, bit for bit, as the student inside the LGD checkpoint (score threshold 0: many boxes)."""
+    from detectron2.config import LazyConfig
+    from omegaconf import OmegaConf
+
+    from lgd.checkpoint import AtomicCheckpointer
+    from lgd.train_net import build_model
+
+    _, cfg_file, _, _ = setup
+    cfg = load_config(cfg_file, ["model.test_score_thresh=0.0", "train.device=cpu"])
+    LazyConfig.save(OmegaConf.create({"model": cfg.model}, flags={"allow_objects": True}), str(tmp_path / "m.yaml"))
+    generator = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 256, (3, H, W), generator=generator, dtype=torch.uint8).float(),
+               "height": H, "width": W} for _ in range(2)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", textwrap.dedent(STOCK_SCRIPT), str(tmp_path / "m.yaml"), exported,
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt"), str(torch.get_num_threads())],
+                   check=True, cwd=str(tmp_path))
+    stock = torch.load(tmp_path / "outputs.pt")
+
+    model = build_model(cfg, lgd_enabled=True, backend="reference")
+    AtomicCheckpointer(model).load(os.path.join(trained[0], "model_final.pth"))
+    with torch.no_grad():
+        ours = [o["instances"].get_fields() for o in model.eval()(inputs)]
+    assert len(ours[0]["scores"]) > 0
+    for got, want in zip(stock, ours):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], getattr(value, "tensor", value)), key
