@@ -10,45 +10,56 @@
         losses = lgd_model(batched_inputs)           # training: dict of losses, sum them
     results = lgd_model.eval()(batched_inputs)       # inference: exactly the wrapped detector's output
 
-Training forward: the student's backbone (FPN) runs once; LGDTeacher turns those features plus the ground
-truth into the instructive features X^I; the detector's OWN head and loss run on both, with the targets
-(anchor labels) computed once and reused; DistillationLoss compares the adapted student features with X^I
-detached. Loss names: the detector's (loss_cls, loss_box_reg), the same names with the suffix "_tea" for the
-instructive branch (loss_cls_tea, loss_box_reg_tea; TEACHER_SUFFIX), and loss_distill. While distill_enabled
-is False, loss_distill is still computed but with the student features detached, so only the adapter learns.
-Inference never touches the teacher: LGD adds zero inference cost.
+Training forward: the student's backbone (FPN) runs once; LGDTeacher turns the distilled levels plus the
+ground truth into the instructive features X^I; the detector's OWN heads and losses run on both, with the
+targets computed once and reused; DistillationLoss compares the adapted student features with X^I
+detached. Loss names: the detector's (RetinaNet: loss_cls, loss_box_reg; FCOS: loss_fcos_cls/_loc/_ctr;
+R-CNN: loss_cls, loss_box_reg, Mask R-CNN also loss_mask, plus the student-only RPN losses loss_rpn_cls,
+loss_rpn_loc), the same names with the suffix "_tea" for the instructive branch (TEACHER_SUFFIX; the
+metrics the heads log there go under the EventStorage scope "lgd_teacher/"), and loss_distill. While
+distill_enabled is False, loss_distill is still computed but with the student features detached, so only
+the adapter learns. Inference never touches the teacher: LGD adds zero inference cost.
 
 A plain nn.Module wrapper rather than a META_ARCH_REGISTRY entry: the wrapped model comes from any stock
 config (LazyConfig or yacs build_model) unchanged, and its checkpoint keys stay under `detector.`, so the
-student can be exported by saving `lgd_model.detector`.
+student can be exported by saving `lgd_model.detector`. The detector's EMA loss normalizer (RetinaNet,
+FCOS), a plain attribute, travels in the state_dict as LGDDistiller's extra state, so resume is exact.
 
-Adding a detector = one _DetectorHooks subclass registered in _HOOKS (keyed by the detector's class, looked up
-along the MRO), with three methods:
-  features(images)                      -> the student's feature dict (levels the head reads, same order)
-  targets(images, features, gt)         -> whatever the loss needs from the ground truth, computed ONCE
+A detector family = one _DetectorHooks subclass registered in _HOOKS (keyed by the detector's class, looked
+up along the MRO):
+  features(images)                      -> the student's backbone output (every level)
+  in_features                           -> the levels the instructive branch's heads read: distilled
+  targets(images, features, gt)         -> what the losses need from the ground truth, computed ONCE
+                                           (optional "student_losses": losses of the student only)
   losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
-plus the class attributes use_context / detach_appearance (the teacher options, LGD_SPEC §7) and
-bottom_up (how to reach the bottom-up backbone). Planned:
-  - FCOS (detectron2.modeling.meta_arch.fcos.FCOS, a DenseDetector like RetinaNet): same as _RetinaNetHooks
-    but the head returns (logits, deltas, centerness), dims [num_classes, 4, 1], and losses() takes
-    pred_centerness; context on. Its v0.6 head fails to build on new torch (ENVIRONMENT.md): needs the
-    head-subclass/shim first.
-  - Faster R-CNN (GeneralizedRCNN): use_context=False, detach_appearance=True; features = backbone output;
-    targets = proposals from the RPN on the student features (plus the RPN losses, student only) and the
-    roi_heads' label_and_sample_proposals(proposals, gt) sampled once; losses = roi_heads box losses
-    (_forward_box with the sampled proposals) on each feature set.
-  - Mask R-CNN: as Faster R-CNN plus the mask head's loss, and LGDTeacher(use_masks=True) (gt_masks).
+plus the teacher options use_context / detach_appearance / use_masks (LGD_SPEC §7), num_classes, and
+ema_attributes. Families, with the authors' teacher settings:
+  - RetinaNet (_DenseHooks): anchors + anchor labels once, head + losses() per branch; context on,
+    appearance not detached; distilled levels = head_in_features (p3-p7).
+  - FCOS (_FCOSHooks): the same, the head also returning centerness, which losses() takes. detectron2
+    v0.6's FCOSHead does not build on recent torch: the LGD configs use lgd.fcos_head.FCOSHead.
+  - Faster / Mask R-CNN (_RCNNHooks; GeneralizedRCNN with StandardROIHeads): context off, appearance
+    detached (and masks, Mask R-CNN). The RPN runs once on the student (losses: student only); proposals
+    are labelled and sampled once; the box (and mask) head losses run on each branch. Distilled levels = the
+    ROI heads' (p2-p5); p6 feeds only the RPN.
 """
+import math
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from detectron2.modeling.meta_arch.fcos import FCOS
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
+from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
 
 from .distillation_loss import DistillationLoss
 from .teacher import LGDTeacher
 
 TEACHER_SUFFIX = "_tea"
+TEACHER_SCOPE = "lgd_teacher"  # EventStorage prefix of the metrics the heads log on the instructive branch
 
 
 class _DetectorHooks:
@@ -56,10 +67,24 @@ class _DetectorHooks:
 
     use_context = True
     detach_appearance = False
-    in_features: List[str] = []  # the levels the head reads (and LGD distills)
+    ema_attributes = ()  # the detector's EMA loss normalizers, saved via LGDDistiller's extra state
 
     def __init__(self, detector: nn.Module):
         self.detector = detector
+
+    @property
+    def in_features(self) -> List[str]:
+        """The levels the instructive branch's heads read: the ones LGD distills (and the teacher builds)."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return self.detector.num_classes
+
+    @property
+    def use_masks(self) -> bool:
+        """Whether the teacher describes objects by their masks (Mask R-CNN, LGD_SPEC §7)."""
+        return False
 
     @property
     def bottom_up(self) -> nn.Module:
@@ -77,49 +102,126 @@ class _DetectorHooks:
         return channels.pop()
 
     def features(self, images) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The student's backbone output, every level (the distilled ones are in_features)."""
+        return self.detector.backbone(images.tensor)
 
-    def targets(self, images, features, gt_instances):
+    def targets(self, images, features, gt_instances) -> Dict:
         raise NotImplementedError
 
     def losses(self, images, features, gt_instances, targets) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
-class _RetinaNetHooks(_DetectorHooks):
-    """RetinaNet (v0.6 DenseDetector): anchors and anchor labels once; head + losses() per feature set."""
+class _DenseHooks(_DetectorHooks):
+    """RetinaNet and FCOS (v0.6 DenseDetector): anchors and anchor labels once; head + losses() per feature
+    set. The head's outputs after (logits, deltas) (FCOS: centerness) go to losses() as extra arguments."""
 
     use_context = True
     detach_appearance = False
+    ema_attributes = ("loss_normalizer",)
+    prediction_dims = (4,)  # per-anchor sizes of the head's outputs after the class logits
 
     @property
     def in_features(self):
         return list(self.detector.head_in_features)
 
-    def features(self, images):
-        out = self.detector.backbone(images.tensor)
-        return {f: out[f] for f in self.in_features}
+    def label_anchors(self, anchors, gt_instances):
+        return self.detector.label_anchors(anchors, gt_instances)
 
     def targets(self, images, features, gt_instances):
         det = self.detector
-        anchors = det.anchor_generator(list(features.values()))
-        gt_labels, gt_boxes = det.label_anchors(anchors, gt_instances)
+        anchors = det.anchor_generator([features[f] for f in self.in_features])
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         # losses() updates the EMA loss normalizer; both branches must see the value of one update
         return {"anchors": anchors, "gt_labels": gt_labels, "gt_boxes": gt_boxes,
                 "normalizer": getattr(det, "loss_normalizer", None)}
 
     def losses(self, images, features, gt_instances, targets):
         det = self.detector
-        predictions = det.head(list(features.values()))
-        pred_logits, pred_deltas = det._transpose_dense_predictions(predictions, [det.num_classes, 4])
+        predictions = det.head([features[f] for f in self.in_features])
+        pred_logits, pred_deltas, *extra = det._transpose_dense_predictions(
+            predictions, [det.num_classes, *self.prediction_dims])
         if targets["normalizer"] is not None:
             det.loss_normalizer = targets["normalizer"]
         elif hasattr(det, "loss_normalizer"):  # first iteration: no EMA yet
             del det.loss_normalizer
-        return det.losses(targets["anchors"], pred_logits, targets["gt_labels"], pred_deltas, targets["gt_boxes"])
+        return det.losses(targets["anchors"], pred_logits, targets["gt_labels"], pred_deltas, targets["gt_boxes"],
+                          *extra)
 
 
-_HOOKS = {RetinaNet: _RetinaNetHooks}
+class _FCOSHooks(_DenseHooks):
+    """FCOS: as RetinaNet, plus the centerness output (one value per location) and its loss."""
+
+    prediction_dims = (4, 1)
+
+    def label_anchors(self, anchors, gt_instances):
+        """FCOS.label_anchors, except that an image without objects gets all-background labels (v0.6's
+        FCOS.match_anchors fails on it: a max over zero boxes)."""
+        det = self.detector
+        present = [x for x in gt_instances if len(x)]
+        labels, boxes = map(iter, det.label_anchors(anchors, present) if present else ([], []))
+        cat = Boxes.cat(anchors).tensor
+        background = torch.full((len(cat),), det.num_classes, dtype=torch.int64, device=cat.device)
+        out = [(next(labels), next(boxes)) if len(x) else (background, Boxes(torch.zeros_like(cat)))
+               for x in gt_instances]
+        return [label for label, _ in out], [box for _, box in out]
+
+
+class _RCNNHooks(_DetectorHooks):
+    """Faster / Mask R-CNN (GeneralizedRCNN with StandardROIHeads and an RPN).
+
+    The RPN runs once, on the student features (every level it reads, p2-p6 in the stock configs); its
+    losses are the student's only. The proposals are labelled and sampled once (label_and_sample_proposals),
+    then the box head (and the mask head, Mask R-CNN) loss runs on each feature set. Distilled levels: the
+    ones the ROI heads read (box_in_features plus mask_in_features, p2-p5), since those are the only levels
+    the instructive branch feeds; the RPN-only level p6 is not distilled.
+    """
+
+    use_context = False
+    detach_appearance = True
+
+    def __init__(self, detector: nn.Module):
+        super().__init__(detector)
+        heads = detector.roi_heads
+        if not isinstance(heads, StandardROIHeads) or isinstance(heads, CascadeROIHeads):
+            raise ValueError(f"LGDDistiller: R-CNN needs StandardROIHeads, got {type(heads).__name__}")
+        if detector.proposal_generator is None:
+            raise ValueError("LGDDistiller: R-CNN needs a proposal generator (precomputed proposals unsupported)")
+
+    @property
+    def in_features(self):
+        heads = self.detector.roi_heads
+        read = set(heads.box_in_features)
+        for head in ("mask", "keypoint"):
+            if getattr(heads, f"{head}_on"):
+                read |= set(getattr(heads, f"{head}_in_features"))
+        return [f for f in self.detector.backbone.output_shape() if f in read]
+
+    @property
+    def num_classes(self):
+        return self.detector.roi_heads.num_classes
+
+    @property
+    def use_masks(self):
+        return self.detector.roi_heads.mask_on
+
+    def targets(self, images, features, gt_instances):
+        det = self.detector
+        proposals, rpn_losses = det.proposal_generator(images, features, gt_instances)
+        return {"proposals": det.roi_heads.label_and_sample_proposals(proposals, gt_instances),
+                "student_losses": rpn_losses}
+
+    def losses(self, images, features, gt_instances, targets):
+        heads = self.detector.roi_heads
+        # a fresh Instances per branch: with train_on_pred_boxes, _forward_box rewrites proposal_boxes in place
+        proposals = [Instances(p.image_size, **p.get_fields()) for p in targets["proposals"]]
+        losses = heads._forward_box(features, proposals)
+        losses.update(heads._forward_mask(features, proposals))
+        losses.update(heads._forward_keypoint(features, proposals))
+        return losses
+
+
+_HOOKS = {RetinaNet: _DenseHooks, FCOS: _FCOSHooks, GeneralizedRCNN: _RCNNHooks}
 
 
 def _hooks_for(detector: nn.Module) -> _DetectorHooks:
@@ -133,9 +235,9 @@ def _hooks_for(detector: nn.Module) -> _DetectorHooks:
 class LGDDistiller(nn.Module):
     """A detectron2 detector (the student) plus LGD's teacher and distillation loss (see the module docstring).
 
-    detector: a built detectron2 model (RetinaNet for now). num_classes and the feature channels are read
-    from it. teacher / distill_loss: pass your own to override the defaults (LGDTeacher with the detector's
-    context/detach settings, DistillationLoss()). backend goes to every lgd_ops call ("auto", "reference",
+    detector: a built detectron2 RetinaNet, FCOS or (Faster/Mask) R-CNN. num_classes and the feature channels
+    are read from it. teacher / distill_loss: pass your own to override the defaults (LGDTeacher with the
+    detector's context/detach/mask settings, DistillationLoss()). backend goes to every lgd_ops call ("auto", "reference",
     "cpu", ...). distill_enabled: see the property.
     """
 
@@ -147,8 +249,8 @@ class LGDDistiller(nn.Module):
         self._hooks = _hooks_for(detector)
         channels = self._hooks.feature_channels()
         self.teacher = teacher if teacher is not None else LGDTeacher(
-            detector.num_classes, channels=channels, use_context=self._hooks.use_context,
-            detach_appearance=self._hooks.detach_appearance, backend=backend)
+            self._hooks.num_classes, channels=channels, use_context=self._hooks.use_context,
+            detach_appearance=self._hooks.detach_appearance, use_masks=self._hooks.use_masks, backend=backend)
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
         self.distill_enabled = distill_enabled
@@ -202,10 +304,31 @@ class LGDDistiller(nn.Module):
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         features = hooks.features(images)
         targets = hooks.targets(images, features, gt_instances)
-        losses = dict(hooks.losses(images, features, gt_instances, targets))
+        losses = dict(targets.get("student_losses", {}))
+        losses.update(hooks.losses(images, features, gt_instances, targets))
 
-        instructive = self.teacher(features, gt_instances, tuple(images.tensor.shape[-2:]))
-        for name, value in hooks.losses(images, instructive, gt_instances, targets).items():
-            losses[name + TEACHER_SUFFIX] = value
-        losses["loss_distill"] = self.distill_loss(features, instructive, warmup=not self.distill_enabled)
+        distilled = {f: features[f] for f in hooks.in_features}
+        instructive = self.teacher(distilled, gt_instances, tuple(images.tensor.shape[-2:]))
+        with get_event_storage().name_scope(TEACHER_SCOPE):  # the heads' own metrics, kept apart
+            for name, value in hooks.losses(images, instructive, gt_instances, targets).items():
+                losses[name + TEACHER_SUFFIX] = value
+        losses["loss_distill"] = self.distill_loss(distilled, instructive, warmup=not self.distill_enabled)
         return losses
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The detector's EMA loss normalizers (RetinaNet/FCOS loss_normalizer; plain attributes, not in its
+        state_dict) as a float64 tensor, NaN while not yet set, so a resumed run continues exactly. A tensor of
+        fixed shape, as detectron2's checkpointer loads only tensors and skips shape mismatches."""
+        return torch.tensor([float(getattr(self.detector, name, math.nan)) for name in self._hooks.ema_attributes],
+                            dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor):
+        names = self._hooks.ema_attributes
+        if not isinstance(state, torch.Tensor) or state.shape != (len(names),):
+            raise ValueError(f"LGDDistiller.set_extra_state: state must be a tensor of shape ({len(names)},) "
+                             f"holding {names}, got {state!r}")
+        for name, value in zip(names, state.tolist()):
+            if not math.isnan(value):
+                setattr(self.detector, name, value)
+            elif hasattr(self.detector, name):
+                delattr(self.detector, name)

@@ -1,0 +1,98 @@
+"""make(): the LGD LazyConfig of one detector x depth x schedule x input scale, from detectron2's stock configs.
+
+Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of make(); run one with
+
+    lgd-train --config-file lgd/configs/mask_rcnn_R_101_FPN_2x_ms_lgd.py --num-gpus 8
+
+Sections: dataloader, model, optimizer, train, lr_multiplier are detectron2's model-zoo LazyConfig of the
+detector, unchanged except as noted below; `lgd` holds every LGD knob (documented in LGD_KEYS' comments).
+The LR schedule of an LGD run comes from lgd.* (lgd.train_net builds it; lr_multiplier is kept in step for
+reference only), scaled to train.max_iter when that differs from lgd.max_iter (see lgd.train_net).
+
+Stock sources: RetinaNet COCO-Detection/retinanet_R_50_FPN_1x.py; FCOS COCO-Detection/fcos_R_50_FPN_1x.py
+with lgd.fcos_head.FCOSHead (v0.6's head does not build on recent torch); Mask R-CNN
+COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py; Faster R-CNN = that config without the mask head
+(detectron2 v0.6 ships no Faster R-CNN LazyConfig). Changes, following the paper's setup: R101 = depth 101
+and the MSRA R-101 ImageNet weights; single-scale = shorter side 800 (the stock LazyConfig data is
+multi-scale), multi-scale ("_ms") = shorter side drawn from 640..800 (step 32), both max 1333 and flipped;
+SGD lr 0.01 (RetinaNet, FCOS) or 0.02 (R-CNN), momentum 0.9, weight decay 1e-4, batch 16; 1x = 90k
+iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
+from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
+"""
+import detectron2.data.transforms as T
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+
+from lgd.fcos_head import FCOSHead
+
+# detector -> (stock model-zoo config, base LR at batch 16)
+DETECTORS = {
+    "retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.py", 0.01),
+    "fcos": ("COCO-Detection/fcos_R_50_FPN_1x.py", 0.01),
+    "faster_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
+    "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
+}
+DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
+SCHEDULES = {
+    "1x": dict(max_iter=90000, steps=(60000, 80000), backbone_freeze_iters=10000),
+    "2x": dict(max_iter=180000, steps=(120000, 160000), backbone_freeze_iters=20000),
+}
+SINGLE_SCALE = (800,)
+MULTI_SCALE = (640, 672, 704, 736, 768, 800)
+MAX_SIZE = 1333
+
+LGD_KEYS = dict(
+    # length the iteration counts below are written for (1x: 90k, 2x: 180k); when train.max_iter differs,
+    # every count is scaled by train.max_iter / max_iter (lgd.train_net.build_schedule)
+    max_iter=None,
+    steps=None,                 # LR / 10 at these iterations (both optimizers)
+    warmup_iters=1000,          # detectron2's linear LR warm-up
+    warmup_factor=0.001,
+    distill_start_iter=30000,   # loss_distill reaches the student from here (before: it trains the adapter only)
+    backbone_freeze_iters=None,  # the student's bottom-up backbone (not the FPN) gets no update before this
+    distill_weight=1.0,         # weight of loss_distill
+    teacher_lr=None,            # LR of the second optimizer (label/appearance encoders, relation adapter, mapper)
+    clip_grad_norm=None,        # per-optimizer gradient clipping (None: off, as in the paper)
+    backend="auto",             # lgd_ops backend: "auto" (fused kernels when built) or "reference"
+)
+
+
+def config_name(detector: str, depth: int, schedule: str, multiscale: bool) -> str:
+    """The file name (without .py) of one variant under lgd/configs/."""
+    return f"{detector}_R_{depth}_FPN_{schedule}{'_ms' if multiscale else ''}_lgd"
+
+
+def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool = False):
+    """(dataloader, lgd, lr_multiplier, model, optimizer, train) of one LGD variant (module docstring)."""
+    for name, value, allowed in (("detector", detector, DETECTORS), ("depth", depth, DEPTHS),
+                                 ("schedule", schedule, SCHEDULES), ("multiscale", multiscale, (False, True))):
+        if value not in allowed or type(value) is not type(next(iter(allowed))):
+            raise ValueError(f"make: {name} must be one of {list(allowed)}, got {value!r}")
+    source, lr = DETECTORS[detector]
+    cfg = model_zoo.get_config(source)
+    model, dataloader, train = cfg.model, cfg.dataloader, cfg.train
+
+    if detector == "fcos":
+        model.head._target_ = FCOSHead
+    if detector == "faster_rcnn":
+        model.roi_heads.mask_in_features = model.roi_heads.mask_pooler = model.roi_heads.mask_head = None
+    dataloader.train.mapper.use_instance_mask = detector == "mask_rcnn"
+    model.backbone.bottom_up.stages.depth = depth
+    train.init_checkpoint = DEPTHS[depth]
+
+    dataloader.train.mapper.augmentations = [
+        L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE if multiscale else SINGLE_SCALE,
+                                sample_style="choice", max_size=MAX_SIZE),
+        L(T.RandomFlip)(horizontal=True),
+    ]
+    dataloader.evaluator.use_fast_impl = False
+
+    optimizer = cfg.optimizer
+    optimizer.lr, optimizer.momentum, optimizer.weight_decay = lr, 0.9, 1e-4
+    lgd = dict(LGD_KEYS, teacher_lr=lr, **SCHEDULES[schedule])
+    train.max_iter = lgd["max_iter"]
+    lr_multiplier = cfg.lr_multiplier
+    lr_multiplier.scheduler.milestones = [*lgd["steps"], lgd["max_iter"]]
+    lr_multiplier.warmup_length = lgd["warmup_iters"] / lgd["max_iter"]
+    lr_multiplier.warmup_factor = lgd["warmup_factor"]
+    return dataloader, lgd, lr_multiplier, model, optimizer, train

@@ -1,0 +1,276 @@
+"""LGD on FCOS, Faster R-CNN and Mask R-CNN (LGDDistiller hooks), the config family, the FCOS head shim and
+the EMA normalizer in the state_dict; CPU, tiny.
+
+Models come from the shipped lgd/configs/*_R_50_FPN_1x_lgd.py files shrunk by conftest.shrink_detector_config
+(ResNet-18 with BN, 32-channel FPN, small ROI heads), 3 classes, images 128 x 160; the RetinaNet versions of
+the distiller tests live in test_lgd_distiller.py.
+"""
+import copy
+import functools
+import glob
+import math
+import os
+import re
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+import lgd_ops
+from conftest import shrink_detector_config, value_scale
+from lgd import LGDDistiller
+from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
+from lgd.distiller import TEACHER_SUFFIX
+from lgd.fcos_head import FCOSHead, group_norm
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
+NUM_CLASSES = 3
+IMAGE = (128, 160)
+DETECTOR_LOSSES = {
+    "retinanet": {"loss_cls", "loss_box_reg"},
+    "fcos": {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"},
+    "faster_rcnn": {"loss_cls", "loss_box_reg"},
+    "mask_rcnn": {"loss_cls", "loss_box_reg", "loss_mask"},
+}
+STUDENT_ONLY = {"faster_rcnn": {"loss_rpn_cls", "loss_rpn_loc"}, "mask_rcnn": {"loss_rpn_cls", "loss_rpn_loc"}}
+# (use_context, detach_appearance, use_masks, distilled levels): the authors' settings per family
+TEACHER = {
+    "fcos": (True, False, False, ["p3", "p4", "p5", "p6", "p7"]),
+    "faster_rcnn": (False, True, False, ["p2", "p3", "p4", "p5"]),
+    "mask_rcnn": (False, True, True, ["p2", "p3", "p4", "p5"]),
+}
+NEW = list(TEACHER)  # the families this file adds
+
+
+def expected_keys(detector):
+    det = DETECTOR_LOSSES[detector]
+    return det | {k + TEACHER_SUFFIX for k in det} | STUDENT_ONLY.get(detector, set()) | {"loss_distill"}
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_config(detector):
+    return shrink_detector_config(LazyConfig.load(os.path.join(CONFIG_DIR, f"{detector}_R_50_FPN_1x_lgd.py")).model,
+                                  NUM_CLASSES)
+
+
+def make_model(detector, backend="reference", seed=0):
+    torch.manual_seed(seed)
+    return LGDDistiller(instantiate(copy.deepcopy(_tiny_config(detector))), backend=backend).train()
+
+
+def make_input(boxes, classes, seed):
+    """One image dict; every box also gets its rectangle as a polygon mask (what detectron2's mapper gives)."""
+    g = torch.Generator().manual_seed(seed)
+    inst = Instances(IMAGE)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    inst.gt_masks = PolygonMasks([[[x1, y1, x2, y1, x2, y2, x1, y2]] for x1, y1, x2, y2 in boxes])
+    return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
+
+
+def make_batch():
+    return [make_input([[10, 20, 60, 90], [80, 10, 150, 70]], [0, 2], seed=1),
+            make_input([[30, 30, 120, 110]], [1], seed=2)]
+
+
+def train_losses(model, batch, seed=0):
+    """One training forward; the R-CNN proposal sampling draws from the RNG, so it is seeded."""
+    torch.manual_seed(seed)
+    with EventStorage(0):
+        return model(batch)
+
+
+@pytest.mark.parametrize("detector", NEW)
+def test_losses_teacher_settings_and_gradients(detector):
+    model = make_model(detector)
+    use_context, detach, use_masks, levels = TEACHER[detector]
+    teacher = model.teacher
+    assert (teacher.use_context, teacher.appearance_encoder.detach_input, teacher.use_masks) == (
+        use_context, detach, use_masks)
+    assert model._hooks.in_features == levels and model._hooks.num_classes == NUM_CLASSES
+    losses = train_losses(model, make_batch())
+    assert set(losses) == expected_keys(detector)
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.teacher_parameters()
+               if p.requires_grad and p.grad is not None)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.teacher_parameters())
+
+
+@pytest.mark.parametrize("detector", NEW)
+def test_sgd_steps_lower_the_total_loss(detector):
+    model, batch = make_model(detector), make_batch()
+    optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+                  for params in (model.student_parameters(), model.teacher_parameters())]
+    totals = []
+    for _ in range(5):
+        total = sum(train_losses(model, batch).values())
+        for opt in optimizers:
+            opt.zero_grad()
+        total.backward()
+        for opt in optimizers:
+            opt.step()
+        totals.append(total.item())
+    assert totals[-1] < totals[0], totals
+
+
+@pytest.mark.parametrize("detector", NEW)
+def test_instructive_branch_reuses_targets_and_samples(detector, monkeypatch):
+    """With X^I replaced by the student features, the "_tea" losses equal the student's exactly: the same
+    anchor labels / sampled proposals and the same EMA normalizer serve both branches."""
+    model, batch = make_model(detector), make_batch()
+    monkeypatch.setattr(model.teacher, "forward", lambda features, targets, image_size: dict(features))
+    for it in range(2):
+        losses = train_losses(model, batch, seed=it)
+        for name in DETECTOR_LOSSES[detector]:
+            torch.testing.assert_close(losses[name + TEACHER_SUFFIX], losses[name], rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in lgd_ops.available_backends(), reason="lgd_ops CPU kernels not built")
+@pytest.mark.parametrize("detector", NEW)
+def test_reference_and_cpu_backends_agree(detector):
+    """Same losses and gradients; float64 where the detector allows it (detectron2's NMS, which the RPN runs,
+    is float32 only). The backends differ only in the teacher and loss_distill; the student path is shared."""
+    dtype, tol = (torch.float32, dict(rtol=1e-4, atol=1e-5)) if "rcnn" in detector else (
+        torch.float64, dict(rtol=1e-9, atol=1e-10))
+    ref = make_model(detector, "reference").to(dtype)
+    cpu = LGDDistiller(copy.deepcopy(ref.detector), backend="cpu").to(dtype).train()
+    cpu.load_state_dict(ref.state_dict())
+    batch = make_batch()
+    out = []
+    for model in (ref, cpu):
+        losses = train_losses(model, batch)
+        sum(losses.values()).backward()
+        out.append((losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (ref_losses, ref_grads), (cpu_losses, cpu_grads) = out
+    assert set(ref_losses) == set(cpu_losses) == expected_keys(detector)
+    for name in ref_losses:
+        torch.testing.assert_close(cpu_losses[name], ref_losses[name], **tol)
+    assert set(ref_grads) == set(cpu_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(cpu_grads[name], ref_grads[name], rtol=tol["rtol"] * 100,
+                                   atol=tol["atol"] * 100 * value_scale(ref_grads[name]), msg=name)
+
+
+@pytest.mark.parametrize("detector", NEW)
+def test_images_without_objects(detector):
+    """Training with an image that has no objects, and inference (student only, the detector's own output)
+    on images where nothing is detected."""
+    model = make_model(detector)
+    batch = make_batch()
+    batch[1] = make_input([], [], seed=3)
+    losses = train_losses(model, batch)
+    assert set(losses) == expected_keys(detector) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+    det = model.detector
+    if hasattr(det, "roi_heads"):
+        det.roi_heads.box_predictor.test_score_thresh = 1.0
+    else:
+        det.test_score_thresh = 1.0
+    blank = [{"image": torch.zeros(3, *IMAGE)}, {"image": batch[1]["image"]}]
+    model.eval()
+    with torch.no_grad():
+        results = model(blank)
+        expected = det(blank)
+    for got, want in zip(results, expected):
+        assert got["instances"].image_size == IMAGE
+        assert len(got["instances"]) == len(want["instances"]) == 0
+
+
+def test_unsupported_rcnn_variants_fail_clearly():
+    detector = instantiate(copy.deepcopy(_tiny_config("faster_rcnn")))
+    detector.proposal_generator = None
+    with pytest.raises(ValueError, match="proposal generator"):
+        LGDDistiller(detector)
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA loss normalizer as extra state
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("detector", ["retinanet", "fcos"])
+def test_loss_normalizer_saved_and_restored(detector, tmp_path):
+    model = make_model(detector)
+    fresh = make_model(detector, seed=1)
+    assert math.isnan(fresh.state_dict()["_extra_state"].item())  # no EMA before the first iteration
+    train_losses(model, make_batch())
+    value = model.detector.loss_normalizer
+    state = model.state_dict()["_extra_state"]
+    assert state.dtype == torch.float64 and state.tolist() == [value]
+
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
+    DetectionCheckpointer(fresh).load(str(tmp_path / "ckpt.pth"))
+    assert fresh.detector.loss_normalizer == value
+    # a checkpoint from before the first iteration clears a stale normalizer
+    fresh.load_state_dict(make_model(detector).state_dict())
+    assert not hasattr(fresh.detector, "loss_normalizer")
+    with pytest.raises(ValueError, match="state must be a tensor"):
+        fresh.set_extra_state(torch.zeros(2, dtype=torch.float64))
+
+
+def test_rcnn_extra_state_is_empty():
+    assert make_model("faster_rcnn").state_dict()["_extra_state"].shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------
+# FCOS head shim
+# ------------------------------------------------------------------------------------------------
+
+def test_fcos_head_builds_with_detectron2_group_norm():
+    from detectron2.layers import ShapeSpec
+
+    head = FCOSHead(input_shape=[ShapeSpec(channels=64)] * 3, conv_dims=[64, 64], num_classes=NUM_CLASSES, norm="GN")
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 4 and all(m.num_groups == 32 and m.num_channels == 64 for m in norms)
+    logits, deltas, centerness = head([torch.randn(2, 64, s, s) for s in (8, 4, 2)])
+    assert [x.shape[1] for x in (logits[0], deltas[0], centerness[0])] == [NUM_CLASSES, 4, 1]
+    assert group_norm(1).num_groups == 1
+    with pytest.raises(ValueError, match="channels"):
+        group_norm(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The config family
+# ------------------------------------------------------------------------------------------------
+
+NAME = re.compile(r"(?P<det>\w+?)_R_(?P<depth>\d+)_FPN_(?P<sched>\dx)(?P<ms>_ms)?_lgd\.py$")
+CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(CONFIG_DIR, "*_lgd.py")) if NAME.search(f))  # the family
+
+
+def test_every_variant_has_a_file():
+    names = {os.path.basename(f)[:-3] for f in CONFIG_FILES}
+    expected = {config_name(d, n, s, m) for d in DETECTORS for n in DEPTHS for s in SCHEDULES for m in (False, True)}
+    assert names == expected and len(expected) == 32
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_loads_and_builds(path):
+    cfg = LazyConfig.load(path)
+    m = NAME.search(path)
+    det, depth, sched, ms = m["det"], int(m["depth"]), m["sched"], bool(m["ms"])
+    lgd = cfg.lgd
+    assert (lgd.max_iter, tuple(lgd.steps), lgd.backbone_freeze_iters) == (
+        (90000, (60000, 80000), 10000) if sched == "1x" else (180000, (120000, 160000), 20000))
+    assert lgd.distill_start_iter == 30000 and cfg.train.max_iter == lgd.max_iter
+    assert cfg.optimizer.lr == lgd.teacher_lr == (0.02 if "rcnn" in det else 0.01)
+    assert list(cfg.lr_multiplier.scheduler.milestones) == [*lgd.steps, lgd.max_iter]
+    assert cfg.model.backbone.bottom_up.stages.depth == depth and f"R-{depth}" in cfg.train.init_checkpoint
+    resize = cfg.dataloader.train.mapper.augmentations[0]
+    assert tuple(resize.short_edge_length) == (MULTI_SCALE if ms else SINGLE_SCALE)
+    assert cfg.dataloader.train.mapper.use_instance_mask == (det == "mask_rcnn")
+    assert cfg.dataloader.evaluator.use_fast_impl is False
+    model = LGDDistiller(instantiate(shrink_detector_config(cfg.model, NUM_CLASSES)))
+    assert model.teacher.use_masks == (det == "mask_rcnn")
+
+
+@pytest.mark.parametrize("kwargs", [dict(detector="yolo"), dict(detector="fcos", depth=18),
+                                    dict(detector="fcos", schedule="3x"), dict(detector="fcos", multiscale=1)])
+def test_make_rejects_unknown_variants(kwargs):
+    name = next(k for k in kwargs if k != "detector") if len(kwargs) > 1 else "detector"
+    with pytest.raises(ValueError, match=name):
+        make(**kwargs)
