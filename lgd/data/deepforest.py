@@ -120,7 +120,7 @@ def _check_tiling(tile_size, overlap, min_visible, min_side):
     if not (isinstance(tile_size, int) and tile_size > 0):
         raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
     if not (isinstance(overlap, int) and 0 <= overlap < tile_size):
-        raise ValueError(f"overlap must be an int in [0, tile_size), got {overlap!r}")
+        raise ValueError(f"overlap must be an int in [0, tile_size={tile_size}), got {overlap!r}")
     if not 0 < min_visible <= 1:
         raise ValueError(f"min_visible must be in (0, 1], got {min_visible!r}")
     if not min_side >= 0:
@@ -128,7 +128,7 @@ def _check_tiling(tile_size, overlap, min_visible, min_side):
 
 
 def convert_voc_to_tiled_coco(xml_files, out_dir, val_images, label_map, tile_size=400, overlap=50,
-                              min_visible=0.5, min_side=2.0, extra_manifest=None):
+                              min_visible=0.5, min_side=2.0):
     """Tile the images of ``xml_files`` into a COCO dataset at ``out_dir`` (created atomically; must not exist).
 
     ``val_images``: stems of the xml files whose tiles form the val split (all others: train); each must be
@@ -187,17 +187,12 @@ def convert_voc_to_tiled_coco(xml_files, out_dir, val_images, label_map, tile_si
             (tmp / f"{split}.json").write_text(json.dumps(coco))
         manifest = {"converter_version": CONVERTER_VERSION, "categories": categories, "label_map": label_map,
                     "val_images": sorted(val_images), "tile_size": tile_size, "overlap": overlap,
-                    "min_visible": min_visible, "min_side": min_side, "stats": stats, **(extra_manifest or {})}
+                    "min_visible": min_visible, "min_side": min_side, "stats": stats}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         os.rename(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
-
-
-def _dataset_paths(dataset_dir):
-    return {"train_json": str(dataset_dir / "train.json"), "val_json": str(dataset_dir / "val.json"),
-            "image_root": str(dataset_dir), "dataset_dir": str(dataset_dir)}
 
 
 def prepare_demo_dataset(cache_dir=None):
@@ -219,7 +214,8 @@ def prepare_demo_dataset(cache_dir=None):
             if not dataset_dir.is_dir():  # else another process finished the same conversion first
                 raise
     manifest = json.loads((dataset_dir / "manifest.json").read_text())
-    return {**_dataset_paths(dataset_dir), "stats": manifest["stats"]}
+    return {"train_json": str(dataset_dir / "train.json"), "val_json": str(dataset_dir / "val.json"),
+            "image_root": str(dataset_dir), "dataset_dir": str(dataset_dir), "stats": manifest["stats"]}
 
 
 def register_demo_datasets(cache_dir=None):
