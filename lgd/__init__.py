@@ -11,9 +11,11 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
     # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
 
-LGDDistiller (lgd.distiller) wraps a built detectron2 detector (RetinaNet so far) with all of the above;
+LGDDistiller (lgd.distiller) wraps a built detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above
+(lgd.fcos_head: an FCOSHead that builds on recent torch);
 lgd.trainer trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule);
-lgd.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/; not imported here, so that
+lgd.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/: the four detectors x R50/R101 x 1x/2x x
+single/multi-scale, each one call of lgd/configs/_lgd_config.py's make(); not imported here, so that
 `python -m lgd.train_net` runs cleanly).
 """
 from .appearance_encoder import AppearanceEncoder

@@ -237,8 +237,8 @@ class LGDDistiller(nn.Module):
 
     detector: a built detectron2 RetinaNet, FCOS or (Faster/Mask) R-CNN. num_classes and the feature channels
     are read from it. teacher / distill_loss: pass your own to override the defaults (LGDTeacher with the
-    detector's context/detach/mask settings, DistillationLoss()). backend goes to every lgd_ops call ("auto", "reference",
-    "cpu", ...). distill_enabled: see the property.
+    detector's context/detach/mask settings, DistillationLoss()). backend goes to every lgd_ops call
+    ("auto", "reference", "cpu", ...). distill_enabled: see the property.
     """
 
     def __init__(self, detector: nn.Module, *, teacher: Optional[LGDTeacher] = None,

@@ -1,4 +1,4 @@
-"""FCOSHead that builds on any torch: detectron2 v0.6's RetinaNetHead.__init__ (which FCOSHead calls) probes the norm type with get_norm(norm, 1); for "GN"
+"""An FCOSHead that builds on any torch: detectron2 v0.6's, with its GroupNorm type probe made harmless.
 that is nn.GroupNorm(32, 1), which recent torch rejects (channels not divisible by groups), so the stock
 FCOS config cannot build; upstream detectron2 later changed the probe. This head passes "GN" on as a
 callable that makes exactly detectron2's GroupNorm(32, C) for every real layer and a one-group GroupNorm
