@@ -129,6 +129,23 @@ def _outputs(image_id):
     return {"instances": instances}
 
 
+def test_evaluator_clips_ground_truth_to_the_image(tmp_path, image_root):
+    """A full-body box past the image border (100,10)-(160,70) on a 120 px wide image matches the clipped
+    prediction (100,10)-(120,70): IoU 1 after clipping (0.33 before)."""
+    odgt = tmp_path / "edge.odgt"
+    odgt.write_text('{"ID": "img1", "gtboxes": [{"tag": "person", "fbox": [100, 10, 60, 60], "extra": {}}]}\n')
+    name = register_crowdhuman("lgd_test_crowdhuman_edge", odgt, image_root)
+    try:
+        evaluator = MissRateEvaluator(name, distributed=False)
+        instances = Instances((80, 120), pred_boxes=Boxes(torch.tensor([[100.0, 10, 120, 70]])),
+                              scores=torch.tensor([0.9]), pred_classes=torch.tensor([0]))
+        evaluator.process([{"image_id": "img1"}], [{"instances": instances}])
+        assert evaluator.evaluate()["mMR"]["mMR"] == pytest.approx(0.0, abs=1e-6)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 def test_evaluator_on_registered_crowdhuman(image_root):
     name = register_crowdhuman("lgd_test_crowdhuman", ODGT, image_root)
     try:

@@ -1,7 +1,8 @@
 """Log-average miss rate (mMR), the CrowdHuman / Caltech pedestrian metric, as a detectron2 DatasetEvaluator.
 
 Protocol ("full" setup: every box, no height or visibility filter):
-1. Per image, detections in decreasing score order are matched greedily: a detection takes the not yet matched
+1. Per image (ground-truth boxes and ignore regions clipped to the image, like the predictions), detections in
+   decreasing score order are matched greedily: a detection takes the not yet matched
    ground-truth box with the highest IoU if that IoU >= 0.5 (true positive). Otherwise, if it covers an ignore
    region (a box with iscrowd 1, e.g. CrowdHuman "mask" or extra.ignore boxes) with IoA = intersection / detection
    area >= 0.5, it is dropped (neither true nor false positive); else it is a false positive.
@@ -74,9 +75,18 @@ def log_average_miss_rate(scores, is_tp, num_gt, num_images, reference_fppi=REFE
     return float(np.exp(np.mean(np.log(np.maximum(at_ref, MIN_MISS_RATE))))), at_ref
 
 
-def _xyxy(annotations, crowd):
-    return [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
-            for a in annotations if bool(a.get("iscrowd", 0)) == crowd]
+def _ground_truth(record, category_id):
+    """(boxes, ignore regions) of ``category_id`` in a dataset dict, XYXY, clipped to the image when its size is
+    known (as CrowdHuman's evaluation does: a full-body box may extend past the image, predictions cannot)."""
+    annotations = [a for a in record.get("annotations", []) if a["category_id"] == category_id]
+    result = []
+    for crowd in (False, True):
+        boxes = _as_boxes([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                           for a in annotations if bool(a.get("iscrowd", 0)) == crowd])
+        if "height" in record and "width" in record:
+            boxes.clip((record["height"], record["width"]))
+        result.append(boxes.tensor.numpy())
+    return tuple(result)
 
 
 class MissRateEvaluator(DatasetEvaluator):
@@ -92,8 +102,7 @@ class MissRateEvaluator(DatasetEvaluator):
         self._distributed = distributed
         self._ground_truth = {}
         for record in DatasetCatalog.get(dataset_name):
-            annotations = [a for a in record.get("annotations", []) if a["category_id"] == category_id]
-            self._ground_truth[record["image_id"]] = (_xyxy(annotations, False), _xyxy(annotations, True))
+            self._ground_truth[record["image_id"]] = _ground_truth(record, category_id)
         self._results = []
 
     def reset(self):
