@@ -1,12 +1,34 @@
-"""Speed and memory of the lgd_ops backends, fused vs the reference, at detection shapes.
+"""Speed, memory and bandwidth of the lgd_ops backends, fused vs the reference, at detection shapes.
 
-For each op, backend and objects-per-image: forward and forward+backward wall time over all pyramid
-levels (median and 20th/80th percentiles of repeats) and the peak memory the call allocates beyond
-its inputs (allocator peak on GPU, child-process peak RSS on CPU). Prints a markdown
-table with each backend's time as a ratio of the reference's, and writes CSV, JSON and the table stamped with
-the device, torch version and thread count.
+Sweep: op (box_pool, box_fill, normalized_mse) x backend (every available one: reference, cpu on CPU tensors,
+cuda and triton on GPU tensors) x mode x shape x batch x objects per image x dtype, each case over all
+pyramid levels of the shape. Modes:
+  forward   the op under no_grad
+  backward  torch.autograd.grad of the op's outputs, the forward graph built once outside the timer
+  full      forward + backward
+Timing: median and 20th/80th percentiles of `--repeats` samples; torch.utils.benchmark.Timer on CPU (with this
+process' thread count), triton.testing.do_bench on CUDA (CUDA events when triton is missing).
+Peak memory: beyond the inputs; CUDA: the caching allocator's peak, every mode; CPU: the peak resident size
+(VmHWM) of a fresh child process, mode full only (a child per case costs ~2 s).
+Achieved bandwidth: the bytes the op must move at least (below), over the median time, also as a fraction of
+the measured device copy bandwidth (dst.copy_(src) of 256 MiB, 2 x bytes per copy). With s = element size,
+M = sum over levels of B*C*H_l*W_l (one feature pyramid), N = objects in the batch:
+  box_pool        forward s*(M + N*C*L)   (read the levels, write one [N, C] per level; L levels)
+                  backward s*(N*C*L + M)  (read grad [N, C] per level, write grad of the levels)
+  box_fill        forward s*(N*C + M)     (read the embeddings once, write the painted levels)
+                  backward s*(M + N*C*L)  (read grad of the levels, write one grad [N, C] per level)
+  normalized_mse  forward 2*s*M           (read student and teacher)
+                  backward 3*s*M          (read both again, write grad of the student)
+  full = forward + backward. Box coordinates (16 bytes per box) are ignored.
+Ratios: each backend's median time and peak memory over the reference's in the same run.
 
-  python benchmarks/bench_ops.py                       # COCO RetinaNet shape, every backend
+Outputs under --out, named ops_<device>_<shapes>_<dtypes>: .csv (long format, one row per metric: op,
+backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torch, triton, commit, ...),
+.json (the same rows), .md (table) and _time.png / _memory.png (time and memory of mode full vs objects).
+
+  python benchmarks/bench_ops.py                       # COCO RetinaNet shape, B=2, fp32, 7/50/100 objects
+  python benchmarks/bench_ops.py --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
+  python benchmarks/bench_ops.py --shape faster_rcnn --dtype bfloat16 --batch 1 8 --objects 1 300
   python benchmarks/bench_ops.py --shape tiny --repeats 2 --out /tmp/bench   # smoke run
 """
 import argparse
@@ -24,13 +46,17 @@ import torch
 
 import lgd_ops
 
-# (B, C, padded input H, W, level sizes)
+# (default B, C, padded input H, W, level sizes): RetinaNet P3-P7, Faster R-CNN P2-P6 of a COCO image resized to
+# 800 x ~1200 and padded to a multiple of 32 (the 800 x 1333 setting's usual size)
 SHAPES = {
     "retinanet": (2, 256, 800, 1216, [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]),
     "faster_rcnn": (2, 256, 800, 1216, [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]),
     "tiny": (2, 8, 64, 96, [(16, 24), (8, 12), (4, 6)]),
 }
-
+OPS = ("box_pool", "box_fill", "normalized_mse")
+MODES = ("forward", "backward", "full")
+FULL_SWEEP = dict(shape=["retinanet", "faster_rcnn"], objects=[1, 7, 50, 100, 300], batch=[1, 2, 8],
+                  dtype=["float32", "bfloat16"])
 
 # glibc settings for the timed runs: freed blocks stay in the heap, so a repeat does not pay the
 # page faults of fresh 40 MB maps (what a caching allocator, or a long training run, sees). Without
@@ -50,6 +76,22 @@ def device_name(device):
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
 def random_boxes(objects, n_img, in_h, in_w, device, generator):
     """COCO-like boxes: log-uniform sizes from 8 px to the image size, some past the edge."""
     n = objects * n_img
@@ -61,10 +103,28 @@ def random_boxes(objects, n_img, in_h, in_w, device, generator):
     return boxes.to(device), batch_idx.to(device)
 
 
-def make_case(op, shape, objects, dtype, device, seed=0):
-    """Returns (forward, forward_backward) closures for one op at one shape."""
-    g = torch.Generator().manual_seed(seed)
+def shape_dims(shape, batch):
+    """(B, C, H_in, W_in, levels) of a SHAPES entry, B replaced by `batch` when given."""
     n_img, channels, in_h, in_w, levels = SHAPES[shape]
+    return batch or n_img, channels, in_h, in_w, levels
+
+
+def min_bytes(op, mode, shape, batch, objects, dtype):
+    """Bytes `op` must move at least in `mode` (module docstring formulas)."""
+    n_img, channels, _, _, levels = shape_dims(shape, batch)
+    s = torch.empty(0, dtype=dtype).element_size()
+    m = sum(n_img * channels * h * w for h, w in levels)
+    per_level = objects * n_img * channels * len(levels)
+    fwd, bwd = {"box_pool": (m + per_level, per_level + m),
+                "box_fill": (objects * n_img * channels + m, m + per_level),
+                "normalized_mse": (2 * m, 3 * m)}[op]
+    return s * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def make_case(op, shape, objects, dtype, device, batch=None, seed=0):
+    """(run(backend) -> outputs, differentiable inputs) for one op over all levels of a shape."""
+    g = torch.Generator().manual_seed(seed)
+    n_img, channels, in_h, in_w, levels = shape_dims(shape, batch)
     boxes, batch_idx = random_boxes(objects, n_img, in_h, in_w, device, g)
     size = (in_h, in_w)
 
@@ -72,39 +132,45 @@ def make_case(op, shape, objects, dtype, device, seed=0):
         return torch.randn(*shape_, generator=g).to(device=device, dtype=dtype).requires_grad_()
 
     if op == "box_pool":
-        feats = [leaf(n_img, channels, h, w) for h, w in levels]
+        inputs = [leaf(n_img, channels, h, w) for h, w in levels]
 
-        def fwd(backend):
-            return [lgd_ops.box_pool(f, boxes, batch_idx, size, backend=backend) for f in feats]
-
-        inputs = feats
+        def run(backend):
+            return [lgd_ops.box_pool(f, boxes, batch_idx, size, backend=backend) for f in inputs]
     elif op == "box_fill":
-        emb = leaf(boxes.shape[0], channels)
+        inputs = [leaf(boxes.shape[0], channels)]
 
-        def fwd(backend):
-            return [lgd_ops.box_fill(emb, boxes, batch_idx, size, (n_img, h, w), backend=backend) for h, w in levels]
-
-        inputs = [emb]
-    else:
-        students = [leaf(n_img, channels, h, w) for h, w in levels]
+        def run(backend):
+            return [lgd_ops.box_fill(inputs[0], boxes, batch_idx, size, (n_img, h, w), backend=backend)
+                    for h, w in levels]
+    elif op == "normalized_mse":
+        inputs = [leaf(n_img, channels, h, w) for h, w in levels]
         teachers = [torch.randn(n_img, channels, h, w, generator=g).to(device=device, dtype=dtype) for h, w in levels]
 
-        def fwd(backend):
-            return [lgd_ops.normalized_mse(students, teachers, backend=backend)]
+        def run(backend):
+            return [lgd_ops.normalized_mse(inputs, teachers, backend=backend)]
+    else:
+        raise ValueError(f"bench_ops: unknown op {op!r}; expected one of {OPS}")
+    return run, inputs
 
-        inputs = students
 
-    def forward(backend):
-        with torch.no_grad():
-            return fwd(backend)
-
-    def forward_backward(backend):
-        outs = fwd(backend)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        for x in inputs:
-            x.grad = None
-
-    return forward, forward_backward
+def mode_fn(op, shape, objects, dtype, device, batch, mode, backend):
+    """A no-argument function running one `mode` call of the case (for backward, the graph is built here)."""
+    run, inputs = make_case(op, shape, objects, dtype, device, batch)
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                run(backend)
+        return forward
+    if mode == "backward":
+        outs = run(backend)
+        grads = [torch.ones_like(o) for o in outs]
+        return lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+    if mode == "full":
+        def full():
+            outs = run(backend)
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+        return full
+    raise ValueError(f"bench_ops: unknown mode {mode!r}; expected one of {MODES}")
 
 
 def sync(device):
@@ -113,38 +179,57 @@ def sync(device):
 
 
 def time_it(fn, device, repeats):
-    fn()  # warm-up (first-call allocations, lazy init)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
-
-
-def peak_memory(op, shape, objects, dtype, device, backend):
-    """Peak bytes one forward+backward allocates beyond its inputs.
-
-    CUDA: the caching allocator's peak statistics. CPU: the peak resident size (VmHWM) of a fresh child
-    process (glibc told to mmap every block over 64 KiB, so freed memory leaves the RSS at once),
-    measured from after its inputs are built, with the libraries warmed up on a tiny case first.
-    """
+    """(p20, median, p80) milliseconds of fn over `repeats` samples, after one warm-up call."""
     if device.type == "cuda":
-        _, forward_backward = make_case(op, shape, objects, dtype, device)
-        forward_backward(backend)
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            p20, p50, p80 = do_bench(fn, rep=max(repeats, 25), quantiles=[0.2, 0.5, 0.8])
+            return p20, p50, p80
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        from torch.utils.benchmark import Timer
+
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        fn()
+        times = [timer.timeit(1).median * 1e3 for _ in range(repeats)]
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return q[0], statistics.median(times), q[3]
+
+
+def copy_bandwidth(device, nbytes=256 * 2**20, repeats=5):
+    """Measured device copy bandwidth, GB/s (2 x bytes moved per dst.copy_(src))."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    _, median_ms, _ = time_it(lambda: dst.copy_(src), device, repeats)
+    return 2 * nbytes / (median_ms * 1e-3) / 1e9
+
+
+def peak_memory(op, shape, objects, dtype, device, backend, batch, mode="full"):
+    """Peak bytes one `mode` call allocates beyond its inputs (module docstring)."""
+    if device.type == "cuda":
+        fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
+        fn()
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        forward_backward(backend)
+        fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak-child", op, shape, str(objects), str(dtype).split(".")[-1], backend]
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak-child", op, shape, str(objects),
+           str(dtype).split(".")[-1], backend, str(batch or 0), mode]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return int(out.strip().splitlines()[-1])
 
@@ -154,86 +239,181 @@ def _proc_status_kib(field):
         return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
 
 
-def _peak_child(op, shape, objects, dtype, backend):
-    """Runs in a child process: prints the peak resident-size growth (bytes) of one forward+backward.
+def _peak_child(op, shape, objects, dtype, backend, batch, mode):
+    """Runs in a child process: prints the peak resident-size growth (bytes) of one `mode` call.
 
-    Reads the kernel's high-water mark VmHWM after resetting it (ru_maxrss would not do: Linux keeps
-    it across exec, so it starts at the parent's size)."""
+    Glibc is told to mmap every block over 64 KiB, so freed memory leaves the RSS at once. Reads the kernel's
+    high-water mark VmHWM after resetting it (ru_maxrss would not do: Linux keeps it across exec, so it starts
+    at the parent's size), from after the inputs are built, the libraries warmed up on a tiny case first."""
     device = torch.device("cpu")
-    make_case(op, "tiny", int(objects), getattr(torch, dtype), device)[1](backend)
-    _, forward_backward = make_case(op, shape, int(objects), getattr(torch, dtype), device)
+    dtype, objects, batch = getattr(torch, dtype), int(objects), int(batch) or None
+    mode_fn(op, "tiny", objects, dtype, device, None, mode, backend)()
+    fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     base = _proc_status_kib("VmRSS")
-    forward_backward(backend)
+    fn()
     print((_proc_status_kib("VmHWM") - base) * 1024)
 
 
-def main():
-    if len(sys.argv) == 7 and sys.argv[1] == "--peak-child":
-        return _peak_child(*sys.argv[2:])
-    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **STEADY_MALLOC))
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="retinanet")
+    parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["retinanet"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--ops", nargs="+", default=["box_pool", "box_fill", "normalized_mse"])
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--objects", type=int, nargs="+", default=[7, 50, 100], help="objects per image")
+    parser.add_argument("--batch", type=int, nargs="+", default=[0], help="images per batch (0: the shape's, 2)")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=10, help="timed samples per case")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: saves a child per case)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the full sweep: " + ", ".join(f"{k} {v}" for k, v in FULL_SWEEP.items()))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    if args.sweep:
+        for key, value in FULL_SWEEP.items():
+            setattr(args, key, value)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if any(n < 1 for n in args.objects) or any(b < 0 for b in args.batch):
+        parser.error("--objects must be >= 1 and --batch >= 0")
+    return args
 
+
+def run_sweep(args, device, backends, stamp):
+    """One CSV row per (case, metric): time_ms, gbps, bw_fraction, vs_ref (time), peak_mb, peak_vs_ref."""
+    from tqdm import tqdm
+
+    cases = [(op, shape, batch, dtype, objects) for shape in args.shape for batch in args.batch
+             for dtype in args.dtype for op in args.ops for objects in ([0] if op == "normalized_mse" else args.objects)]
+    rows, ref = [], {}
+    with tqdm(total=len(cases) * len(backends) * len(args.modes), desc="bench_ops", file=sys.stderr) as bar:
+        for op, shape, batch, dtype_name, objects in cases:
+            dtype = getattr(torch, dtype_name)
+            n_img = shape_dims(shape, batch)[0]
+            for backend in backends:
+                for mode in args.modes:
+                    key = dict(op=op, backend=backend, mode=mode, shape=shape, batch=n_img, objects=objects,
+                               dtype=dtype_name)
+                    fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
+                    p20, p50, p80 = time_it(fn, device, args.repeats)
+                    del fn
+                    gbps = [min_bytes(op, mode, shape, batch, objects, dtype) / (t * 1e-3) / 1e9 for t in (p80, p50, p20)]
+                    metrics = {"time_ms": (p20, p50, p80), "gbps": tuple(gbps),
+                               "bw_fraction": tuple(x / stamp["copy_gbps"] for x in gbps)}
+                    if not args.no_memory and (device.type == "cuda" or mode == "full"):
+                        mb = peak_memory(op, shape, objects, dtype, device, backend, batch, mode) / 2**20
+                        metrics["peak_mb"] = (mb, mb, mb)
+                    case = tuple(key.items())
+                    if backend == "reference":
+                        ref[case] = metrics
+                    base = ref.get(tuple(dict(key, backend="reference").items()))
+                    if base:
+                        metrics["vs_ref"] = tuple(t / base["time_ms"][1] for t in metrics["time_ms"])
+                        if "peak_mb" in metrics and base.get("peak_mb", (0,))[0]:
+                            metrics["peak_vs_ref"] = tuple(m / base["peak_mb"][0] for m in metrics["peak_mb"])
+                    for metric, (lo, mid, hi) in metrics.items():
+                        rows.append(dict(key, metric=metric, p20=lo, p50=mid, p80=hi, **stamp))
+                    bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {objects} obj {backend} {mode}: {p50:.2f} ms")
+                    bar.update()
+    return rows
+
+
+def markdown(rows, stamp, modes):
+    """One table row per (shape, batch, dtype, op, objects, backend): median ms per mode (p20-p80 for full),
+    full vs reference, achieved GB/s of full (% of the copy bandwidth), peak MB of full."""
+    cells = {}
+    for r in rows:
+        case = (r["shape"], r["batch"], r["dtype"], r["op"], r["objects"], r["backend"])
+        cells.setdefault(case, {})[(r["mode"], r["metric"])] = r
+    lines = [f"lgd_ops benchmark, {stamp['device']}, torch {stamp['torch']}, triton {stamp['triton']}, commit "
+             f"{stamp['commit']}, {stamp['date']}; copy bandwidth {stamp['copy_gbps']:.1f} GB/s. Times over all "
+             "levels; full = forward + backward; peak = memory beyond the inputs (full).", "",
+             "| shape | B | dtype | op | objects/img | backend | " + " | ".join(f"{m} ms" for m in modes)
+             + " | full vs ref | full GB/s (% copy) | peak MB | peak vs ref |",
+             "|---|---:|---|---|---:|---|" + "---:|" * (len(modes) + 4)]
+
+    def get(c, mode, metric, fmt, field="p50"):
+        r = c.get((mode, metric))
+        return fmt.format(r[field]) if r else "-"
+
+    for (shape, batch, dtype, op, objects, backend), c in cells.items():
+        times = [get(c, m, "time_ms", "{:.2f}") + (f" ({get(c, m, 'time_ms', '{:.2f}', 'p20')}-"
+                                                   f"{get(c, m, 'time_ms', '{:.2f}', 'p80')})" if m == "full" else "")
+                 for m in modes]
+        frac = c.get(("full", "bw_fraction"))
+        bw = f"{get(c, 'full', 'gbps', '{:.1f}')} ({100 * frac['p50']:.0f} %)" if frac else "-"
+        lines.append(f"| {shape} | {batch} | {dtype} | {op} | {objects or '-'} | {backend} | " + " | ".join(times)
+                     + f" | {get(c, 'full', 'vs_ref', '{:.3f}x')} | {bw} | {get(c, 'full', 'peak_mb', '{:.1f}')} | "
+                     f"{get(c, 'full', 'peak_vs_ref', '{:.3f}x')} |")
+    return "\n".join(lines)
+
+
+def plot(rows, base):
+    """base_time.png / base_memory.png: median full time and peak memory vs objects per image, one panel per
+    (shape, batch, dtype) x op, one line per backend. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for metric, ylabel, suffix in (("time_ms", "full fwd+bwd time (ms)", "time"), ("peak_mb", "peak memory (MB)", "memory")):
+        data = [r for r in rows if r["mode"] == "full" and r["metric"] == metric and r["op"] != "normalized_mse"]
+        panels = sorted({(r["shape"], r["batch"], r["dtype"], r["op"]) for r in data})
+        if not panels:
+            continue
+        cols = min(len(panels), 4)
+        fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            for backend in sorted({r["backend"] for r in data}):
+                pts = sorted((r["objects"], r["p50"], r["p20"], r["p80"]) for r in data if r["p50"] > 0  # log axes
+                             and (r["shape"], r["batch"], r["dtype"], r["op"]) == panel and r["backend"] == backend)
+                if pts:
+                    x, y, lo, hi = zip(*pts)
+                    ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
+                                marker="o", capsize=2, label=backend)
+            ax.set(xscale="log", yscale="log", xlabel="objects per image", ylabel=ylabel,
+                   title="{} B={} {}\n{}".format(*panel))
+            ax.legend(fontsize=7)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        path = f"{base}_{suffix}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 8 and argv[0] == "--peak-child":
+        return _peak_child(*argv[1:])
+    if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **STEADY_MALLOC))
+    args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     backends = args.backends or [
         b for b in lgd_ops.available_backends() if b == "reference" or (b == "cpu") == (device.type == "cpu")
     ]
-    stamp = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "malloc": "steady (glibc keeps freed blocks)" if device.type == "cpu" else "caching allocator",
-        "shape": args.shape,
-        "dtype": args.dtype,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    print(f"# lgd_ops benchmark: {stamp}")
-    rows = []
-    for op in args.ops:
-        objects_list = [0] if op == "normalized_mse" else args.objects
-        for objects in objects_list:
-            forward, forward_backward = make_case(op, args.shape, objects, dtype, device)
-            for backend in backends:
-                row = dict(stamp, op=op, objects=objects, backend=backend)
-                for name, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
-                    med, p20, p80 = time_it(lambda: fn(backend), device, args.repeats)
-                    row.update({f"{name}_ms": med, f"{name}_p20_ms": p20, f"{name}_p80_ms": p80})
-                row["fwdbwd_peak_mb"] = peak_memory(op, args.shape, objects, dtype, device, backend) / 2**20
-                rows.append(row)
-                print(f"  {op:15s} objects={objects:3d} {backend:9s} fwd {row['fwd_ms']:8.2f} ms  "
-                      f"fwd+bwd {row['fwdbwd_ms']:8.2f} ms  peak {row['fwdbwd_peak_mb']:8.1f} MB", flush=True)
-
-    ref = {(r["op"], r["objects"]): r for r in rows if r["backend"] == "reference"}
-    for r in rows:
-        base = ref.get((r["op"], r["objects"]))
-        for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_peak_mb"):
-            r[f"{key}_vs_ref"] = r[key] / base[key] if base and base[key] else float("nan")
-
-    table = [f"lgd_ops benchmark, {stamp['device']}, torch {stamp['torch']}, shape {args.shape}, {args.dtype}, "
-             f"{stamp['date']} (fwd+bwd = forward and backward over all levels; peak = memory beyond the inputs)", "",
-             "| op | objects/img | backend | fwd ms | fwd+bwd ms (p20-p80) | fwd+bwd vs ref | peak MB | peak vs ref |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        table.append(f"| {r['op']} | {r['objects'] or '-'} | {r['backend']} | {r['fwd_ms']:.2f} | "
-                     f"{r['fwdbwd_ms']:.2f} ({r['fwdbwd_p20_ms']:.2f}-{r['fwdbwd_p80_ms']:.2f}) | "
-                     f"{r['fwdbwd_ms_vs_ref']:.3f}x | {r['fwdbwd_peak_mb']:.1f} | {r['fwdbwd_peak_mb_vs_ref']:.3f}x |")
-    print("\n" + "\n".join(table))
+    if "reference" in backends:  # first, so every other backend's ratio exists when its row is written
+        backends = ["reference"] + [b for b in backends if b != "reference"]
+    stamp = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+             "commit": git_commit(), "threads": torch.get_num_threads(),
+             "malloc": "steady (glibc keeps freed blocks)" if device.type == "cpu" else "caching allocator",
+             "date": time.strftime("%Y-%m-%d %H:%M"), "copy_gbps": copy_bandwidth(device)}
+    print(f"# lgd_ops benchmark: {stamp}", flush=True)
+    rows = run_sweep(args, device, backends, stamp)
+    table = markdown(rows, stamp, args.modes)
+    print("\n" + table)
 
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"ops_{device.type}_{args.shape}_{args.dtype}")
+    base = os.path.join(args.out, f"ops_{device.type}_{'-'.join(args.shape)}_{'-'.join(args.dtype)}")
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -241,8 +421,9 @@ def main():
     with open(base + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     with open(base + ".md", "w") as f:
-        f.write("\n".join(table) + "\n")
-    print(f"\nwrote {base}.csv, .json and .md")
+        f.write(table + "\n")
+    plots = plot(rows, base)
+    print(f"\nwrote {base}.csv, .json, .md" + "".join(f", {os.path.basename(p)}" for p in plots))
 
 
 if __name__ == "__main__":

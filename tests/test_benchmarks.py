@@ -1,23 +1,64 @@
-"""The op benchmark still runs end to end (tiny shape, one repeat) and writes its table files.
+"""The benchmarks still run end to end on tiny shapes and write their files (CSV/JSON/markdown/PNG).
 Times are never asserted: benchmarks are not tests."""
 import csv
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def run(script, *args):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV).stdout
+
+
+def load_bench_ops():
+    spec = importlib.util.spec_from_file_location("bench_ops", os.path.join(ROOT, "benchmarks", "bench_ops.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_ops_tiny(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_ops.py"), "--shape", "tiny", "--repeats", "1",
-           "--objects", "3", "--backends", "reference", "cpu", "--out", str(tmp_path)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    assert "| box_pool | 3 | cpu |" in out and "| normalized_mse | - | cpu |" in out
+    out = run("bench_ops.py", "--shape", "tiny", "--repeats", "1", "--objects", "3", "--backends", "reference", "cpu",
+              "--no-memory", "--out", str(tmp_path))
+    assert "| tiny | 2 | float32 | box_pool | 3 | cpu |" in out and "| normalized_mse | - | cpu |" in out
     with open(tmp_path / "ops_cpu_tiny_float32.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["op"], r["backend"]) for r in rows} == {
-        (op, b) for op in ("box_pool", "box_fill", "normalized_mse") for b in ("reference", "cpu")}
-    assert all(float(r["fwdbwd_ms"]) > 0 and float(r["fwdbwd_peak_mb"]) >= 0 for r in rows)
-    assert json.loads((tmp_path / "ops_cpu_tiny_float32.json").read_text())[0]["device"]
-    assert "| normalized_mse | - | cpu |" in (tmp_path / "ops_cpu_tiny_float32.md").read_text()
+    assert {(r["op"], r["backend"], r["mode"]) for r in rows} == {
+        (op, b, m) for op in ("box_pool", "box_fill", "normalized_mse") for b in ("reference", "cpu")
+        for m in ("forward", "backward", "full")}
+    times = [r for r in rows if r["metric"] == "time_ms"]
+    assert all(0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in times)
+    assert {r["metric"] for r in rows} == {"time_ms", "gbps", "bw_fraction", "vs_ref"}
+    assert all(r["device"] and r["torch"] and r["commit"] for r in rows)
+    assert json.loads((tmp_path / "ops_cpu_tiny_float32.json").read_text())[0]["metric"] == "time_ms"
+    assert (tmp_path / "ops_cpu_tiny_float32_time.png").stat().st_size > 0
+
+
+def test_bench_ops_peak_memory_and_bytes(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the peak-memory child imports lgd_ops
+    bench = load_bench_ops()
+    cpu = torch.device("cpu")
+    assert bench.peak_memory("box_fill", "tiny", 3, torch.float32, cpu, "reference", 1) >= 0
+    # normalized_mse full: read student + teacher, then read both and write the student's gradient
+    m = sum(2 * 8 * h * w for h, w in bench.SHAPES["tiny"][4])
+    assert bench.min_bytes("normalized_mse", "full", "tiny", 0, 0, torch.bfloat16) == 2 * 5 * m
+
+
+def test_bench_train_tiny(tmp_path):
+    out = run("bench_train.py", "--detectors", "retinanet", "--variants", "baseline", "lgd_fused", "--image", "64",
+              "64", "--objects", "2", "--iters", "1", "--out", str(tmp_path))
+    assert "| retinanet | lgd_fused |" in out
+    with open(tmp_path / "train_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    metrics = {(r["variant"], r["metric"]) for r in rows}
+    assert {("baseline", "step_ms"), ("lgd_fused", "step_ms"), ("lgd_fused", "peak_mb"),
+            ("lgd_fused", "box_pool_ms"), ("lgd_fused", "instructive_head_loss_ms")} <= metrics
+    assert (tmp_path / "train_cpu.png").stat().st_size > 0
