@@ -107,7 +107,7 @@ def test_sgd_steps_lower_the_total_loss(detector):
     optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
                   for params in (model.student_parameters(), model.teacher_parameters())]
     totals = []
-    for _ in range(5):
+    for _ in range(3):
         total = sum(train_losses(model, batch).values())
         for opt in optimizers:
             opt.zero_grad()
@@ -180,6 +180,30 @@ def test_images_without_objects(detector):
     for got, want in zip(results, expected):
         assert got["instances"].image_size == IMAGE
         assert len(got["instances"]) == len(want["instances"]) == 0
+
+
+def test_wraps_a_yacs_built_one_class_mask_rcnn():
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.NORM = 18, 64, "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 1, 64
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 64, 32
+    torch.manual_seed(0)
+    model = LGDDistiller(build_model(cfg), backend="reference").train()
+    assert model.teacher.use_masks and model.teacher.label_encoder.num_classes == 1
+    batch = make_batch()
+    for x in batch:
+        x["instances"].gt_classes.zero_()
+    losses = train_losses(model, batch)
+    assert set(losses) == expected_keys("mask_rcnn") and all(torch.isfinite(v) for v in losses.values())
 
 
 def test_unsupported_rcnn_variants_fail_clearly():
