@@ -172,9 +172,9 @@ class _RCNNHooks(_DetectorHooks):
 
     The RPN runs once, on the student features (every level it reads, p2-p6 in the stock configs); its
     losses are the student's only. The proposals are labelled and sampled once (label_and_sample_proposals),
-    then the box head (and the mask head, Mask R-CNN) loss runs on each feature set. Distilled levels: the
-    ones the ROI heads read (box_in_features plus mask_in_features, p2-p5), since those are the only levels
-    the instructive branch feeds; the RPN-only level p6 is not distilled.
+    then the box head (and the mask head, Mask R-CNN; a keypoint head likewise, untested) loss runs on each
+    feature set. Distilled levels: the ones the ROI heads read (box_in_features plus mask_in_features, p2-p5),
+    since those are the only levels the instructive branch feeds; the RPN-only level p6 is not distilled.
     """
 
     use_context = False
