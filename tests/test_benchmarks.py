@@ -7,15 +7,19 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from lgd.bench import main as lgd_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
-def run(script, *args):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", script), *args]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV).stdout
+def run(command, *args):
+    """`lgd-bench ops|train args` (through python -m lgd.bench, as the console script would)."""
+    cmd = [sys.executable, "-m", "lgd.bench", command, *args]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
 def load_bench_ops():
@@ -26,7 +30,7 @@ def load_bench_ops():
 
 
 def test_bench_ops_tiny(tmp_path):
-    out = run("bench_ops.py", "--shape", "tiny", "--repeats", "1", "--objects", "3", "--backends", "reference", "cpu",
+    out = run("ops", "--shape", "tiny", "--repeats", "1", "--objects", "3", "--backends", "reference", "cpu",
               "--no-memory", "--out", str(tmp_path))
     assert "| tiny | 2 | float32 | box_pool | 3 | cpu |" in out and "| normalized_mse | - | cpu |" in out
     with open(tmp_path / "ops_cpu_tiny_float32.csv") as f:
@@ -53,7 +57,7 @@ def test_bench_ops_peak_memory_and_bytes(monkeypatch):
 
 
 def test_bench_train_tiny(tmp_path):
-    out = run("bench_train.py", "--detectors", "retinanet", "--variants", "baseline", "lgd_fused", "--image", "64",
+    out = run("train", "--detectors", "retinanet", "--variants", "baseline", "lgd_fused", "--image", "64",
               "64", "--objects", "2", "--iters", "1", "--out", str(tmp_path))
     assert "| retinanet | lgd_fused |" in out
     with open(tmp_path / "train_cpu.csv") as f:
@@ -62,3 +66,9 @@ def test_bench_train_tiny(tmp_path):
     assert {("baseline", "step_ms"), ("lgd_fused", "step_ms"), ("lgd_fused", "peak_mb"),
             ("lgd_fused", "box_pool_ms"), ("lgd_fused", "instructive_head_loss_ms")} <= metrics
     assert (tmp_path / "train_cpu.png").stat().st_size > 0
+
+
+def test_lgd_bench_usage():
+    for argv in ([], ["nope"]):
+        with pytest.raises(SystemExit, match="usage: lgd-bench"):
+            lgd_bench(argv)
