@@ -96,8 +96,7 @@ def test_losses_teacher_settings_and_gradients(detector):
     for name, value in losses.items():
         assert value.dim() == 0 and torch.isfinite(value), name
     sum(losses.values()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.teacher_parameters()
-               if p.requires_grad and p.grad is not None)
+    assert all(torch.isfinite(p.grad).all() for p in model.teacher_parameters() if p.grad is not None)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.teacher_parameters())
 
 
