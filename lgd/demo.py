@@ -1,0 +1,422 @@
+"""The main job: LGD on real data in about ten minutes on 2 CPU cores, and the baseline-vs-LGD comparison.
+
+    python -m lgd.demo                                  # LGD on the deepforest tree tiles, evaluated and plotted
+    python -m lgd.demo --compare --seeds 0 1 2          # baseline vs LGD, same budget and seeds: AP table
+    python -m lgd.demo --resume                         # continue an interrupted run (or comparison)
+
+Steps: prepare and register the demo data (lgd.data: deepforest aerial images tiled to 400 px, one class
+"Tree"; `--data TRAIN_JSON VAL_JSON IMAGE_ROOT` uses any COCO-format dataset instead), train the small RetinaNet
+of lgd/configs/demo_retinanet_mobilenetv2_lgd.py (ImageNet MobileNetV2 + 64-channel FPN/head) with LGD
+through lgd.train_net.train (fused lgd_ops, backend "auto"), evaluate the student with pycocotools (AP, AP50)
+a few times during training and at the end, and write into the output folder (default ./output/demo):
+
+    <mode>_seed<S>/          the run: checkpoints, metrics.json, run.json (its results and curves)
+    summary.json             budget, wall time, s/iter, AP/AP50, final losses, the LGD op report
+    curves.png               losses (student, instructive branch, distillation) and AP over iterations
+    compare.json, compare.png   (--compare) per-seed and mean ± std AP/AP50 of baseline and LGD, curves side by side
+    log.txt                  detectron2's log (the console shows progress bars and the results)
+
+Budget: on CPU 300 iterations of batch 4 at 400 px (~1.1-1.4 s per LGD iteration measured on this 2-core
+machine while other jobs ran, so about 6-8 minutes of training plus evaluation); on CUDA 2000 iterations of
+batch 16. --iters / --batch-size / --image-size override it; the LGD schedule (distillation from 1/3 of the
+run, backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
+The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
+every quarter of an LGD run; its last values go to summary.json and the console.
+
+--resume: a finished run (run.json present) is reused; an unfinished one continues from its last checkpoint.
+Without --resume each run's folder is started afresh.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+from .op_report import OpReport
+from .train_net import OPS_BACKENDS, load_config, train
+
+__all__ = ["DEMO_CONFIG", "build_config", "compare", "main", "plot_compare", "plot_run", "run_one"]
+
+logger = logging.getLogger("lgd.demo")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_retinanet_mobilenetv2_lgd.py")
+# (iterations, images per batch, data loader workers) by device
+BUDGETS = {"cpu": (300, 4, 1), "cuda": (2000, 16, 4)}
+EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
+MODES = ("baseline", "lgd")
+STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
+LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
+AP_KEYS = ("AP", "AP50")
+
+
+class TqdmProgress(HookBase):
+    """A tqdm bar over the run's iterations (with its ETA), showing the latest total loss."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self._bar = None
+
+    def before_train(self):
+        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter, desc=self.desc,
+                         unit="it", dynamic_ncols=True)
+
+    def after_step(self):
+        history = self.trainer.storage.histories().get("total_loss")
+        if history is not None:
+            self._bar.set_postfix(loss=f"{history.latest():.3f}", refresh=False)
+        self._bar.update(1)
+
+    def after_train(self):
+        self._bar.close()
+
+
+class RecordedOpReport(OpReport):
+    """OpReport that also keeps each report's values in `rows` ([(iteration, {key: value})]): registered as an
+    extra hook of lgd.train_net.train, it runs after the metric writers, so its scalars miss metrics.json."""
+
+    def __init__(self, period: int):
+        super().__init__(period)
+        self.rows = []
+
+    def after_step(self):
+        super().after_step()
+        row = {key: value for key, (value, it) in self.trainer.storage.latest().items()
+               if key.startswith("op_report/") and it == self.trainer.iter}
+        if row:
+            self.rows.append((self.trainer.iter, row))
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_data(data=None, cache_dir=None):
+    """Registers the datasets and returns {"train": name, "val": name, "stats": ...}: the deepforest demo tiles
+    (lgd.data.register_demo_datasets) or, with data=(train_json, val_json, image_root), that COCO dataset."""
+    from .data import DEMO_TRAIN, DEMO_VAL, register_coco_once, register_demo_datasets
+
+    if data is None:
+        paths = register_demo_datasets(cache_dir)
+        return {"train": DEMO_TRAIN, "val": DEMO_VAL, "stats": paths.get("stats", {})}
+    if len(data) != 3:
+        raise ValueError(f"prepare_data: data must be (train_json, val_json, image_root), got {data!r}")
+    train_json, val_json, image_root = data
+    return {"train": register_coco_once("lgd_demo_custom_train", train_json, image_root),
+            "val": register_coco_once("lgd_demo_custom_val", val_json, image_root), "stats": {}}
+
+
+def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, workers=None, seed=0,
+                 pretrained=True, overrides=()):
+    """The demo LazyConfig for one run: datasets from prepare_data, the budget, the seed, then `overrides`
+    (key=value). EVALS_PER_RUN evaluations and an op report every quarter of the run; checkpoints likewise."""
+    for name, value in (("iters", iters), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"build_config: {name} must be >= 1, got {value}")
+    cfg = load_config(DEMO_CONFIG)
+    period = max(1, iters // EVALS_PER_RUN)
+    cfg.train.output_dir = output_dir
+    cfg.train.max_iter = int(iters)
+    cfg.train.seed = int(seed)
+    cfg.train.eval_period = period
+    cfg.train.checkpointer = dict(period=period, max_to_keep=2)
+    cfg.train.log_period = max(1, min(20, period))
+    cfg.lgd.op_report_period = period
+    cfg.dataloader.train.total_batch_size = int(batch_size)
+    cfg.dataloader.train.dataset.names = datasets["train"]
+    cfg.dataloader.test.dataset.names = datasets["val"]
+    if workers is not None:
+        cfg.dataloader.train.num_workers = cfg.dataloader.test.num_workers = int(workers)
+    if image_size is not None:
+        if int(image_size) < 32:
+            raise ValueError(f"build_config: image_size must be >= 32, got {image_size}")
+        for aug in (cfg.dataloader.train.mapper.augmentations[0], cfg.dataloader.test.mapper.augmentations[0]):
+            aug.short_edge_length = aug.max_size = int(image_size)
+    if not pretrained:
+        cfg.model.backbone.weights = None
+    from detectron2.config import LazyConfig
+
+    return LazyConfig.apply_overrides(cfg, list(overrides))
+
+
+def _read_metrics(output_dir):
+    """metrics.json rows by iteration (a resumed run appends: the last row of an iteration wins)."""
+    path = os.path.join(output_dir, "metrics.json")
+    rows = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows.setdefault(row["iteration"], {}).update(row)
+    return [rows[i] for i in sorted(rows)]
+
+
+def _curves(rows):
+    """{key: [[iteration, value], ...]} for the losses, bbox AP/AP50 and the op report."""
+    curves = {}
+    for row in rows:
+        for key, value in row.items():
+            name = key[len("bbox/"):] if key.startswith("bbox/") else key
+            if key in LOSS_KEYS or (key.startswith("bbox/") and name in AP_KEYS) or key.startswith("op_report/"):
+                curves.setdefault(name, []).append([row["iteration"], value])
+    return curves
+
+
+def _number(value):
+    """A finite float, else None (COCOeval's NaN when the model predicted nothing; JSON has no NaN)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, **budget):
+    """Trains and evaluates one run (mode "lgd" or "baseline") into output_dir/<mode>_seed<seed>; returns its
+    record (also saved as run.json there): results, curves, wall time, budget. See the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"run_one: mode must be one of {MODES}, got {mode!r}")
+    run_dir = os.path.join(output_dir, f"{mode}_seed{seed}")
+    record_path = os.path.join(run_dir, "run.json")
+    if resume and os.path.isfile(record_path):
+        with open(record_path) as f:
+            logger.info("%s: finished before, reusing %s", run_dir, record_path)
+            return json.load(f)
+    if not resume and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    cfg = build_config(run_dir, datasets, seed=seed, **budget)
+    lgd_enabled = mode == "lgd"
+    op_report = RecordedOpReport(int(cfg.lgd.op_report_period)) if lgd_enabled else None
+    extra_hooks = [op_report, TqdmProgress(f"{mode} seed {seed}")]
+    start = time.perf_counter()
+    results = train(cfg, lgd_enabled=lgd_enabled, backend=backend, resume=resume, extra_hooks=extra_hooks)
+    wall_s = time.perf_counter() - start
+    rows = _read_metrics(run_dir) + [dict(values, iteration=it) for it, values in (op_report.rows if op_report else [])]
+    times = [r["time"] for r in rows if "time" in r]
+    record = {
+        "mode": mode, "seed": seed, "backend": backend if lgd_enabled else None,
+        "iterations": int(cfg.train.max_iter), "batch_size": int(cfg.dataloader.train.total_batch_size),
+        "image_size": int(cfg.dataloader.train.mapper.augmentations[0].max_size),
+        "device": str(cfg.train.device) if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(), "wall_s": wall_s,
+        "s_per_iter": statistics.median(times) if times else None,
+        "results": {k: _number(results.get("bbox", {}).get(k)) for k in AP_KEYS + ("AP75",)},
+        "curves": _curves(rows), "run_dir": run_dir,
+    }
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(record, path):
+    """Losses and AP/AP50 of one run over iterations, as a PNG."""
+    plt = _plt()
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = record["curves"]
+    for key in LOSS_KEYS:
+        if key in curves:
+            it, val = zip(*curves[key])
+            ax_loss.plot(it, val, label=key, linestyle="--" if key.endswith("_tea") else "-")
+    ax_loss.set(xlabel="iteration", ylabel="loss", yscale="log", title=f"{record['mode']} seed {record['seed']}: losses")
+    ax_loss.legend(fontsize=8)
+    for key in AP_KEYS:
+        if key in curves:
+            it, val = zip(*curves[key])
+            ax_ap.plot(it, val, marker="o", label=key)
+    ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation")
+    ax_ap.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean_curve(records, key):
+    """Iterations and mean value over the records of `key` (a sum of keys if key is a tuple), on shared iterations."""
+    keys = key if isinstance(key, tuple) else (key,)
+    per_run = []
+    for rec in records:
+        parts = [dict(map(tuple, rec["curves"].get(k, []))) for k in keys]
+        shared = set.intersection(*(set(p) for p in parts)) if parts else set()
+        per_run.append({i: sum(p[i] for p in parts) for i in shared})
+    common = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
+    return common, [statistics.mean(r[i] for r in per_run) for i in common]
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def compare_table(records):
+    """{mode: {metric: {"mean", "std", "n", "per_seed": {seed: value}}}} for AP and AP50."""
+    table = {}
+    for mode in MODES:
+        runs = [r for r in records if r["mode"] == mode]
+        table[mode] = {m: dict(_stats([r["results"][m] for r in runs]),
+                               per_seed={r["seed"]: r["results"][m] for r in runs}) for m in AP_KEYS}
+    return table
+
+
+def format_table(table):
+    lines = [f"{'':10s}" + "".join(f"{m:>18s}" for m in AP_KEYS)]
+    for mode, metrics in table.items():
+        cells = []
+        for m in AP_KEYS:
+            s = metrics[m]
+            cells.append(f"{s['mean']:8.2f} ± {s['std']:5.2f} (n={s['n']})" if s["n"] else f"{'-':>18s}")
+        lines.append(f"{mode:10s}" + "".join(f"{c:>18s}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_compare(records, path):
+    """Side by side, baseline vs LGD (mean over seeds): the student's detection loss and AP/AP50."""
+    plt = _plt()
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, color in zip(MODES, ("tab:gray", "tab:green")):
+        runs = [r for r in records if r["mode"] == mode]
+        if not runs:
+            continue
+        it, val = _mean_curve(runs, STUDENT_LOSSES)
+        ax_loss.plot(it, val, color=color, label=f"{mode} (n={len(runs)})")
+        for key, style in zip(AP_KEYS, ("-o", "--s")):
+            it, val = _mean_curve(runs, key)
+            ax_ap.plot(it, val, style, color=color, label=f"{mode} {key}")
+    ax_loss.set(xlabel="iteration", ylabel="loss_cls + loss_box_reg", yscale="log", title="student detection loss")
+    ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation (mean over seeds)")
+    ax_loss.legend(fontsize=8)
+    ax_ap.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _op_report(record):
+    """The last op-report values of an LGD run: {op: {"ms", "ref_ms", "speedup"}} plus the LGD forward share."""
+    last = {k[len("op_report/"):]: v[-1][1] for k, v in record["curves"].items() if k.startswith("op_report/")}
+    report = {}
+    for op in ("box_pool", "box_fill", "normalized_mse"):
+        if f"{op}_ms" in last:
+            report[op] = {key: last.get(f"{op}_{key}") for key in ("ms", "ref_ms", "speedup")}
+    for key in ("lgd_fwd_ms", "step_ms", "lgd_fwd_share"):
+        if key in last:
+            report[key] = last[key]
+    return report
+
+
+def _format_ap(value):
+    return "n/a (no detections)" if value is None else f"{value:.2f}"
+
+
+def format_op_report(report):
+    lines = [f"{'op':16s}{'fused ms':>10s}{'ref ms':>10s}{'speedup':>9s}"]
+    lines += [f"{op:16s}{r['ms']:10.2f}{r['ref_ms']:10.2f}{r['speedup']:8.2f}x"
+              for op, r in report.items() if isinstance(r, dict)]
+    if "lgd_fwd_share" in report:
+        lines.append(f"LGD forward work: {report['lgd_fwd_ms']:.1f} ms of a {report['step_ms']:.1f} ms step "
+                     f"({100 * report['lgd_fwd_share']:.1f} %)")
+    return "\n".join(lines)
+
+
+def _setup_logging(output_dir, verbose):
+    """detectron2's logs to output_dir/log.txt; on the console only warnings unless verbose (progress bars
+    and results are printed)."""
+    for name in ("detectron2", "lgd", "fvcore"):
+        log = setup_logger(output=os.path.join(output_dir, "log.txt"), name=name, abbrev_name=name[:3])
+        for handler in log.handlers:
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr) and not verbose:
+                handler.setLevel(logging.WARNING)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m lgd.demo", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="./output/demo")
+    parser.add_argument("--compare", action="store_true", help="baseline vs LGD over --seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default: 0 (0 1 2 with --compare)")
+    parser.add_argument("--iters", type=int, default=None, help="default: 300 on CPU, 2000 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 16 on CUDA")
+    parser.add_argument("--image-size", type=int, default=None, help="image side (default: the config's, 400)")
+    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 1 CPU, 4 CUDA)")
+    parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default="fused",
+                        help="lgd_ops backend of the LGD runs (default: fused = auto)")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs, continue unfinished ones")
+    parser.add_argument("--data", nargs=3, metavar=("TRAIN_JSON", "VAL_JSON", "IMAGE_ROOT"), default=None,
+                        help="a COCO-format dataset instead of the deepforest demo tiles")
+    parser.add_argument("--cache-dir", default=None, help="lgd cache (default $LGD_CACHE or ~/.cache/lgd)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random backbone init (no ImageNet weights)")
+    parser.add_argument("--verbose", action="store_true", help="detectron2's log on the console too")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value overrides of the demo LazyConfig")
+    return parser
+
+
+def main(argv=None):
+    """Entry point (argv without the program name). Returns summary.json's (or, with --compare, compare.json's)
+    content."""
+    args = build_parser().parse_args(argv)
+    iters, batch, workers = BUDGETS[_device()]
+    budget = dict(iters=args.iters or iters, batch_size=args.batch_size or batch, image_size=args.image_size,
+                  workers=args.workers if args.workers is not None else workers,
+                  pretrained=not args.no_pretrained, overrides=args.opts)
+    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.compare else [0])
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    _setup_logging(out, args.verbose)
+    start = time.perf_counter()
+    datasets = prepare_data(args.data, args.cache_dir)
+    backend = OPS_BACKENDS[args.ops]
+    modes = MODES if args.compare else ("lgd",)
+    records = [run_one(mode, seed, out, datasets, backend=backend, resume=args.resume, **budget)
+               for seed in seeds for mode in modes]
+    for rec in records:
+        plot_run(rec, os.path.join(out, f"curves_{rec['mode']}_seed{rec['seed']}.png"))
+    lgd_run = next(r for r in records if r["mode"] == "lgd")
+    shutil.copyfile(os.path.join(out, f"curves_lgd_seed{lgd_run['seed']}.png"), os.path.join(out, "curves.png"))
+    op_report = _op_report(lgd_run)
+    summary = {
+        "command": "python -m lgd.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": DEMO_CONFIG, "datasets": datasets, "total_wall_s": time.perf_counter() - start,
+        "runs": [{k: v for k, v in r.items() if k != "curves"} for r in records],
+        "results": lgd_run["results"], "op_report": op_report,
+        "final_losses": {k: v[-1][1] for k, v in lgd_run["curves"].items() if k in LOSS_KEYS},
+    }
+    ap, ap50 = (_format_ap(lgd_run["results"][k]) for k in AP_KEYS)
+    print(f"\nLGD student on {datasets['val']}: AP {ap}, AP50 {ap50} "
+          f"({lgd_run['iterations']} iterations of {lgd_run['batch_size']} images, {lgd_run['wall_s']:.0f} s, "
+          f"{lgd_run['s_per_iter'] or float('nan'):.2f} s/iter on {lgd_run['device']})")
+    if op_report:
+        print("LGD op report (last, on the run's shapes):\n" + format_op_report(op_report))
+    if args.compare:
+        table = compare_table(records)
+        summary["compare"] = table
+        plot_compare(records, os.path.join(out, "compare.png"))
+        with open(os.path.join(out, "compare.json"), "w") as f:
+            json.dump({"table": table, "seeds": seeds, "budget": {k: v for k, v in budget.items() if k != "overrides"},
+                       "runs": summary["runs"]}, f, indent=1)
+        print(f"\nbaseline vs LGD, seeds {seeds} (COCO AP %, mean ± std):\n" + format_table(table))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if args.compare else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

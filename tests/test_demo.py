@@ -1,0 +1,126 @@
+"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd.demo end to end
+on test_lgd_train_net's synthetic 4-image COCO dataset (64 px, 2 iterations, random backbone init): a run writes
+summary.json and the plots, --resume reuses it, --compare adds the baseline and the AP table."""
+import json
+import os
+
+import pytest
+import torch
+
+from lgd.backbones import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
+
+pytest.importorskip("pycocotools")
+
+
+def test_backbone_outputs_strides_8_16_32():
+    backbone = MobileNetV2Backbone(out_features=["m5", "m3", "m4"], norm="BN")
+    out = backbone(torch.randn(2, 3, 64, 96))
+    shapes = backbone.output_shape()
+    assert list(out) == ["m3", "m4", "m5"]
+    for name, x in out.items():
+        _, channels, stride = MOBILENETV2_STAGES[name]
+        assert shapes[name].channels == channels and shapes[name].stride == stride
+        assert tuple(x.shape) == (2, channels, 64 // stride, 96 // stride)
+    assert len(backbone.features) == MOBILENETV2_STAGES["m5"][0] + 1  # the 1280-channel conv is dropped
+
+
+def test_fpn_levels_for_retinanet():
+    fpn = build_mobilenetv2_fpn(out_channels=16)
+    out = fpn(torch.randn(1, 3, 64, 64))
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
+        "p3": (16, 8, 8), "p4": (16, 4, 4), "p5": (16, 2, 2), "p6": (16, 1, 1), "p7": (16, 1, 1)}
+    assert hasattr(fpn, "bottom_up")  # what LGDDistiller freezes
+
+
+def test_frozen_bn_has_no_trainable_norms():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    backbone = MobileNetV2Backbone(out_features=["m3"])
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+
+
+def test_loads_real_imagenet_weights():
+    from lgd.data import AssetsMissingError, mobilenetv2_weights_path
+
+    try:
+        path = mobilenetv2_weights_path()
+    except AssetsMissingError:
+        pytest.skip("MobileNetV2 weights not fetched (scripts/fetch_demo_assets.sh)")
+    stored = list(torch.load(path, map_location="cpu", weights_only=True).values())
+    backbone = MobileNetV2Backbone(weights=path, out_features=["m5"], norm="BN")
+    loaded = list(backbone.features.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in zip(loaded, stored))  # same order, truncated after block 17
+    frozen = MobileNetV2Backbone(weights=path, out_features=["m3"])
+    first_bn = frozen.features[0][1]
+    assert torch.equal(first_bn.running_mean, stored[3]) and torch.equal(first_bn.weight, stored[1])
+    assert torch.isfinite(frozen(torch.rand(1, 3, 64, 64))["m3"]).all()
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="out_features"):
+        MobileNetV2Backbone(out_features=["res5"])
+    with pytest.raises(ValueError, match="norm"):
+        MobileNetV2Backbone(norm="GN")
+    features = MobileNetV2Backbone(out_features=["m2"], norm="BN").features
+    state = features.state_dict()
+    with pytest.raises(ValueError, match="tensors"):
+        load_by_position(features, dict(list(state.items())[:-1]), source="short.pt")
+    bad = dict(state)
+    bad[next(iter(bad))] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        load_by_position(features, bad, source="bad.pt")
+    truncated = tmp_path / "truncated.pt"
+    torch.save(dict(list(state.items())), truncated)  # blocks 0-3 only: not a full features state dict
+    with pytest.raises(ValueError, match="truncated.pt"):
+        MobileNetV2Backbone(weights=str(truncated))
+
+
+@pytest.fixture(scope="module")
+def demo_argv(tmp_path_factory):
+    from test_lgd_train_net import make_dataset
+
+    root = tmp_path_factory.mktemp("lgd_demo")
+    ann, images = make_dataset(root)
+    out = str(root / "out")
+    options = ["--output-dir", out, "--data", ann, ann, images, "--iters", "2", "--batch-size", "2",
+               "--image-size", "64", "--workers", "0", "--no-pretrained"]
+    # config overrides come last; after 2 iterations every score is ~prior_prob (0.01): keep them all
+    return out, options, ["model.num_classes=2", "model.test_score_thresh=0.0"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_argv):
+    from lgd.demo import main
+
+    out, options, overrides = demo_argv
+    return out, main(options + overrides)
+
+
+def test_demo_writes_summary_and_plots(demo_run):
+    out, summary = demo_run
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["results"] == summary["results"]
+    assert all(isinstance(summary["results"][k], float) for k in ("AP", "AP50"))
+    assert set(summary["op_report"]) >= {"box_pool", "box_fill", "normalized_mse"}
+    assert {"loss_cls", "loss_cls_tea", "loss_distill"} <= set(summary["final_losses"])
+    (run,) = summary["runs"]
+    assert run["mode"] == "lgd" and run["iterations"] == 2 and run["batch_size"] == 2
+    for name in ("curves.png", "curves_lgd_seed0.png", "lgd_seed0/run.json", "lgd_seed0/model_final.pth"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_run):
+    from lgd.demo import main
+
+    out, options, overrides = demo_argv
+    metrics = os.path.join(out, "lgd_seed0", "metrics.json")
+    stamp = os.path.getmtime(metrics)
+    summary = main(["--compare", "--seeds", "0", "--resume"] + options + overrides)
+    assert os.path.getmtime(metrics) == stamp  # the LGD run was not trained again
+    with open(os.path.join(out, "compare.json")) as f:
+        table = json.load(f)["table"]
+    assert set(table) == {"baseline", "lgd"}
+    assert table["lgd"]["AP"]["n"] == 1 and table["lgd"]["AP"]["std"] == 0.0
+    assert summary["compare"]["baseline"]["AP50"]["per_seed"]
+    assert os.path.getsize(os.path.join(out, "compare.png")) > 0
