@@ -45,6 +45,8 @@ train.seed (0 when unset or negative: unlike detectron2, the data order is fixed
 stopped and resumed sees the same batches and losses as an uninterrupted one. Exact for num_workers=0 and
 images of one aspect-ratio group (or aspect_ratio_grouping=False): worker processes draw augmentations from
 their own RNG streams, and aspect-ratio grouping keeps a partial batch that a checkpoint does not hold.
+TorchScript functions (detectron2's focal loss) run without graph optimization while training: the profiling
+executor would switch them to a differently rounded graph after their first calls in each process.
 A dataloader.train that is not detectron2's build_detection_train_loader is used as is (not exact).
 
 Checkpoints: `model` holds the whole LGDDistiller (student under `detector.`) or, in baseline mode, the plain
@@ -67,6 +69,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer
@@ -75,7 +78,7 @@ from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, Res
                       build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
 __all__ = ["AtomicCheckpointer", "build_model", "build_parser", "build_schedule", "build_train_loader", "do_test",
-           "eval_main", "evaluate", "launch_cpu", "load_config", "main", "train"]
+           "eval_main", "evaluate", "launch_cpu", "load_config", "main", "register_coco_datasets", "train"]
 
 logger = logging.getLogger("lgd.train_net")
 OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
@@ -237,6 +240,8 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
         return results
 
     main = comm.is_main_process()
+    if main:
+        PathManager.mkdirs(output_dir)
     writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
                TensorboardXWriter(output_dir)] if main else []
     lgd_hooks = build_lgd_hooks(schedule, lgd_enabled=isinstance(model, LGDDistiller))
@@ -246,7 +251,10 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
         hooks.EvalHook(cfg.train.eval_period, test_and_keep),
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
     ] + list(extra_hooks))
-    trainer.train(start_iter, schedule.max_iter)
+    # TorchScript's profiling executor swaps a scripted function (detectron2's focal loss) for a re-derived graph
+    # after its first calls in a process, rounding differently: unoptimized, a resumed run stays bit-exact
+    with torch.jit.optimized_execution(False):
+        trainer.train(start_iter, schedule.max_iter)
     return results
 
 
@@ -260,7 +268,8 @@ def evaluate(cfg, checkpoint):
     return do_test(cfg, detector.eval())
 
 
-def _register_datasets(register_coco):
+def register_coco_datasets(register_coco):
+    """Registers each (name, json_file, image_root) COCO-format dataset not yet in the DatasetCatalog."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
 
@@ -273,7 +282,7 @@ def worker(args):
     """One process of lgd-train (launched once per GPU / CPU process). Returns the last evaluation results."""
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
-    _register_datasets(args.register_coco)
+    register_coco_datasets(args.register_coco)
     if args.eval_only:
         checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
         use_last = args.resume and checkpointer.has_checkpoint()
@@ -335,7 +344,7 @@ def eval_main(argv=None):
     setup_logger()
     setup_logger(name="lgd")
     cfg = load_config(args.config_file, args.opts)
-    _register_datasets(args.register_coco)
+    register_coco_datasets(args.register_coco)
     return evaluate(cfg, args.checkpoint)
 
 

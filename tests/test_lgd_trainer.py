@@ -4,14 +4,17 @@ A tiny RetinaNet LGDDistiller (test_lgd_distiller's builder) trained for a few i
 repeated forever; a recorder hook, registered after the LGD hooks, traces the state seen by each step.
 """
 import itertools
+import random
 
+import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase
 
-from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, LGDAMPTrainer, LGDSchedule, LGDTrainer,
-                         build_lgd_hooks, build_lgd_optimizers, scale_schedule)
-from test_lgd_distiller import make_batch, make_distiller
+from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LGDAMPTrainer, LGDSchedule,
+                         LGDTrainer, MultiOptimizerLRScheduler, ResumableTrainingSampler, build_lgd_hooks,
+                         build_lgd_optimizers, build_sgd, scale_schedule)
+from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
 
 # distillation from iteration 3, bottom-up frozen for 0-1, LR: warm-up 0.1 -> 1 over 2 iterations, /10 at 3, 5
 SCHEDULE = LGDSchedule(max_iter=6, steps=(3, 5), distill_start_iter=3, backbone_freeze_iters=2,
@@ -230,3 +233,46 @@ def test_optimizers_cover_every_parameter_once_without_decay_on_norms():
     norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
     assert norm_params and all(decay[i] == 0.0 for i in norm_params)
     assert all(decay[id(p)] == 1e-4 for p in model.parameters() if id(p) not in norm_params)
+
+
+def test_baseline_hooks_train_plain_detector_with_lgd_schedule():
+    """lgd_enabled=False: only the LR hook ("lr"), one optimizer, a plain RetinaNet, same LR multipliers."""
+    hooks = build_lgd_hooks(SCHEDULE, lgd_enabled=False)
+    assert [type(h) for h in hooks] == [MultiOptimizerLRScheduler]
+    detector = tiny_retinanet()
+    trainer = LGDTrainer(detector, data_loader(), [build_sgd(detector, lr=LR_STUDENT)])
+    lrs = []
+
+    class LR(HookBase):
+        def after_step(self):
+            lrs.append(self.trainer.storage.history("lr").latest())
+
+    trainer.register_hooks(hooks + [LR()])
+    trainer.train(0, 3)
+    assert lrs == pytest.approx([LR_STUDENT * m for m in EXPECTED_MULTIPLIER[:3]], rel=1e-6)
+    assert "loss_cls" in trainer.storage.histories() and "loss_distill" not in trainer.storage.histories()
+
+
+def test_resumable_sampler_continues_training_sampler_stream():
+    from detectron2.data.samplers import TrainingSampler
+
+    stream = list(itertools.islice(iter(TrainingSampler(10, seed=3)), 25))
+    assert list(itertools.islice(iter(ResumableTrainingSampler(10, seed=3)), 25)) == stream
+    assert list(itertools.islice(iter(ResumableTrainingSampler(10, seed=3, start=12)), 13)) == stream[12:]
+    with pytest.raises(ValueError, match="start"):
+        ResumableTrainingSampler(10, start=-1)
+
+
+def test_iteration_seed_depends_on_iteration_only():
+    hook = IterationSeed(seed=7)
+
+    def draws(iteration):
+        hook.trainer = type("T", (), {"iter": iteration})()
+        hook.before_step()
+        return torch.rand(3), random.random(), np.random.rand()
+
+    first = draws(5)
+    draws(2), torch.rand(10)  # whatever ran before
+    again = draws(5)
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+    assert not torch.equal(draws(6)[0], first[0])
