@@ -54,7 +54,6 @@ detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (
 detectron2://... ImageNet weights. lgd-export (lgd.export) writes the student as a stock detectron2 checkpoint.
 """
 import argparse
-import dataclasses
 import logging
 import os
 import tempfile
@@ -102,16 +101,7 @@ def build_schedule(cfg) -> LGDSchedule:
         raise ValueError(f"lgd-train: max_iter must be >= 1 (train.max_iter={max_iter}, lgd.max_iter={ref_iter})")
     ref = LGDSchedule(ref_iter, tuple(int(s) for s in lgd.steps), int(lgd.distill_start_iter),
                       int(lgd.backbone_freeze_iters), int(lgd.warmup_iters), float(lgd.warmup_factor))
-    if max_iter == ref_iter:
-        return ref
-
-    def scale(n):
-        return int(round(n * max_iter / ref_iter))
-
-    steps = tuple(sorted({min(max(scale(s), 1), max_iter - 1) for s in ref.steps})) if max_iter > 1 else ()
-    return dataclasses.replace(ref, max_iter=max_iter, steps=steps, distill_start_iter=scale(ref.distill_start_iter),
-                               backbone_freeze_iters=scale(ref.backbone_freeze_iters),
-                               warmup_iters=scale(ref.warmup_iters))
+    return ref.scaled(max_iter)
 
 
 def do_test(cfg, detector):

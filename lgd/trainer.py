@@ -74,6 +74,23 @@ class LGDSchedule:
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
 
+    def scaled(self, max_iter: int) -> "LGDSchedule":
+        """This schedule with every iteration count scaled by max_iter / self.max_iter and rounded; LR steps
+        kept strictly increasing inside (0, max_iter) (very short runs lose the steps that collide)."""
+        if max_iter < 1:
+            raise ValueError(f"LGDSchedule.scaled: max_iter must be >= 1, got {max_iter}")
+        if max_iter == self.max_iter:
+            return self
+
+        def scale(n):
+            return int(round(n * max_iter / self.max_iter))
+
+        steps = tuple(sorted({min(max(scale(s), 1), max_iter - 1) for s in self.steps})) if max_iter > 1 else ()
+        return dataclasses.replace(self, max_iter=max_iter, steps=steps,
+                                   distill_start_iter=scale(self.distill_start_iter),
+                                   backbone_freeze_iters=scale(self.backbone_freeze_iters),
+                                   warmup_iters=scale(self.warmup_iters))
+
     def lr_multiplier(self) -> ParamScheduler:
         """The LR multiplier over [0, max_iter) as detectron2's model-zoo configs build it."""
         values = [0.1 ** k for k in range(len(self.steps) + 1)]
@@ -98,16 +115,7 @@ def scale_schedule(max_iter: int, base: str = "1x") -> LGDSchedule:
         raise ValueError(f"scale_schedule: base must be one of {sorted(PAPER_SCHEDULES)}, got {base!r}")
     if max_iter < 1:
         raise ValueError(f"scale_schedule: max_iter must be >= 1, got {max_iter}")
-    ref = PAPER_SCHEDULES[base]
-
-    def scale(n):
-        return int(round(n * max_iter / ref.max_iter))
-
-    # strictly increasing milestones inside (0, max_iter): very short runs lose the steps that collide
-    steps = tuple(sorted({min(max(scale(s), 1), max_iter - 1) for s in ref.steps})) if max_iter > 1 else ()
-    return dataclasses.replace(
-        ref, max_iter=max_iter, steps=steps, distill_start_iter=scale(ref.distill_start_iter),
-        backbone_freeze_iters=scale(ref.backbone_freeze_iters), warmup_iters=scale(ref.warmup_iters))
+    return PAPER_SCHEDULES[base].scaled(max_iter)
 
 
 # ----------------------------------------------------------------------------------------------
