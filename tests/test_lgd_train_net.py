@@ -282,3 +282,20 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert torch.equal(got[key], getattr(value, "tensor", value)), key
+
+
+def test_checkpointer_loads_lgd_checkpoint_into_plain_detector(tmp_path):
+    from lgd.checkpoint import AtomicCheckpointer, student_state_dict
+    from lgd.train_net import evaluate
+    from test_lgd_distiller import make_distiller, tiny_retinanet
+
+    src = make_distiller(seed=0)
+    AtomicCheckpointer(src, str(tmp_path)).save("lgd")
+    detector = tiny_retinanet(seed=1)
+    AtomicCheckpointer(detector).load(str(tmp_path / "lgd.pth"))
+    want = student_state_dict(src.state_dict())
+    assert want.keys() == detector.state_dict().keys()
+    for name, value in detector.state_dict().items():
+        assert torch.equal(want[name], value), name
+    with pytest.raises(ValueError, match="checkpoint"):
+        evaluate(None, "")
