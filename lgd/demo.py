@@ -356,6 +356,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 16 on CUDA")
     parser.add_argument("--image-size", type=int, default=None, help="image side (default: the config's, 400)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 1 CPU, 4 CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core; 1 is faster on a busy machine)")
     parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default="fused",
                         help="lgd_ops backend of the LGD runs (default: fused = auto)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs, continue unfinished ones")
@@ -372,6 +374,10 @@ def main(argv=None):
     """Entry point (argv without the program name). Returns summary.json's (or, with --compare, compare.json's)
     content."""
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"lgd.demo: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     iters, batch, workers = BUDGETS[_device()]
     budget = dict(iters=args.iters or iters, batch_size=args.batch_size or batch, image_size=args.image_size,
                   workers=args.workers if args.workers is not None else workers,
