@@ -3,6 +3,9 @@
     python -m lgd.demo                                  # LGD on the deepforest tree tiles, evaluated and plotted
     python -m lgd.demo --compare --seeds 0 1 2          # baseline vs LGD, same budget and seeds: AP table
     python -m lgd.demo --resume                         # continue an interrupted run (or comparison)
+    lgd-train                                           # the same: lgd-train without --config-file (lgd_train_main)
+
+Options first, `key=value` overrides of the demo config last (e.g. `--seeds 0 1 --iters 100 train.log_period=5`).
 
 Steps: prepare and register the demo data (lgd.data: deepforest aerial images tiled to 400 px, one class
 "Tree"; `--data TRAIN_JSON VAL_JSON IMAGE_ROOT` uses any COCO-format dataset instead), train the small RetinaNet
@@ -17,8 +20,9 @@ a few times during training and at the end, and write into the output folder (de
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
 Budget: on CPU 300 iterations of batch 4 at 400 px (~1.1-1.4 s per LGD iteration measured on this 2-core
-machine while other jobs ran, so about 6-8 minutes of training plus evaluation); on CUDA 2000 iterations of
-batch 16. --iters / --batch-size / --image-size override it; the LGD schedule (distillation from 1/3 of the
+machine with light other load, so about 6-8 minutes of training plus evaluation); on CUDA 2000 iterations of
+batch 16. On a busy CPU, --threads 1 avoids OpenMP oversubscription (measured here under a load average of 5:
+~4 s/iter with 1 thread, ~15 s/iter with 2). --iters / --batch-size / --image-size override it; the LGD schedule (distillation from 1/3 of the
 run, backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
 The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
 every quarter of an LGD run; its last values go to summary.json and the console.
@@ -41,10 +45,12 @@ from detectron2.engine import HookBase
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from . import train_net
 from .op_report import OpReport
 from .train_net import OPS_BACKENDS, load_config, train
 
-__all__ = ["DEMO_CONFIG", "build_config", "compare", "main", "plot_compare", "plot_run", "run_one"]
+__all__ = ["DEMO_CONFIG", "build_config", "compare_table", "lgd_train_main", "main", "plot_compare", "plot_run",
+           "run_one"]
 
 logger = logging.getLogger("lgd.demo")
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_retinanet_mobilenetv2_lgd.py")
@@ -422,6 +428,15 @@ def main(argv=None):
         json.dump(summary, f, indent=1)
     print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if args.compare else ""))
     return summary
+
+
+def lgd_train_main(argv=None):
+    """lgd-train's entry point: lgd.train_net.main when a --config-file (or --help) is given, else this demo
+    (so a bare `lgd-train` runs the main job; demo options work there too)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help", "--config-file") or a.startswith("--config-file=") for a in argv):
+        return train_net.main(argv)
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -91,10 +91,10 @@ def demo_argv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_run(demo_argv):
-    from lgd.demo import main
+    from lgd.demo import lgd_train_main
 
     out, options, overrides = demo_argv
-    return out, main(options + overrides)
+    return out, lgd_train_main(options + overrides)  # lgd-train without --config-file runs the demo
 
 
 def test_demo_writes_summary_and_plots(demo_run):
@@ -124,3 +124,13 @@ def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_ru
     assert table["lgd"]["AP"]["n"] == 1 and table["lgd"]["AP"]["std"] == 0.0
     assert summary["compare"]["baseline"]["AP50"]["per_seed"]
     assert os.path.getsize(os.path.join(out, "compare.png")) > 0
+
+
+def test_lgd_train_with_a_config_file_trains_that_config(monkeypatch):
+    import lgd.demo
+
+    calls = []
+    monkeypatch.setattr(lgd.demo.train_net, "main", lambda argv: calls.append(argv) or "trained")
+    assert lgd.demo.lgd_train_main(["--config-file", "cfg.py", "train.max_iter=1"]) == "trained"
+    assert lgd.demo.lgd_train_main(["--config-file=cfg.py"]) == "trained"
+    assert calls == [["--config-file", "cfg.py", "train.max_iter=1"], ["--config-file=cfg.py"]]
