@@ -22,8 +22,9 @@ a few times during training and at the end, and write into the output folder (de
 Budget: on CPU 300 iterations of batch 4 at 400 px (~1.1-1.4 s per LGD iteration measured on this 2-core
 machine with light other load, so about 6-8 minutes of training plus evaluation); on CUDA 2000 iterations of
 batch 16. On a busy CPU, --threads 1 avoids OpenMP oversubscription (measured here under a load average of 5:
-~4 s/iter with 1 thread, ~15 s/iter with 2). --iters / --batch-size / --image-size override it; the LGD schedule (distillation from 1/3 of the
-run, backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
+~4 s/iter with 1 thread, ~15 s/iter with 2). --iters / --batch-size / --image-size override it; the LGD
+schedule (distillation from 1/3 of the run, backbone frozen for the first 1/9, LR steps at 2/3 and 8/9)
+scales with --iters (lgd.train_net).
 The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
 every quarter of an LGD run; its last values go to summary.json and the console.
 
@@ -41,6 +42,7 @@ import sys
 import time
 
 import torch
+from detectron2.config import LazyConfig
 from detectron2.engine import HookBase
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
@@ -147,8 +149,6 @@ def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, wo
             aug.short_edge_length = aug.max_size = int(image_size)
     if not pretrained:
         cfg.model.backbone.weights = None
-    from detectron2.config import LazyConfig
-
     return LazyConfig.apply_overrides(cfg, list(overrides))
 
 
@@ -202,7 +202,9 @@ def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, *
     start = time.perf_counter()
     results = train(cfg, lgd_enabled=lgd_enabled, backend=backend, resume=resume, extra_hooks=extra_hooks)
     wall_s = time.perf_counter() - start
-    rows = _read_metrics(run_dir) + [dict(values, iteration=it) for it, values in (op_report.rows if op_report else [])]
+    rows = _read_metrics(run_dir)
+    if op_report is not None:
+        rows += [dict(values, iteration=it) for it, values in op_report.rows]
     times = [r["time"] for r in rows if "time" in r]
     record = {
         "mode": mode, "seed": seed, "backend": backend if lgd_enabled else None,
@@ -237,7 +239,8 @@ def plot_run(record, path):
         if key in curves:
             it, val = zip(*curves[key])
             ax_loss.plot(it, val, label=key, linestyle="--" if key.endswith("_tea") else "-")
-    ax_loss.set(xlabel="iteration", ylabel="loss", yscale="log", title=f"{record['mode']} seed {record['seed']}: losses")
+    ax_loss.set(xlabel="iteration", ylabel="loss", yscale="log",
+                title=f"{record['mode']} seed {record['seed']}: losses")
     ax_loss.legend(fontsize=8)
     for key in AP_KEYS:
         if key in curves:
