@@ -13,9 +13,10 @@ from typing import Callable, Dict
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .distiller import LGDDistiller
+from .distiller import LGDDistiller, _hooks_for
 
-__all__ = ["AtomicCheckpointer", "STUDENT_PREFIX", "atomic_write", "is_lgd_state_dict", "student_state_dict"]
+__all__ = ["AtomicCheckpointer", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write", "is_lgd_state_dict",
+           "student_state_dict"]
 
 STUDENT_PREFIX = "detector."
 _LGD_PREFIXES = (STUDENT_PREFIX, "teacher.", "distill_loss.")
@@ -92,3 +93,26 @@ class AtomicCheckpointer(DetectionCheckpointer):
         elif not lgd_model and is_lgd_state_dict(state):
             loaded["model"] = student_state_dict(state)
         return loaded
+
+
+class DetectorEMAState:
+    """Checkpointable (state_dict / load_state_dict) of a plain detector's EMA loss normalizers (RetinaNet and
+    FCOS loss_normalizer): plain attributes that its state_dict lacks, so a resumed baseline run would restart
+    them. LGDDistiller keeps the same attributes in its own extra state."""
+
+    def __init__(self, detector):
+        self.detector = detector
+        try:
+            self.names = tuple(_hooks_for(detector).ema_attributes)
+        except ValueError:  # a detector LGD does not support: no EMA attributes known
+            self.names = ()
+
+    def state_dict(self):
+        return {name: float(getattr(self.detector, name)) for name in self.names if hasattr(self.detector, name)}
+
+    def load_state_dict(self, state):
+        for name in self.names:
+            if name in state:
+                setattr(self.detector, name, float(state[name]))
+            elif hasattr(self.detector, name):
+                delattr(self.detector, name)

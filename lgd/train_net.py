@@ -27,6 +27,7 @@ last checkpoint) and returns the results. With --num-gpus N and no CUDA, N CPU p
 Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
 the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
 backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
+Its checkpoints hold the plain detector (stock detectron2 keys) plus its EMA loss normalizer (detector_ema).
 
 Python API (for benchmarks / demos): load_config(path, overrides) -> cfg; build_model(cfg, lgd_enabled=None,
 backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None, backend=None,
@@ -71,7 +72,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, DetectorEMAState
 from .distiller import LGDDistiller
 from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, ResumableTrainingSampler,
                       build_lgd_hooks, build_lgd_optimizers, build_sgd)
@@ -206,7 +207,8 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     logger.info("Model:\n%s", model)
     output_dir = cfg.train.output_dir
     # weights first, so that the data loader can start where the checkpoint stopped
-    initial = AtomicCheckpointer(model, output_dir)
+    extra = {} if isinstance(model, LGDDistiller) else {"detector_ema": DetectorEMAState(model)}
+    initial = AtomicCheckpointer(model, output_dir, **extra)
     resumed = resume and initial.has_checkpoint()
     loaded = initial.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     trainer_state = loaded.get("trainer") if resumed else None
@@ -220,7 +222,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
 
     schedule = build_schedule(cfg)
     logger.info("Schedule: %s", schedule)
-    checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer)
+    checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
     results = {}
     detector = model.detector if isinstance(model, LGDDistiller) else model
 

@@ -4,7 +4,8 @@ Exact resume: 4 iterations uninterrupted vs. a run killed before iteration 2 (af
 then resumed to 4. Bitwise equality is expected, not a tolerance: every input of a step is restored or
 recomputed exactly (weights, BN statistics and momentum buffers from the checkpoint, LRs and the schedule
 flags from the iteration, the batches from ResumableTrainingSampler, augmentation randomness from
-IterationSeed, RetinaNet's EMA loss normalizer from the distiller's extra state), one process with a fixed
+IterationSeed, RetinaNet's EMA loss normalizer from the distiller's extra state, or in baseline mode
+(lgd.enabled=False) from DetectorEMAState), one process with a fixed
 thread count runs the same kernels in the same order, and train() runs TorchScript unoptimized (otherwise
 detectron2's scripted focal loss switches to a differently rounded graph after its first calls in a process,
 and the first resumed steps differ from the uninterrupted ones in the last bits).
@@ -31,12 +32,13 @@ class Killed(Exception):
 class LossRecorder(HookBase):
     """Each iteration's raw losses (EventStorage's latest values, not the smoothed ones metrics.json has)."""
 
-    def __init__(self):
+    def __init__(self, keys):
+        self.keys = keys
         self.losses = {}
 
     def after_step(self):
         storage = self.trainer.storage
-        self.losses[self.trainer.iter] = {k: storage.history(k).latest() for k in LOSSES}
+        self.losses[self.trainer.iter] = {k: storage.history(k).latest() for k in self.keys}
 
 
 class KillAt(HookBase):
@@ -64,23 +66,24 @@ def tiny_config(cfg_file, out, max_iter=4):
     return cfg
 
 
-def run(cfg_file, out, *hooks, resume=False):
+def run(cfg_file, out, lgd_enabled, *hooks, resume=False):
     cfg = tiny_config(cfg_file, out)
     torch.manual_seed(0)  # same initial weights in every run
-    train(cfg, backend="reference", resume=resume, extra_hooks=hooks)
+    train(cfg, lgd_enabled=lgd_enabled, backend="reference", resume=resume, extra_hooks=hooks)
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(setup):
+@pytest.mark.parametrize("lgd_enabled", [True, False], ids=["lgd", "baseline"])
+def test_killed_and_resumed_run_matches_uninterrupted(setup, lgd_enabled):
     root, cfg_file, _, _ = setup
-    whole, split = str(root / "whole"), str(root / "split")
-    full = LossRecorder()
-    run(cfg_file, whole, full)
-    first = LossRecorder()
+    whole, split = str(root / f"whole_{lgd_enabled}"), str(root / f"split_{lgd_enabled}")
+    full = LossRecorder(LOSSES if lgd_enabled else LOSSES[:2])
+    run(cfg_file, whole, lgd_enabled, full)
+    first = LossRecorder(full.keys)
     with pytest.raises(Killed):
-        run(cfg_file, split, first, KillAt(2))
+        run(cfg_file, split, lgd_enabled, first, KillAt(2))
     assert not os.path.exists(os.path.join(split, "model_final.pth"))
-    second = LossRecorder()
-    run(cfg_file, split, second, resume=True)
+    second = LossRecorder(full.keys)
+    run(cfg_file, split, lgd_enabled, second, resume=True)
 
     assert sorted(full.losses) == [0, 1, 2, 3]
     assert sorted(first.losses) == [0, 1] and sorted(second.losses) == [2, 3]
