@@ -202,6 +202,8 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     """Trains cfg (LGD, or the baseline with lgd_enabled=False; module docstring) from train.init_checkpoint,
     or from OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks are registered after the
     built-in ones. Returns the last evaluation results ({} without evaluator; on the main process)."""
+    schedule = build_schedule(cfg)
+    logger.info("Schedule: %s", schedule)
     device = _device(cfg)
     model = build_model(cfg, lgd_enabled, backend)
     logger.info("Model:\n%s", model)
@@ -220,8 +222,6 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     if trainer_state:
         trainer.load_state_dict(trainer_state)
 
-    schedule = build_schedule(cfg)
-    logger.info("Schedule: %s", schedule)
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
     results = {}
     detector = model.detector if isinstance(model, LGDDistiller) else model
