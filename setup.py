@@ -85,5 +85,9 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    entry_points={"console_scripts": ["lgd-train=lgd.train_net:main"]},
+    entry_points={"console_scripts": [
+        "lgd-train=lgd.train_net:main",
+        "lgd-eval=lgd.train_net:eval_main",
+        "lgd-export=lgd.export:main",
+    ]},
 )

@@ -42,6 +42,7 @@ MULTI_SCALE = (640, 672, 704, 736, 768, 800)
 MAX_SIZE = 1333
 
 LGD_KEYS = dict(
+    enabled=True,               # False: a baseline run of the same detector, schedule and evaluation, no LGD
     # length the iteration counts below are written for (1x: 90k, 2x: 180k); when train.max_iter differs,
     # every count is scaled by train.max_iter / max_iter (lgd.train_net.build_schedule)
     max_iter=None,
