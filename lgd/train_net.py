@@ -2,16 +2,21 @@
 (LGD_SPEC §8), LazyConfig based.
 
     lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops fused|reference]
-              [--resume] [--eval-only] [--register-coco NAME JSON IMAGE_ROOT ...] [key=value ...]
-    lgd-eval  --config-file CFG --checkpoint PATH [--register-coco NAME JSON IMAGE_ROOT ...] [key=value ...]
+              [--resume] [--eval-only] [--train-dataset SPEC] [--test-dataset SPEC] [--dataset SPEC ...]
+              [key=value ...]
+    lgd-eval  --config-file CFG --checkpoint PATH [--test-dataset SPEC] [--dataset SPEC ...] [key=value ...]
 
 (also `python -m lgd.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
 default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) plus:
   --ops fused|reference   lgd_ops backend: "fused" = "auto" (compiled kernels when built), "reference" = pure
                           PyTorch. Default: the config's lgd.backend.
-  --register-coco NAME JSON IMAGE_ROOT   register a COCO-format dataset (detectron2's register_coco_instances)
-                          before anything is built, in every worker; repeatable. Point the config at it with
-                          e.g. dataloader.train.dataset.names=NAME dataloader.test.dataset.names=NAME.
+  --train-dataset SPEC    train on a COCO-format dataset given by path, SPEC = "[NAME=]ann.json:images/"
+                          (lgd.data.register_coco_by_path): registers it in every worker, sets
+                          dataloader.train.dataset.names and the model's number of classes (the json's categories).
+  --test-dataset SPEC     the same for evaluation (dataloader.test.dataset.names; the evaluator follows it).
+  --dataset SPEC          only register a COCO-format dataset (repeatable); point the config at it yourself with
+                          dataloader.train.dataset.names=NAME. Pascal VOC and COCO itself: detectron2's builtin
+                          names under $DETECTRON2_DATASETS (see lgd.data.register).
   key=value               LazyConfig overrides (LazyConfig.apply_overrides), after all the options.
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
@@ -55,6 +60,7 @@ detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (
 detectron2://... ImageNet weights. lgd-export (lgd.export) writes the student as a stock detectron2 checkpoint.
 """
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -73,12 +79,14 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer, DetectorEMAState
+from .data.register import parse_coco_spec, register_coco_by_path
 from .distiller import LGDDistiller
 from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, ResumableTrainingSampler,
                       build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
-__all__ = ["AtomicCheckpointer", "build_model", "build_parser", "build_schedule", "build_train_loader", "do_test",
-           "eval_main", "evaluate", "launch_cpu", "load_config", "main", "register_coco_datasets", "train"]
+__all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_parser", "build_schedule",
+           "build_train_loader", "do_test", "eval_main", "evaluate", "launch_cpu", "load_config", "main",
+           "set_num_classes", "train"]
 
 logger = logging.getLogger("lgd.train_net")
 OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
@@ -89,9 +97,17 @@ def build_parser():
     parser.prog = "lgd-train"
     parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default=None,
                         help="lgd_ops backend: fused (= auto) or reference (default: the config's lgd.backend)")
-    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
-                        metavar=("NAME", "JSON", "IMAGE_ROOT"), help="register a COCO-format dataset (repeatable)")
+    _add_dataset_arguments(parser, train=True)
     return parser
+
+
+def _add_dataset_arguments(parser, train):
+    spec = "[NAME=]ann.json:images/"
+    if train:
+        parser.add_argument("--train-dataset", metavar="SPEC", help=f"train on the COCO-format dataset {spec}")
+    parser.add_argument("--test-dataset", metavar="SPEC", help=f"evaluate on the COCO-format dataset {spec}")
+    parser.add_argument("--dataset", metavar="SPEC", action="append", default=[],
+                        help=f"register the COCO-format dataset {spec} (repeatable)")
 
 
 def build_schedule(cfg) -> LGDSchedule:
@@ -260,21 +276,40 @@ def evaluate(cfg, checkpoint):
     return do_test(cfg, detector.eval())
 
 
-def register_coco_datasets(register_coco):
-    """Registers each (name, json_file, image_root) COCO-format dataset not yet in the DatasetCatalog."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_coco_instances
+def _num_categories(json_file):
+    with open(json_file) as f:
+        return len(json.load(f)["categories"])
 
-    for name, json_file, image_root in register_coco:
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
+
+def set_num_classes(cfg, num_classes):
+    """Sets the number of classes of a model-zoo detector config (RetinaNet/FCOS: model.num_classes and
+    model.head.num_classes when present; R-CNN: model.roi_heads.num_classes)."""
+    model, found = cfg.model, False
+    for node in (model, model.get("head"), model.get("roi_heads")):
+        if node is not None and "num_classes" in node:
+            node.num_classes, found = num_classes, True
+    if not found:
+        raise ValueError("set_num_classes: the config's model has no num_classes key (model, model.head or "
+                         "model.roi_heads); set it with a key=value override instead")
+
+
+def apply_dataset_arguments(cfg, args):
+    """Registers args.dataset / train_dataset / test_dataset (COCO json by path) and points cfg at the last
+    two; the train dataset's categories set the model's number of classes."""
+    for spec in args.dataset:
+        register_coco_by_path(spec)
+    if getattr(args, "train_dataset", None):
+        cfg.dataloader.train.dataset.names = register_coco_by_path(args.train_dataset)
+        set_num_classes(cfg, _num_categories(parse_coco_spec(args.train_dataset)[1]))
+    if args.test_dataset:
+        cfg.dataloader.test.dataset.names = register_coco_by_path(args.test_dataset)
+    return cfg
 
 
 def worker(args):
     """One process of lgd-train (launched once per GPU / CPU process). Returns the last evaluation results."""
-    cfg = load_config(args.config_file, args.opts)
+    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
     default_setup(cfg, args)
-    register_coco_datasets(args.register_coco)
     if args.eval_only:
         checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
         use_last = args.resume and checkpointer.has_checkpoint()
@@ -324,8 +359,7 @@ def build_eval_parser():
                                      "detector (LGD or plain detectron2 checkpoint) with the config's test loader")
     parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
     parser.add_argument("--checkpoint", required=True, help="LGD or detectron2 checkpoint (.pth)")
-    parser.add_argument("--register-coco", nargs=3, action="append", default=[],
-                        metavar=("NAME", "JSON", "IMAGE_ROOT"), help="register a COCO-format dataset (repeatable)")
+    _add_dataset_arguments(parser, train=False)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value LazyConfig overrides")
     return parser
 
@@ -335,8 +369,7 @@ def eval_main(argv=None):
     args = build_eval_parser().parse_args(argv)
     setup_logger()
     setup_logger(name="lgd")
-    cfg = load_config(args.config_file, args.opts)
-    register_coco_datasets(args.register_coco)
+    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
     return evaluate(cfg, args.checkpoint)
 
 

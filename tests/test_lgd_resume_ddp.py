@@ -14,12 +14,14 @@ import os
 
 import pytest
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
 pytest.importorskip("pycocotools")
 
-from lgd.train_net import launch_cpu, load_config, register_coco_datasets, train  # noqa: E402
+from lgd.data import register_coco_once  # noqa: E402
+from lgd.train_net import launch_cpu, load_config, train  # noqa: E402
 from test_lgd_train_net import DATASET, LGD_CONFIG, TINY_CONFIG, make_dataset, overrides  # noqa: E402
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
@@ -56,7 +58,10 @@ def setup(tmp_path_factory):
     ann, images = make_dataset(root)
     cfg_file = root / "tiny_lgd.py"
     cfg_file.write_text(TINY_CONFIG.format(config=LGD_CONFIG))
-    register_coco_datasets([(DATASET, ann, images)])
+    if DATASET in DatasetCatalog.list():  # registered by test_lgd_train_net with its own files
+        DatasetCatalog.remove(DATASET)
+        MetadataCatalog.remove(DATASET)
+    register_coco_once(DATASET, ann, images)
     return root, str(cfg_file), ann, images
 
 
@@ -109,7 +114,7 @@ class DumpParameters(HookBase):
 
 def ddp_worker(cfg_file, ann, images, out):
     torch.set_num_threads(1)
-    register_coco_datasets([(DATASET, ann, images)])
+    register_coco_once(DATASET, ann, images)
     cfg = tiny_config(cfg_file, out, max_iter=3)
     train(cfg, backend="reference", extra_hooks=[DumpParameters(out)])
 

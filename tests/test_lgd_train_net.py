@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from lgd.train_net import build_schedule, eval_main, load_config, main  # noqa: E402
+from lgd.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_main, load_config,  # noqa: E402
+                           main, set_num_classes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
@@ -75,7 +76,8 @@ def overrides(out, max_iter=4):
 
 
 def argv(cfg_file, ann, images, out, *extra, max_iter=4):
-    return ["--config-file", cfg_file, "--ops", "reference", "--register-coco", DATASET, ann, images,
+    spec = f"{DATASET}={ann}:{images}"
+    return ["--config-file", cfg_file, "--ops", "reference", "--train-dataset", spec, "--test-dataset", spec,
             *extra, *overrides(out, max_iter)]
 
 
@@ -213,7 +215,7 @@ def exported(setup, trained):
 
 def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
     _, cfg_file, ann, images = setup
-    common = ["--config-file", cfg_file, "--register-coco", DATASET, ann, images]
+    common = ["--config-file", cfg_file, "--test-dataset", f"{DATASET}={ann}:{images}"]
     cfg_overrides = overrides(trained[0])
     lgd_results = eval_main(common + ["--checkpoint", os.path.join(trained[0], "model_final.pth")] + cfg_overrides)
     plain_results = eval_main(common + ["--checkpoint", exported] + cfg_overrides)
@@ -299,3 +301,25 @@ def test_checkpointer_loads_lgd_checkpoint_into_plain_detector(tmp_path):
         assert torch.equal(want[name], value), name
     with pytest.raises(ValueError, match="checkpoint"):
         evaluate(None, "")
+
+
+@pytest.mark.parametrize("config", ["retinanet_R_50_FPN_1x_lgd.py", "fcos_R_50_FPN_1x_lgd.py",
+                                    "mask_rcnn_R_50_FPN_1x_lgd.py"])
+def test_train_dataset_sets_names_and_num_classes(setup, config):
+    """--train-dataset / --test-dataset point the loaders at the dataset and size the classifier from its json."""
+    _, _, ann, images = setup
+    cfg = load_config(os.path.join(ROOT, "lgd", "configs", config))
+    args = build_parser().parse_args(["--train-dataset", f"{DATASET}={ann}:{images}",
+                                      "--test-dataset", f"{ann}:{images}"])
+    apply_dataset_arguments(cfg, args)
+    assert cfg.dataloader.train.dataset.names == DATASET
+    assert cfg.dataloader.test.dataset.names == "ann"  # the json's stem
+    heads = [n for n in (cfg.model, cfg.model.get("head"), cfg.model.get("roi_heads")) if n and "num_classes" in n]
+    assert heads and all(n.num_classes == 2 for n in heads)
+
+
+def test_set_num_classes_needs_a_key():
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ValueError, match="num_classes"):
+        set_num_classes(OmegaConf.create({"model": {"backbone": {}}}), 3)
