@@ -19,12 +19,15 @@ a few times during training and at the end, and write into the output folder (de
     compare.json, compare.png   (--compare) per-seed and mean ± std AP/AP50 of baseline and LGD, curves side by side
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
-Budget: on CPU 300 iterations of batch 4 at 400 px (~1.1-1.4 s per LGD iteration measured on this 2-core
-machine with light other load, so about 6-8 minutes of training plus evaluation); on CUDA 2000 iterations of
-batch 16. On a busy CPU, --threads 1 avoids OpenMP oversubscription (measured here under a load average of 5:
-~4 s/iter with 1 thread, ~15 s/iter with 2). --iters / --batch-size / --image-size override it; the LGD
-schedule (distillation from 1/3 of the run, backbone frozen for the first 1/9, LR steps at 2/3 and 8/9)
-scales with --iters (lgd.train_net).
+Budget: on CPU 300 iterations of batch 4 at 400 px; on CUDA 2000 iterations of batch 16. Measured on this
+2-core machine while other jobs ran (load average ~3, so an idle machine is faster): the LGD run took 564 s
+(1.84 s/iter, --threads 1; ~9.5 minutes with data preparation and four evaluations), the baseline 1.72 s/iter;
+a short run with 2 threads at a lighter load took 1.1-1.4 s/iter. On a busy CPU, --threads 1 avoids OpenMP
+oversubscription (at a load average of 5: ~4 s/iter with 1 thread, ~15 s/iter with 2). Those runs' student
+(seed 0): LGD AP 1.5 / AP50 6.5, baseline AP 0.9 / AP50 4.2 on the 12 validation tiles; 300 iterations is
+far from convergence, and one seed says little: run --compare --seeds 0 1 2 (about an hour here).
+--iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
+backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
 The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
 every quarter of an LGD run; its last values go to summary.json and the console.
 
