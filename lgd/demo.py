@@ -21,7 +21,7 @@ a few times during training and at the end, and write into the output folder (de
 
 Budget: on CPU 300 iterations of batch 4 at 400 px; on CUDA 2000 iterations of batch 16. Measured on this
 2-core machine while other jobs ran (load average ~3, so an idle machine is faster): the LGD run took 564 s
-(1.84 s/iter, --threads 1; ~9.5 minutes with data preparation and four evaluations), the baseline 1.72 s/iter;
+(1.84 s/iter, --threads 1; ~9.5 minutes with data preparation and four evaluations), the baseline 515 s (1.50);
 a short run with 2 threads at a lighter load took 1.1-1.4 s/iter. On a busy CPU, --threads 1 avoids OpenMP
 oversubscription (at a load average of 5: ~4 s/iter with 1 thread, ~15 s/iter with 2). Those runs' student
 (seed 0): LGD AP 1.5 / AP50 6.5, baseline AP 0.9 / AP50 4.2 on the 12 validation tiles; 300 iterations is
