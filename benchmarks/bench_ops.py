@@ -268,6 +268,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[0], help="images per batch (0: the shape's, 2)")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     parser.add_argument("--repeats", type=int, default=10, help="timed samples per case")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: saves a child per case)")
     parser.add_argument("--sweep", action="store_true",
                         help="the full sweep: " + ", ".join(f"{k} {v}" for k, v in FULL_SWEEP.items()))
@@ -276,6 +278,8 @@ def parse_args(argv=None):
     if args.sweep:
         for key, value in FULL_SWEEP.items():
             setattr(args, key, value)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if any(n < 1 for n in args.objects) or any(b < 0 for b in args.batch):
@@ -288,7 +292,8 @@ def run_sweep(args, device, backends, stamp):
     from tqdm import tqdm
 
     cases = [(op, shape, batch, dtype, objects) for shape in args.shape for batch in args.batch
-             for dtype in args.dtype for op in args.ops for objects in ([0] if op == "normalized_mse" else args.objects)]
+             for dtype in args.dtype for op in args.ops
+             for objects in ([0] if op == "normalized_mse" else args.objects)]
     rows, ref = [], {}
     with tqdm(total=len(cases) * len(backends) * len(args.modes), desc="bench_ops", file=sys.stderr) as bar:
         for op, shape, batch, dtype_name, objects in cases:
@@ -301,7 +306,8 @@ def run_sweep(args, device, backends, stamp):
                     fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
                     p20, p50, p80 = time_it(fn, device, args.repeats)
                     del fn
-                    gbps = [min_bytes(op, mode, shape, batch, objects, dtype) / (t * 1e-3) / 1e9 for t in (p80, p50, p20)]
+                    moved = min_bytes(op, mode, shape, batch, objects, dtype)
+                    gbps = [moved / (t * 1e-3) / 1e9 for t in (p80, p50, p20)]
                     metrics = {"time_ms": (p20, p50, p80), "gbps": tuple(gbps),
                                "bw_fraction": tuple(x / stamp["copy_gbps"] for x in gbps)}
                     if not args.no_memory and (device.type == "cuda" or mode == "full"):
@@ -317,7 +323,8 @@ def run_sweep(args, device, backends, stamp):
                             metrics["peak_vs_ref"] = tuple(m / base["peak_mb"][0] for m in metrics["peak_mb"])
                     for metric, (lo, mid, hi) in metrics.items():
                         rows.append(dict(key, metric=metric, p20=lo, p50=mid, p80=hi, **stamp))
-                    bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {objects} obj {backend} {mode}: {p50:.2f} ms")
+                    bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {objects} obj {backend} {mode}: "
+                                        f"{p50:.2f} ms")
                     bar.update()
     return rows
 
@@ -361,14 +368,15 @@ def plot(rows, base):
     import matplotlib.pyplot as plt
 
     written = []
-    for metric, ylabel, suffix in (("time_ms", "full fwd+bwd time (ms)", "time"), ("peak_mb", "peak memory (MB)", "memory")):
+    for metric, ylabel, suffix in (("time_ms", "full fwd+bwd time (ms)", "time"),
+                                   ("peak_mb", "peak memory (MB)", "memory")):
         data = [r for r in rows if r["mode"] == "full" and r["metric"] == metric and r["op"] != "normalized_mse"]
         panels = sorted({(r["shape"], r["batch"], r["dtype"], r["op"]) for r in data})
         if not panels:
             continue
         cols = min(len(panels), 4)
-        fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
-                                 squeeze=False)
+        nrows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
         for ax, panel in zip(axes.flat, panels):
             for backend in sorted({r["backend"] for r in data}):
                 pts = sorted((r["objects"], r["p50"], r["p20"], r["p80"]) for r in data if r["p50"] > 0  # log axes
@@ -397,6 +405,8 @@ def main(argv=None):
     if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **STEADY_MALLOC))
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     backends = args.backends or [
         b for b in lgd_ops.available_backends() if b == "reference" or (b == "cpu") == (device.type == "cpu")

@@ -12,13 +12,16 @@ The detector list is data-driven (DETECTORS); a detector whose config is missing
 that LGDDistiller does not support yet is skipped with a message.
 
 Each (detector, variant) runs in a fresh child process: one warm-up step, `--iters` timed steps (median,
-20th/80th percentiles), then one step under torch.profiler for the breakdown. Peak memory = peak beyond the
-memory held before the timed steps (weights, gradients, optimizer state): CUDA allocator peak, or on CPU the
-process' resident high-water mark (VmHWM, reset before the timed steps).
+20th/80th percentiles; on CPU with bench_ops' steady glibc settings), one step for peak memory, then one step
+under torch.profiler for the breakdown. Peak memory = peak beyond the memory held between steps (weights,
+gradients, optimizer state): the CUDA allocator's peak, or on CPU the growth of the resident high-water mark
+(VmHWM) over one step after glibc is switched (mallopt) to mmap every block over 64 KiB and free memory is
+trimmed, so the resident size follows the live allocations.
 Breakdown (profiled step, torch.profiler.record_function ranges put around the components from outside, by
 wrapping their forward methods): backbone, label encoder, appearance projection, box_pool, relation attention,
 box_fill, mapper convs (G + F_ref), student head+loss, instructive head+loss (the second call of the distiller's
-detector-family losses hook), distill adapter, normalized_mse, backward (all of it), optimizer steps. Component
+detector-family losses hook), distill adapter, normalized_mse, forward_other (the rest of the forward: the
+baseline's head and losses, anchors, matching, preprocessing), backward (all of it), optimizer steps. Component
 times are forward times (CPU time of the range; CUDA kernel time too on GPU); backward is one total.
 
 Outputs under --out: train_<device>.csv (detector, variant, metric, p20, p50, p80, device, torch, commit, ...),
@@ -29,6 +32,7 @@ Outputs under --out: train_<device>.csv (detector, variant, metric, p20, p50, p8
 """
 import argparse
 import csv
+import ctypes
 import json
 import os
 import statistics
@@ -47,10 +51,11 @@ DETECTORS = {
     "fcos": "lgd/configs/fcos_R_50_FPN_1x_lgd.py",
     "faster_rcnn": "lgd/configs/faster_rcnn_R_50_FPN_1x_lgd.py",
 }
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 VARIANTS = {"baseline": None, "lgd_reference": "reference", "lgd_fused": "auto"}
 COMPONENTS = ("backbone", "label_encoder", "appearance_proj", "box_pool", "relation_attention", "box_fill",
               "mapper_convs", "student_head_loss", "instructive_head_loss", "distill_adapter", "normalized_mse",
-              "backward", "optimizer")
+              "forward_other", "backward", "optimizer")
 
 
 def make_batch(batch, image_size, objects, num_classes, seed=0):
@@ -103,6 +108,7 @@ def instrument(model):
         hooks.losses = counted
     for name, module in modules.items():
         module.forward = _ranged(module.forward, name)
+    model.forward = _ranged(model.forward, "forward_total")
 
 
 def build(detector, variant, device):
@@ -132,6 +138,26 @@ def _rss_kib(field):
         return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
 
 
+def peak_step_bytes(step, device):
+    """Peak memory one step() allocates beyond what is held between steps (module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_THRESHOLD, 65536)
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident size
+    base = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
 def child(detector, variant, device, batch, image, objects, iters):
     """Runs one (detector, variant) and returns its result dict (or {"skipped": reason})."""
     from detectron2.utils.events import EventStorage
@@ -159,14 +185,6 @@ def child(detector, variant, device, batch, image, objects, iters):
                 opt.step()
 
     step()  # warm-up: lazy init, gradients and optimizer state allocated
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM
-        base = _rss_kib("VmRSS") * 1024
     times = []
     for _ in range(iters):
         sync()
@@ -174,20 +192,23 @@ def child(detector, variant, device, batch, image, objects, iters):
         step()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024) - base
-
     instrument(model)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
         sync()
-    totals = {}
+    totals, forward_total_ms = {}, 0.0
     for event in prof.key_averages():
+        if event.key == "forward_total":
+            forward_total_ms = event.cpu_time_total / 1e3
         if event.key in COMPONENTS:
             us = event.cpu_time_total if device.type == "cpu" else max(event.cpu_time_total,
                                                                        getattr(event, "device_time_total", 0))
             totals[event.key] = us / 1e3
+    forward = [c for c in COMPONENTS if c not in ("backward", "optimizer", "forward_other")]
+    totals["forward_other"] = max(forward_total_ms - sum(totals.get(c, 0.0) for c in forward), 0.0)
+    peak = peak_step_bytes(step, device)  # last: on CPU it leaves glibc in its mmap-everything mode
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {"step_ms": (q[0], statistics.median(times), q[3]), "peak_mb": max(peak, 0) / 2**20, "breakdown": totals}
 
@@ -197,7 +218,7 @@ def run_child(detector, variant, args):
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, variant, "--device", args.device,
            "--batch", str(args.batch), "--image", *map(str, args.image), "--objects", str(args.objects),
-           "--iters", str(args.iters)]
+           "--iters", str(args.iters), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"skipped": f"child failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
@@ -213,9 +234,13 @@ def parse_args(argv=None):
     parser.add_argument("--image", type=int, nargs=2, default=[256, 320], metavar=("H", "W"))
     parser.add_argument("--objects", type=int, default=7, help="objects per image (COCO's mean is ~7)")
     parser.add_argument("--iters", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--child", nargs=2, metavar=("DETECTOR", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     for name in ("batch", "objects", "iters"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -242,8 +267,8 @@ def tables(results, stamp, args):
             ratio = f"{mid / base['step_ms'][1]:.2f}x" if "step_ms" in base else "-"
             extra = f"{r['peak_mb'] - base['peak_mb']:+.0f}" if "peak_mb" in base else "-"
             lines.append(f"| {det} | {var} | {mid:.0f} ({lo:.0f}-{hi:.0f}) | {ratio} | {r['peak_mb']:.0f} | {extra} |")
-    lines += ["", "Breakdown of one profiled step (forward ms of each component; backward and optimizer in total; "
-                  "share of the profiled step's sum):", "",
+    lines += ["", "Breakdown of one profiled step (ms: forward of each component; backward and optimizer in total):",
+              "",
               "| detector | variant | " + " | ".join(COMPONENTS) + " |", "|---|---|" + "---:|" * len(COMPONENTS)]
     for det, variants in results.items():
         for var, r in variants.items():
@@ -282,6 +307,8 @@ def plot(results, path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(*args.child, args.device, args.batch, tuple(args.image), args.objects, args.iters)))
         return None
