@@ -2,7 +2,8 @@
 # One-shot GPU check, for a GPU machine with no network (torch, triton and nvcc preinstalled):
 # builds the extension, runs the whole test suite (CUDA-parametrized tests included), runs the CUDA
 # tests under compute-sanitizer (memcheck; racecheck for the kernels with shared memory), then the
-# op benchmarks in fp32 and bf16 at the RetinaNet and Faster R-CNN shapes. Everything goes under
+# op benchmarks in fp32 and bf16 at the RetinaNet and Faster R-CNN shapes, then the training-step benchmark
+# (baseline vs LGD, COCO-sized 800x1216 inputs). Everything goes under
 # one folder: $OUT if set (the device tool's output folder), else benchmarks/results/gpu-<name>.
 # Exit code: the number of failed steps.
 set -uo pipefail
@@ -41,5 +42,6 @@ for shape in retinanet faster_rcnn; do
     step "bench_${shape}_${dtype}" "$PY" benchmarks/bench_ops.py --device cuda --shape "$shape" --dtype "$dtype" --out "$OUT"
   done
 done
+step bench_train "$PY" benchmarks/bench_train.py --device cuda --image 800 1216 --iters 5 --out "$OUT"
 echo "[gpu_check] results in $OUT; $failed step(s) failed"
 exit "$failed"
