@@ -13,7 +13,8 @@ On a report iteration (every `period`-th, counted like detectron2's periodic hoo
      so they reach the console, JSON and TensorBoard writers registered after it; it also logs a short table.
 
 lgd_fwd_share covers forwards only (teacher modules, adapter, normalized MSE; the instructive detection-head
-pass and all backward work are not in it): a lower bound of LGD's share of the step.
+pass and all backward work are not in it): a lower bound of LGD's share of the step. The Mask R-CNN variant
+(mask ops, reference-only) gets the box ops timed on its objects' boxes, as a stand-in.
 
 Overhead: only report iterations pay, about (1 + repeats) x (the ops' time with both backends) plus one
 device sync per hooked module. At the RetinaNet COCO shape (B=2, 800 x 1216, 7 objects/image) the three ops
@@ -111,6 +112,7 @@ class OpReport(HookBase):
         self._handles = []
         self._captured: Optional[tuple] = None
         self._lgd_ms = 0.0
+        self._lgd_start = 0.0
         self._step_start = 0.0
 
     def _active(self) -> bool:
@@ -130,11 +132,11 @@ class OpReport(HookBase):
 
         def start(_module, _args):
             _sync(device)
-            self._t0 = time.perf_counter()
+            self._lgd_start = time.perf_counter()
 
         def stop(_module, _args, _output):
             _sync(device)
-            self._lgd_ms += (time.perf_counter() - self._t0) * 1e3
+            self._lgd_ms += (time.perf_counter() - self._lgd_start) * 1e3
 
         self._handles = [model.teacher.appearance_encoder.register_forward_pre_hook(capture)]
         for module in (model.teacher, model.distill_loss):
