@@ -86,8 +86,9 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     entry_points={"console_scripts": [
-        "lgd-train=lgd.train_net:main",
+        "lgd-train=lgd.demo:lgd_train_main",  # no --config-file: the bundled demo
         "lgd-eval=lgd.train_net:eval_main",
         "lgd-export=lgd.export:main",
+        "lgd-bench=lgd.bench:main",
     ]},
 )
