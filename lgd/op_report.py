@@ -10,7 +10,8 @@ On a report iteration (every `period`-th, counted like detectron2's periodic hoo
      and logs the medians to EventStorage:
         op_report/<op>_ms, op_report/<op>_ref_ms, op_report/<op>_speedup   (op = box_pool, box_fill, normalized_mse)
         op_report/lgd_fwd_ms, op_report/step_ms, op_report/lgd_fwd_share     (LGD forward time / step time)
-     so they reach the console, JSON and TensorBoard writers registered after it; it also logs a short table.
+     for the JSON and TensorBoard writers registered after it (detectron2's console printer shows only losses
+     and times), and logs a short table to the console.
 
 lgd_fwd_share covers forwards only (teacher modules, adapter, normalized MSE; the instructive detection-head
 pass and all backward work are not in it): a lower bound of LGD's share of the step. The Mask R-CNN variant
