@@ -23,7 +23,8 @@ The config must define model, dataloader (train, test, evaluator), optimizer (lr
 
 What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), two SGD optimizers (student + adapter at
 optimizer.lr, teacher at lgd.teacher_lr), LGDTrainer (LGDAMPTrainer when train.amp.enabled), hooks:
-IterationSeed, the LGD schedule hooks, IterationTimer, PeriodicCheckpointer (atomic writes), EvalHook (COCO
+IterationSeed, the LGD schedule hooks, IterationTimer, OpReport (lgd.op_report_period, default 1000, 0 = off),
+PeriodicCheckpointer (atomic writes), EvalHook (COCO
 evaluation of the STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter
 with ETA, JSONWriter to OUTPUT/metrics.json, TensorboardXWriter to OUTPUT). --resume continues from
 OUTPUT/last_checkpoint; --eval-only evaluates the student of train.init_checkpoint (or, with --resume, of the
@@ -81,6 +82,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import AtomicCheckpointer, DetectorEMAState
 from .data.register import parse_coco_spec, register_coco_by_path
 from .distiller import LGDDistiller
+from .op_report import OpReport
 from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, ResumableTrainingSampler,
                       build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
@@ -253,8 +255,12 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
                TensorboardXWriter(output_dir)] if main else []
     lgd_hooks = build_lgd_hooks(schedule, lgd_enabled=isinstance(model, LGDDistiller))
+    # lgd/op_report.py, before the writers so metrics.json gets its scalars; an OpReport in extra_hooks replaces it
+    op_report = OpReport(int(cfg.lgd.get("op_report_period", 1000))) if isinstance(model, LGDDistiller) and not any(
+        isinstance(h, OpReport) for h in extra_hooks) else None
     trainer.register_hooks([IterationSeed(_data_seed(cfg))] + lgd_hooks + [
         hooks.IterationTimer(),
+        op_report,
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
         hooks.EvalHook(cfg.train.eval_period, test_and_keep),
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
