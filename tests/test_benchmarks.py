@@ -18,7 +18,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.envir
 
 def run(command, *args):
     """`lgd-bench ops|train args` (through python -m lgd.bench, as the console script would)."""
-    cmd = [sys.executable, "-m", "lgd.bench", command, *args]
+    cmd = [sys.executable, "-m", "lgd.bench", command, "--threads", "1", *args]  # 1 thread: no oversubscription
     return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
