@@ -55,6 +55,7 @@ LGD_KEYS = dict(
     teacher_lr=None,            # LR of the second optimizer (label/appearance encoders, relation adapter, mapper)
     clip_grad_norm=None,        # per-optimizer gradient clipping (None: off, as in the paper)
     backend="auto",             # lgd_ops backend: "auto" (fused kernels when built) or "reference"
+    op_report_period=1000,      # every this many iterations time the three ops vs the reference (0: off)
 )
 
 
