@@ -484,4 +484,21 @@ def shrink_detector_config(model, num_classes):
     return model
 
 
+def sgd_loss_totals(model, losses, steps, lr=0.01):
+    """Total loss before each of `steps` SGD steps of an LGDDistiller's two optimizers (the authors' settings);
+    `losses()` returns one training loss dict."""
+    optimizers = [torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+                  for params in (model.student_parameters(), model.teacher_parameters())]
+    totals = []
+    for _ in range(steps):
+        total = sum(losses().values())
+        for opt in optimizers:
+            opt.zero_grad()
+        total.backward()
+        for opt in optimizers:
+            opt.step()
+        totals.append(total.item())
+    return totals
+
+
 shrink_retinanet_config = shrink_detector_config  # the name the RetinaNet tests use

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
-from conftest import shrink_detector_config, value_scale
+from conftest import sgd_loss_totals, shrink_detector_config, value_scale
 from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
 from lgd.distiller import TEACHER_SUFFIX
@@ -103,17 +103,7 @@ def test_losses_teacher_settings_and_gradients(detector):
 @pytest.mark.parametrize("detector", NEW)
 def test_sgd_steps_lower_the_total_loss(detector):
     model, batch = make_model(detector), make_batch()
-    optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-                  for params in (model.student_parameters(), model.teacher_parameters())]
-    totals = []
-    for _ in range(3):
-        total = sum(train_losses(model, batch).values())
-        for opt in optimizers:
-            opt.zero_grad()
-        total.backward()
-        for opt in optimizers:
-            opt.step()
-        totals.append(total.item())
+    totals = sgd_loss_totals(model, lambda: train_losses(model, batch), steps=3)
     assert totals[-1] < totals[0], totals
 
 

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
-from conftest import shrink_retinanet_config
+from conftest import sgd_loss_totals, shrink_retinanet_config
 from lgd import LGDDistiller, LGDTeacher
 from lgd.distiller import TEACHER_SUFFIX
 
@@ -72,17 +72,7 @@ def test_teacher_options_and_parameter_groups():
 
 def test_sgd_steps_lower_the_total_loss():
     model, batch = make_distiller(), make_batch()
-    optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-                  for params in (model.student_parameters(), model.teacher_parameters())]
-    totals = []
-    for _ in range(6):
-        total = sum(train_losses(model, batch).values())
-        for opt in optimizers:
-            opt.zero_grad()
-        total.backward()
-        for opt in optimizers:
-            opt.step()
-        totals.append(total.item())
+    totals = sgd_loss_totals(model, lambda: train_losses(model, batch), steps=6)
     assert totals[-1] < totals[0], totals
 
 

@@ -22,7 +22,7 @@ pytest.importorskip("pycocotools")
 
 from lgd.data import register_coco_once  # noqa: E402
 from lgd.train_net import launch_cpu, load_config, train  # noqa: E402
-from test_lgd_train_net import DATASET, LGD_CONFIG, TINY_CONFIG, make_dataset, overrides  # noqa: E402
+from test_lgd_train_net import DATASET, make_setup, overrides  # noqa: E402
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
 
@@ -54,15 +54,12 @@ class KillAt(HookBase):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lgd_resume")
-    ann, images = make_dataset(root)
-    cfg_file = root / "tiny_lgd.py"
-    cfg_file.write_text(TINY_CONFIG.format(config=LGD_CONFIG))
+    root, cfg_file, ann, images = make_setup(tmp_path_factory.mktemp("lgd_resume"))
     if DATASET in DatasetCatalog.list():  # registered by test_lgd_train_net with its own files
         DatasetCatalog.remove(DATASET)
         MetadataCatalog.remove(DATASET)
     register_coco_once(DATASET, ann, images)
-    return root, str(cfg_file), ann, images
+    return root, cfg_file, ann, images
 
 
 def tiny_config(cfg_file, out, max_iter=4):

@@ -86,13 +86,17 @@ def read_metrics(out):
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lgd_train_net")
+def make_setup(root):
+    """(root, tiny LGD config file, dataset json, image folder) of the runs here, written under root."""
     ann, images = make_dataset(root)
     cfg_file = root / "tiny_lgd.py"
     cfg_file.write_text(TINY_CONFIG.format(config=LGD_CONFIG))
     return root, str(cfg_file), ann, images
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("lgd_train_net"))
 
 
 @pytest.fixture(scope="module")
