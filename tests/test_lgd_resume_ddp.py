@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -55,9 +54,6 @@ class KillAt(HookBase):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root, cfg_file, ann, images = make_setup(tmp_path_factory.mktemp("lgd_resume"))
-    if DATASET in DatasetCatalog.list():  # registered by test_lgd_train_net with its own files
-        DatasetCatalog.remove(DATASET)
-        MetadataCatalog.remove(DATASET)
     register_coco_once(DATASET, ann, images)
     return root, cfg_file, ann, images
 

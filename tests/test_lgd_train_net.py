@@ -22,6 +22,7 @@ from lgd.train_net import (apply_dataset_arguments, build_parser, build_schedule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
 H, W = 96, 128
+DATASET = "lgd_test_synth"
 
 TINY_CONFIG = """
 from detectron2.config import LazyCall as L, LazyConfig
@@ -41,8 +42,14 @@ train.init_checkpoint = ""
 
 
 def make_dataset(root):
-    """4 PNG images with 1-2 filled rectangles each, 2 categories, a COCO json."""
+    """4 PNG images with 1-2 filled rectangles each, 2 categories, a COCO json. Runs register it as DATASET:
+    a registration of an earlier dataset under that name (another test module's files) is removed first."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from PIL import Image, ImageDraw
+
+    if DATASET in DatasetCatalog.list():
+        DatasetCatalog.remove(DATASET)
+        MetadataCatalog.remove(DATASET)
 
     images_dir = root / "images"
     images_dir.mkdir()
@@ -64,8 +71,6 @@ def make_dataset(root):
                                "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
     return str(ann), str(images_dir)
 
-
-DATASET = "lgd_test_synth"
 
 
 def overrides(out, max_iter=4):
