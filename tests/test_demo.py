@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from lgd.backbones import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
+from lgd.backbones import (MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, head_group_norm,
+                           load_by_position)
 
 pytest.importorskip("pycocotools")
 
@@ -55,6 +56,22 @@ def test_loads_real_imagenet_weights():
     first_bn = frozen.features[0][1]
     assert torch.equal(first_bn.running_mean, stored[3]) and torch.equal(first_bn.weight, stored[1])
     assert torch.isfinite(frozen(torch.rand(1, 3, 64, 64))["m3"]).all()
+
+
+def test_demo_head_is_group_normalized():
+    from detectron2.config import instantiate
+
+    from lgd.demo import DEMO_CONFIG
+    from lgd.train_net import load_config
+
+    assert head_group_norm(64).num_groups == 32 and head_group_norm(1).num_groups == 1
+    cfg = load_config(DEMO_CONFIG)
+    cfg.model.backbone.weights = None
+    head = instantiate(cfg.model).head
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 2 * len(cfg.model.head.conv_dims)  # one per conv of each tower (cls, box)
+    with pytest.raises(ValueError, match="channels"):
+        head_group_norm(0)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

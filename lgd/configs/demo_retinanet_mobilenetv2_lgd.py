@@ -8,13 +8,14 @@ Built on lgd/configs/retinanet_R_50_FPN_1x_lgd.py (its optimizer, evaluator and 
 noted below. The `lgd` schedule keeps the paper's 1x proportions (distillation from 1/3 of the run, the
 bottom-up backbone frozen for the first 1/9, LR / 10 at 2/3 and 8/9), written for 900 iterations and scaled by
 lgd.train_net to whatever train.max_iter the demo picks; the LR warm-up (11 %) is longer than the paper's 1.1 %,
-and gradients are clipped: a fresh head trained with batches of 4 tiles diverges without them.
+and gradients are clipped: a fresh head trained with batches of 4 tiles diverges without them. The head's
+convs are group-normalized (see below and lgd.backbones.head_group_norm).
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
 
-from lgd.backbones import build_mobilenetv2_fpn
+from lgd.backbones import build_mobilenetv2_fpn, head_group_norm
 from lgd.data.assets import mobilenetv2_weights_path
 
 from .retinanet_R_50_FPN_1x_lgd import dataloader, lgd, model, optimizer, train
@@ -31,6 +32,9 @@ model.input_format = "RGB"
 model.num_classes = 1
 model.head.input_shape = [ShapeSpec(channels=CHANNELS)] * 5
 model.head.conv_dims = [CHANNELS, CHANNELS]
+# GroupNorm in the head's convs: without it the std-0.01 init of a 64-channel head barely learns in 300
+# iterations (lgd.backbones.head_group_norm; measured AP50 after 150 iterations: 1.4 without, 19.4 with)
+model.head.norm = head_group_norm
 # tree crowns on 400 px tiles are ~10-100 px: anchors one octave smaller than COCO's
 model.anchor_generator.sizes = [[s * 2 ** (k / 3) for k in range(3)] for s in (16, 32, 64, 128, 256)]
 
