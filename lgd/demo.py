@@ -20,12 +20,14 @@ a few times during training and at the end, and write into the output folder (de
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
 Budget: on CPU 300 iterations of batch 4 at 400 px; on CUDA 2000 iterations of batch 16. Measured on this
-2-core machine while other jobs ran (load average ~3, so an idle machine is faster): the LGD run took 564 s
-(1.84 s/iter, --threads 1; ~9.5 minutes with data preparation and four evaluations), the baseline 515 s (1.50);
-a short run with 2 threads at a lighter load took 1.1-1.4 s/iter. On a busy CPU, --threads 1 avoids OpenMP
-oversubscription (at a load average of 5: ~4 s/iter with 1 thread, ~15 s/iter with 2). Those runs' student
-(seed 0): LGD AP 1.5 / AP50 6.5, baseline AP 0.9 / AP50 4.2 on the 12 validation tiles; 300 iterations is
-far from convergence, and one seed says little: run --compare --seeds 0 1 2 (about an hour here).
+2-core machine (`--compare --seeds 0 --threads 2`, load average ~2 from other jobs, so an idle machine is
+faster): baseline 294 s (0.96 s/iter), LGD 374 s (1.27 s/iter), each with four evaluations; 669 s for both,
+so the default LGD-only run takes about 6.5 minutes. On a busy CPU, --threads 1 avoids OpenMP oversubscription (at a
+load average of 5: ~4 s/iter with 1 thread, ~15 s/iter with 2). Those runs' student (seed 0, 12 validation
+tiles): baseline AP 8.3 / AP50 30.9, LGD AP 9.0 / AP50 30.4 (AP75 1.0 vs 2.1). Before the head's GroupNorm
+(lgd/configs/demo_retinanet_mobilenetv2_lgd.py) the same budget reached only AP 0.9 / AP50 4.2 (baseline) and
+1.5 / 6.5 (LGD): the std-0.01 init of the 64-channel head left it nearly untrained. 300 iterations is still far
+from convergence, and one seed says little: run --compare --seeds 0 1 2 (about half an hour here).
 --iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
 backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
 The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
