@@ -484,6 +484,21 @@ def shrink_detector_config(model, num_classes):
     return model
 
 
+def tiny_yacs_config(config_file):
+    """detectron2's yacs model-zoo config `config_file` shrunk like shrink_detector_config: CPU, no weights,
+    ResNet-18 with BN, a 32-channel FPN."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(config_file))
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.NORM = 18, 64, "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    return cfg
+
+
 def sgd_loss_totals(model, losses, steps, lr=0.01):
     """Total loss before each of `steps` SGD steps of an LGDDistiller's two optimizers (the authors' settings);
     `losses()` returns one training loss dict."""

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
-from conftest import sgd_loss_totals, shrink_detector_config, value_scale
+from conftest import sgd_loss_totals, shrink_detector_config, tiny_yacs_config, value_scale
 from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
 from lgd.distiller import TEACHER_SUFFIX
@@ -172,16 +172,9 @@ def test_images_without_objects(detector):
 
 
 def test_wraps_a_yacs_built_one_class_mask_rcnn():
-    from detectron2 import model_zoo
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
-    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
-    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.NORM = 18, 64, "BN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg = tiny_yacs_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
     cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 1, 64
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 64, 32

@@ -13,7 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
-from conftest import sgd_loss_totals, shrink_retinanet_config
+from conftest import sgd_loss_totals, shrink_retinanet_config, tiny_yacs_config
 from lgd import LGDDistiller, LGDTeacher
 from lgd.distiller import TEACHER_SUFFIX
 
@@ -196,15 +196,9 @@ def test_loss_normalizer_updated_once_per_iteration():
 
 
 def test_wraps_a_yacs_built_retinanet():
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    cfg = get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
-    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
-    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.NORM = 18, 64, "BN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg = tiny_yacs_config("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
     cfg.MODEL.RETINANET.NUM_CONVS, cfg.MODEL.RETINANET.NUM_CLASSES = 2, NUM_CLASSES
     torch.manual_seed(0)
     model = LGDDistiller(build_model(cfg), backend="reference").train()
