@@ -55,7 +55,6 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from . import train_net
-from .op_report import OpReport
 from .train_net import OPS_BACKENDS, load_config, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "lgd_train_main", "main", "plot_compare", "plot_run",
@@ -91,22 +90,6 @@ class TqdmProgress(HookBase):
 
     def after_train(self):
         self._bar.close()
-
-
-class RecordedOpReport(OpReport):
-    """OpReport that also keeps each report's values in `rows` ([(iteration, {key: value})]): registered as an
-    extra hook of lgd.train_net.train, it runs after the metric writers, so its scalars miss metrics.json."""
-
-    def __init__(self, period: int):
-        super().__init__(period)
-        self.rows = []
-
-    def after_step(self):
-        super().after_step()
-        row = {key: value for key, (value, it) in self.trainer.storage.latest().items()
-               if key.startswith("op_report/") and it == self.trainer.iter}
-        if row:
-            self.rows.append((self.trainer.iter, row))
 
 
 def _device() -> str:
@@ -204,14 +187,11 @@ def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, *
     os.makedirs(run_dir, exist_ok=True)
     cfg = build_config(run_dir, datasets, seed=seed, **budget)
     lgd_enabled = mode == "lgd"
-    op_report = RecordedOpReport(int(cfg.lgd.op_report_period)) if lgd_enabled else None
-    extra_hooks = [op_report, TqdmProgress(f"{mode} seed {seed}")]
+    extra_hooks = [TqdmProgress(f"{mode} seed {seed}")]  # train() adds the op report (cfg.lgd.op_report_period)
     start = time.perf_counter()
     results = train(cfg, lgd_enabled=lgd_enabled, backend=backend, resume=resume, extra_hooks=extra_hooks)
     wall_s = time.perf_counter() - start
     rows = _read_metrics(run_dir)
-    if op_report is not None:
-        rows += [dict(values, iteration=it) for it, values in op_report.rows]
     times = [r["time"] for r in rows if "time" in r]
     record = {
         "mode": mode, "seed": seed, "backend": backend if lgd_enabled else None,
