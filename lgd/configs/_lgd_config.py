@@ -24,6 +24,7 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
 from lgd.fcos_head import FCOSHead
+from lgd.trainer import PAPER_SCHEDULES
 
 # detector -> (stock model-zoo config, base LR at batch 16)
 DETECTORS = {
@@ -33,10 +34,9 @@ DETECTORS = {
     "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
 }
 DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
-SCHEDULES = {
-    "1x": dict(max_iter=90000, steps=(60000, 80000), backbone_freeze_iters=10000),
-    "2x": dict(max_iter=180000, steps=(120000, 160000), backbone_freeze_iters=20000),
-}
+# the paper's 1x / 2x iteration counts, from the one table lgd.trainer keeps
+SCHEDULES = {name: dict(max_iter=s.max_iter, steps=s.steps, backbone_freeze_iters=s.backbone_freeze_iters)
+             for name, s in PAPER_SCHEDULES.items()}
 SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
 MAX_SIZE = 1333
