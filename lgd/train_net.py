@@ -276,7 +276,7 @@ def evaluate(cfg, checkpoint):
     `checkpoint`: an LGD checkpoint (its student) or a plain detectron2 one."""
     if not checkpoint:
         raise ValueError("evaluate: checkpoint must name a checkpoint file, got an empty path")
-    detector = instantiate(cfg.model).to(_device(cfg))
+    detector = build_model(cfg, lgd_enabled=False)
     AtomicCheckpointer(detector).load(checkpoint)
     return do_test(cfg, detector.eval())
 
