@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 
 from lgd.bench import main as lgd_bench

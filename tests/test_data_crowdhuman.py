@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances

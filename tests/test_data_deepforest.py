@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytest.importorskip("detectron2")
+
 from PIL import Image
 
 from lgd.data import assets, deepforest

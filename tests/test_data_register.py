@@ -4,6 +4,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from lgd.data.register import parse_coco_spec, register_coco_by_path, register_voc_by_path

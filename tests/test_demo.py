@@ -5,6 +5,9 @@ import json
 import os
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 
 from lgd.backbones import (MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, head_group_norm,

@@ -13,6 +13,9 @@ import os
 import re
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate

@@ -6,6 +6,9 @@ The detector is the model-zoo LazyConfig COCO-Detection/retinanet_R_50_FPN_1x.py
 import copy
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2 import model_zoo
 from detectron2.config import instantiate

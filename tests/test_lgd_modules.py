@@ -4,6 +4,9 @@ CPU, small sizes. Oracles: hand-worked descriptor values, conftest's float64 loo
 filling, a per-image loop for the attention, and the spec's formulas written out for mapper and loss.
 """
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks

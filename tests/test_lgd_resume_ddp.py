@@ -13,6 +13,9 @@ and the first resumed steps differ from the uninterrupted ones in the last bits)
 import os
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm

@@ -12,6 +12,9 @@ import sys
 import textwrap
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 
 pytest.importorskip("pycocotools")

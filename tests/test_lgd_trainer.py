@@ -8,6 +8,9 @@ import random
 
 import numpy as np
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2.engine import HookBase
 

@@ -6,6 +6,9 @@ import json
 import math
 
 import pytest
+
+pytest.importorskip("detectron2")
+
 import torch
 from detectron2.engine import hooks
 from detectron2.utils.events import JSONWriter
