@@ -14,9 +14,9 @@ Training forward: the student's backbone (FPN) runs once; LGDTeacher turns the d
 ground truth into the instructive features X^I; the detector's OWN heads and losses run on both, with the
 targets computed once and reused; DistillationLoss compares the adapted student features with X^I
 detached. Loss names: the detector's (RetinaNet: loss_cls, loss_box_reg; FCOS: loss_fcos_cls/_loc/_ctr;
-R-CNN: loss_cls, loss_box_reg, Mask R-CNN also loss_mask, plus the student-only RPN losses loss_rpn_cls,
-loss_rpn_loc), the same names with the suffix "_tea" for the instructive branch (TEACHER_SUFFIX; the
-metrics the heads log there go under the EventStorage scope "lgd_teacher/"), and loss_distill. While
+R-CNN: loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, Mask R-CNN also loss_mask), the same names
+with the suffix "_tea" for the instructive branch (TEACHER_SUFFIX; the metrics the heads log there go under
+the EventStorage scope "lgd_teacher/"), and loss_distill. While
 distill_enabled is False, loss_distill is still computed but with the student features detached, so only
 the adapter learns. Inference never touches the teacher: LGD adds zero inference cost.
 
@@ -39,9 +39,9 @@ ema_attributes. Families, with the authors' teacher settings:
   - FCOS (_FCOSHooks): the same, the head also returning centerness, which losses() takes. detectron2
     v0.6's FCOSHead does not build on recent torch: the LGD configs use lgd.fcos_head.FCOSHead.
   - Faster / Mask R-CNN (_RCNNHooks; GeneralizedRCNN with StandardROIHeads): context off, appearance
-    detached (and masks, Mask R-CNN). The RPN runs once on the student (losses: student only); proposals
-    are labelled and sampled once; the box (and mask) head losses run on each branch. Distilled levels = the
-    ROI heads' (p2-p5); p6 feeds only the RPN.
+    detached (and masks, Mask R-CNN). The instructive branch is the whole detector on X^I (RPN with its own
+    proposals and losses, then the ROI heads), distilled levels p2-p6; rcnn_branch="shared_proposals" is
+    the cheaper variant that reuses the student's proposals and distils only the ROI heads' levels.
 """
 import math
 from typing import Dict, List, Optional
@@ -170,32 +170,41 @@ class _FCOSHooks(_DenseHooks):
 class _RCNNHooks(_DetectorHooks):
     """Faster / Mask R-CNN (GeneralizedRCNN with StandardROIHeads and an RPN).
 
-    The RPN runs once, on the student features (every level it reads, p2-p6 in the stock configs); its
-    losses are the student's only. The proposals are labelled and sampled once (label_and_sample_proposals),
-    then the box head (and the mask head, Mask R-CNN; a keypoint head likewise, untested) loss runs on each
-    feature set. Distilled levels: the ones the ROI heads read (box_in_features plus mask_in_features, p2-p5),
-    since those are the only levels the instructive branch feeds; the RPN-only level p6 is not distilled.
+    rcnn_branch="detector" (the default, as in the authors' code): the instructive branch is the whole
+    detector run on X^I: the RPN with its own proposals and losses, then the ROI heads (box, and mask for
+    Mask R-CNN; a keypoint head likewise, untested) on those proposals. Distilled levels: every level the
+    RPN or the ROI heads read (p2-p6 in the stock configs).
+    rcnn_branch="shared_proposals" (a cheaper variant, not the method): the RPN runs once, on the student
+    (its losses are the student's only); the proposals are labelled and sampled once and the ROI heads'
+    losses run on each feature set; distilled levels: the ones the ROI heads read (p2-p5).
     """
 
     use_context = False
     detach_appearance = True
+    branches = ("detector", "shared_proposals")
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, rcnn_branch: str = "detector"):
         super().__init__(detector)
         heads = detector.roi_heads
         if not isinstance(heads, StandardROIHeads) or isinstance(heads, CascadeROIHeads):
             raise ValueError(f"LGDDistiller: R-CNN needs StandardROIHeads, got {type(heads).__name__}")
         if detector.proposal_generator is None:
             raise ValueError("LGDDistiller: R-CNN needs a proposal generator (precomputed proposals unsupported)")
+        if rcnn_branch not in self.branches:
+            raise ValueError(f"LGDDistiller: rcnn_branch must be one of {self.branches}, got {rcnn_branch!r}")
+        self.share_proposals = rcnn_branch == "shared_proposals"
 
     @property
     def in_features(self):
-        heads = self.detector.roi_heads
+        det = self.detector
+        heads = det.roi_heads
         read = set(heads.box_in_features)
         for head in ("mask", "keypoint"):
             if getattr(heads, f"{head}_on"):
                 read |= set(getattr(heads, f"{head}_in_features"))
-        return [f for f in self.detector.backbone.output_shape() if f in read]
+        if not self.share_proposals:
+            read |= set(det.proposal_generator.in_features)
+        return [f for f in det.backbone.output_shape() if f in read]
 
     @property
     def num_classes(self):
@@ -206,16 +215,24 @@ class _RCNNHooks(_DetectorHooks):
         return self.detector.roi_heads.mask_on
 
     def targets(self, images, features, gt_instances):
+        if not self.share_proposals:
+            return {}
         det = self.detector
         proposals, rpn_losses = det.proposal_generator(images, features, gt_instances)
         return {"proposals": det.roi_heads.label_and_sample_proposals(proposals, gt_instances),
                 "student_losses": rpn_losses}
 
     def losses(self, images, features, gt_instances, targets):
-        heads = self.detector.roi_heads
-        # a fresh Instances per branch: with train_on_pred_boxes, _forward_box rewrites proposal_boxes in place
-        proposals = [Instances(p.image_size, **p.get_fields()) for p in targets["proposals"]]
-        losses = heads._forward_box(features, proposals)
+        det = self.detector
+        heads = det.roi_heads
+        if self.share_proposals:
+            # a fresh Instances per branch: with train_on_pred_boxes, _forward_box rewrites proposal_boxes in place
+            proposals = [Instances(p.image_size, **p.get_fields()) for p in targets["proposals"]]
+            losses = {}
+        else:
+            proposals, losses = det.proposal_generator(images, features, gt_instances)
+            proposals = heads.label_and_sample_proposals(proposals, gt_instances)
+        losses.update(heads._forward_box(features, proposals))
         losses.update(heads._forward_mask(features, proposals))
         losses.update(heads._forward_keypoint(features, proposals))
         return losses
@@ -224,10 +241,12 @@ class _RCNNHooks(_DetectorHooks):
 _HOOKS = {RetinaNet: _DenseHooks, FCOS: _FCOSHooks, GeneralizedRCNN: _RCNNHooks}
 
 
-def _hooks_for(detector: nn.Module) -> _DetectorHooks:
+def _hooks_for(detector: nn.Module, **options) -> _DetectorHooks:
+    """The family's _DetectorHooks; options (rcnn_branch) go to the R-CNN family only."""
     for cls in type(detector).__mro__:
         if cls in _HOOKS:
-            return _HOOKS[cls](detector)
+            hooks_cls = _HOOKS[cls]
+            return hooks_cls(detector, **options) if hooks_cls is _RCNNHooks else hooks_cls(detector)
     raise ValueError(f"LGDDistiller: unsupported detector {type(detector).__name__}; supported: "
                      f"{[c.__name__ for c in _HOOKS]}")
 
@@ -237,24 +256,31 @@ class LGDDistiller(nn.Module):
 
     detector: a built detectron2 RetinaNet, FCOS or (Faster/Mask) R-CNN. num_classes and the feature channels
     are read from it. teacher / distill_loss: pass your own to override the defaults (LGDTeacher with the
-    detector's context/detach/mask settings, DistillationLoss()). backend goes to every lgd_ops call
-    ("auto", "reference", "cpu", ...). distill_enabled: see the property.
+    detector's context/detach/mask settings, DistillationLoss()). use_context: the context object (None: the
+    family's default, on for RetinaNet/FCOS, off for R-CNN; the authors' FCOS R50 configs turn it off).
+    stn_pool: the label encoder's STN ("object", the method; "image", a variant). rcnn_branch: see _RCNNHooks.
+    backend goes to every lgd_ops call ("auto", "reference", "cpu", ...). distill_enabled: see the property.
     """
 
     def __init__(self, detector: nn.Module, *, teacher: Optional[LGDTeacher] = None,
                  distill_loss: Optional[DistillationLoss] = None, distill_weight: float = 1.0,
-                 distill_enabled: bool = True, backend: str = "auto"):
+                 distill_enabled: bool = True, use_context: Optional[bool] = None, stn_pool: str = "object",
+                 rcnn_branch: str = "detector", backend: str = "auto"):
         super().__init__()
         self.detector = detector
-        self._hooks = _hooks_for(detector)
+        self._hooks = _hooks_for(detector, rcnn_branch=rcnn_branch)
         channels = self._hooks.feature_channels()
         self.teacher = teacher if teacher is not None else LGDTeacher(
-            self._hooks.num_classes, channels=channels, use_context=self._hooks.use_context,
-            detach_appearance=self._hooks.detach_appearance, use_masks=self._hooks.use_masks, backend=backend)
+            self._hooks.num_classes, channels=channels,
+            use_context=self._hooks.use_context if use_context is None else bool(use_context),
+            detach_appearance=self._hooks.detach_appearance, use_masks=self._hooks.use_masks, stn_pool=stn_pool,
+            backend=backend)
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
         self.distill_enabled = distill_enabled
         self._backbone_frozen = False
+        # what the stock detector trains (detectron2's FREEZE_AT keeps the stem and res2 frozen for good)
+        self._freezable = [p for p in self._hooks.bottom_up.parameters() if p.requires_grad]
 
     @property
     def distill_enabled(self) -> bool:
@@ -272,12 +298,14 @@ class LGDDistiller(nn.Module):
     def set_backbone_frozen(self, frozen: bool):
         """Stop (or resume) updates of the student's bottom-up backbone; the FPN keeps training (LGD_SPEC §8).
 
+        Touches only the bottom-up parameters the stock detector trains (those with requires_grad when the
+        distiller was built): the stem and res2 that FREEZE_AT=2 freezes stay frozen for the whole run.
         Sets requires_grad and clears stale gradients, so optimizers built from student_parameters() skip
         these weights (SGD skips parameters without a gradient, weight decay included). Norm layers' running
         statistics still follow train()/eval(), as in the authors' setup.
         """
         self._backbone_frozen = bool(frozen)
-        for p in self._hooks.bottom_up.parameters():
+        for p in self._freezable:
             p.requires_grad_(not frozen)
             if frozen:
                 p.grad = None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .labels import MASK_CROP, PackedLabels
 
-STN_POOLS = ("image", "object")
+STN_POOLS = ("object", "image")
 
 
 def build_descriptors(labels: PackedLabels, num_classes: int, *, use_masks: bool = False) -> torch.Tensor:
@@ -52,17 +52,17 @@ def _mlp(in_features, out_features):
 class SpatialTransformer(nn.Module):
     """STN(d): predicts a d x d matrix T from the points and returns each point transformed, x @ T.
 
-    Point MLP d -> 64 -> 128 -> 1024, max over the points (pool="image": the image's objects, as in
-    LGD_SPEC §5 and PointNet's one transform per cloud; pool="object": no pooling, each object gets its own
-    T, which is what the authors' code computes since its max runs over a length-1 axis), then
-    1024 -> 512 -> 256 and a final Linear 256 -> d*d.
+    Point MLP d -> 64 -> 128 -> 1024, then (pool="object", the default and the method) each object gets
+    its own T, as in the authors' code, which feeds every object to the STN as a one-point set; pool="image"
+    (a variant, PointNet's one transform per cloud) takes the max over the image's objects first. Then
+    1024 -> 512 -> 256 and a final Linear 256 -> d*d (docs/method.md, label encoder).
     Initialisation: that final Linear starts at weight 0, bias = identity, so T = I at the start (the
     PointNet / spatial-transformer convention) and the descriptors enter the network unchanged. The
     authors' code has neither the identity shortcut nor this initialisation (T starts as a small random
     matrix); the forward function class is the same, only the starting point differs.
     """
 
-    def __init__(self, dim: int, pool: str = "image"):
+    def __init__(self, dim: int, pool: str = "object"):
         super().__init__()
         if pool not in STN_POOLS:
             raise ValueError(f"SpatialTransformer: pool must be one of {STN_POOLS}, got {pool!r}")
@@ -93,7 +93,7 @@ class LabelEncoder(nn.Module):
     Linear(1088, channels) LN ReLU -> Linear(channels, channels) LN ReLU. stn_pool: see SpatialTransformer.
     """
 
-    def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False, stn_pool: str = "image"):
+    def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False, stn_pool: str = "object"):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"LabelEncoder: num_classes must be an int >= 1, got {num_classes!r}")

@@ -25,7 +25,7 @@ class LGDTeacher(nn.Module):
     """
 
     def __init__(self, num_classes: int, *, channels: int = 256, num_heads: int = 8, use_context: bool = True,
-                 detach_appearance: bool = False, use_masks: bool = False, stn_pool: str = "image",
+                 detach_appearance: bool = False, use_masks: bool = False, stn_pool: str = "object",
                  backend: str = "auto"):
         super().__init__()
         self.channels, self.use_context, self.use_masks = channels, use_context, use_masks

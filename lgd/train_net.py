@@ -83,8 +83,8 @@ from .checkpoint import AtomicCheckpointer, DetectorEMAState
 from .data.register import parse_coco_spec, register_coco_by_path
 from .distiller import LGDDistiller
 from .op_report import OpReport
-from .trainer import (IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer, ResumableTrainingSampler,
-                      build_lgd_hooks, build_lgd_optimizers, build_sgd)
+from .trainer import (GradientClip, IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer,
+                      ResumableTrainingSampler, build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_parser", "build_schedule",
            "build_train_loader", "do_test", "eval_main", "evaluate", "launch_cpu", "load_config", "main",
@@ -163,16 +163,23 @@ def build_model(cfg, lgd_enabled=None, backend=None):
     detector = instantiate(cfg.model)
     if _lgd_enabled(cfg, lgd_enabled):
         backend = backend if backend is not None else str(cfg.lgd.get("backend", "auto"))
-        detector = LGDDistiller(detector, backend=backend, distill_weight=float(cfg.lgd.get("distill_weight", 1.0)))
+        lgd = cfg.lgd
+        use_context = lgd.get("use_context", None)
+        detector = LGDDistiller(detector, backend=backend, distill_weight=float(lgd.get("distill_weight", 1.0)),
+                                use_context=None if use_context is None else bool(use_context),
+                                stn_pool=str(lgd.get("stn_pool", "object")),
+                                rcnn_branch=str(lgd.get("rcnn_branch", "detector")))
     return detector.to(_device(cfg))
 
 
 def build_optimizers(cfg, model):
     """(student + adapter, teacher) SGDs for an LGDDistiller (teacher LR: lgd.teacher_lr), (SGD,) for a
-    plain detector; optimizer.lr / momentum / weight_decay / params.weight_decay_norm."""
+    plain detector; optimizer.lr / momentum / weight_decay / params.weight_decay_norm (absent or None: the
+    same as weight_decay, as in the authors' configs)."""
     opt = cfg.optimizer
+    norm_decay = opt.get("params", {}).get("weight_decay_norm", None)
     kwargs = dict(lr=float(opt.lr), momentum=float(opt.momentum), weight_decay=float(opt.weight_decay),
-                  weight_decay_norm=float(opt.get("params", {}).get("weight_decay_norm", 0.0)))
+                  weight_decay_norm=None if norm_decay is None else float(norm_decay))
     if not isinstance(model, LGDDistiller):
         return (build_sgd(model, **kwargs),)
     optimizers = build_lgd_optimizers(model, **kwargs)
@@ -207,11 +214,12 @@ def _ddp_kwargs(cfg, device):
 
 
 def _build_trainer(cfg, model, loader, optimizers, device):
-    clip = cfg.lgd.get("clip_grad_norm", None)
+    kind = cfg.lgd.get("clip_type", "value")
+    clip = None if kind is None else GradientClip(str(kind), float(cfg.lgd.get("clip_value", 1.0)))
     if not cfg.train.amp.enabled:
-        return LGDTrainer(model, loader, optimizers, clip_grad_norm=clip)
+        return LGDTrainer(model, loader, optimizers, clip=clip)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return LGDAMPTrainer(model, loader, optimizers, clip_grad_norm=clip,
+    return LGDAMPTrainer(model, loader, optimizers, clip=clip,
                          grad_scaler=torch.amp.GradScaler(device_type), device_type=device_type,
                          dtype=None if device_type == "cuda" else torch.bfloat16)
 

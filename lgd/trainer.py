@@ -3,7 +3,7 @@
     model = LGDDistiller(instantiate(cfg.model))
     schedule = scale_schedule(90000)                  # the paper's 1x; scale_schedule(2000) for a short run
     optimizers = build_lgd_optimizers(model, lr=0.01)   # (student + adapter, teacher)
-    trainer = LGDTrainer(model, data_loader, optimizers, clip_grad_norm=None)
+    trainer = LGDTrainer(model, data_loader, optimizers, clip=GradientClip("value", 1.0))
     trainer.register_hooks(build_lgd_hooks(schedule) + [hooks.IterationTimer(), hooks.PeriodicWriter(...)])
     trainer.train(start_iter, schedule.max_iter)
 
@@ -44,6 +44,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamSchedule
 __all__ = [
     "BackboneFreezeSchedule",
     "DistillationSchedule",
+    "GradientClip",
     "IterationSeed",
     "LGDAMPTrainer",
     "LGDSchedule",
@@ -238,16 +239,19 @@ class ResumableTrainingSampler(TrainingSampler):
 # ----------------------------------------------------------------------------------------------
 
 def build_sgd(module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-              weight_decay_norm: float = 0.0) -> torch.optim.SGD:
-    """SGD over `module` with detectron2's parameter groups (get_default_optimizer_params): norm layers get
-    `weight_decay_norm` (0, detectron2's default) as in the stock configs; frozen parameters are left out."""
+              weight_decay_norm: Optional[float] = None) -> torch.optim.SGD:
+    """SGD over `module` with detectron2's parameter groups (get_default_optimizer_params); frozen parameters
+    are left out. weight_decay_norm: the decay of norm layers' parameters; None = weight_decay, as in the
+    authors' configs (detectron2's later default, 0, is the option weight_decay_norm=0)."""
+    if weight_decay_norm is None:
+        weight_decay_norm = weight_decay
     return torch.optim.SGD(get_default_optimizer_params(module, base_lr=lr, weight_decay=weight_decay,
                                                         weight_decay_norm=weight_decay_norm),
                            lr=lr, momentum=momentum)
 
 
 def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
-                         weight_decay_norm: float = 0.0) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
+                         weight_decay_norm: Optional[float] = None) -> Tuple[torch.optim.SGD, torch.optim.SGD]:
     """(student + adapter, teacher) SGD optimizers, as in the authors' code (LGD_SPEC §8): lr 0.01 for
     RetinaNet/FCOS, 0.02 for Faster R-CNN at batch 16; each a build_sgd. Build them before any freezing:
     parameters with requires_grad=False are left out, while parameters frozen later stay in and SGD skips
@@ -257,21 +261,51 @@ def build_lgd_optimizers(model: nn.Module, lr: float, momentum: float = 0.9, wei
     return tuple(build_sgd(part, lr, momentum, weight_decay, weight_decay_norm) for part in (student, model.teacher))
 
 
+@dataclasses.dataclass(frozen=True)
+class GradientClip:
+    """Gradient clipping applied to each optimizer before its step.
+
+    kind "value" (the authors' configs: detectron2's CLIP_TYPE "value", CLIP_VALUE 1.0): every gradient
+    element clamped to [-value, value], parameter by parameter. kind "norm": the optimizer's gradients scaled
+    so that their total L2 norm is at most value (each optimizer separately).
+    """
+
+    kind: str = "value"
+    value: float = 1.0
+
+    KINDS = ("value", "norm")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"GradientClip: kind must be one of {self.KINDS}, got {self.kind!r}")
+        if not self.value > 0:
+            raise ValueError(f"GradientClip: value must be > 0, got {self.value!r}")
+
+    def __call__(self, optimizer: torch.optim.Optimizer):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        if self.kind == "value":
+            torch.nn.utils.clip_grad_value_(params, self.value)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, self.value)
+
+
 class LGDTrainer(SimpleTrainer):
     """SimpleTrainer for an LGDDistiller: sums its loss dict, zeroes and steps both optimizers.
 
     optimizers: (student, teacher) from build_lgd_optimizers, or any sequence of optimizers.
-    clip_grad_norm: if set, each optimizer's gradients are clipped to this total L2 norm separately.
+    clip: a GradientClip applied to each optimizer before its step (None: no clipping).
     """
 
     def __init__(self, model: nn.Module, data_loader, optimizers: Sequence[torch.optim.Optimizer],
-                 clip_grad_norm: Optional[float] = None):
+                 clip: Optional[GradientClip] = None):
         optimizers = list(optimizers)
         if not optimizers:
             raise ValueError("LGDTrainer needs at least one optimizer")
         super().__init__(model, data_loader, optimizers[0])
         self.optimizers = optimizers
-        self.clip_grad_norm = clip_grad_norm
+        self.clip = clip
 
     def _next_data(self):
         start = time.perf_counter()
@@ -282,13 +316,6 @@ class LGDTrainer(SimpleTrainer):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def _clip(self, opt):
-        if self.clip_grad_norm is None:
-            return
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
-
     def run_step(self):
         assert self.model.training, "[LGDTrainer] model was changed to eval mode!"
         data, data_time = self._next_data()
@@ -298,7 +325,8 @@ class LGDTrainer(SimpleTrainer):
         losses.backward()
         self._write_metrics(loss_dict, data_time)
         for opt in self.optimizers:
-            self._clip(opt)
+            if self.clip is not None:
+                self.clip(opt)
             opt.step()
 
     def state_dict(self):
@@ -319,9 +347,9 @@ class LGDAMPTrainer(LGDTrainer):
     torch.amp.GradScaler(device_type).
     """
 
-    def __init__(self, model, data_loader, optimizers, clip_grad_norm=None, grad_scaler=None,
+    def __init__(self, model, data_loader, optimizers, clip=None, grad_scaler=None,
                  device_type: str = "cuda", dtype: Optional[torch.dtype] = None):
-        super().__init__(model, data_loader, optimizers, clip_grad_norm)
+        super().__init__(model, data_loader, optimizers, clip)
         self.device_type = device_type
         self.dtype = dtype
         self.grad_scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(device_type)
@@ -336,9 +364,9 @@ class LGDAMPTrainer(LGDTrainer):
         self.grad_scaler.scale(losses).backward()
         self._write_metrics(loss_dict, data_time)
         for opt in self.optimizers:
-            if self.clip_grad_norm is not None:
+            if self.clip is not None:
                 self.grad_scaler.unscale_(opt)
-                self._clip(opt)
+                self.clip(opt)
             self.grad_scaler.step(opt)
         self.grad_scaler.update()
 

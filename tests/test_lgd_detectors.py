@@ -28,29 +28,34 @@ from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
 from lgd.distiller import TEACHER_SUFFIX
 from lgd.fcos_head import FCOSHead, group_norm
+from lgd.train_net import build_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 NUM_CLASSES = 3
 IMAGE = (128, 160)
+RPN_LOSSES = {"loss_rpn_cls", "loss_rpn_loc"}
 DETECTOR_LOSSES = {
     "retinanet": {"loss_cls", "loss_box_reg"},
     "fcos": {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"},
-    "faster_rcnn": {"loss_cls", "loss_box_reg"},
-    "mask_rcnn": {"loss_cls", "loss_box_reg", "loss_mask"},
+    "faster_rcnn": RPN_LOSSES | {"loss_cls", "loss_box_reg"},
+    "mask_rcnn": RPN_LOSSES | {"loss_cls", "loss_box_reg", "loss_mask"},
 }
-STUDENT_ONLY = {"faster_rcnn": {"loss_rpn_cls", "loss_rpn_loc"}, "mask_rcnn": {"loss_rpn_cls", "loss_rpn_loc"}}
+SHARED = "shared_proposals"  # the cheaper R-CNN variant: the RPN runs on the student only
 # (use_context, detach_appearance, use_masks, distilled levels): the authors' settings per family
 TEACHER = {
     "fcos": (True, False, False, ["p3", "p4", "p5", "p6", "p7"]),
-    "faster_rcnn": (False, True, False, ["p2", "p3", "p4", "p5"]),
-    "mask_rcnn": (False, True, True, ["p2", "p3", "p4", "p5"]),
+    "faster_rcnn": (False, True, False, ["p2", "p3", "p4", "p5", "p6"]),
+    "mask_rcnn": (False, True, True, ["p2", "p3", "p4", "p5", "p6"]),
 }
 NEW = list(TEACHER)  # the families this file adds
+# (detector, rcnn_branch): every family, and the R-CNN variant
+VARIANTS = [(d, "detector") for d in NEW] + [(d, SHARED) for d in NEW if "rcnn" in d]
 
 
-def expected_keys(detector):
+def expected_keys(detector, rcnn_branch="detector"):
     det = DETECTOR_LOSSES[detector]
-    return det | {k + TEACHER_SUFFIX for k in det} | STUDENT_ONLY.get(detector, set()) | {"loss_distill"}
+    instructive = det - RPN_LOSSES if rcnn_branch == SHARED else det
+    return det | {k + TEACHER_SUFFIX for k in instructive} | {"loss_distill"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,9 +64,10 @@ def _tiny_config(detector):
                                   NUM_CLASSES)
 
 
-def make_model(detector, backend="reference", seed=0):
+def make_model(detector, backend="reference", seed=0, rcnn_branch="detector"):
     torch.manual_seed(seed)
-    return LGDDistiller(instantiate(copy.deepcopy(_tiny_config(detector))), backend=backend).train()
+    return LGDDistiller(instantiate(copy.deepcopy(_tiny_config(detector))), backend=backend,
+                        rcnn_branch=rcnn_branch).train()
 
 
 def make_input(boxes, classes, seed):
@@ -86,16 +92,18 @@ def train_losses(model, batch, seed=0):
         return model(batch)
 
 
-@pytest.mark.parametrize("detector", NEW)
-def test_losses_teacher_settings_and_gradients(detector):
-    model = make_model(detector)
+@pytest.mark.parametrize("detector, branch", VARIANTS)
+def test_losses_teacher_settings_and_gradients(detector, branch):
+    model = make_model(detector, rcnn_branch=branch)
     use_context, detach, use_masks, levels = TEACHER[detector]
     teacher = model.teacher
     assert (teacher.use_context, teacher.appearance_encoder.detach_input, teacher.use_masks) == (
         use_context, detach, use_masks)
-    assert model._hooks.in_features == levels and model._hooks.num_classes == NUM_CLASSES
+    assert teacher.label_encoder.input_transform.pool == "object"
+    assert model._hooks.in_features == (levels[:-1] if branch == SHARED else levels)
+    assert model._hooks.num_classes == NUM_CLASSES
     losses = train_losses(model, make_batch())
-    assert set(losses) == expected_keys(detector)
+    assert set(losses) == expected_keys(detector, branch)
     for name, value in losses.items():
         assert value.dim() == 0 and torch.isfinite(value), name
     sum(losses.values()).backward()
@@ -110,15 +118,31 @@ def test_sgd_steps_lower_the_total_loss(detector):
     assert totals[-1] < totals[0], totals
 
 
-@pytest.mark.parametrize("detector", NEW)
-def test_instructive_branch_reuses_targets_and_samples(detector, monkeypatch):
+def _first_k_subsample(labels, num_samples, positive_fraction, bg_label):
+    """detectron2's subsample_labels without the random permutation (the first positives and negatives)."""
+    positive = torch.nonzero((labels != -1) & (labels != bg_label), as_tuple=True)[0]
+    negative = torch.nonzero(labels == bg_label, as_tuple=True)[0]
+    num_pos = min(positive.numel(), int(num_samples * positive_fraction))
+    return positive[:num_pos], negative[:min(negative.numel(), num_samples - num_pos)]
+
+
+@pytest.mark.parametrize("detector, branch", VARIANTS)
+def test_instructive_branch_is_the_same_detector(detector, branch, monkeypatch):
     """With X^I replaced by the student features, the "_tea" losses equal the student's exactly: the same
-    anchor labels / sampled proposals and the same EMA normalizer serve both branches."""
-    model, batch = make_model(detector), make_batch()
+    detector runs on both (dense detectors: the same anchor labels and EMA normalizer; R-CNN: the RPN and the
+    ROI heads on X^I, or the shared proposals; the random sampling is made deterministic for the comparison)."""
+    from detectron2.modeling.proposal_generator import rpn
+    from detectron2.modeling.roi_heads import roi_heads
+
+    for module in (rpn, roi_heads):
+        monkeypatch.setattr(module, "subsample_labels", _first_k_subsample)
+    model, batch = make_model(detector, rcnn_branch=branch), make_batch()
     monkeypatch.setattr(model.teacher, "forward", lambda features, targets, image_size: dict(features))
     for it in range(2):
         losses = train_losses(model, batch, seed=it)
-        for name in DETECTOR_LOSSES[detector]:
+        compared = {n[:-len(TEACHER_SUFFIX)] for n in losses if n.endswith(TEACHER_SUFFIX)}
+        assert compared == (DETECTOR_LOSSES[detector] - RPN_LOSSES if branch == SHARED else DETECTOR_LOSSES[detector])
+        for name in compared:
             torch.testing.assert_close(losses[name + TEACHER_SUFFIX], losses[name], rtol=0, atol=0)
 
 
@@ -273,8 +297,16 @@ def test_config_loads_and_builds(path):
     assert tuple(resize.short_edge_length) == (MULTI_SCALE if ms else SINGLE_SCALE)
     assert cfg.dataloader.train.mapper.use_instance_mask == (det == "mask_rcnn")
     assert cfg.dataloader.evaluator.use_fast_impl is False
-    model = LGDDistiller(instantiate(shrink_detector_config(cfg.model, NUM_CLASSES)))
+    # the authors' settings (LGD_SPEC §8b): value clipping at 1.0, decay on norms too, per-object STN,
+    # the whole R-CNN detector on X^I, no context object for FCOS R50
+    assert (lgd.clip_type, lgd.clip_value, cfg.optimizer.params.weight_decay_norm) == ("value", 1.0, 1e-4)
+    assert (lgd.stn_pool, lgd.rcnn_branch) == ("object", "detector")
+    assert lgd.use_context == (False if (det, depth) == ("fcos", 50) else None)
+    cfg.model = shrink_detector_config(cfg.model, NUM_CLASSES)
+    model = build_model(cfg)
     assert model.teacher.use_masks == (det == "mask_rcnn")
+    assert model.teacher.use_context == (det == "retinanet" or (det, depth) == ("fcos", 101))
+    assert model.teacher.label_encoder.input_transform.pool == "object"
 
 
 @pytest.mark.parametrize("kwargs", [dict(detector="yolo"), dict(detector="fcos", depth=18),

@@ -14,7 +14,8 @@ pytest.importorskip("detectron2")
 import torch
 from detectron2.engine import HookBase
 
-from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LGDAMPTrainer, LGDSchedule,
+from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, GradientClip, IterationSeed, LGDAMPTrainer,
+                         LGDSchedule,
                          LGDTrainer, MultiOptimizerLRScheduler, ResumableTrainingSampler, build_lgd_hooks,
                          build_lgd_optimizers, build_sgd, scale_schedule)
 from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
@@ -142,13 +143,34 @@ def test_resume_state_at_first_step(start_iter):
     assert t["lr"] == pytest.approx([LR_STUDENT * m, LR_TEACHER * m], rel=1e-6)
 
 
-def test_gradient_clipping_per_optimizer_and_state_dict():
-    max_norm = 1e-3
-    trainer, _ = run(2, 3, clip_grad_norm=max_norm)
+def _grads(opt):
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    assert grads
+    return grads
+
+
+def test_gradient_value_clipping_is_per_element():
+    """The authors' clipping (detectron2 CLIP_TYPE "value"): every gradient element in [-v, v], on both
+    optimizers, and some elements sit at the bound (the clip acted)."""
+    value = 1e-4
+    trainer, _ = run(2, 3, clip=GradientClip("value", value))
     for opt in trainer.optimizers:
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        assert grads
-        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= max_norm * (1 + 1e-4)
+        grads = torch.cat([g.flatten() for g in _grads(opt)])
+        assert grads.abs().max() <= value and (grads.abs() == value).any()
+
+
+def test_gradient_clip_rejects_bad_settings():
+    with pytest.raises(ValueError, match="kind"):
+        GradientClip("l2", 1.0)
+    with pytest.raises(ValueError, match="value"):
+        GradientClip("value", 0.0)
+
+
+def test_gradient_norm_clipping_per_optimizer_and_state_dict():
+    max_norm = 1e-3
+    trainer, _ = run(2, 3, clip=GradientClip("norm", max_norm))
+    for opt in trainer.optimizers:
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in _grads(opt)])) <= max_norm * (1 + 1e-4)
     state = trainer.state_dict()
     assert state["iteration"] == 3 and len(state["optimizers"]) == 2
     fresh = LGDTrainer(make_distiller(), data_loader(), build_lgd_optimizers(make_distiller(), lr=0.5))
@@ -195,7 +217,8 @@ def test_hooks_state_comes_from_iteration_not_toggles():
 ])
 def test_amp_trainer_steps_both_optimizers(device, dtype):
     model = make_distiller().to(device)
-    trainer = LGDAMPTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.01), clip_grad_norm=1.0,
+    trainer = LGDAMPTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.01),
+                            clip=GradientClip("norm", 1.0),
                             grad_scaler=torch.amp.GradScaler(device), device_type=device, dtype=dtype)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
     trainer.train(0, 2)
@@ -225,16 +248,18 @@ def test_detection_checkpointer_saves_and_resumes_both_optimizers(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
 
 
-def test_optimizers_cover_every_parameter_once_without_decay_on_norms():
+@pytest.mark.parametrize("norm_decay", [None, 0.0])
+def test_optimizers_cover_every_parameter_once_with_the_norm_decay(norm_decay):
+    """Default (the authors'): 1e-4 on every parameter, norm layers included; 0 on norms is the option."""
     model = make_distiller()
-    student, teacher = build_lgd_optimizers(model, lr=0.01, weight_decay=1e-4)
+    student, teacher = build_lgd_optimizers(model, lr=0.01, weight_decay=1e-4, weight_decay_norm=norm_decay)
     decay = {id(p): g["weight_decay"] for opt in (student, teacher) for g in opt.param_groups for p in g["params"]}
     assert sorted(decay) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
     assert sum(len(g["params"]) for opt in (student, teacher) for g in opt.param_groups) == len(decay)
     assert {id(p) for g in teacher.param_groups for p in g["params"]} == {id(p) for p in model.teacher.parameters()}
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
     norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
-    assert norm_params and all(decay[i] == 0.0 for i in norm_params)
+    assert norm_params and all(decay[i] == (1e-4 if norm_decay is None else 0.0) for i in norm_params)
     assert all(decay[id(p)] == 1e-4 for p in model.parameters() if id(p) not in norm_params)
 
 
@@ -279,3 +304,51 @@ def test_iteration_seed_depends_on_iteration_only():
     again = draws(5)
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
     assert not torch.equal(draws(6)[0], first[0])
+
+
+def _stock_frozen_distiller():
+    """The tiny RetinaNet with detectron2's FREEZE_AT=2: the stem and res2 are frozen by the detector itself."""
+    from detectron2 import model_zoo
+    from detectron2.config import instantiate
+
+    from conftest import shrink_retinanet_config
+    from lgd import LGDDistiller
+
+    cfg = shrink_retinanet_config(model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model, 3)
+    cfg.backbone.bottom_up.freeze_at = 2
+    torch.manual_seed(0)
+    return LGDDistiller(instantiate(cfg), backend="reference").train()
+
+
+class TrainableRecorder(HookBase):
+    """The names of the parameters with requires_grad at each step (after the LGD hooks ran)."""
+
+    def __init__(self, model):
+        self.model, self.trainable = model, {}
+
+    def before_step(self):
+        self.trainable[self.trainer.iter] = frozenset(
+            n for n, p in self.model.named_parameters() if p.requires_grad)
+
+
+def _trainable_sets(start_iter):
+    model = _stock_frozen_distiller()
+    trainer = LGDTrainer(model, data_loader(), build_lgd_optimizers(model, lr=LR_STUDENT))
+    recorder = TrainableRecorder(model)
+    trainer.register_hooks(build_lgd_hooks(SCHEDULE) + [recorder])
+    trainer.train(start_iter, SCHEDULE.max_iter)
+    return recorder.trainable
+
+
+def test_freezing_keeps_what_the_stock_detector_freezes():
+    """Stem and res2 (FREEZE_AT=2) stay frozen for the whole run; the rest of the bottom-up part trains
+    from backbone_freeze_iters on; a run resumed at any iteration has the same trainable set at every step."""
+    uninterrupted = _trainable_sets(0)
+    stock = "detector.backbone.bottom_up."
+    for it, names in uninterrupted.items():
+        assert not any(n.startswith((stock + "stem.", stock + "res2.")) for n in names), it
+        assert any(n.startswith(stock + "res3.") for n in names) == (it >= SCHEDULE.backbone_freeze_iters), it
+        assert any(n.startswith("detector.backbone.fpn") for n in names), it
+    for start in (1, 3):
+        resumed = _trainable_sets(start)
+        assert resumed == {it: uninterrupted[it] for it in range(start, SCHEDULE.max_iter)}, start

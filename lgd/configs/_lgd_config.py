@@ -15,7 +15,8 @@ COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py; Faster R-CNN = that config w
 (detectron2 v0.6 ships no Faster R-CNN LazyConfig). Changes, following the paper's setup: R101 = depth 101
 and the MSRA R-101 ImageNet weights; single-scale = shorter side 800 (the stock LazyConfig data is
 multi-scale), multi-scale ("_ms") = shorter side drawn from 640..800 (step 32), both max 1333 and flipped;
-SGD lr 0.01 (RetinaNet, FCOS) or 0.02 (R-CNN), momentum 0.9, weight decay 1e-4, batch 16; 1x = 90k
+SGD lr 0.01 (RetinaNet, FCOS) or 0.02 (R-CNN), momentum 0.9, weight decay 1e-4 on every parameter (norm
+layers included), gradient value clipping at 1.0, batch 16; no context object for FCOS R50; 1x = 90k
 iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
 from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
 """
@@ -53,7 +54,16 @@ LGD_KEYS = dict(
     backbone_freeze_iters=None,  # the student's bottom-up backbone (not the FPN) gets no update before this
     distill_weight=1.0,         # weight of loss_distill
     teacher_lr=None,            # LR of the second optimizer (label/appearance encoders, relation adapter, mapper)
-    clip_grad_norm=None,        # per-optimizer gradient clipping (None: off, as in the paper)
+    clip_type="value",          # gradient clipping before each optimizer step: "value" (each element to
+    clip_value=1.0,             # [-clip_value, clip_value], the authors' configs), "norm" (each optimizer's
+                                # total L2 norm <= clip_value) or None (off)
+    stn_pool="object",          # label encoder STN: "object" (each object its own transform, the authors'
+                                # code) or "image" (one transform per image, PointNet's; a variant)
+    use_context=None,           # the context object; None: the detector's default (RetinaNet/FCOS on, R-CNN
+                                # off); the FCOS R50 configs set False, as the authors' configs do
+    rcnn_branch="detector",     # R-CNN instructive branch: "detector" (RPN + ROI heads on X^I, p2-p6
+                                # distilled, the authors' code) or "shared_proposals" (the student's
+                                # proposals, p2-p5 distilled: cheaper, not the method)
     backend="auto",             # lgd_ops backend: "auto" (fused kernels when built) or "reference"
     op_report_period=1000,      # every this many iterations time the three ops vs the reference (0: off)
 )
@@ -91,7 +101,10 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
 
     optimizer = cfg.optimizer
     optimizer.lr, optimizer.momentum, optimizer.weight_decay = lr, 0.9, 1e-4
+    optimizer.params.weight_decay_norm = 1e-4  # the authors decay norm layers too (detectron2's default: 0)
     lgd = dict(LGD_KEYS, teacher_lr=lr, **SCHEDULES[schedule])
+    if detector == "fcos" and depth == 50:
+        lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
     train.max_iter = lgd["max_iter"]
     lr_multiplier = cfg.lr_multiplier
     lr_multiplier.scheduler.milestones = [*lgd["steps"], lgd["max_iter"]]

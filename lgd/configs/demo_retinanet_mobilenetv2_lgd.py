@@ -67,7 +67,10 @@ lgd.update(
     distill_start_iter=300,
     backbone_freeze_iters=100,
     teacher_lr=0.005,
-    clip_grad_norm=10.0,  # per optimizer, both modes alike: a bad batch of 4 tiles must not blow the run up
+    # norm clipping at 10 per optimizer, both modes alike, in place of the paper's value clipping at 1.0:
+    # a bad batch of 4 tiles must not blow the run up
+    clip_type="norm",
+    clip_value=10.0,
     op_report_period=100,
 )
 train.max_iter = 300
