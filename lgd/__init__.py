@@ -18,7 +18,14 @@ lgd.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/: the four 
 single/multi-scale, each one call of lgd/configs/_lgd_config.py's make(); not imported here, so that
 `python -m lgd.train_net` runs cleanly).
 """
-from .appearance_encoder import AppearanceEncoder
+import warnings
+
+# two deprecation notices our pinned dependencies print at import (fvcore/detectron2 call torch.jit.script;
+# detectron2 v0.6's model zoo imports pkg_resources): noise on every command's stderr, nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
+
+from .appearance_encoder import AppearanceEncoder  # noqa: E402
 from .distillation_loss import DistillationLoss
 from .distiller import LGDDistiller
 from .knowledge_mapper import KnowledgeMapper, StudentAdapter

@@ -5,29 +5,58 @@ under `teacher.`, the adapter under `distill_loss.` (plus the distiller's extra 
 checkpoint holds the student's keys only. AtomicCheckpointer loads either into either model (an LGDDistiller,
 or the plain student detector: evaluation, baseline runs), and student_state_dict() is the student part of
 any of them (lgd-export writes it as a stock detectron2 checkpoint).
+
+Files: atomic_write writes next to the target (`.NAME.<random>.lgd-tmp`) and renames, so a reader never sees
+a half-written checkpoint; the file gets the mode of any new file under the process umask (0644 under umask
+0022), not mkstemp's 0600. A process killed mid-write leaves its temporary behind: remove_stale_temporaries
+(called by lgd.train_net.train at every start and resume) deletes them. Reading a checkpoint that is missing,
+truncated or not a checkpoint (read_checkpoint, and every AtomicCheckpointer load: resume, init_checkpoint,
+lgd-eval) is a CheckpointError naming the file; AtomicCheckpointer.load_checked (lgd-eval) also refuses
+weights that do not fit the model (missing, or of another shape) unless allow_partial.
 """
+import glob
 import os
 import tempfile
-from typing import Callable, Dict
+import threading
+from typing import Callable, Dict, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .distiller import LGDDistiller, _hooks_for
 
-__all__ = ["AtomicCheckpointer", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write", "is_lgd_state_dict",
-           "student_state_dict"]
+__all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write",
+           "is_lgd_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_state_dict"]
 
 STUDENT_PREFIX = "detector."
 _LGD_PREFIXES = (STUDENT_PREFIX, "teacher.", "distill_loss.")
+TMP_SUFFIX = ".lgd-tmp"
+_OLD_TMP = (".*.pth*.tmp", ".last_checkpoint*.tmp")  # what atomic_write left before it used TMP_SUFFIX
+_umask_lock = threading.Lock()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def _new_file_mode() -> int:
+    with _umask_lock:  # the umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str, write: Callable) -> None:
     """Calls write(f) on a temporary file next to `path`, then renames it to `path`: readers never see a
-    truncated file, even if the process dies mid-write."""
+    truncated file, even if the process dies mid-write. The file gets the umask's mode (module docstring)."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -37,6 +66,47 @@ def atomic_write(path: str, write: Callable) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Deletes the temporaries atomic_write leaves in `directory` when a process dies mid-write (call it when
+    no other process writes there: at the start of a run). Returns the removed paths."""
+    if not directory or "://" in str(directory) or not os.path.isdir(directory):
+        return []
+    stale = []
+    for pattern in (".*" + TMP_SUFFIX,) + _OLD_TMP:
+        stale += glob.glob(os.path.join(glob.escape(directory), pattern))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def read_checkpoint(path: str) -> Dict:
+    """torch.load of a local checkpoint file (CPU, weights only) as a dict; CheckpointError naming the file
+    when it is missing, unreadable, truncated or not a dict."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}" if not os.path.exists(path)
+                              else f"checkpoint is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_reason(exc)}",
+                              hint="a truncated file (interrupted copy or save?) or not a PyTorch checkpoint") from exc
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, expected a dict of weights")
+    return loaded
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch.load's long weights_only notice: keep the unpickler's reason
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else "(no message)"
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def is_lgd_state_dict(state: Dict) -> bool:
@@ -82,8 +152,39 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return super().tag_last_checkpoint(last_filename_basename)
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
+    def load_checked(self, path: str, allow_partial: bool = False) -> Dict:
+        """Loads the model weights of `path` (a local file or a detectron2:// URL): CheckpointError naming the
+        file when it cannot be read, holds no weights, or (unless allow_partial) when any of the model's
+        weights is missing from it or has another shape. Checkpointables are not loaded. Returns the rest."""
+        local = path if os.path.isfile(path) or "://" not in path else self.path_manager.get_local_path(path)
+        if not os.path.isfile(local):
+            read_checkpoint(local)  # raises, naming the file
+        loaded = self._load_file(local)
+        state = loaded.get("model") if isinstance(loaded, dict) else None
+        if not isinstance(state, dict) or not state:
+            raise CheckpointError(f"checkpoint {path} holds no model weights (expected a dict with a 'model' entry)")
+        expected = len(self.model.state_dict())
+        incompatible = self._load_model(loaded)
+        missing, shapes = list(incompatible.missing_keys), list(incompatible.incorrect_shapes)
+        if (missing or shapes) and not allow_partial:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} of the model's {expected} weights are missing ({_first(missing)})")
+            if shapes:
+                parts.append(f"{len(shapes)} have another shape (" + _first(
+                    [f"{k}: {tuple(c)} in the checkpoint, {tuple(m)} in the model" for k, c, m in shapes]) + ")")
+            raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts),
+                                  hint="use the config (and overrides) of the run that wrote it; "
+                                       "--allow-partial evaluates anyway with the missing weights left random")
+        self._log_incompatible_keys(incompatible)
+        return loaded
+
     def _load_file(self, filename):
-        loaded = super()._load_file(filename)
+        try:
+            loaded = super()._load_file(filename)
+        except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
+            raise CheckpointError(f"checkpoint {filename} cannot be read: {_reason(exc)}",
+                                  hint="a truncated file (interrupted copy or save?) or not a checkpoint") from exc
         state = loaded.get("model")
         if not isinstance(state, dict) or not state or loaded.get("matching_heuristics", False):
             return loaded
@@ -93,6 +194,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         elif not lgd_model and is_lgd_state_dict(state):
             loaded["model"] = student_state_dict(state)
         return loaded
+
+
+def _first(items, n=3):
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 class DetectorEMAState:

@@ -36,7 +36,11 @@ The op report (lgd.op_report.OpReport: the three fused ops vs the reference on t
 every quarter of an LGD run; its last values go to summary.json and the console.
 
 --resume: a finished run (run.json present) is reused; an unfinished one continues from its last checkpoint.
-Without --resume each run's folder is started afresh.
+Without --resume an earlier run's folder (or summary.json) in the output folder is never replaced silently:
+the demo refuses to start (exit status 2) unless --overwrite is given, which starts those runs afresh.
+Everything the demo reads (options, config overrides, a --data dataset) is checked before it writes
+anything. Exit status and one-line failures as every lgd command (lgd.cli; --debug for a traceback);
+run(argv) is the Python API (returns summary.json's content, raises), main(argv) the console script.
 """
 import argparse
 import json
@@ -49,16 +53,17 @@ import sys
 import time
 
 import torch
-from detectron2.config import LazyConfig
 from detectron2.engine import HookBase
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from . import train_net
+from .cli import DEBUG_HELP, UsageError, run_command
+from .overrides import apply_overrides_strict
 from .train_net import OPS_BACKENDS, load_config, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "lgd_train_main", "main", "plot_compare", "plot_run",
-           "run_one"]
+           "run", "run_one"]
 
 logger = logging.getLogger("lgd.demo")
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_retinanet_mobilenetv2_lgd.py")
@@ -101,12 +106,16 @@ def prepare_data(data=None, cache_dir=None):
     (lgd.data.register_demo_datasets) or, with data=(train_json, val_json, image_root), that COCO dataset."""
     from .data import DEMO_TRAIN, DEMO_VAL, register_coco_once, register_demo_datasets
 
+    from .data.register import validate_coco_json
+
     if data is None:
         paths = register_demo_datasets(cache_dir)
         return {"train": DEMO_TRAIN, "val": DEMO_VAL, "stats": paths.get("stats", {})}
     if len(data) != 3:
         raise ValueError(f"prepare_data: data must be (train_json, val_json, image_root), got {data!r}")
     train_json, val_json, image_root = data
+    validate_coco_json(train_json, image_root, training=True)
+    validate_coco_json(val_json, image_root, evaluation=True)
     return {"train": register_coco_once("lgd_demo_custom_train", train_json, image_root),
             "val": register_coco_once("lgd_demo_custom_val", val_json, image_root), "stats": {}}
 
@@ -139,7 +148,7 @@ def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, wo
             aug.short_edge_length = aug.max_size = int(image_size)
     if not pretrained:
         cfg.model.backbone.weights = None
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    return apply_overrides_strict(cfg, overrides)
 
 
 def _read_metrics(output_dir):
@@ -171,9 +180,17 @@ def _number(value):
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, **budget):
+def _earlier_outputs(output_dir, runs):
+    """What an earlier demo left in output_dir that runs [(mode, seed), ...] would replace."""
+    found = [os.path.join(output_dir, f"{mode}_seed{seed}") for mode, seed in runs]
+    found = [d for d in found if os.path.isdir(d) and os.listdir(d)]
+    return found + [p for p in (os.path.join(output_dir, "summary.json"),) if os.path.exists(p)]
+
+
+def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, overwrite=False, **budget):
     """Trains and evaluates one run (mode "lgd" or "baseline") into output_dir/<mode>_seed<seed>; returns its
-    record (also saved as run.json there): results, curves, wall time, budget. See the module docstring."""
+    record (also saved as run.json there): results, curves, wall time, budget. An earlier run there is reused
+    or continued with resume, started afresh with overwrite, else a UsageError. See the module docstring."""
     if mode not in MODES:
         raise ValueError(f"run_one: mode must be one of {MODES}, got {mode!r}")
     run_dir = os.path.join(output_dir, f"{mode}_seed{seed}")
@@ -182,7 +199,11 @@ def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, *
         with open(record_path) as f:
             logger.info("%s: finished before, reusing %s", run_dir, record_path)
             return json.load(f)
-    if not resume and os.path.isdir(run_dir):
+    if not resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not overwrite:
+            raise UsageError(f"{run_dir} holds an earlier run: refusing to overwrite it",
+                             hint="--resume reuses or continues it, --overwrite starts it afresh, "
+                                  "or choose another --output-dir")
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     cfg = build_config(run_dir, datasets, seed=seed, **budget)
@@ -357,6 +378,9 @@ def build_parser():
     parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default="fused",
                         help="lgd_ops backend of the LGD runs (default: fused = auto)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs, continue unfinished ones")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh runs whose folders already exist (default: refuse)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     parser.add_argument("--data", nargs=3, metavar=("TRAIN_JSON", "VAL_JSON", "IMAGE_ROOT"), default=None,
                         help="a COCO-format dataset instead of the deepforest demo tiles")
     parser.add_argument("--cache-dir", default=None, help="lgd cache (default $LGD_CACHE or ~/.cache/lgd)")
@@ -366,13 +390,23 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    """Entry point (argv without the program name). Returns summary.json's (or, with --compare, compare.json's)
-    content."""
+def _check_arguments(args):
+    for name in ("threads", "iters", "batch_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'workers' else 1}, got {value}")
+    if args.image_size is not None and args.image_size < 32:
+        raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other (reuse the runs, or replace them?)")
+
+
+def run(argv=None):
+    """The demo as a function (argv without the program name). Returns summary.json's (or, with --compare,
+    compare.json's) content; raises on failure (module docstring)."""
     args = build_parser().parse_args(argv)
+    _check_arguments(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"lgd.demo: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     iters, batch, workers = BUDGETS[_device()]
     budget = dict(iters=args.iters or iters, batch_size=args.batch_size or batch, image_size=args.image_size,
@@ -380,13 +414,22 @@ def main(argv=None):
                   pretrained=not args.no_pretrained, overrides=args.opts)
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.compare else [0])
     out = args.output_dir
+    modes = MODES if args.compare else ("lgd",)
+    build_config(out, {"train": "", "val": ""}, **budget)  # the overrides, before anything is written
+    earlier = _earlier_outputs(out, [(mode, seed) for seed in seeds for mode in modes])
+    if earlier and not (args.resume or args.overwrite):
+        raise UsageError(f"{out} holds an earlier demo ({', '.join(earlier[:2])}{', ...' if len(earlier) > 2 else ''})"
+                         ": refusing to overwrite it", hint="--resume reuses or continues its runs, --overwrite "
+                         "starts them afresh, or choose another --output-dir")
+    start = time.perf_counter()
+    # a --data dataset is validated before the output folder is touched; the demo tiles log their preparation
+    datasets = prepare_data(args.data, args.cache_dir) if args.data is not None else None
     os.makedirs(out, exist_ok=True)
     _setup_logging(out, args.verbose)
-    start = time.perf_counter()
-    datasets = prepare_data(args.data, args.cache_dir)
+    datasets = datasets or prepare_data(None, args.cache_dir)
     backend = OPS_BACKENDS[args.ops]
-    modes = MODES if args.compare else ("lgd",)
-    records = [run_one(mode, seed, out, datasets, backend=backend, resume=args.resume, **budget)
+    records = [run_one(mode, seed, out, datasets, backend=backend, resume=args.resume, overwrite=args.overwrite,
+                       **budget)
                for seed in seeds for mode in modes]
     for rec in records:
         plot_run(rec, os.path.join(out, f"curves_{rec['mode']}_seed{rec['seed']}.png"))
@@ -420,14 +463,19 @@ def main(argv=None):
     return summary
 
 
+def main(argv=None, prog="python -m lgd.demo"):
+    """Console entry of the demo: run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
+    return run_command(prog, run, argv)
+
+
 def lgd_train_main(argv=None):
     """lgd-train's entry point: lgd.train_net.main when a --config-file (or --help) is given, else this demo
-    (so a bare `lgd-train` runs the main job; demo options work there too)."""
+    (so a bare `lgd-train` runs the main job; demo options work there too). Returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "--config-file") or a.startswith("--config-file=") for a in argv):
         return train_net.main(argv)
-    return main(argv)
+    return main(argv, prog="lgd-train")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

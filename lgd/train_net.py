@@ -2,12 +2,16 @@
 (LGD_SPEC §8), LazyConfig based.
 
     lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops fused|reference]
-              [--resume] [--eval-only] [--train-dataset SPEC] [--test-dataset SPEC] [--dataset SPEC ...]
-              [key=value ...]
-    lgd-eval  --config-file CFG --checkpoint PATH [--test-dataset SPEC] [--dataset SPEC ...] [key=value ...]
+              [--resume | --overwrite] [--eval-only] [--train-dataset SPEC] [--test-dataset SPEC]
+              [--dataset SPEC ...] [--debug] [key=value ...]
+    lgd-eval  --config-file CFG --checkpoint PATH [--allow-partial] [--test-dataset SPEC] [--dataset SPEC ...]
+              [--debug] [key=value ...]
 
 (also `python -m lgd.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
 default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) plus:
+  --resume / --overwrite  an output directory (train.output_dir) that is not empty is refused unless --resume
+                          (continue from its last checkpoint) or --overwrite (delete the earlier run's files:
+                          checkpoints, metrics, logs, events, config.yaml; other files stay) is given.
   --ops fused|reference   lgd_ops backend: "fused" = "auto" (compiled kernels when built), "reference" = pure
                           PyTorch. Default: the config's lgd.backend.
   --train-dataset SPEC    train on a COCO-format dataset given by path, SPEC = "[NAME=]ann.json:images/"
@@ -17,7 +21,9 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
   --dataset SPEC          only register a COCO-format dataset (repeatable); point the config at it yourself with
                           dataloader.train.dataset.names=NAME. Pascal VOC and COCO itself: detectron2's builtin
                           names under $DETECTRON2_DATASETS (see lgd.data.register).
-  key=value               LazyConfig overrides (LazyConfig.apply_overrides), after all the options.
+  --debug                 print the traceback of a failure (also LGD_DEBUG=1); lgd.cli has the exit codes.
+  key=value               LazyConfig overrides, after all the options; a key the config does not have is an
+                          error naming the closest keys (lgd.overrides; `+key=value` adds one on purpose).
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
@@ -30,15 +36,27 @@ with ETA, JSONWriter to OUTPUT/metrics.json, TensorboardXWriter to OUTPUT). --re
 OUTPUT/last_checkpoint; --eval-only evaluates the student of train.init_checkpoint (or, with --resume, of the
 last checkpoint) and returns the results. With --num-gpus N and no CUDA, N CPU processes train with gloo.
 
+Before anything is written (config.yaml included; an earlier run's files stay untouched when a check fails),
+lgd-train and lgd-eval check, once and before any process is launched: the config file and every override
+key, the datasets the run reads (lgd.data.register.validate_dataset: registered, json schema, categories,
+every image file, the boxes), a local train.init_checkpoint's existence, and the output directory (above).
+lgd-eval refuses a checkpoint that lacks any of the student's weights or has one of another shape (the
+list of what is missing) unless --allow-partial; an unreadable, truncated or foreign file is one line
+naming it. A run removes the temporaries of an interrupted checkpoint write at its start (lgd.checkpoint),
+and seeds the model's initialisation with train.seed (default 0): two runs of one seed match from
+iteration 0. Exit status and failure lines: lgd.cli (0 success, 2 usage error, 1 any other failure).
+
 Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
 the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
 backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
 Its checkpoints hold the plain detector (stock detectron2 keys) plus its EMA loss normalizer (detector_ema).
 
-Python API (for benchmarks / demos): load_config(path, overrides) -> cfg; build_model(cfg, lgd_enabled=None,
-backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None, backend=None,
-resume=False, extra_hooks=()) -> the last evaluation results ({} without evaluator); evaluate(cfg, checkpoint)
--> COCO results of the student of any checkpoint. lgd_enabled=None means the config's lgd.enabled (default True).
+Python API (for benchmarks / demos): load_config(path, overrides) -> cfg (strict overrides); build_model(cfg,
+lgd_enabled=None, backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None,
+backend=None, resume=False, extra_hooks=()) -> the last evaluation results ({} without evaluator);
+evaluate(cfg, checkpoint, allow_partial=False) -> COCO results of the student of any checkpoint; run(argv) /
+eval_run(argv): lgd-train / lgd-eval returning their results and raising on failure (main / eval_main are the
+console scripts: they return the exit status). lgd_enabled=None means the config's lgd.enabled (default True).
 
 Schedule rule (build_schedule): the lgd.* iteration counts (steps, warmup_iters, distill_start_iter,
 backbone_freeze_iters) are written for lgd.max_iter iterations (90k for 1x). If train.max_iter == lgd.max_iter
@@ -61,9 +79,12 @@ detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (
 detectron2://... ImageNet weights. lgd-export (lgd.export) writes the student as a stock detectron2 checkpoint.
 """
 import argparse
+import glob
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
 
 import torch
@@ -75,20 +96,23 @@ from detectron2.engine import default_argument_parser, default_setup, hooks, lau
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import AtomicCheckpointer, DetectorEMAState
-from .data.register import parse_coco_spec, register_coco_by_path
+from .checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries
+from .cli import DEBUG_HELP, CommandError, UsageError, run_command
+from .data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
+                            validate_coco_json, validate_dataset)
 from .distiller import LGDDistiller
 from .op_report import OpReport
 from .trainer import (GradientClip, IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer,
                       ResumableTrainingSampler, build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_parser", "build_schedule",
-           "build_train_loader", "do_test", "eval_main", "evaluate", "launch_cpu", "load_config", "main",
-           "set_num_classes", "train"]
+           "build_train_loader", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
+           "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
 
 logger = logging.getLogger("lgd.train_net")
 OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
@@ -99,6 +123,9 @@ def build_parser():
     parser.prog = "lgd-train"
     parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default=None,
                         help="lgd_ops backend: fused (= auto) or reference (default: the config's lgd.backend)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into a non-empty train.output_dir, deleting the earlier run's files")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     _add_dataset_arguments(parser, train=True)
     return parser
 
@@ -136,8 +163,18 @@ def do_test(cfg, detector):
 
 
 def load_config(config_file, overrides=()):
-    """LazyConfig.load(config_file) with `key=value` overrides applied."""
-    return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+    """LazyConfig.load(config_file) with `key=value` overrides applied strictly (lgd.overrides: a key the
+    config does not have is a UsageError naming the closest keys). A missing or broken file: one error naming it."""
+    from .overrides import apply_overrides_strict
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    try:
+        cfg = LazyConfig.load(config_file)
+    except Exception as exc:  # noqa: BLE001 - anything a python config file can raise
+        raise CommandError(f"config file {config_file} cannot be loaded: {type(exc).__name__}: {exc}",
+                           hint="rerun with --debug for the traceback") from exc
+    return apply_overrides_strict(cfg, overrides)
 
 
 def _device(cfg):
@@ -199,6 +236,9 @@ def build_train_loader(cfg, start_iter=0):
                        "a resumed run will not see the same data order")
         return instantiate(loader_cfg)
     kwargs = {k: instantiate(loader_cfg[k]) for k in loader_cfg if k != "_target_"}
+    if isinstance(kwargs["dataset"], list):  # boxes of width or height <= 0: lgd.data.register's rule
+        filter_empty = loader_cfg.dataset.get("filter_empty", True) if hasattr(loader_cfg.dataset, "get") else True
+        kwargs["dataset"] = drop_degenerate_boxes(kwargs["dataset"], drop_empty_images=bool(filter_empty))[0]
     batch = int(kwargs["total_batch_size"])
     kwargs["sampler"] = ResumableTrainingSampler(len(kwargs["dataset"]), seed=_data_seed(cfg), start=start_iter * batch)
     return build_detection_train_loader(**kwargs)
@@ -231,9 +271,13 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     schedule = build_schedule(cfg)
     logger.info("Schedule: %s", schedule)
     device = _device(cfg)
+    seed_all_rng(_data_seed(cfg))  # the model's initialisation follows train.seed (default 0)
     model = build_model(cfg, lgd_enabled, backend)
     logger.info("Model:\n%s", model)
     output_dir = cfg.train.output_dir
+    if comm.is_main_process():
+        for path in remove_stale_temporaries(output_dir):
+            logger.info("removed %s, left by an interrupted checkpoint write", path)
     # weights first, so that the data loader can start where the checkpoint stopped
     extra = {} if isinstance(model, LGDDistiller) else {"detector_ema": DetectorEMAState(model)}
     initial = AtomicCheckpointer(model, output_dir, **extra)
@@ -279,19 +323,24 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     return results
 
 
-def evaluate(cfg, checkpoint):
+def evaluate(cfg, checkpoint, allow_partial=False):
     """COCO evaluation (do_test) of the student detector instantiate(cfg.model) with the weights of
-    `checkpoint`: an LGD checkpoint (its student) or a plain detectron2 one."""
+    `checkpoint`: an LGD checkpoint (its student) or a plain detectron2 one. A checkpoint lacking any of the
+    student's weights, or with one of another shape, is a CheckpointError unless allow_partial."""
     if not checkpoint:
         raise ValueError("evaluate: checkpoint must name a checkpoint file, got an empty path")
     detector = build_model(cfg, lgd_enabled=False)
-    AtomicCheckpointer(detector).load(checkpoint)
+    AtomicCheckpointer(detector).load_checked(checkpoint, allow_partial=allow_partial)
     return do_test(cfg, detector.eval())
 
 
-def _num_categories(json_file):
-    with open(json_file) as f:
-        return len(json.load(f)["categories"])
+def _num_categories(json_file, image_root):
+    try:
+        with open(json_file) as f:
+            return len(json.load(f)["categories"])
+    except Exception:  # noqa: BLE001 - let the validation name the problem
+        validate_coco_json(json_file, image_root, training=True)
+        raise
 
 
 def set_num_classes(cfg, num_classes):
@@ -310,23 +359,95 @@ def apply_dataset_arguments(cfg, args):
     """Registers args.dataset / train_dataset / test_dataset (COCO json by path) and points cfg at the last
     two; the train dataset's categories set the model's number of classes."""
     for spec in args.dataset:
-        register_coco_by_path(spec)
+        _register(spec, "--dataset")
     if getattr(args, "train_dataset", None):
-        cfg.dataloader.train.dataset.names = register_coco_by_path(args.train_dataset)
-        set_num_classes(cfg, _num_categories(parse_coco_spec(args.train_dataset)[1]))
+        cfg.dataloader.train.dataset.names = _register(args.train_dataset, "--train-dataset")
+        _, json_file, image_root = parse_coco_spec(args.train_dataset)
+        try:
+            set_num_classes(cfg, _num_categories(json_file, image_root))
+        except DatasetError as exc:
+            raise DatasetError(f"--train-dataset: {exc}", hint=exc.hint) from None
     if args.test_dataset:
-        cfg.dataloader.test.dataset.names = register_coco_by_path(args.test_dataset)
+        cfg.dataloader.test.dataset.names = _register(args.test_dataset, "--test-dataset")
     return cfg
 
 
-def worker(args):
-    """One process of lgd-train (launched once per GPU / CPU process). Returns the last evaluation results."""
-    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
-    default_setup(cfg, args)
-    if args.eval_only:
+def _register(spec, argument):
+    try:
+        parse_coco_spec(spec)
+    except ValueError as exc:
+        raise UsageError(f"{argument}: {exc}") from None
+    try:
+        return register_coco_by_path(spec)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{argument}: {exc}") from None
+    except ValueError as exc:  # the name is taken by other files
+        raise UsageError(f"{argument}: {exc}") from None
+
+
+def _names(names):
+    return [names] if isinstance(names, str) else [str(n) for n in (names or ())]
+
+
+def check_run_inputs(cfg, *, training=True):
+    """What a run reads, checked before it writes anything (module docstring): the schedule, the datasets of
+    dataloader.train (when training) and dataloader.test (when there is an evaluator), a local
+    train.init_checkpoint (when training). Raises DatasetError / FileNotFoundError / ValueError."""
+    from detectron2.evaluation import COCOEvaluator
+
+    if training:
+        build_schedule(cfg)
+        for name in _names(cfg.dataloader.train.get("dataset", {}).get("names")):
+            validate_dataset(name, where="dataloader.train.dataset.names", training=True)
+        init = cfg.train.get("init_checkpoint", "")
+        if init and "://" not in str(init) and not os.path.isfile(init):
+            raise FileNotFoundError(f"train.init_checkpoint: file not found: {init}")
+    evaluator = cfg.dataloader.get("evaluator")
+    if evaluator is not None:
+        target = evaluator.get("_target_") if hasattr(evaluator, "get") else None
+        coco = target is COCOEvaluator or str(target).endswith("COCOEvaluator")
+        for name in _names(cfg.dataloader.test.get("dataset", {}).get("names")):
+            validate_dataset(name, where="dataloader.test.dataset.names", evaluation=coco)
+
+
+RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt*", "events.out.tfevents.*",
+             "inference", ".*.lgd-tmp", ".*.tmp")  # what a run writes into train.output_dir (--overwrite)
+
+
+def check_output_dir(output_dir, *, resume=False, overwrite=False):
+    """Refuses (UsageError) a non-empty output directory unless resume or overwrite; with overwrite (and no
+    resume) deletes the RUN_FILES of an earlier run there. Returns the deleted paths."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
+                         f"{output_dir}, --overwrite replaces it")
+    if not output_dir or "://" in str(output_dir) or not os.path.exists(output_dir):
+        return []
+    if not os.path.isdir(output_dir):
+        raise UsageError(f"train.output_dir={output_dir} is a file, not a directory")
+    entries = sorted(os.listdir(output_dir))
+    if not entries or resume:
+        return []
+    if not overwrite:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"output directory {output_dir} is not empty ({shown}): refusing to overwrite an earlier "
+                         "run", hint="--resume continues it, --overwrite replaces it, or train.output_dir=NEW_DIR")
+    removed = sorted({p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+    for path in removed:
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return removed
+
+
+def worker(args, cfg=None):
+    """One process of lgd-train (launched once per GPU / CPU process; cfg: the one run() checked, in a single
+    process). Returns the last evaluation results."""
+    if cfg is None:  # a launched process: run() checked the inputs before launching
+        cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
+    if args.eval_only:  # writes nothing into the output directory (its config.yaml is the training's)
+        setup_logger(distributed_rank=comm.get_rank())
         checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
         use_last = args.resume and checkpointer.has_checkpoint()
         return evaluate(cfg, checkpointer.get_checkpoint_file() if use_last else cfg.train.init_checkpoint)
+    default_setup(cfg, args)  # writes OUTPUT/config.yaml and log.txt
     return train(cfg, backend=OPS_BACKENDS[args.ops] if args.ops else None, resume=args.resume)
 
 
@@ -351,12 +472,20 @@ def launch_cpu(main_func, num_processes, dist_url="auto", args=()):
         mp.spawn(_cpu_worker, nprocs=num_processes, args=(main_func, num_processes, url, args), daemon=False)
 
 
-def main(argv=None):
-    """Entry point of lgd-train (argv: the arguments without the program name; default sys.argv[1:]).
-    Returns the evaluation results of a single-process run (None under multi-process launch)."""
+def run(argv=None):
+    """lgd-train as a function (argv: the arguments without the program name; default sys.argv[1:]): checks
+    every input and the output directory before writing anything (module docstring), then trains. Returns
+    the evaluation results of a single-process run (None under multi-process launch); raises on failure."""
     args = build_parser().parse_args(argv)
+    if args.overwrite and args.resume:
+        raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
+    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
+    check_run_inputs(cfg, training=not args.eval_only)
+    if not args.eval_only:
+        for path in check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite):
+            logger.info("--overwrite: removed %s", path)
     if args.num_gpus * args.num_machines <= 1:
-        return worker(args)
+        return worker(args, cfg)
     if torch.cuda.is_available():
         launch(worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
@@ -367,24 +496,39 @@ def main(argv=None):
     return None
 
 
+def main(argv=None):
+    """Console script lgd-train (with a config file): run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
+    return run_command("lgd-train", run, argv)
+
+
 def build_eval_parser():
     parser = argparse.ArgumentParser(prog="lgd-eval", description="COCO evaluation of a checkpoint's student "
                                      "detector (LGD or plain detectron2 checkpoint) with the config's test loader")
     parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
     parser.add_argument("--checkpoint", required=True, help="LGD or detectron2 checkpoint (.pth)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="evaluate even when the checkpoint lacks some of the student's weights (left random)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     _add_dataset_arguments(parser, train=False)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value LazyConfig overrides")
     return parser
 
 
-def eval_main(argv=None):
-    """Entry point of lgd-eval (single process). Returns the evaluation results."""
+def eval_run(argv=None):
+    """lgd-eval as a function (single process): checks the config and the test dataset, then evaluates the
+    checkpoint's student (evaluate). Returns the evaluation results; raises on failure."""
     args = build_eval_parser().parse_args(argv)
+    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
+    check_run_inputs(cfg, training=False)
     setup_logger()
     setup_logger(name="lgd")
-    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
-    return evaluate(cfg, args.checkpoint)
+    return evaluate(cfg, args.checkpoint, allow_partial=args.allow_partial)
+
+
+def eval_main(argv=None):
+    """Console script lgd-eval: eval_run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
+    return run_command("lgd-eval", eval_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,10 +111,10 @@ def demo_argv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_run(demo_argv):
-    from lgd.demo import lgd_train_main
+    from lgd.demo import run
 
     out, options, overrides = demo_argv
-    return out, lgd_train_main(options + overrides)  # lgd-train without --config-file runs the demo
+    return out, run(options + overrides)
 
 
 def test_demo_writes_summary_and_plots(demo_run):
@@ -131,12 +131,12 @@ def test_demo_writes_summary_and_plots(demo_run):
 
 
 def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_run):
-    from lgd.demo import main
+    from lgd.demo import run
 
     out, options, overrides = demo_argv
     metrics = os.path.join(out, "lgd_seed0", "metrics.json")
     stamp = os.path.getmtime(metrics)
-    summary = main(["--compare", "--seeds", "0", "--resume"] + options + overrides)
+    summary = run(["--compare", "--seeds", "0", "--resume"] + options + overrides)
     assert os.path.getmtime(metrics) == stamp  # the LGD run was not trained again
     with open(os.path.join(out, "compare.json")) as f:
         table = json.load(f)["table"]
@@ -144,6 +144,18 @@ def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_ru
     assert table["lgd"]["AP"]["n"] == 1 and table["lgd"]["AP"]["std"] == 0.0
     assert summary["compare"]["baseline"]["AP50"]["per_seed"]
     assert os.path.getsize(os.path.join(out, "compare.png")) > 0
+
+
+def test_rerun_without_resume_refuses_to_replace_the_earlier_demo(demo_argv, demo_run, capsys):
+    from lgd.demo import main
+
+    out, options, overrides = demo_argv
+    run_dir = os.path.join(out, "lgd_seed0")
+    before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
+    assert main(options + overrides) == 2  # neither --resume nor --overwrite
+    error, hint = capsys.readouterr().err.splitlines()
+    assert out in error and "--resume" in hint and "--overwrite" in hint
+    assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
 
 
 def test_lgd_train_with_a_config_file_trains_that_config(monkeypatch):
@@ -154,3 +166,5 @@ def test_lgd_train_with_a_config_file_trains_that_config(monkeypatch):
     assert lgd.demo.lgd_train_main(["--config-file", "cfg.py", "train.max_iter=1"]) == "trained"
     assert lgd.demo.lgd_train_main(["--config-file=cfg.py"]) == "trained"
     assert calls == [["--config-file", "cfg.py", "train.max_iter=1"], ["--config-file=cfg.py"]]
+    monkeypatch.setattr(lgd.demo, "run", lambda argv: calls.append(argv))  # no --config-file: the demo
+    assert lgd.demo.lgd_train_main(["--iters", "2"]) == 0 and calls[-1] == ["--iters", "2"]

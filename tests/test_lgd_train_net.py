@@ -1,4 +1,4 @@
-"""lgd-train end to end (lgd.train_net.main), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
+"""lgd-train end to end (lgd.train_net.run), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
 LGD RetinaNet config shrunk (test_lgd_distiller's ResNet-18/BN/32-channel model, 96 x 128 images, batch 2) by a
 config file that loads it, 4 iterations, checkpoints every 2, COCO evaluation of the student at the end, then
 --resume from the iteration-2 checkpoint and --eval-only; the baseline mode (lgd.enabled=False), lgd-eval on LGD
@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from lgd.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_main, load_config,  # noqa: E402
-                           main, set_num_classes)
+from lgd.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_run, load_config,  # noqa: E402
+                           run, set_num_classes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
@@ -112,7 +112,7 @@ def setup(tmp_path_factory):
 def trained(setup):
     root, cfg_file, ann, images = setup
     out = str(root / "run")
-    results = main(argv(cfg_file, ann, images, out))
+    results = run(argv(cfg_file, ann, images, out))
     return out, results
 
 
@@ -148,7 +148,7 @@ def test_resume_from_iteration_2_checkpoint(setup, trained):
     out.mkdir()
     shutil.copy(os.path.join(trained[0], "model_0000001.pth"), out / "model_0000001.pth")
     (out / "last_checkpoint").write_text("model_0000001.pth")
-    results = main(argv(cfg_file, ann, images, str(out), "--resume"))
+    results = run(argv(cfg_file, ann, images, str(out), "--resume"))
     iterations = [r["iteration"] for r in read_metrics(str(out)) if "loss_distill" in r]
     assert iterations == [2, 3]
     assert (out / "model_final.pth").is_file() and "bbox" in results
@@ -157,7 +157,7 @@ def test_resume_from_iteration_2_checkpoint(setup, trained):
 def test_eval_only_evaluates_checkpoint(setup, trained):
     _, cfg_file, ann, images = setup
     out = trained[0]
-    results = main(argv(cfg_file, ann, images, out, "--eval-only",
+    results = run(argv(cfg_file, ann, images, out, "--eval-only",
                         f"train.init_checkpoint={os.path.join(out, 'model_final.pth')}"))
     assert "AP" in results["bbox"]
 
@@ -204,7 +204,7 @@ def test_tensorboard_events_written(trained):
 def test_baseline_mode_trains_plain_detector(setup):
     root, cfg_file, ann, images = setup
     out = str(root / "baseline")
-    results = main(argv(cfg_file, ann, images, out, "lgd.enabled=False", max_iter=2))
+    results = run(argv(cfg_file, ann, images, out, "lgd.enabled=False", max_iter=2))
     rows = [r for r in read_metrics(out) if "loss_cls" in r]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["loss_cls"]) and "loss_distill" not in r and "lr_teacher" not in r for r in rows)
@@ -217,7 +217,7 @@ def test_baseline_mode_trains_plain_detector(setup):
 @pytest.fixture(scope="module")
 def exported(setup, trained):
     """lgd-export of the trained LGD checkpoint (python -m lgd.export's main)."""
-    from lgd.export import main as export_main
+    from lgd.export import run as export_main
 
     root, cfg_file, _, _ = setup
     path = str(root / "student.pth")
@@ -230,8 +230,8 @@ def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
     _, cfg_file, ann, images = setup
     common = ["--config-file", cfg_file, "--test-dataset", f"{DATASET}={ann}:{images}"]
     cfg_overrides = overrides(trained[0])
-    lgd_results = eval_main(common + ["--checkpoint", os.path.join(trained[0], "model_final.pth")] + cfg_overrides)
-    plain_results = eval_main(common + ["--checkpoint", exported] + cfg_overrides)
+    lgd_results = eval_run(common + ["--checkpoint", os.path.join(trained[0], "model_final.pth")] + cfg_overrides)
+    plain_results = eval_run(common + ["--checkpoint", exported] + cfg_overrides)
     assert "AP" in lgd_results["bbox"]
     assert lgd_results == plain_results or all(  # NaN APs (no detections) compare unequal
         math.isnan(a) and math.isnan(b) or a == b
@@ -239,7 +239,7 @@ def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
 
 
 def test_export_checks_the_config(setup, trained, tmp_path):
-    from lgd.export import main as export_main
+    from lgd.export import run as export_main
 
     _, cfg_file, _, _ = setup
     with pytest.raises(ValueError, match="does not fit"):
@@ -350,7 +350,7 @@ def test_lgd_train_runs_each_detector_config(tmp_path, detector):
         dataloader.test.mapper.augmentations = [L(T.Resize)(shape=(128, 160))]
         """))
     out = str(tmp_path / "run")
-    results = main(argv(str(cfg_file), ann, images, out, max_iter=2))
+    results = run(argv(str(cfg_file), ann, images, out, max_iter=2))
     assert "AP" in results["bbox"]
     rows = [r for r in read_metrics(out) if "loss_distill" in r]
     assert [r["iteration"] for r in rows] == [0, 1]

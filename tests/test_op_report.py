@@ -64,11 +64,11 @@ def test_time_lgd_ops_reference_and_bad_input():
 
 def test_lgd_train_registers_the_report(tmp_path):
     """lgd-train (test_lgd_train_net's tiny config and dataset) puts the op-report scalars into metrics.json."""
-    from test_lgd_train_net import LGD_CONFIG, TINY_CONFIG, argv, main, make_dataset, read_metrics
+    from test_lgd_train_net import LGD_CONFIG, TINY_CONFIG, argv, make_dataset, read_metrics, run
 
     ann, images = make_dataset(tmp_path)
     cfg_file = tmp_path / "tiny_lgd.py"
     cfg_file.write_text(TINY_CONFIG.format(config=LGD_CONFIG))
     out = str(tmp_path / "run")
-    main(argv(str(cfg_file), ann, images, out, "lgd.op_report_period=2", max_iter=2))
+    run(argv(str(cfg_file), ann, images, out, "lgd.op_report_period=2", max_iter=2))
     assert [r["iteration"] for r in read_metrics(out) if KEYS <= set(r)] == [1]

@@ -13,7 +13,26 @@ ImageSets/Main/, JPEGImages/) there and use the names ``voc_2007_trainval``, ``v
 ``voc_2007_test`` (evaluated by PascalVOCDetectionEvaluator, 20 classes). A VOC-layout folder elsewhere can
 be registered with register_voc_by_path. Registering a name again with the same files is a no-op; with
 other files it is a ValueError (detectron2 would keep the first silently or fail later).
+
+Validation (validate_coco_json, validate_dataset; lgd-train, lgd-eval and the demo run it before writing
+anything): the json parses and is an object; `images` is a non-empty list of {id, file_name, width, height}
+with unique ids and every image file exists under the image root; `categories` is a non-empty list of
+{id, name} with unique ids; `annotations` is a list of {id, image_id, category_id, bbox} with unique ids,
+known image and category ids and `bbox` four finite numbers [x, y, width, height] (plus `area` and `iscrowd`
+for a dataset that is evaluated: pycocotools needs them). Any of these failing is a DatasetError naming the
+file and the first offending entry. A training dataset also needs at least one usable box.
+
+Invalid boxes, the one rule: a box whose width or height is <= 0 is DROPPED from training, with a warning
+giving their number and first annotation ids (lgd.train_net.build_train_loader drops them from the dataset
+dicts of any dataset, drop_degenerate_boxes; an image left without boxes is dropped as detectron2 drops
+images without annotations). Evaluation reads the json as it is (pycocotools): such a box stays in the
+ground truth there, as in every COCO evaluation. Boxes extending past the image are kept (detectron2 clips).
 """
+import difflib
+import json
+import logging
+import math
+import os
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -22,6 +41,15 @@ from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASS_NAMES
 from detectron2.data.datasets.pascal_voc import register_pascal_voc
 
 _SPEC_FORMAT = "[NAME=]ANNOTATIONS.json:IMAGE_ROOT"
+logger = logging.getLogger("lgd.data")
+
+
+class DatasetError(ValueError):
+    """An invalid or unusable dataset; the message names the file (and entry), `hint` says what to do."""
+
+    def __init__(self, message, hint=None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def is_registered_as(name, **expected):
@@ -96,3 +124,183 @@ def register_voc_by_path(name, dirname, split, year=2007, class_names=VOC_CLASS_
         register_pascal_voc(name, str(dirname), split, year, list(class_names))
         MetadataCatalog.get(name).evaluator_type = "pascal_voc"  # as detectron2's builtin VOC splits have
     return name
+
+
+def _first(items, n=3):
+    items = [str(i) for i in items]
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _entries(data, key, where, required=True):
+    if key not in data:
+        if not required:
+            return []
+        raise DatasetError(f"{where}: no {key!r} list (a COCO json has 'images', 'annotations', 'categories')")
+    entries = data[key]
+    if not isinstance(entries, list):
+        raise DatasetError(f"{where}: {key!r} must be a list, got {type(entries).__name__}")
+    return entries
+
+
+def _check_fields(entry, index, kind, fields, where):
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where}: {kind} #{index} must be an object, got {type(entry).__name__}")
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        label = f"{kind} id {entry['id']!r}" if "id" in entry else f"{kind} #{index}"
+        raise DatasetError(f"{where}: {label} has no {', '.join(map(repr, missing))} (needs {', '.join(fields)})")
+
+
+def _unique_ids(entries, kind, where):
+    ids, seen = [], set()
+    for entry in entries:
+        key = entry["id"]
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            raise DatasetError(f"{where}: {kind} id {key!r} must be an integer")
+        if key in seen:
+            raise DatasetError(f"{where}: {kind} id {key!r} appears twice ({kind} ids must be unique)")
+        seen.add(key)
+        ids.append(key)
+    return seen
+
+
+def validate_coco_json(json_file, image_root, *, training=False, evaluation=False, check_images=True):
+    """Checks a COCO-format dataset (module docstring: validation) before anything uses it; DatasetError names
+    the file and the first problem. training: needs at least one usable box; evaluation: needs `area` and
+    `iscrowd` in every annotation. Warns about (and counts) boxes with width or height <= 0, which training
+    drops. Returns {"images", "annotations", "categories", "degenerate_boxes", "missing_images"} counts."""
+    where = str(json_file)
+    if not os.path.isfile(where):
+        raise DatasetError(f"annotation file not found: {where}")
+    if not os.path.isdir(str(image_root)):
+        raise DatasetError(f"{where}: image folder not found: {image_root}")
+    try:
+        with open(where, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DatasetError(f"{where}: cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{where}: expected a JSON object with 'images', 'annotations' and 'categories', "
+                           f"got a {type(data).__name__}")
+    images = _entries(data, "images", where)
+    categories = _entries(data, "categories", where)
+    annotations = _entries(data, "annotations", where, required=training or evaluation)
+    if not images:
+        raise DatasetError(f"{where}: 'images' is empty: the dataset has no images")
+    if not categories:
+        raise DatasetError(f"{where}: 'categories' is empty: the classifier is sized from the categories",
+                           hint='list every class as {"id": 1, "name": "tree"}')
+    for i, cat in enumerate(categories):
+        _check_fields(cat, i, "category", ("id", "name"), where)
+    category_ids = _unique_ids(categories, "category", where)
+    for i, img in enumerate(images):
+        _check_fields(img, i, "image", ("id", "file_name", "width", "height"), where)
+        if not (isinstance(img["file_name"], str) and img["file_name"]):
+            raise DatasetError(f"{where}: image id {img['id']!r}: 'file_name' must be a non-empty string")
+        for side in ("width", "height"):
+            if not (isinstance(img[side], int) and not isinstance(img[side], bool) and img[side] > 0):
+                raise DatasetError(f"{where}: image id {img['id']!r}: {side!r} must be a positive integer, "
+                                   f"got {img[side]!r}")
+    image_ids = _unique_ids(images, "image", where)
+    missing = []
+    if check_images:
+        missing = [img["file_name"] for img in images if not os.path.isfile(os.path.join(image_root, img["file_name"]))]
+        if missing:
+            raise DatasetError(f"{where}: {len(missing)} of {len(images)} image files not found under {image_root} "
+                               f"(first: {_first(missing)})", hint="check the image folder given after the ':'")
+    fields = ("id", "image_id", "category_id", "bbox") + (("area", "iscrowd") if evaluation else ())
+    degenerate, usable = [], 0
+    for i, ann in enumerate(annotations):
+        _check_fields(ann, i, "annotation", fields, where)
+        label = f"annotation id {ann['id']!r}"
+        if ann["image_id"] not in image_ids:
+            raise DatasetError(f"{where}: {label}: image_id {ann['image_id']!r} is not among the images' ids")
+        if ann["category_id"] not in category_ids:
+            raise DatasetError(f"{where}: {label}: category_id {ann['category_id']!r} is not among the "
+                               f"categories' ids {_first(sorted(category_ids, key=str), 10)}")
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise DatasetError(f"{where}: {label}: 'bbox' must be 4 finite numbers [x, y, width, height], got {box!r}")
+        if box[2] <= 0 or box[3] <= 0:
+            degenerate.append(ann["id"])
+        elif not ann.get("iscrowd", 0):
+            usable += 1
+    _unique_ids(annotations, "annotation", where)
+    if degenerate:
+        logger.warning("%s: %d of %d boxes have a width or height <= 0: training drops them, evaluation "
+                       "(pycocotools) keeps them (annotation ids %s)", where, len(degenerate), len(annotations),
+                       _first(degenerate))
+    if training and not usable:
+        raise DatasetError(f"{where}: no usable box to train on ({len(annotations)} annotations, "
+                           f"{len(degenerate)} with width or height <= 0)")
+    return {"images": len(images), "annotations": len(annotations), "categories": len(categories),
+            "degenerate_boxes": len(degenerate), "missing_images": len(missing)}
+
+
+def validate_dataset(name, *, where="dataset", training=False, evaluation=False):
+    """Checks a registered dataset before it is used: registered at all (else the closest registered
+    names), then a COCO-format one (metadata json_file + image_root) with validate_coco_json, a Pascal VOC
+    one (metadata dirname + split) for its folders. Other datasets are only checked for registration."""
+    registered = DatasetCatalog.list()
+    if name not in registered:
+        close = difflib.get_close_matches(str(name), registered, n=3, cutoff=0.6)
+        raise DatasetError(f"{where}: dataset {name!r} is not registered",
+                           hint=(f"did you mean {', '.join(close)}? " if close else "") +
+                           "or give the dataset by path: --train-dataset / --test-dataset [NAME=]ann.json:images/")
+    meta = MetadataCatalog.get(name)
+    json_file, image_root = meta.get("json_file", None), meta.get("image_root", None)
+    try:
+        if json_file and image_root:
+            return validate_coco_json(json_file, image_root, training=training, evaluation=evaluation)
+        if meta.get("dirname", None) and meta.get("split", None):
+            dirname = Path(meta.dirname)
+            for path in (dirname / "ImageSets" / "Main" / f"{meta.split}.txt", dirname / "Annotations",
+                         dirname / "JPEGImages"):
+                if not path.exists():
+                    raise DatasetError(f"Pascal VOC folder {dirname}: {path.relative_to(dirname)} not found",
+                                       hint="detectron2's VOC names live under $DETECTRON2_DATASETS "
+                                            "(default ./datasets)")
+    except DatasetError as exc:
+        raise DatasetError(f"{where}: dataset {name!r}: {exc}", hint=exc.hint) from None
+    return {}
+
+
+def _box_size(obj):
+    from detectron2.structures import BoxMode
+
+    box, mode = obj.get("bbox"), obj.get("bbox_mode", BoxMode.XYWH_ABS)
+    if box is None or len(box) != 4:
+        return None
+    if mode == BoxMode.XYWH_ABS:
+        return box[2], box[3]
+    if mode == BoxMode.XYXY_ABS:
+        return box[2] - box[0], box[3] - box[1]
+    return None  # relative or rotated boxes: left to detectron2
+
+
+def drop_degenerate_boxes(dataset_dicts, drop_empty_images=True):
+    """The module docstring's rule on detectron2 dataset dicts: annotations whose box has a width or height
+    <= 0 are removed (and then images left without annotations, when drop_empty_images). Returns
+    (dicts, number of boxes dropped, number of images dropped); warns when any is dropped."""
+    kept, boxes, images = [], 0, 0
+    for record in dataset_dicts:
+        annotations = record.get("annotations")
+        if annotations:
+            good = [a for a in annotations if (_box_size(a) or (1, 1))[0] > 0 and (_box_size(a) or (1, 1))[1] > 0]
+            if len(good) != len(annotations):
+                boxes += len(annotations) - len(good)
+                record = dict(record, annotations=good)
+                if not good and drop_empty_images:
+                    images += 1
+                    continue
+        kept.append(record)
+    if boxes:
+        logger.warning("training data: dropped %d boxes with a width or height <= 0%s", boxes,
+                       f" and {images} images left without boxes" if images else "")
+    return kept, boxes, images

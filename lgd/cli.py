@@ -1,0 +1,83 @@
+"""How lgd's commands (lgd-train, lgd-eval, lgd-export, python -m lgd.demo) succeed and fail.
+
+Exit status: 0 on success (nothing else printed by this layer); 2 on a usage error (a malformed or
+contradictory command line, a config key that does not exist, an output that would overwrite an earlier
+run or file); 1 on any other failure (a file missing or unreadable, an invalid dataset or checkpoint, an
+error while training). A failure prints one line on stderr, `PROG: error: WHAT`, naming the file, key or
+argument and what was expected, sometimes followed by one `PROG: hint: ...` line; no traceback unless
+`--debug` is on the command line (anywhere) or LGD_DEBUG=1 is set.
+
+The Python API of each command (lgd.train_net.run, eval_run, lgd.export.run, lgd.demo.run) raises instead
+and returns its results; run_command turns it into the console script: run_command(prog, api, argv) -> int.
+"""
+import os
+import sys
+import traceback
+from typing import Callable, List, Optional, Sequence
+
+__all__ = ["CommandError", "UsageError", "debug_requested", "run_command"]
+
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = "print the traceback of a failure (also LGD_DEBUG=1)"
+
+
+class CommandError(Exception):
+    """A failure a command reports as one line (exit status 1), with an optional hint line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(CommandError):
+    """A usage error (exit status 2): the command line itself is wrong."""
+
+    exit_code = 2
+
+
+def debug_requested(argv: Sequence[str] = ()) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get("LGD_DEBUG", "").strip() not in ("", "0")
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return " ".join(lines) if len(lines) <= 3 else lines[-1]  # a wrapped exception: its last line
+
+
+def _expected(exc: BaseException) -> bool:
+    """Failures whose message says it all (ours, bad values, files); others get their type and a --debug hint.
+    A child process's failure (torch.multiprocessing) carries the child's traceback as its message."""
+    return isinstance(exc, (CommandError, ValueError, OSError)) or type(exc).__name__ == "ProcessRaisedException"
+
+
+def _message(exc: BaseException) -> str:
+    text = _one_line(str(exc)) or type(exc).__name__
+    return text if _expected(exc) else f"{type(exc).__name__}: {text}"
+
+
+def run_command(prog: str, api: Callable[[List[str]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """Runs api(argv without --debug) as the command `prog`; returns the exit status (module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        api(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error it already printed (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place failures become a line and a status
+        if debug:
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"{prog}: error: {_message(exc)}", file=sys.stderr)
+        hint = getattr(exc, "hint", None)
+        if hint:
+            print(f"{prog}: hint: {hint}", file=sys.stderr)
+        elif not debug and not isinstance(exc, (CommandError, FileNotFoundError)) and not hasattr(exc, "hint"):
+            print(f"{prog}: hint: rerun with {DEBUG_FLAG} (or LGD_DEBUG=1) for the traceback", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, CommandError) else 1
+    return 0

@@ -1,0 +1,119 @@
+"""Strict `key=value` overrides of a LazyConfig: a key that does not exist is an error, not a new key.
+
+detectron2's LazyConfig.apply_overrides adds any key it is given, so a typo (`trian.max_iter=2`,
+`lgd.enabld=False`) is accepted and silently ignored. apply_overrides_strict accepts a key when
+  - it exists in the config (its value may be None), or
+  - it is an argument of the LazyCall object it would sit in (`model.test_score_thresh=0.0`: RetinaNet
+    takes test_score_thresh although the model-zoo config leaves it at its default), or
+  - it is one of OPTIONAL_KEYS, keys lgd and detectron2 read when present (train.seed), or
+  - it is written `+key=value` (hydra's syntax for adding a key): the deliberate way to add one.
+Anything else raises UsageError naming the key and the closest valid keys (difflib). A malformed override
+(no `=`, bad value syntax) raises UsageError naming it.
+"""
+import difflib
+import inspect
+from typing import Iterable, List
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .cli import UsageError
+
+__all__ = ["OPTIONAL_KEYS", "apply_overrides_strict", "config_keys"]
+
+# keys read when present although detectron2's common/train.py does not define them
+OPTIONAL_KEYS = {
+    "train.seed": "seed of the initialisation, data order and augmentations (lgd default 0)",
+    "train.cudnn_benchmark": "torch.backends.cudnn.benchmark while training (detectron2's default_setup)",
+}
+_MISSING = object()
+
+
+def _children(node):
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield str(key), node._get_node(key)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield str(i), node._get_node(i)
+
+
+def config_keys(cfg) -> List[str]:
+    """Every dotted key of cfg (inner nodes included), plus the arguments of its LazyCall nodes."""
+    keys = []
+
+    def walk(node, prefix):
+        for name, child in _children(node):
+            if name == "_target_":
+                continue
+            key = f"{prefix}{name}"
+            keys.append(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                walk(child, key + ".")
+        if isinstance(node, DictConfig):
+            keys.extend(prefix + p for p in _target_arguments(node) if p not in node)
+
+    walk(cfg, "")
+    return keys + [k for k in OPTIONAL_KEYS if k not in keys]
+
+
+def _target_arguments(node) -> List[str]:
+    """Keyword arguments of a LazyCall node's target (["*"] when it takes **kwargs); [] for other nodes."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return []
+    target = node._get_node("_target_")._value()
+    if isinstance(target, str):
+        try:
+            from detectron2.utils.registry import locate
+
+            target = locate(target)
+        except Exception:  # noqa: BLE001 - an unresolvable target: instantiate will say so
+            return []
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names + (["*"] if any(p.kind == p.VAR_KEYWORD for p in params) else [])
+
+
+def _exists(cfg, key) -> bool:
+    try:
+        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_resolution_failure=False) is not _MISSING
+    except Exception:  # noqa: BLE001 - e.g. indexing into a non-container: not an existing key
+        return False
+
+
+def _accepted(cfg, key) -> bool:
+    if key in OPTIONAL_KEYS or _exists(cfg, key):
+        return True
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    args = _target_arguments(node)
+    return name in args or "*" in args
+
+
+def apply_overrides_strict(cfg, overrides: Iterable[str]):
+    """LazyConfig.apply_overrides(cfg, overrides) after checking every key (module docstring). In place."""
+    from detectron2.config import LazyConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (parsed,) = parser.parse_overrides([text])
+        except HydraException as exc:
+            first = str(exc).strip().splitlines()
+            raise UsageError(f"config override {text!r} is not KEY=VALUE ({first[1] if len(first) > 1 else first[0]})",
+                             hint="overrides come last on the command line, e.g. train.max_iter=100") from None
+        key = parsed.key_or_group
+        if parsed.is_delete():
+            raise UsageError(f"config override {text!r}: deleting a key (~KEY) is not supported")
+        if parsed.is_add() or _accepted(cfg, key):
+            continue
+        close = difflib.get_close_matches(key, config_keys(cfg), n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join(close)}?" if close else "list the keys with the config file") + \
+            f" (to add a new key on purpose, write +{key}=...)"
+        raise UsageError(f"config override {text!r}: the config has no key {key!r}", hint=hint)
+    return LazyConfig.apply_overrides(cfg, [o[1:] if o.startswith("+") else o for o in overrides])
