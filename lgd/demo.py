@@ -361,8 +361,8 @@ def _setup_logging(output_dir, verbose):
                 handler.setLevel(logging.WARNING)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m lgd.demo", description=__doc__.split("\n\n")[0],
+def build_parser(prog="python -m lgd.demo"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="./output/demo")
@@ -401,10 +401,10 @@ def _check_arguments(args):
         raise UsageError("--resume and --overwrite contradict each other (reuse the runs, or replace them?)")
 
 
-def run(argv=None):
+def run(argv=None, prog="python -m lgd.demo"):
     """The demo as a function (argv without the program name). Returns summary.json's (or, with --compare,
     compare.json's) content; raises on failure (module docstring)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     _check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -465,7 +465,7 @@ def run(argv=None):
 
 def main(argv=None, prog="python -m lgd.demo"):
     """Console entry of the demo: run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
-    return run_command(prog, run, argv)
+    return run_command(prog, lambda args: run(args, prog=prog), argv)
 
 
 def lgd_train_main(argv=None):

@@ -166,5 +166,5 @@ def test_lgd_train_with_a_config_file_trains_that_config(monkeypatch):
     assert lgd.demo.lgd_train_main(["--config-file", "cfg.py", "train.max_iter=1"]) == "trained"
     assert lgd.demo.lgd_train_main(["--config-file=cfg.py"]) == "trained"
     assert calls == [["--config-file", "cfg.py", "train.max_iter=1"], ["--config-file=cfg.py"]]
-    monkeypatch.setattr(lgd.demo, "run", lambda argv: calls.append(argv))  # no --config-file: the demo
+    monkeypatch.setattr(lgd.demo, "run", lambda argv, prog: calls.append(argv))  # no --config-file: the demo
     assert lgd.demo.lgd_train_main(["--iters", "2"]) == 0 and calls[-1] == ["--iters", "2"]
