@@ -26,13 +26,30 @@ def box_masks(boxes, image_size, height, width):
     return mask.reshape(b.shape[0], height * width)
 
 
+def masked_matmul(mask, x):
+    """mask @ x for a 0/1 `mask`, reading x only where the mask is 1, as the kernels do: a plain matmul
+    spreads a NaN or inf of x to every row (0 * NaN = NaN). Only an x with non-finite values (one host
+    sync to find out, skipped while compiling) pays for three more matmuls, counting the NaN, +inf and
+    -inf that each row reads."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(x).all()):
+        return mask @ x
+    out = mask @ torch.where(torch.isfinite(x), x, 0)
+
+    def reads(cells):
+        return (mask @ cells.to(mask.dtype)) > 0
+
+    pos, neg, nan = reads(x == torch.inf), reads(x == -torch.inf), reads(x.isnan())
+    out = torch.where(pos, torch.inf, torch.where(neg, -torch.inf, out))
+    return torch.where(nan | (pos & neg), torch.nan, out)
+
+
 def pool_with_masks(features, masks, batch_idx, average):
     """[N, C]: masks [N, H*W] (features' dtype) times each object's image map; the mean if average."""
     n_img, channels, height, width = features.shape
     flat = features.reshape(n_img, channels, height * width)
     out = features.new_zeros(masks.shape[0], channels)
     for b in range(n_img):
-        out = torch.where((batch_idx == b)[:, None], masks @ flat[b].T, out)
+        out = torch.where((batch_idx == b)[:, None], masked_matmul(masks, flat[b].T), out)
     return out / masks.sum(1, keepdim=True).clamp(min=1) if average else out
 
 
@@ -41,5 +58,5 @@ def fill_with_masks(values, masks, batch_idx, output_size, average):
     n_img, height, width = output_size
     if average:
         values = values / masks.sum(1, keepdim=True).clamp(min=1)
-    maps = [values.T @ (masks * (batch_idx == b)[:, None]) for b in range(n_img)]
+    maps = [masked_matmul((masks * (batch_idx == b)[:, None]).T, values).T for b in range(n_img)]
     return torch.stack(maps).reshape(n_img, values.shape[1], height, width)

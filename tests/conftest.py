@@ -180,7 +180,7 @@ def _pool_with_masks(features, masks, batch_idx, average):
     """[N, C] float64 sums (or means) of features[b_n] over masks[n]; differentiable in features."""
     f = features.to(torch.float64).cpu()
     picked = f[batch_idx.cpu()]  # [N, C, H, W], each box's own image
-    sums = (picked * masks[:, None]).sum(dim=(2, 3))
+    sums = torch.where(masks[:, None] > 0, picked, 0.0).sum(dim=(2, 3))  # a NaN outside a box stays out
     if average:
         sums = sums / masks.sum(dim=(1, 2)).clamp(min=1.0)[:, None]
     return sums
@@ -192,7 +192,7 @@ def _fill_with_masks(values, masks, batch_idx, output_size, average):
     v = values.to(torch.float64).cpu()
     if average:
         v = v / masks.sum(dim=(1, 2)).clamp(min=1.0)[:, None]
-    painted = v[:, :, None, None] * masks[:, None]  # [N, C, H, W]
+    painted = torch.where(masks[:, None, :, :] > 0, v[:, :, None, None], 0.0)  # [N, C, H, W], NaN kept in its box
     out = v.new_zeros(n_img, v.shape[1], height, width)
     return out.index_add(0, batch_idx.cpu(), painted)
 

@@ -18,6 +18,7 @@ from conftest import (
     KERNELS,
     oracle_box_fill,
     oracle_box_pool,
+    oracle_masks,
     random_batch_idx,
     random_boxes,
     raw_op,
@@ -153,6 +154,32 @@ def test_adjoint_of_sum_pool(device, backend, case):
     filled = lgd_ops.box_fill(emb, boxes, batch_idx, image_size, (b, *level), backend=backend)
     pooled_sum = oracle_box_pool(features, boxes, batch_idx, image_size, average=False).to(device)
     torch.testing.assert_close((filled * features).sum(), (emb * pooled_sum).sum(), rtol=1e-10, atol=1e-10)
+
+
+@DEVICE_BACKEND
+@pytest.mark.parametrize("values", ["nan", "inf", "inf_and_neg_inf"])
+def test_non_finite_embedding_stays_in_its_box(device, backend, values):
+    """A NaN or inf embedding reaches only its own box's cells, as in the oracle (a dense matmul would spread
+    a NaN to every cell: 0 * NaN = NaN); where a +inf box overlaps a -inf box the cells are NaN."""
+    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
+    masks = oracle_masks(boxes, image_size, *level).bool()
+    covering = [n for n in range(len(boxes)) if batch_idx[n] == 0 and masks[n].any()]
+    first = next(n for n in covering if not masks[n, -1].any())  # cells below it: a sweep must not carry it on
+    if values == "inf_and_neg_inf":
+        second = next(n for n in covering if n != first and (masks[n] & masks[first]).any() and not masks[n].all())
+        bad = {first: float("inf"), second: -float("inf")}
+    else:
+        bad = {first: float(values)}
+    emb = _embeddings(len(boxes), c, torch.float32, device)
+    for n, value in bad.items():
+        emb[n, 1] = value
+    got = lgd_ops.box_fill(emb, boxes.to(device), batch_idx.to(device), image_size, (b, *level), backend=backend)
+    expected = oracle_box_fill(emb, boxes, batch_idx, image_size, (b, *level))
+    finite = expected.isfinite()
+    assert finite[0, 1].any() and not finite[0, 1].all() and finite[:, [0, 2]].all() and finite[1].all()
+    assert expected.isnan().any() == (values != "inf")
+    torch.testing.assert_close(got.cpu().double(), expected, equal_nan=True, rtol=1e-5,
+                               atol=1e-5 * value_scale(expected[finite]))
 
 
 # ---------------------------------------------------------------------------------------------

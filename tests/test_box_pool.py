@@ -167,6 +167,33 @@ def test_rows_follow_input_order_and_image(device, backend):
     torch.testing.assert_close(out0, out[only0], rtol=1e-12, atol=1e-12)
 
 
+NON_FINITE_CELLS = {  # (row, column) of image 0, channel 1 -> value, on the 8 x 10 level of case "mixed"
+    "nan": {(0, 3): float("nan")},
+    "inf": {(0, 3): float("inf")},
+    "inf_and_neg_inf": {(3, 4): float("inf"), (4, 4): -float("inf")},
+}
+
+
+@DEVICE_BACKEND
+@pytest.mark.parametrize("values", list(NON_FINITE_CELLS))
+def test_non_finite_cell_reaches_only_boxes_covering_it(device, backend, values):
+    """A NaN or inf feature cell reaches only the boxes covering it, as in the oracle: not the image's other
+    boxes (a dense matmul: 0 * NaN = NaN), nor those below it in its columns (running column sums: NaN - NaN);
+    a box covering a +inf and a -inf cell gets NaN."""
+    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
+    features = make_features((b, c, *level), torch.float32, device)
+    for (j, i), value in NON_FINITE_CELLS[values].items():
+        features[0, 1, j, i] = value
+    got = lgd_ops.box_pool(features, boxes.to(device), batch_idx.to(device), image_size, backend=backend)
+    expected = oracle_box_pool(features, boxes, batch_idx, image_size)
+    finite = expected.isfinite()
+    image0 = batch_idx == 0
+    assert not finite[image0, 1].all() and finite[image0, 1].any() and finite[:, [0, 2]].all() and finite[~image0].all()
+    assert expected.isnan().any() == (values != "inf")
+    torch.testing.assert_close(got.cpu().double(), expected, equal_nan=True, rtol=1e-5,
+                               atol=1e-5 * value_scale(expected[finite]))
+
+
 @DEVICE_BACKEND
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5), (0, 3, 4, 5)])
 def test_empty_feature_map_gives_zero_rows(device, backend, shape):

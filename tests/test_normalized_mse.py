@@ -231,6 +231,31 @@ def test_constant_planes(device, backend):
     torch.testing.assert_close(s.grad.cpu(), grad)
 
 
+NON_FINITE = {  # name -> (side, where, value): one cell of level 1 [2, 4, 3, 3], or all of it
+    "student_nan": ("student", (1, 2, 2, 1), float("nan")),
+    "teacher_nan": ("teacher", (0, 0, 0, 0), float("nan")),
+    "student_inf": ("student", (0, 1, 2, 2), float("inf")),
+    "teacher_neg_inf": ("teacher", (1, 3, 1, 1), -float("inf")),  # in a constant plane
+    "student_all_nan": ("student", (), float("nan")),
+}
+
+
+@DEVICE_BACKEND
+@pytest.mark.parametrize("case", list(NON_FINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_non_finite_input_gives_nan(device, backend, case, dtype):
+    """A NaN or inf anywhere in either map gives a NaN loss, as the oracle: no clamp may hide it (an all-NaN
+    student once gave 0.0); the other level's constant planes (variance 0) still count as before."""
+    side, where, value = NON_FINITE[case]
+    students, teachers = make_maps(CASES["constant"][0], "constant", dtype, device)
+    maps = students if side == "student" else teachers
+    bad = maps[1].detach().clone()
+    bad[where] = value
+    maps[1] = bad.requires_grad_(side == "student")
+    loss = lgd_ops.normalized_mse(students, teachers, backend=backend)
+    assert torch.isnan(loss).item() and torch.isnan(oracle_normalized_mse(students, teachers)).item()
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, determinism, fuzzing
 # ---------------------------------------------------------------------------------------------

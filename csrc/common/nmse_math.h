@@ -20,14 +20,15 @@ LGD_HOST_DEVICE PlaneTerms nmse_plane_terms(double n, double s_m2, double t_m2, 
                                             double eps) {
   PlaneTerms p;
   // Biased (InstanceNorm) moments; rounding can leave a one-pass sum of squares slightly negative.
-  const double vs = s_m2 > 0.0 ? s_m2 / n : 0.0, vt = t_m2 > 0.0 ? t_m2 / n : 0.0, cst = st_c / n;
+  // The clamps test `< 0` so that a NaN (a non-finite input) passes through to the loss.
+  const double vs = s_m2 < 0.0 ? 0.0 : s_m2 / n, vt = t_m2 < 0.0 ? 0.0 : t_m2 / n, cst = st_c / n;
   p.s_rstd = 1.0 / std::sqrt(vs + eps);
   p.t_rstd = 1.0 / std::sqrt(vt + eps);
   const double ss = vs * p.s_rstd * p.s_rstd;     // mean(xs^2)
   const double tt = vt * p.t_rstd * p.t_rstd;     // mean(xt^2)
   const double st = cst * p.s_rstd * p.t_rstd;    // mean(xs * xt)
   const double per_elem = ss + tt - 2.0 * st;
-  p.loss = per_elem > 0.0 ? n * per_elem : 0.0;
+  p.loss = per_elem < 0.0 ? 0.0 : n * per_elem;
   p.k = ss - st;
   return p;
 }

@@ -90,6 +90,10 @@ static void test_nmse_terms() {
   // A constant plane normalizes to zero: loss is the teacher's normalized energy.
   const lgd_ops::PlaneTerms c = lgd_ops::nmse_plane_terms(n, 0.0, t_m2, 0.0, eps);
   expect(std::fabs(c.loss - n * (t_m2 / n) * rt * rt) < 1e-12 && c.k == 0.0, "constant student plane");
+  // A non-finite input gives NaN moments: the loss must stay NaN (not clamped to 0 or a finite value).
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect(std::isnan(lgd_ops::nmse_plane_terms(n, nan, t_m2, nan, eps).loss), "NaN student moments");
+  expect(std::isnan(lgd_ops::nmse_plane_terms(n, s_m2, nan, nan, eps).loss), "NaN teacher moments");
 }
 
 int main() {

@@ -57,8 +57,8 @@ def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, p
     t_m2 = tl.sum(bb, axis=0).to(tl.float64) - sb * sb / dn
     st_c = tl.sum(ab, axis=0).to(tl.float64) - sa * sb / dn
     eps = tl.load(eps_ptr)
-    vs = tl.where(s_m2 > 0.0, s_m2 / dn, 0.0)  # rounding can leave a one-pass sum slightly negative
-    vt = tl.where(t_m2 > 0.0, t_m2 / dn, 0.0)
+    vs = tl.where(s_m2 < 0.0, 0.0, s_m2 / dn)  # rounding can leave a one-pass sum slightly negative;
+    vt = tl.where(t_m2 < 0.0, 0.0, t_m2 / dn)  # `< 0` lets a NaN (non-finite input) through
     s_rstd = 1.0 / tl.sqrt(vs + eps)
     t_rstd = 1.0 / tl.sqrt(vt + eps)
     ss = vs * s_rstd * s_rstd
@@ -72,7 +72,7 @@ def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, p
     tl.store(stats_ptr + 2 * planes + q, (t0.to(tl.float64) + sb / dn).to(stat_ty))
     tl.store(stats_ptr + 3 * planes + q, t_rstd.to(stat_ty))
     tl.store(stats_ptr + 4 * planes + q, (ss - st).to(stat_ty))
-    tl.store(loss_ptr + q, tl.where(per_elem > 0.0, dn * per_elem, 0.0))
+    tl.store(loss_ptr + q, tl.where(per_elem < 0.0, 0.0, dn * per_elem))
 
 
 @triton.jit

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../../common/cpu_boxes.h"
@@ -30,12 +31,23 @@ void fill_planes(const scalar_t* values, scalar_t* out, const ImageBoxes& ix, in
       for (; ev != ev_end && ev->row == j; ++ev) {
         const CellRange r = ix.cells[ev->box];
         double v = static_cast<double>(values[ev->box * C + c]);
+        if (!std::isfinite(v)) continue;  // added below: it would stay in the columns past the box
         if (average) v /= double(r.count());
         if (!ev->top) v = -v;
         for (int32_t i = r.x0; i <= r.x1; ++i) col[i] += v;
       }
       scalar_t* row = o + j * W;
       for (int64_t i = 0; i < W; ++i) row[i] = static_cast<scalar_t>(col[i]);
+    }
+    // Non-finite values (NaN - NaN, inf - inf never cancel) go straight into their own box's cells.
+    for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
+      const int64_t n = ix.order[k];
+      const double v = static_cast<double>(values[n * C + c]);
+      if (std::isfinite(v)) continue;
+      const CellRange r = ix.cells[n];
+      for (int32_t j = r.y0; j <= r.y1; ++j)
+        for (int32_t i = r.x0; i <= r.x1; ++i)
+          o[j * W + i] = static_cast<scalar_t>(static_cast<double>(o[j * W + i]) + v);
     }
   }
 }

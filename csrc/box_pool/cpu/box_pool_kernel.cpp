@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../../common/cpu_boxes.h"
@@ -31,6 +32,17 @@ double lane_sum(int32_t x0, int32_t x1, F f) {
   return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
+// Sum of a plane's cells in the rectangle r.
+template <typename scalar_t>
+double rect_sum(const scalar_t* f, int64_t W, const CellRange& r) {
+  double s = 0.0;
+  for (int32_t j = r.y0; j <= r.y1; ++j) {
+    const scalar_t* row = f + j * W;
+    s += lane_sum(r.x0, r.x1, [row](int32_t i) { return static_cast<double>(row[i]); });
+  }
+  return s;
+}
+
 template <typename scalar_t>
 void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
                  int64_t W, bool average, int64_t begin, int64_t end) {
@@ -40,16 +52,8 @@ void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int6
     if (ix.start[b] == ix.start[b + 1]) continue;
     const scalar_t* f = feat + plane * H * W;
     if (4 * ix.area[b] < H * W) {
-      for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
-        const int64_t n = ix.order[k];
-        const CellRange r = ix.cells[n];
-        double s = 0.0;
-        for (int32_t j = r.y0; j <= r.y1; ++j) {
-          const scalar_t* row = f + j * W;
-          s += lane_sum(r.x0, r.x1, [row](int32_t i) { return static_cast<double>(row[i]); });
-        }
-        sum[n] = s;
-      }
+      for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k)
+        sum[ix.order[k]] = rect_sum(f, W, ix.cells[ix.order[k]]);
     } else {
       std::fill(col.begin(), col.end(), 0.0);  // col[i] = sum of rows above the sweep in column i
       const RowEvent* ev = ix.events.data() + 2 * ix.start[b];
@@ -63,6 +67,12 @@ void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int6
         if (j == H) break;
         const scalar_t* row = f + j * W;
         for (int64_t i = 0; i < W; ++i) col[i] += static_cast<double>(row[i]);
+      }
+      // A non-finite cell above a box in its columns reaches the box's sweep sum (NaN - NaN,
+      // inf - inf): such a box is summed directly, so it sees only its own cells.
+      for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
+        const int64_t n = ix.order[k];
+        if (!std::isfinite(sum[n])) sum[n] = rect_sum(f, W, ix.cells[n]);
       }
     }
     for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
