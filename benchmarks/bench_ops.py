@@ -45,6 +45,7 @@ import time
 import torch
 
 import lgd_ops
+from lgd_ops._backend import BACKENDS, resolve
 
 # (default B, C, padded input H, W, level sizes): RetinaNet P3-P7, Faster R-CNN P2-P6 of a COCO image resized to
 # 800 x ~1200 and padded to a multiple of 32 (the 800 x 1333 setting's usual size)
@@ -257,8 +258,15 @@ def _peak_child(op, shape, objects, dtype, backend, batch, mode):
     print((_proc_status_kib("VmHWM") - base) * 1024)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad argument reported on one line (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None, prog=None):
+    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["retinanet"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
@@ -266,7 +274,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--objects", type=int, nargs="+", default=[7, 50, 100], help="objects per image")
     parser.add_argument("--batch", type=int, nargs="+", default=[0], help="images per batch (0: the shape's, 2)")
-    parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                        help="default: every available backend for --device")
     parser.add_argument("--repeats", type=int, default=10, help="timed samples per case")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
@@ -284,6 +293,15 @@ def parse_args(argv=None):
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if any(n < 1 for n in args.objects) or any(b < 0 for b in args.batch):
         parser.error("--objects must be >= 1 and --batch >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"argument --device: {e}")
+    for backend in args.backends or ():
+        try:
+            resolve(backend, device)
+        except ValueError as e:
+            parser.error(f"argument --backends: {e}")
     return args
 
 
@@ -398,13 +416,13 @@ def plot(rows, base):
     return written
 
 
-def main(argv=None):
+def main(argv=None, prog=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 8 and argv[0] == "--peak-child":
         return _peak_child(*argv[1:])
+    args = parse_args(argv, prog)  # before the re-exec, so that --help and errors name the command as typed
     if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **STEADY_MALLOC))
-    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -44,7 +44,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import STEADY_MALLOC, device_name, git_commit, triton_version  # noqa: E402
+from bench_ops import STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version  # noqa: E402
 
 DETECTORS = {
     "retinanet": "lgd/configs/retinanet_R_50_FPN_1x_lgd.py",
@@ -225,8 +225,8 @@ def run_child(detector, variant, args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, prog=None):
+    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -305,8 +305,8 @@ def plot(results, path):
     return path
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, prog=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

@@ -22,8 +22,7 @@ def main(argv=None):
     if not os.path.isfile(script):
         raise SystemExit(f"lgd-bench: {script} not found: the benchmarks need a source checkout of lgd")
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    sys.argv = [script, *argv[1:]]
-    runpy.run_path(script, run_name="__main__")
+    runpy.run_path(script)["main"](argv[1:], prog=f"lgd-bench {argv[0]}")
 
 
 if __name__ == "__main__":

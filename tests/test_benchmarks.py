@@ -76,3 +76,28 @@ def test_lgd_bench_usage():
     for argv in ([], ["nope"]):
         with pytest.raises(SystemExit, match="usage: lgd-bench"):
             lgd_bench(argv)
+
+
+def lgd_bench_process(*args):
+    """`python -m lgd.bench args`, import-time warnings of detectron2 silenced (not the command's output)."""
+    return subprocess.run([sys.executable, "-m", "lgd.bench", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(ENV, PYTHONWARNINGS="ignore"), timeout=300)
+
+
+@pytest.mark.parametrize("command", ["ops", "train"])
+def test_help_names_the_command(command):
+    proc = lgd_bench_process(command, "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lgd-bench {command} "), proc.stdout[:200]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["ops", "--backends", "bogus"], ["argument --backends", "'reference', 'cpu', 'cuda', 'triton'"]),
+    (["ops", "--device", "cpu", "--backends", "cuda"], ["argument --backends", "'cuda'"]),
+    (["train", "--detectors", "bogus"], ["argument --detectors", "'retinanet'"]),
+])
+def test_bad_argument_is_one_line(args, expected):
+    """Exit code 2 and one line naming the argument and the valid values, no traceback."""
+    proc = lgd_bench_process(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"lgd-bench {args[0]}: error: ") and all(e in lines[0] for e in expected), lines[0]
