@@ -77,13 +77,22 @@ def extension():
     return CppExtension("lgd_ops._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Objects go to build/temp-<python> in the tree, not to the fresh temporary directory of each pip
+    install, so ninja recompiles only the sources (or headers) that changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{sys.implementation.cache_tag}")
+
+
 setup(
     name="lgd",
     version="0.1.0",
     description="Label-Guided self-Distillation (LGD) for object detection on detectron2, with fused ops",
     packages=find_packages(include=["lgd", "lgd.*", "lgd_ops", "lgd_ops.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     entry_points={"console_scripts": [
         "lgd-train=lgd.demo:lgd_train_main",  # no --config-file: the bundled demo
