@@ -138,7 +138,8 @@ def test_missing_image_fails_before_writing(setup, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     out = tmp_path / "out"
-    proc = command("lgd-train", *train_args(cfg_file, str(out), f"lgd_cli_bad={bad}:{images}", f"{ann}:{images}"))
+    proc = command("lgd-train", *train_args(cfg_file, str(out), f"lgd_cli_bad={bad}:{images}",
+                                            f"lgd_cli_val={ann}:{images}"))
     assert proc.returncode == 1
     (error, *_) = failure_lines(proc, "lgd-train")
     assert "gone.png" in error and str(bad) in error
@@ -247,6 +248,14 @@ def test_dataset_validation_names_the_problem(setup, tmp_path, change, message):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_unregistered_dataset_names_the_closest():
+    from lgd.data.register import DatasetError, validate_dataset
+
+    with pytest.raises(DatasetError, match="dataloader.train.dataset.names: dataset 'coco_2017_trian' is not") as info:
+        validate_dataset("coco_2017_trian", where="dataloader.train.dataset.names", training=True)
+    assert "coco_2017_train" in info.value.hint
+
+
 def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path, caplog):
     from detectron2.structures import BoxMode
 
@@ -267,6 +276,17 @@ def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path, caplog):
     kept, boxes, dropped_images = drop_degenerate_boxes(dicts)
     assert (boxes, dropped_images) == (2, 1) and len(kept) == 1 and len(kept[0]["annotations"]) == 1
 
+    from lgd.data import register_coco_once
+    from lgd.train_net import build_train_loader, load_config
+
+    _, cfg_file, _, _ = setup
+    cfg = load_config(cfg_file, ["dataloader.train.dataset.names=lgd_cli_negative"])
+    register_coco_once("lgd_cli_negative", str(path), images)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lgd.data"):
+        build_train_loader(cfg)  # the training loader applies the rule
+    assert "dropped 1 boxes with a width or height <= 0 and 1 images" in caplog.text
+
 
 def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
     """An empty training dataset fails before config.yaml (or anything) is written: --overwrite included."""
@@ -282,7 +302,7 @@ def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
     data["images"], data["annotations"] = [], []
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps(data))
-    assert main(train_args(cfg_file, str(out), f"lgd_cli_empty={empty}:{images}", f"{ann}:{images}",
+    assert main(train_args(cfg_file, str(out), f"lgd_cli_empty={empty}:{images}", f"lgd_cli_val={ann}:{images}",
                            "--overwrite")) == 1
     err = capsys.readouterr().err
     assert "'images' is empty" in err and str(empty) in err

@@ -4,7 +4,8 @@
   mobilenetv2_weights_path; scripts/fetch_demo_assets.sh downloads them).
 - lgd.data.deepforest: deepforest's aerial tree images as a tiled COCO dataset (prepare_demo_dataset,
   register_demo_datasets -> "lgd_demo_train" / "lgd_demo_val").
-- lgd.data.register: register_coco_by_path("[NAME=]ann.json:images/"), register_voc_by_path (Pascal VOC).
+- lgd.data.register: register_coco_by_path("[NAME=]ann.json:images/"), register_voc_by_path (Pascal VOC);
+  validate_coco_json / validate_dataset (what the commands check before writing; the invalid-box rule).
 - lgd.data.crowdhuman: CrowdHuman .odgt -> detectron2 dicts, ignore regions as iscrowd annotations
   (register_crowdhuman; evaluate with lgd.evaluation.MissRateEvaluator).
 """

@@ -243,14 +243,16 @@ def validate_coco_json(json_file, image_root, *, training=False, evaluation=Fals
             "degenerate_boxes": len(degenerate), "missing_images": len(missing)}
 
 
-def validate_dataset(name, *, where="dataset", training=False, evaluation=False):
+def validate_dataset(name, *, where="", training=False, evaluation=False):
     """Checks a registered dataset before it is used: registered at all (else the closest registered
     names), then a COCO-format one (metadata json_file + image_root) with validate_coco_json, a Pascal VOC
-    one (metadata dirname + split) for its folders. Other datasets are only checked for registration."""
+    one (metadata dirname + split) for its folders. Other datasets are only checked for registration.
+    `where` (e.g. the config key naming the dataset) prefixes the error messages."""
+    where = f"{where}: " if where else ""
     registered = DatasetCatalog.list()
     if name not in registered:
         close = difflib.get_close_matches(str(name), registered, n=3, cutoff=0.6)
-        raise DatasetError(f"{where}: dataset {name!r} is not registered",
+        raise DatasetError(f"{where}dataset {name!r} is not registered",
                            hint=(f"did you mean {', '.join(close)}? " if close else "") +
                            "or give the dataset by path: --train-dataset / --test-dataset [NAME=]ann.json:images/")
     meta = MetadataCatalog.get(name)
@@ -267,7 +269,7 @@ def validate_dataset(name, *, where="dataset", training=False, evaluation=False)
                                        hint="detectron2's VOC names live under $DETECTRON2_DATASETS "
                                             "(default ./datasets)")
     except DatasetError as exc:
-        raise DatasetError(f"{where}: dataset {name!r}: {exc}", hint=exc.hint) from None
+        raise DatasetError(f"{where}dataset {name!r}: {exc}", hint=exc.hint) from None
     return {}
 
 
