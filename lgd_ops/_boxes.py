@@ -26,17 +26,18 @@ def box_masks(boxes, image_size, height, width):
     return mask.reshape(b.shape[0], height * width)
 
 
-def masked_matmul(mask, x):
-    """mask @ x for a 0/1 `mask`, reading x only where the mask is 1, as the kernels do: a plain matmul
-    spreads a NaN or inf of x to every row (0 * NaN = NaN). Only an x with non-finite values (one host
-    sync to find out, skipped while compiling) pays for three more matmuls, counting the NaN, +inf and
-    -inf that each row reads."""
-    if torch.compiler.is_compiling() or bool(torch.isfinite(x).all()):
-        return mask @ x
-    out = mask @ torch.where(torch.isfinite(x), x, 0)
+def masked_matmul(x, mask):
+    """x @ mask for a 0/1 `mask`, reading x only where the mask is 1, as the kernels do: a plain matmul
+    spreads a NaN or inf of x to every column (0 * NaN = NaN). Whether x holds one is read from the float64
+    sum of the smaller of x and x @ mask (either has one if x does; one host sync, skipped while compiling);
+    only then do three more matmuls count the NaN, +inf and -inf that each column reads."""
+    out = x @ mask
+    if torch.compiler.is_compiling() or bool(torch.isfinite(min(out, x, key=torch.numel).sum(dtype=torch.float64))):
+        return out
+    out = torch.where(torch.isfinite(x), x, 0) @ mask
 
     def reads(cells):
-        return (mask @ cells.to(mask.dtype)) > 0
+        return (cells.to(mask.dtype) @ mask) > 0
 
     pos, neg, nan = reads(x == torch.inf), reads(x == -torch.inf), reads(x.isnan())
     out = torch.where(pos, torch.inf, torch.where(neg, -torch.inf, out))
@@ -49,7 +50,7 @@ def pool_with_masks(features, masks, batch_idx, average):
     flat = features.reshape(n_img, channels, height * width)
     out = features.new_zeros(masks.shape[0], channels)
     for b in range(n_img):
-        out = torch.where((batch_idx == b)[:, None], masked_matmul(masks, flat[b].T), out)
+        out = torch.where((batch_idx == b)[:, None], masked_matmul(flat[b], masks.T).T, out)
     return out / masks.sum(1, keepdim=True).clamp(min=1) if average else out
 
 
@@ -58,5 +59,5 @@ def fill_with_masks(values, masks, batch_idx, output_size, average):
     n_img, height, width = output_size
     if average:
         values = values / masks.sum(1, keepdim=True).clamp(min=1)
-    maps = [masked_matmul((masks * (batch_idx == b)[:, None]).T, values).T for b in range(n_img)]
+    maps = [masked_matmul(values.T, masks * (batch_idx == b)[:, None]) for b in range(n_img)]
     return torch.stack(maps).reshape(n_img, values.shape[1], height, width)
