@@ -95,9 +95,10 @@ setup(
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     entry_points={"console_scripts": [
-        "lgd-train=lgd.demo:lgd_train_main",  # no --config-file: the bundled demo
-        "lgd-eval=lgd.train_net:eval_main",
-        "lgd-export=lgd.export:main",
-        "lgd-bench=lgd.bench:main",
+        "lgd-train=lgd.tools.train_net:main",
+        "lgd-eval=lgd.tools.train_net:eval_main",
+        "lgd-export=lgd.tools.export:main",
+        "lgd-demo=lgd.tools.demo:main",
+        "lgd-bench=lgd.tools.bench:main",
     ]},
 )

@@ -4,7 +4,7 @@ Variants, each built from the project's LGD config of the detector (lgd/configs/
 its `model` instantiated, no weights loaded), trained with plain SGD steps (zero_grad, sum of losses, backward,
 step) on one synthetic batch (random images, `--objects` random boxes and classes per image):
   baseline       the plain detector (LGDDistiller(...).detector trained alone, one optimizer)
-  lgd_reference  LGDDistiller, lgd_ops backend "reference", both optimizers (lgd.trainer.build_lgd_optimizers)
+  lgd_reference  LGDDistiller, lgd_ops backend "reference", both optimizers (lgd.engine.trainer.build_lgd_optimizers)
   lgd_fused      LGDDistiller, lgd_ops backend "auto" (the compiled kernels for the device)
 LGD runs with distillation on and the backbone unfrozen (the cost after the warm-up). The learning rate is 0:
 the optimizer does all its work but the weights stay put, so random-weight models cannot diverge mid-benchmark.
@@ -115,8 +115,8 @@ def build(detector, variant, device):
     """(model, optimizers) of one variant; raises ValueError with the reason when it cannot be built."""
     from detectron2.config import LazyConfig, instantiate
 
-    from lgd.distiller import LGDDistiller
-    from lgd.trainer import build_lgd_optimizers
+    from lgd.modeling.distiller import LGDDistiller
+    from lgd.engine.trainer import build_lgd_optimizers
 
     path = os.path.join(ROOT, DETECTORS[detector])
     if not os.path.isfile(path):

@@ -1,4 +1,4 @@
-"""LGD's modules (LGD_SPEC §4-7), on top of lgd_ops.
+"""LGD's modules (docs/method.md §4-7), on top of lgd_ops.
 
 Objects of a batch travel as PackedLabels (flat tensors + batch_idx, context object last per image);
 feature pyramids as dicts or lists of [B, C, H_l, W_l]. LGDTeacher composes the four teacher modules
@@ -9,14 +9,14 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     loss_fn = DistillationLoss()
     instructive = teacher(fpn_features, gt_instances, images.tensor.shape[-2:])     # same keys as fpn_features
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
-    # the detection head also runs on `instructive` with the same targets (LGD_SPEC §8)
+    # the detection head also runs on `instructive` with the same targets (docs/method.md §8)
 
-LGDDistiller (lgd.distiller) wraps a built detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above
-(lgd.fcos_head: an FCOSHead that builds on recent torch);
-lgd.trainer trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule);
-lgd.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/: the four detectors x R50/R101 x 1x/2x x
+LGDDistiller (lgd.modeling.distiller) wraps a built detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above
+(lgd.modeling.fcos_head: an FCOSHead that builds on recent torch);
+lgd.engine trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule);
+lgd.tools.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/: the four detectors x R50/R101 x 1x/2x x
 single/multi-scale, each one call of lgd/configs/_lgd_config.py's make(); not imported here, so that
-`python -m lgd.train_net` runs cleanly).
+`python -m lgd.tools.train_net` runs cleanly).
 """
 import warnings
 
@@ -25,16 +25,17 @@ import warnings
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
 
-from .appearance_encoder import AppearanceEncoder  # noqa: E402
-from .distillation_loss import DistillationLoss
-from .distiller import LGDDistiller
-from .knowledge_mapper import KnowledgeMapper, StudentAdapter
-from .label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, max_per_image
-from .labels import CONTEXT_CLASS, PackedLabels
-from .relation_adapter import RelationAdapter
-from .teacher import LGDTeacher
-from .trainer import (BackboneFreezeSchedule, DistillationSchedule, LGDAMPTrainer, LGDSchedule, LGDTrainer,
-                      MultiOptimizerLRScheduler, build_lgd_hooks, build_lgd_optimizers, scale_schedule)
+from .modeling.appearance_encoder import AppearanceEncoder  # noqa: E402
+from .modeling.distillation_loss import DistillationLoss
+from .modeling.distiller import LGDDistiller
+from .modeling.knowledge_mapper import KnowledgeMapper, StudentAdapter
+from .modeling.label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, max_per_image
+from .modeling.labels import CONTEXT_CLASS, PackedLabels
+from .modeling.relation_adapter import RelationAdapter
+from .modeling.teacher import LGDTeacher
+from .engine.hooks import BackboneFreezeSchedule, DistillationSchedule, MultiOptimizerLRScheduler, build_lgd_hooks
+from .engine.schedule import LGDSchedule, scale_schedule
+from .engine.trainer import LGDAMPTrainer, LGDTrainer, build_lgd_optimizers
 
 __all__ = [
     "AppearanceEncoder",

@@ -1,4 +1,4 @@
-"""Dense box masks on a level grid (LGD_SPEC §1) and pooling / filling with dense masks, the way the
+"""Dense box masks on a level grid (docs/method.md §1) and pooling / filling with dense masks, the way the
 authors' code does it.
 
 Only the reference ops and the mask ops use these; the kernels compute the same cell ranges in

@@ -1,4 +1,4 @@
-"""box_fill: the knowledge mapper's sum of object embeddings painted into their boxes (LGD_SPEC §3).
+"""box_fill: the knowledge mapper's sum of object embeddings painted into their boxes (docs/method.md §3).
 
 Kernels: csrc/box_fill/ (torch.ops.lgd_ops.box_fill); its backward is box_pool with average=False.
 """
@@ -39,7 +39,7 @@ def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, av
 
 def register_autograd(op, adjoint):
     """Autograd of a box_fill-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_pool-schema
-    op) of the output gradient, with the same average flag (LGD_SPEC §3: fill and pool are adjoint)."""
+    op) of the output gradient, with the same average flag (docs/method.md §3: fill and pool are adjoint)."""
 
     def setup_context(ctx, inputs, output):
         _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs

@@ -1,4 +1,4 @@
-"""box_pool: the mean of a feature map over each object box's cells (LGD_SPEC §1-2).
+"""box_pool: the mean of a feature map over each object box's cells (docs/method.md §1-2).
 
 The appearance encoder pools every level this way. Kernels: csrc/box_pool/ (torch.ops.lgd_ops.box_pool);
 its backward is box_fill with average=True, its adjoint.
@@ -34,7 +34,7 @@ def reference_box_pool(features, boxes, batch_idx, image_size, average=True):
 
 def register_autograd(op, adjoint):
     """Autograd of a box_pool-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_fill-schema
-    op) of the output gradient, with the same average flag (LGD_SPEC §3: fill and pool are adjoint)."""
+    op) of the output gradient, with the same average flag (docs/method.md §3: fill and pool are adjoint)."""
 
     def setup_context(ctx, inputs, output):
         features, boxes, batch_idx, in_h, in_w, average = inputs

@@ -1,4 +1,4 @@
-"""mask_pool / mask_fill: box_pool and box_fill with dense per-object masks (Mask R-CNN variant, LGD_SPEC §7).
+"""mask_pool / mask_fill: box_pool and box_fill with dense per-object masks (Mask R-CNN variant, docs/method.md §7).
 
 Masks [N, Hm, Wm] (bool or 0/1), rasterized at any resolution, are nearest-resized to the level.
 Reference implementations only: the masks are dense by nature.

@@ -1,4 +1,4 @@
-"""normalized_mse: InstanceNorm both maps, then one mean squared error over all levels (LGD_SPEC §4).
+"""normalized_mse: InstanceNorm both maps, then one mean squared error over all levels (docs/method.md §4).
 
 Kernels: csrc/normalized_mse/. The forward keeps five numbers per (b, c) plane and the backward
 recomputes the normalized maps from them, so no normalized copy of a feature map is ever stored.

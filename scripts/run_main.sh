@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The main job: sets everything up (scripts/install.sh: pinned stack, detectron2, the lgd build, the demo assets),
 # then
-#   1. the demo (python -m lgd.demo): LGD on real aerial tree images (deepforest tiles) with a small RetinaNet
+#   1. the demo (lgd-demo): LGD on real aerial tree images (deepforest tiles) with a small RetinaNet
 #      (ImageNet MobileNetV2), fused lgd_ops, ~10 minutes on 2 CPU cores; COCO AP/AP50 of the student, the
 #      LGD op report on the run's shapes, loss/AP plots and summary.json in ${LGD_DEMO_OUT:-output/demo};
 #   2. the op report at the COCO RetinaNet shape: every lgd_ops backend against the reference
-#      (benchmarks/bench_ops.py via lgd.bench), written next to the demo's output (op_report/).
+#      (benchmarks/bench_ops.py via lgd.tools.bench), written next to the demo's output (op_report/).
 # Arguments go to the demo, e.g.  scripts/run_main.sh --resume   or   scripts/run_main.sh --compare --seeds 0 1 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 
 bash scripts/install.sh
-echo "[main] demo: LGD on the deepforest tree tiles (python -m lgd.demo $*)"
+echo "[main] demo: LGD on the deepforest tree tiles (lgd-demo $*)"
 OUT="${LGD_DEMO_OUT:-output/demo}"
-"$PY" -m lgd.demo --output-dir "$OUT" "$@"
+"$PY" -m lgd.tools.demo --output-dir "$OUT" "$@"
 echo "[main] op report: lgd_ops backends vs reference at the COCO RetinaNet shape (benchmarks/bench_ops.py)"
-"$PY" -m lgd.bench ops --shape retinanet --out "$OUT/op_report"
+"$PY" -m lgd.tools.bench ops --shape retinanet --out "$OUT/op_report"

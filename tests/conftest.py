@@ -1,6 +1,6 @@
 """Shared helpers of the lgd_ops tests: seeds, the device x backend matrix, float64 oracles, box generators.
 
-The oracles below are written from LGD_SPEC §1-4 with plain Python loops over grid cells, independently
+The oracles below are written from docs/method.md §1-4 with plain Python loops over grid cells, independently
 of lgd_ops._boxes and the reference ops, so a bug shared by the reference and the kernels still shows.
 """
 import math
@@ -148,7 +148,7 @@ def assert_close_to_oracle(got, expected, dtype, scale=1.0, msg=""):
 # ----------------------------------------------------------------------------------------------
 
 def oracle_cells(box, image_size, height, width):
-    """(rows, cols) of the level grid inside `box` (LGD_SPEC §1), one Python float comparison per index.
+    """(rows, cols) of the level grid inside `box` (docs/method.md §1), one Python float comparison per index.
 
     Clamp to [0, W_in-1] x [0, H_in-1]; x2 <= x1 or y2 <= y1 (or NaN) covers nothing; r_x = W_l / W_in;
     column i is inside iff x1*r_x <= i <= x2*r_x (inclusive, no +0.5), rows alike.
@@ -198,20 +198,20 @@ def _fill_with_masks(values, masks, batch_idx, output_size, average):
 
 
 def oracle_box_pool(features, boxes, batch_idx, image_size, average=True):
-    """LGD_SPEC §2: a[n] = sum over the box's cells of F[b_n, :, j, i] / max(count, 1), in float64."""
+    """docs/method.md §2: a[n] = sum over the box's cells of F[b_n, :, j, i] / max(count, 1), in float64."""
     _, _, height, width = features.shape
     return _pool_with_masks(features, oracle_masks(boxes, image_size, height, width), batch_idx, average)
 
 
 def oracle_box_fill(values, boxes, batch_idx, image_size, output_size, average=False):
-    """LGD_SPEC §3: M[b, :, j, i] = sum of e_n over the image's boxes covering (i, j), in float64."""
+    """docs/method.md §3: M[b, :, j, i] = sum of e_n over the image's boxes covering (i, j), in float64."""
     _, height, width = output_size
     masks = oracle_masks(boxes, image_size, height, width)
     return _fill_with_masks(values, masks, batch_idx, output_size, average)
 
 
 def oracle_normalized_mse(students, teachers, eps=1e-5):
-    """LGD_SPEC §4 in float64: per (b, c) plane, x -> (x - mean) / sqrt(biased var + eps) for both maps,
+    """docs/method.md §4 in float64: per (b, c) plane, x -> (x - mean) / sqrt(biased var + eps) for both maps,
     sum of squared differences over all levels / total student element count. Teacher detached."""
     if isinstance(students, torch.Tensor):
         students, teachers = [students], [teachers]

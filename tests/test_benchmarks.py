@@ -13,15 +13,15 @@ pytest.importorskip("detectron2")
 
 import torch
 
-from lgd.bench import main as lgd_bench
+from lgd.tools.bench import main as lgd_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
 def run(command, *args):
-    """`lgd-bench ops|train args` (through python -m lgd.bench, as the console script would)."""
-    cmd = [sys.executable, "-m", "lgd.bench", command, "--threads", "1", *args]  # 1 thread: no oversubscription
+    """`lgd-bench ops|train args` (through python -m lgd.tools.bench, as the console script would)."""
+    cmd = [sys.executable, "-m", "lgd.tools.bench", command, "--threads", "1", *args]  # 1 thread: no oversubscription
     return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
 
 
@@ -79,8 +79,8 @@ def test_lgd_bench_usage():
 
 
 def lgd_bench_process(*args):
-    """`python -m lgd.bench args`, import-time warnings of detectron2 silenced (not the command's output)."""
-    return subprocess.run([sys.executable, "-m", "lgd.bench", *args], capture_output=True, text=True, cwd=ROOT,
+    """`python -m lgd.tools.bench args`, import-time warnings of detectron2 silenced (not the command's output)."""
+    return subprocess.run([sys.executable, "-m", "lgd.tools.bench", *args], capture_output=True, text=True, cwd=ROOT,
                           env=dict(ENV, PYTHONWARNINGS="ignore"), timeout=300)
 
 

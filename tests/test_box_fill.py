@@ -1,4 +1,4 @@
-"""box_fill (LGD_SPEC §1, §3): every backend against the float64 loop oracle, forward and backward."""
+"""box_fill (docs/method.md §1, §3): every backend against the float64 loop oracle, forward and backward."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -146,7 +146,7 @@ def test_box_order_does_not_matter(device, backend):
 @DEVICE_BACKEND
 @pytest.mark.parametrize("case", ["mixed", "grid_odd", "empty_image", "many"])
 def test_adjoint_of_sum_pool(device, backend, case):
-    """LGD_SPEC §3: <fill(e), F> == <e, pool_sum(F)>."""
+    """docs/method.md §3: <fill(e), F> == <e, pool_sum(F)>."""
     boxes, batch_idx, b, c, image_size, level = box_case(case)
     boxes, batch_idx = boxes.to(device), batch_idx.to(device)
     emb = _embeddings(boxes.shape[0], c, torch.float64, device)

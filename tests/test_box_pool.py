@@ -1,4 +1,4 @@
-"""box_pool (LGD_SPEC §1-2): every backend against the float64 loop oracle, forward and backward."""
+"""box_pool (docs/method.md §1-2): every backend against the float64 loop oracle, forward and backward."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -197,7 +197,7 @@ def test_non_finite_cell_reaches_only_boxes_covering_it(device, backend, values)
 @DEVICE_BACKEND
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5), (0, 3, 4, 5)])
 def test_empty_feature_map_gives_zero_rows(device, backend, shape):
-    """A box covering no cell gives a zero vector (LGD_SPEC §2); on an empty map every box covers none."""
+    """A box covering no cell gives a zero vector (docs/method.md §2); on an empty map every box covers none."""
     n = 0 if shape[0] == 0 else 4
     boxes = random_boxes(n, (32, 32), (4, 5), kinds=("normal",)).to(device)
     batch_idx = torch.zeros(n, dtype=torch.int64, device=device)

@@ -1,4 +1,4 @@
-"""The commands as users meet them (lgd.cli): exit status 0 / 2 / 1, one failure line naming the file, key or
+"""The commands as users meet them (lgd.tools.cli): exit status 0 / 2 / 1, one failure line naming the file, key or
 argument (no traceback without --debug), never clobbering an earlier run or file, strict config keys, checkpoints
 that must fit, datasets validated before anything is written, checkpoint files (temporaries, mode), seeded init.
 
@@ -18,12 +18,12 @@ import torch
 pytest.importorskip("detectron2")
 pytest.importorskip("pycocotools")
 
-from lgd.cli import UsageError, run_command  # noqa: E402
+from lgd.tools.cli import UsageError, run_command  # noqa: E402
 from test_lgd_train_net import DATASET, ROOT, argv, make_setup, overrides, read_metrics  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ENTRY_POINTS = {"lgd-train": "lgd.demo:lgd_train_main", "lgd-eval": "lgd.train_net:eval_main",
-                "lgd-export": "lgd.export:main"}
+ENTRY_POINTS = {"lgd-train": "lgd.tools.train_net:main", "lgd-eval": "lgd.tools.train_net:eval_main",
+                "lgd-export": "lgd.tools.export:main", "lgd-demo": "lgd.tools.demo:main"}
 
 
 def command(name, *args, env=None, timeout=240):
@@ -172,10 +172,17 @@ def test_eval_garbage_checkpoint_is_one_line_and_debug_shows_traceback(setup, tm
 
 
 def test_demo_entry_usage_error():
-    proc = command("lgd-train", "--iters", "0")  # no --config-file: the demo
+    proc = command("lgd-demo", "--iters", "0")
     assert proc.returncode == 2
-    (error, *_) = failure_lines(proc, "lgd-train")
+    (error, *_) = failure_lines(proc, "lgd-demo")
     assert "--iters" in error
+
+
+def test_lgd_train_without_config_points_to_the_demo():
+    proc = command("lgd-train", "train.max_iter=1")
+    assert proc.returncode == 2
+    error, hint = failure_lines(proc, "lgd-train")
+    assert "--config-file" in error and "lgd-demo" in hint
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +207,7 @@ def test_run_command_statuses(capsys):
 
 
 def test_strict_overrides(setup):
-    from lgd.train_net import load_config
+    from lgd.tools.train_net import load_config
 
     _, cfg_file, _, _ = setup
     with pytest.raises(UsageError, match="'lgd.enabld'") as info:
@@ -277,7 +284,7 @@ def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path, caplog):
     assert (boxes, dropped_images) == (2, 1) and len(kept) == 1 and len(kept[0]["annotations"]) == 1
 
     from lgd.data import register_coco_once
-    from lgd.train_net import build_train_loader, load_config
+    from lgd.tools.train_net import build_train_loader, load_config
 
     _, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["dataloader.train.dataset.names=lgd_cli_negative"])
@@ -290,7 +297,7 @@ def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path, caplog):
 
 def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
     """An empty training dataset fails before config.yaml (or anything) is written: --overwrite included."""
-    from lgd.train_net import main
+    from lgd.tools.train_net import main
 
     root, cfg_file, ann, images = setup
     out = tmp_path / "earlier"
@@ -311,7 +318,7 @@ def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
 
 
 def test_overwrite_removes_the_earlier_runs_files(tmp_path):
-    from lgd.train_net import check_output_dir
+    from lgd.tools.train_net import check_output_dir
 
     for name in ("model_0000099.pth", "metrics.json", "last_checkpoint", "config.yaml", "notes.txt",
                  ".model_0000001.pth.abc.lgd-tmp"):
@@ -328,8 +335,8 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
 @pytest.fixture(scope="module")
 def lgd_checkpoint(setup):
     """An LGD checkpoint of the tiny config (the untrained model), and the config."""
-    from lgd.checkpoint import AtomicCheckpointer
-    from lgd.train_net import build_model, load_config
+    from lgd.engine.checkpoint import AtomicCheckpointer
+    from lgd.tools.train_net import build_model, load_config
 
     root, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["train.device=cpu"])
@@ -344,7 +351,7 @@ def eval_args(setup, checkpoint, *extra):
 
 
 def test_eval_refuses_checkpoints_that_do_not_fit(setup, lgd_checkpoint, tmp_path, capsys):
-    from lgd.train_net import eval_main, eval_run
+    from lgd.tools.train_net import eval_main, eval_run
 
     path, _ = lgd_checkpoint
     foo = tmp_path / "foo.pth"
@@ -365,7 +372,7 @@ def test_eval_refuses_checkpoints_that_do_not_fit(setup, lgd_checkpoint, tmp_pat
 
 
 def test_export_refuses_an_existing_output(setup, lgd_checkpoint, tmp_path, capsys):
-    from lgd.export import main, run
+    from lgd.tools.export import main, run
 
     path, cfg_file = lgd_checkpoint
     target = tmp_path / "student.pth"
@@ -377,7 +384,7 @@ def test_export_refuses_an_existing_output(setup, lgd_checkpoint, tmp_path, caps
 
 
 def test_atomic_write_mode_and_stale_temporaries(tmp_path):
-    from lgd.checkpoint import atomic_write, remove_stale_temporaries
+    from lgd.engine.checkpoint import atomic_write, remove_stale_temporaries
 
     old = os.umask(0o022)
     try:
@@ -396,7 +403,7 @@ def test_atomic_write_mode_and_stale_temporaries(tmp_path):
 def test_resume_removes_stale_temporaries_and_same_seed_same_start(setup, tmp_path):
     """train() removes an interrupted write's temporary at its start; two runs without train.seed (default 0)
     start from the same weights: the same losses at iteration 0."""
-    from lgd.train_net import load_config, train
+    from lgd.tools.train_net import load_config, train
 
     root, cfg_file, ann, images = setup
     from lgd.data import register_coco_once

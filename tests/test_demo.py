@@ -1,4 +1,4 @@
-"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd.demo end to end
+"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd.tools.demo end to end
 on test_lgd_train_net's synthetic 4-image COCO dataset (64 px, 2 iterations, random backbone init): a run writes
 summary.json and the plots, --resume reuses it, --compare adds the baseline and the AP table."""
 import json
@@ -10,7 +10,7 @@ pytest.importorskip("detectron2")
 
 import torch
 
-from lgd.backbones import (MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, head_group_norm,
+from lgd.modeling.backbones import (MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, head_group_norm,
                            load_by_position)
 
 pytest.importorskip("pycocotools")
@@ -64,8 +64,8 @@ def test_loads_real_imagenet_weights():
 def test_demo_head_is_group_normalized():
     from detectron2.config import instantiate
 
-    from lgd.demo import DEMO_CONFIG
-    from lgd.train_net import load_config
+    from lgd.tools.demo import DEMO_CONFIG
+    from lgd.tools.train_net import load_config
 
     assert head_group_norm(64).num_groups == 32 and head_group_norm(1).num_groups == 1
     cfg = load_config(DEMO_CONFIG)
@@ -111,7 +111,7 @@ def demo_argv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_run(demo_argv):
-    from lgd.demo import run
+    from lgd.tools.demo import run
 
     out, options, overrides = demo_argv
     return out, run(options + overrides)
@@ -131,7 +131,7 @@ def test_demo_writes_summary_and_plots(demo_run):
 
 
 def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_run):
-    from lgd.demo import run
+    from lgd.tools.demo import run
 
     out, options, overrides = demo_argv
     metrics = os.path.join(out, "lgd_seed0", "metrics.json")
@@ -147,7 +147,7 @@ def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_ru
 
 
 def test_rerun_without_resume_refuses_to_replace_the_earlier_demo(demo_argv, demo_run, capsys):
-    from lgd.demo import main
+    from lgd.tools.demo import main
 
     out, options, overrides = demo_argv
     run_dir = os.path.join(out, "lgd_seed0")
@@ -158,13 +158,10 @@ def test_rerun_without_resume_refuses_to_replace_the_earlier_demo(demo_argv, dem
     assert {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)} == before
 
 
-def test_lgd_train_with_a_config_file_trains_that_config(monkeypatch):
-    import lgd.demo
+def test_lgd_train_without_a_config_file_names_lgd_demo(capsys):
+    """The demo is its own command: lgd-train without --config-file is a usage error pointing to lgd-demo."""
+    from lgd.tools.train_net import main
 
-    calls = []
-    monkeypatch.setattr(lgd.demo.train_net, "main", lambda argv: calls.append(argv) or "trained")
-    assert lgd.demo.lgd_train_main(["--config-file", "cfg.py", "train.max_iter=1"]) == "trained"
-    assert lgd.demo.lgd_train_main(["--config-file=cfg.py"]) == "trained"
-    assert calls == [["--config-file", "cfg.py", "train.max_iter=1"], ["--config-file=cfg.py"]]
-    monkeypatch.setattr(lgd.demo, "run", lambda argv, prog: calls.append(argv))  # no --config-file: the demo
-    assert lgd.demo.lgd_train_main(["--iters", "2"]) == 0 and calls[-1] == ["--iters", "2"]
+    assert main(["train.max_iter=1"]) == 2
+    error, hint = capsys.readouterr().err.splitlines()
+    assert error.startswith("lgd-train: error: --config-file is required") and "lgd-demo" in hint

@@ -26,9 +26,9 @@ import lgd_ops
 from conftest import sgd_loss_totals, shrink_detector_config, tiny_yacs_config, value_scale
 from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
-from lgd.distiller import TEACHER_SUFFIX
-from lgd.fcos_head import FCOSHead, group_norm
-from lgd.train_net import build_model
+from lgd.modeling.distiller import TEACHER_SUFFIX
+from lgd.modeling.fcos_head import FCOSHead, group_norm
+from lgd.tools.train_net import build_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 NUM_CLASSES = 3
@@ -297,7 +297,7 @@ def test_config_loads_and_builds(path):
     assert tuple(resize.short_edge_length) == (MULTI_SCALE if ms else SINGLE_SCALE)
     assert cfg.dataloader.train.mapper.use_instance_mask == (det == "mask_rcnn")
     assert cfg.dataloader.evaluator.use_fast_impl is False
-    # the authors' settings (LGD_SPEC §8b): value clipping at 1.0, decay on norms too, per-object STN,
+    # the authors' settings (docs/method.md §8b): value clipping at 1.0, decay on norms too, per-object STN,
     # the whole R-CNN detector on X^I, no context object for FCOS R50
     assert (lgd.clip_type, lgd.clip_value, cfg.optimizer.params.weight_decay_norm) == ("value", 1.0, 1e-4)
     assert (lgd.stn_pool, lgd.rcnn_branch) == ("object", "detector")

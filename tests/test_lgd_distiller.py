@@ -1,4 +1,4 @@
-"""LGDDistiller around a stock detectron2 RetinaNet (LGD_SPEC §8), CPU, tiny.
+"""LGDDistiller around a stock detectron2 RetinaNet (docs/method.md §8), CPU, tiny.
 
 The detector is the model-zoo LazyConfig COCO-Detection/retinanet_R_50_FPN_1x.py shrunk to ResNet-18 with BN
 (no weights, so no FrozenBN), 32 FPN channels, 3 classes, images 128 x 160.
@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 import lgd_ops
 from conftest import sgd_loss_totals, shrink_retinanet_config, tiny_yacs_config
 from lgd import LGDDistiller, LGDTeacher
-from lgd.distiller import TEACHER_SUFFIX
+from lgd.modeling.distiller import TEACHER_SUFFIX
 
 NUM_CLASSES = 3
 IMAGE = (128, 160)

@@ -1,4 +1,4 @@
-"""Golden test of the whole LGD teacher + distillation loss against a float64 transcription of LGD_SPEC §1-7.
+"""Golden test of the whole LGD teacher + distillation loss against a float64 transcription of docs/method.md §1-7.
 
 The transcription below shares no code with lgd/ or lgd_ops/: it reads the raw per-image boxes and classes,
 clamps them, builds every box mask with Python loops over the level grid (§1), and runs the method one image
@@ -27,11 +27,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
-from lgd.distillation_loss import DistillationLoss  # noqa: E402
-from lgd.labels import PackedLabels  # noqa: E402
-from lgd.teacher import LGDTeacher  # noqa: E402
+from lgd.modeling.distillation_loss import DistillationLoss  # noqa: E402
+from lgd.modeling.labels import PackedLabels  # noqa: E402
+from lgd.modeling.teacher import LGDTeacher  # noqa: E402
 
-EPS = 1e-5  # LayerNorm, GroupNorm and InstanceNorm eps (PyTorch's default; LGD_SPEC §4 for the loss)
+EPS = 1e-5  # LayerNorm, GroupNorm and InstanceNorm eps (PyTorch's default; docs/method.md §4 for the loss)
 TOL = 1e-6  # on O(1) values; a gradient is compared relative to its largest entry
 K = 5
 
@@ -66,7 +66,7 @@ CLASSES_FULL = [[0, 3, 1, 4, 2, 1], [3]]
 
 
 # ----------------------------------------------------------------------------------------------
-# The transcription (float64, from LGD_SPEC §1-7)
+# The transcription (float64, from docs/method.md §1-7)
 # ----------------------------------------------------------------------------------------------
 
 def clamp_box(box, image_size, mutation=None):
@@ -367,7 +367,7 @@ def run_ours(teacher, loss, feats, tgts, image_size, reference_r):
         "grad_appearance": grads[n_f + n_p + 1:n_f + n_p + 1 + len(feats)],
         "grad_relations": grads[n_f + n_p + 1 + len(feats):],
     }
-    # the loss, with X^I as leaves: the loss must not reach them (teacher side detached, LGD_SPEC §4)
+    # the loss, with X^I as leaves: the loss must not reach them (teacher side detached, docs/method.md §4)
     xi_leaves = [x.detach().clone().requires_grad_(True) for x in xi]
     students = [f.detach().clone().requires_grad_(True) for f in feats]
     dl = loss(students, xi_leaves)

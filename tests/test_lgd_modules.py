@@ -1,4 +1,4 @@
-"""lgd/ modules (LGD_SPEC §4-7): packing, descriptors, PointNet, appearance, relation, mapper, loss, teacher.
+"""lgd/ modules (docs/method.md §4-7): packing, descriptors, PointNet, appearance, relation, mapper, loss, teacher.
 
 CPU, small sizes. Oracles: hand-worked descriptor values, conftest's float64 loop oracles for pooling and
 filling, a per-image loop for the attention, and the spec's formulas written out for mapper and loss.

@@ -1,4 +1,4 @@
-"""lgd.train_net.train, CPU, tiny (test_lgd_train_net's dataset and config): exact resume and a 2-process DDP run.
+"""lgd.tools.train_net.train, CPU, tiny (test_lgd_train_net's dataset and config): exact resume and a 2-process DDP run.
 
 Exact resume: 4 iterations uninterrupted vs. a run killed before iteration 2 (after the iteration-1 checkpoint)
 then resumed to 4. Bitwise equality is expected, not a tolerance: every input of a step is restored or
@@ -23,7 +23,7 @@ from detectron2.utils import comm
 pytest.importorskip("pycocotools")
 
 from lgd.data import register_coco_once  # noqa: E402
-from lgd.train_net import launch_cpu, load_config, train  # noqa: E402
+from lgd.tools.train_net import launch_cpu, load_config, train  # noqa: E402
 from test_lgd_train_net import DATASET, make_setup, overrides  # noqa: E402
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")

@@ -1,4 +1,4 @@
-"""lgd-train end to end (lgd.train_net.run), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
+"""lgd-train end to end (lgd.tools.train_net.run), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
 LGD RetinaNet config shrunk (test_lgd_distiller's ResNet-18/BN/32-channel model, 96 x 128 images, batch 2) by a
 config file that loads it, 4 iterations, checkpoints every 2, COCO evaluation of the student at the end, then
 --resume from the iteration-2 checkpoint and --eval-only; the baseline mode (lgd.enabled=False), lgd-eval on LGD
@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from lgd.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_run, load_config,  # noqa: E402
+from lgd.tools.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_run, load_config,  # noqa: E402
                            run, set_num_classes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,7 +182,7 @@ def test_schedule_rule():
 def test_atomic_checkpointer_loads_plain_student_checkpoint(tmp_path):
     import torch
 
-    from lgd.train_net import AtomicCheckpointer
+    from lgd.tools.train_net import AtomicCheckpointer
     from test_lgd_distiller import make_distiller
 
     src, dst = make_distiller(seed=0), make_distiller(seed=1)
@@ -216,8 +216,8 @@ def test_baseline_mode_trains_plain_detector(setup):
 
 @pytest.fixture(scope="module")
 def exported(setup, trained):
-    """lgd-export of the trained LGD checkpoint (python -m lgd.export's main)."""
-    from lgd.export import run as export_main
+    """lgd-export of the trained LGD checkpoint (python -m lgd.tools.export's main)."""
+    from lgd.tools.export import run as export_main
 
     root, cfg_file, _, _ = setup
     path = str(root / "student.pth")
@@ -239,7 +239,7 @@ def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
 
 
 def test_export_checks_the_config(setup, trained, tmp_path):
-    from lgd.export import run as export_main
+    from lgd.tools.export import run as export_main
 
     _, cfg_file, _, _ = setup
     with pytest.raises(ValueError, match="does not fit"):
@@ -273,8 +273,8 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
     from detectron2.config import LazyConfig
     from omegaconf import OmegaConf
 
-    from lgd.checkpoint import AtomicCheckpointer
-    from lgd.train_net import build_model
+    from lgd.engine.checkpoint import AtomicCheckpointer
+    from lgd.tools.train_net import build_model
 
     _, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["model.test_score_thresh=0.0", "train.device=cpu"])
@@ -300,8 +300,8 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
 
 
 def test_checkpointer_loads_lgd_checkpoint_into_plain_detector(tmp_path):
-    from lgd.checkpoint import AtomicCheckpointer, student_state_dict
-    from lgd.train_net import evaluate
+    from lgd.engine.checkpoint import AtomicCheckpointer, student_state_dict
+    from lgd.tools.train_net import evaluate
     from test_lgd_distiller import make_distiller, tiny_retinanet
 
     src = make_distiller(seed=0)

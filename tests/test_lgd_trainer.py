@@ -1,4 +1,4 @@
-"""LGD training on detectron2's engine (lgd.trainer, LGD_SPEC §8): schedule hooks, two optimizers, LR, resume.
+"""LGD training on detectron2's engine (lgd.engine, docs/method.md §8): schedule hooks, two optimizers, LR, resume.
 
 A tiny RetinaNet LGDDistiller (test_lgd_distiller's builder) trained for a few iterations on one synthetic batch
 repeated forever; a recorder hook, registered after the LGD hooks, traces the state seen by each step.
@@ -14,10 +14,10 @@ pytest.importorskip("detectron2")
 import torch
 from detectron2.engine import HookBase
 
-from lgd.trainer import (BackboneFreezeSchedule, DistillationSchedule, GradientClip, IterationSeed, LGDAMPTrainer,
-                         LGDSchedule,
-                         LGDTrainer, MultiOptimizerLRScheduler, ResumableTrainingSampler, build_lgd_hooks,
-                         build_lgd_optimizers, build_sgd, scale_schedule)
+from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, MultiOptimizerLRScheduler, build_lgd_hooks
+from lgd.engine.trainer import GradientClip, LGDAMPTrainer, LGDTrainer, build_lgd_optimizers, build_sgd
+from lgd.engine.schedule import LGDSchedule, scale_schedule
+from lgd.data.samplers import ResumableTrainingSampler
 from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
 
 # distillation from iteration 3, bottom-up frozen for 0-1, LR: warm-up 0.1 -> 1 over 2 iterations, /10 at 3, 5

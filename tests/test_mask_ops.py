@@ -1,4 +1,4 @@
-"""mask_pool / mask_fill (LGD_SPEC §7, Mask R-CNN variant): dense masks nearest-resized to the level.
+"""mask_pool / mask_fill (docs/method.md §7, Mask R-CNN variant): dense masks nearest-resized to the level.
 
 Reference-only ops: checked against the float64 loop oracle, and against box_pool / box_fill when the masks
 are the boxes' own level masks.

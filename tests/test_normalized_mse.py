@@ -1,4 +1,4 @@
-"""normalized_mse (LGD_SPEC §4): every backend against the float64 oracle, loss and student gradient."""
+"""normalized_mse (docs/method.md §4): every backend against the float64 oracle, loss and student gradient."""
 import pytest
 import torch
 from hypothesis import given, settings

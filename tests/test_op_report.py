@@ -1,4 +1,4 @@
-"""lgd.op_report.OpReport: a short tiny training run (test_lgd_distiller's RetinaNet, CPU) logs the op-report
+"""lgd.engine.op_report.OpReport: a short tiny training run (test_lgd_distiller's RetinaNet, CPU) logs the op-report
 scalars on report iterations only, through detectron2's JSONWriter; period 0 logs nothing; lgd-train registers
 it. Times are not asserted."""
 import itertools
@@ -14,8 +14,8 @@ from detectron2.engine import hooks
 from detectron2.utils.events import JSONWriter
 
 import lgd_ops
-from lgd.op_report import OPS, OpReport, time_lgd_ops
-from lgd.trainer import LGDTrainer, build_lgd_optimizers
+from lgd.engine.op_report import OPS, OpReport, time_lgd_ops
+from lgd.engine.trainer import LGDTrainer, build_lgd_optimizers
 from test_lgd_distiller import make_batch, make_distiller
 
 KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup")} | {

@@ -248,7 +248,7 @@ LEVELS = [(2, 3, 6, 5), (2, 3, 3, 2), (2, 3, 1, 1)]  # including 1x1 maps (every
 
 
 def _oracle_nmse(students, teachers, eps=1e-5):
-    """LGD_SPEC §4 in float64 (F.instance_norm, hence the reference backend, refuses 1x1 maps in training)."""
+    """docs/method.md §4 in float64 (F.instance_norm, hence the reference backend, refuses 1x1 maps in training)."""
     def norm(x):
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         mean = flat.mean(-1, keepdim=True)

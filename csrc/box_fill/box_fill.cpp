@@ -1,5 +1,5 @@
 // Schema of box_fill: paint each box's value vector into the cells it covers, summing where boxes
-// overlap (LGD_SPEC §3); average=true divides each box's value by its cell count first (the
+// overlap (docs/method.md §3); average=true divides each box's value by its cell count first (the
 // backward of a mean box_pool).
 #include <torch/library.h>
 

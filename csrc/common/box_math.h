@@ -1,5 +1,5 @@
 // Per-box arithmetic shared by every kernel (CPU and CUDA) and by the ctest target.
-// It fixes LGD_SPEC §1 in one place: which cells of a level grid a box covers.
+// It fixes docs/method.md §1 in one place: which cells of a level grid a box covers.
 #pragma once
 
 #include <cmath>

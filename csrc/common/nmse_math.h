@@ -1,4 +1,4 @@
-// Per-plane and per-element arithmetic of the normalized-MSE loss (LGD_SPEC §4), shared by the
+// Per-plane and per-element arithmetic of the normalized-MSE loss (docs/method.md §4), shared by the
 // CPU and CUDA kernels and the ctest target. xs = (s - mean_s) * rstd_s, xt likewise for the
 // teacher; the loss of a plane is sum (xs - xt)^2 and only the student receives a gradient.
 #pragma once

@@ -1,4 +1,4 @@
-// Schema of normalized_mse (LGD_SPEC §4): InstanceNorm both maps of every level, one mean of the
+// Schema of normalized_mse (docs/method.md §4): InstanceNorm both maps of every level, one mean of the
 // squared difference over all levels. The forward also returns per-plane statistics
 // [5, planes] = (mean_s, rstd_s, mean_t, rstd_t, k) so the backward recomputes instead of storing.
 #include <torch/library.h>

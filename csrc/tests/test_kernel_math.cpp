@@ -1,5 +1,5 @@
 // ctest for the arithmetic shared by the CPU and CUDA kernels (csrc/common/*.h), without torch:
-// the LGD_SPEC §1 cell rule on hand-worked boxes, and the normalized-MSE plane terms against a
+// the docs/method.md §1 cell rule on hand-worked boxes, and the normalized-MSE plane terms against a
 // direct two-pass computation.
 #include <cmath>
 #include <cstdio>

@@ -6,11 +6,11 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
 
 Sections: dataloader, model, optimizer, train, lr_multiplier are detectron2's model-zoo LazyConfig of the
 detector, unchanged except as noted below; `lgd` holds every LGD knob (documented in LGD_KEYS' comments).
-The LR schedule of an LGD run comes from lgd.* (lgd.train_net builds it; lr_multiplier is kept in step for
-reference only), scaled to train.max_iter when that differs from lgd.max_iter (see lgd.train_net).
+The LR schedule of an LGD run comes from lgd.* (lgd.tools.train_net builds it; lr_multiplier is kept in step for
+reference only), scaled to train.max_iter when that differs from lgd.max_iter (see lgd.tools.train_net).
 
 Stock sources: RetinaNet COCO-Detection/retinanet_R_50_FPN_1x.py; FCOS COCO-Detection/fcos_R_50_FPN_1x.py
-with lgd.fcos_head.FCOSHead (v0.6's head does not build on recent torch); Mask R-CNN
+with lgd.modeling.fcos_head.FCOSHead (v0.6's head does not build on recent torch); Mask R-CNN
 COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py; Faster R-CNN = that config without the mask head
 (detectron2 v0.6 ships no Faster R-CNN LazyConfig). Changes, following the paper's setup: R101 = depth 101
 and the MSRA R-101 ImageNet weights; single-scale = shorter side 800 (the stock LazyConfig data is
@@ -24,8 +24,8 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
-from lgd.fcos_head import FCOSHead
-from lgd.trainer import PAPER_SCHEDULES
+from lgd.modeling.fcos_head import FCOSHead
+from lgd.engine.schedule import PAPER_SCHEDULES
 
 # detector -> (stock model-zoo config, base LR at batch 16)
 DETECTORS = {
@@ -35,7 +35,7 @@ DETECTORS = {
     "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
 }
 DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
-# the paper's 1x / 2x iteration counts, from the one table lgd.trainer keeps
+# the paper's 1x / 2x iteration counts, from the one table lgd.engine keeps
 SCHEDULES = {name: dict(max_iter=s.max_iter, steps=s.steps, backbone_freeze_iters=s.backbone_freeze_iters)
              for name, s in PAPER_SCHEDULES.items()}
 SINGLE_SCALE = (800,)
@@ -45,7 +45,7 @@ MAX_SIZE = 1333
 LGD_KEYS = dict(
     enabled=True,               # False: a baseline run of the same detector, schedule and evaluation, no LGD
     # length the iteration counts below are written for (1x: 90k, 2x: 180k); when train.max_iter differs,
-    # every count is scaled by train.max_iter / max_iter (lgd.train_net.build_schedule)
+    # every count is scaled by train.max_iter / max_iter (lgd.tools.train_net.build_schedule)
     max_iter=None,
     steps=None,                 # LR / 10 at these iterations (both optimizers)
     warmup_iters=1000,          # detectron2's linear LR warm-up

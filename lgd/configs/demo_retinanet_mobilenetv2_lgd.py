@@ -1,21 +1,21 @@
 """The CPU demo: a small RetinaNet (ImageNet MobileNetV2 + 64-channel FPN and head) with LGD on the deepforest
 tree-crown tiles (lgd.data: "lgd_demo_train" / "lgd_demo_val", one class "Tree", ~400 px tiles).
 
-    python -m lgd.demo                                   # prepares the data, trains, evaluates, plots
+    lgd-demo                                   # prepares the data, trains, evaluates, plots
     lgd-train --config-file lgd/configs/demo_retinanet_mobilenetv2_lgd.py train.max_iter=300
 
 Built on lgd/configs/retinanet_R_50_FPN_1x_lgd.py (its optimizer, evaluator and `lgd` keys), changed as
 noted below. The `lgd` schedule keeps the paper's 1x proportions (distillation from 1/3 of the run, the
 bottom-up backbone frozen for the first 1/9, LR / 10 at 2/3 and 8/9), written for 900 iterations and scaled by
-lgd.train_net to whatever train.max_iter the demo picks; the LR warm-up (11 %) is longer than the paper's 1.1 %,
+lgd.tools.train_net to whatever train.max_iter the demo picks; the LR warm-up (11 %) is longer than the paper's 1.1 %,
 and gradients are clipped: a fresh head trained with batches of 4 tiles diverges without them. The head's
-convs are group-normalized (see below and lgd.backbones.head_group_norm).
+convs are group-normalized (see below and lgd.modeling.backbones.head_group_norm).
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
 
-from lgd.backbones import build_mobilenetv2_fpn, head_group_norm
+from lgd.modeling.backbones import build_mobilenetv2_fpn, head_group_norm
 from lgd.data.assets import mobilenetv2_weights_path
 
 from .retinanet_R_50_FPN_1x_lgd import dataloader, lgd, model, optimizer, train
@@ -33,7 +33,7 @@ model.num_classes = 1
 model.head.input_shape = [ShapeSpec(channels=CHANNELS)] * 5
 model.head.conv_dims = [CHANNELS, CHANNELS]
 # GroupNorm in the head's convs: without it the std-0.01 init of a 64-channel head barely learns in 300
-# iterations (lgd.backbones.head_group_norm; measured AP50 after 150 iterations: 1.4 without, 19.4 with)
+# iterations (lgd.modeling.backbones.head_group_norm; measured AP50 after 150 iterations: 1.4 without, 19.4 with)
 model.head.norm = head_group_norm
 # tree crowns on 400 px tiles are ~10-100 px: anchors one octave smaller than COCO's
 model.anchor_generator.sizes = [[s * 2 ** (k / 3) for k in range(3)] for s in (16, 32, 64, 128, 256)]
@@ -54,7 +54,7 @@ dataloader.test.num_workers = 1
 # batch 4: half the paper's LR for batch 16 (0.01 diverged here once the backbone trained, ~iteration 55 of 300)
 optimizer.lr = 0.005
 train.init_checkpoint = ""  # the backbone's ImageNet weights come from model.backbone.weights
-train.device = "cuda"  # lgd.train_net falls back to cpu without CUDA
+train.device = "cuda"  # lgd.tools.train_net falls back to cpu without CUDA
 train.output_dir = "./output/demo_lgd"
 train.checkpointer = dict(period=100, max_to_keep=2)
 train.eval_period = 0  # evaluated once, at the end

@@ -23,7 +23,7 @@ for a dataset that is evaluated: pycocotools needs them). Any of these failing i
 file and the first offending entry. A training dataset also needs at least one usable box.
 
 Invalid boxes, the one rule: a box whose width or height is <= 0 is DROPPED from training, with a warning
-giving their number and first annotation ids (lgd.train_net.build_train_loader drops them from the dataset
+giving their number and first annotation ids (lgd.tools.train_net.build_train_loader drops them from the dataset
 dicts of any dataset, drop_degenerate_boxes; an image left without boxes is dropped as detectron2 drops
 images without annotations). Evaluation reads the json as it is (pycocotools): such a box stays in the
 ground truth there, as in every COCO evaluation. Boxes extending past the image are kept (detectron2 clips).

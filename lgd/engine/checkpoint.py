@@ -1,4 +1,4 @@
-"""Checkpoints of LGD runs: atomic writes, and one loader for both key layouts (LGD_SPEC §8).
+"""Checkpoints of LGD runs: atomic writes, and one loader for both key layouts (docs/method.md §8).
 
 An LGD checkpoint's `model` is the whole LGDDistiller's state_dict: the student under `detector.`, the teacher
 under `teacher.`, the adapter under `distill_loss.` (plus the distiller's extra state). A plain detectron2
@@ -9,7 +9,7 @@ any of them (lgd-export writes it as a stock detectron2 checkpoint).
 Files: atomic_write writes next to the target (`.NAME.<random>.lgd-tmp`) and renames, so a reader never sees
 a half-written checkpoint; the file gets the mode of any new file under the process umask (0644 under umask
 0022), not mkstemp's 0600. A process killed mid-write leaves its temporary behind: remove_stale_temporaries
-(called by lgd.train_net.train at every start and resume) deletes them. Reading a checkpoint that is missing,
+(called by lgd.tools.train_net.train at every start and resume) deletes them. Reading a checkpoint that is missing,
 truncated or not a checkpoint (read_checkpoint, and every AtomicCheckpointer load: resume, init_checkpoint,
 lgd-eval) is a CheckpointError naming the file; AtomicCheckpointer.load_checked (lgd-eval) also refuses
 weights that do not fit the model (missing, or of another shape) unless allow_partial.
@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .distiller import LGDDistiller, _hooks_for
+from ..modeling.distiller import LGDDistiller, _hooks_for
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write",
            "is_lgd_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_state_dict"]

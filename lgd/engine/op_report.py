@@ -34,12 +34,12 @@ from detectron2.engine import HookBase
 import lgd_ops
 from lgd_ops._backend import resolve
 
-from .trainer import _unwrap
+from .hooks import unwrap_model
 
 __all__ = ["OpReport", "time_lgd_ops"]
 
 # a child of "detectron2": the logger default_setup gives console and log-file handlers
-logger = logging.getLogger("detectron2.lgd.op_report")
+logger = logging.getLogger("detectron2.lgd.engine.op_report")
 OPS = ("box_pool", "box_fill", "normalized_mse")
 
 
@@ -122,7 +122,7 @@ class OpReport(HookBase):
     def before_step(self):
         if not self._active():
             return
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         self._captured, self._lgd_ms = None, 0.0
         device = model.device
 
@@ -148,7 +148,7 @@ class OpReport(HookBase):
     def after_step(self):
         if not self._handles:
             return
-        model = _unwrap(self.trainer.model)
+        model = unwrap_model(self.trainer.model)
         _sync(model.device)
         step_ms = (time.perf_counter() - self._step_start) * 1e3
         for handle in self._handles:

@@ -1,4 +1,4 @@
-"""Appearance encoder (LGD_SPEC §2): each object's mean projected student feature over its region, per level."""
+"""Appearance encoder (docs/method.md §2): each object's mean projected student feature over its region, per level."""
 from typing import List, Sequence
 
 import torch
@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import lgd_ops
 
-from ._levels import check_levels
+from .levels import check_levels
 from .labels import PackedLabels
 
 
@@ -14,7 +14,7 @@ class AppearanceEncoder(nn.Module):
     """Per-level appearance embeddings [N, channels] of every packed object, context objects included.
 
     F_proj (3x3 conv, GroupNorm(1, affine=False), ReLU; shared across levels) on each level X_l, then the
-    mean over each object's cells: lgd_ops.box_pool on its box (LGD_SPEC §1-2), or with use_masks (Mask
+    mean over each object's cells: lgd_ops.box_pool on its box (docs/method.md §1-2), or with use_masks (Mask
     R-CNN variant) lgd_ops.mask_pool on its instance mask. A context object pools the whole padded input.
     detach_input: X_l is detached before F_proj, so the teacher's losses do not reach the student through
     this path (the authors' Faster/Mask R-CNN configs: True; RetinaNet/FCOS: False).

@@ -1,4 +1,4 @@
-"""Distillation loss (LGD_SPEC §4): normalized MSE between the adapted student features and the instructive ones."""
+"""Distillation loss (docs/method.md §4): normalized MSE between the adapted student features and the instructive ones."""
 import functools
 
 import torch
@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import lgd_ops
 
-from ._levels import Levels, check_levels, split_levels
+from .levels import Levels, check_levels, split_levels
 from .knowledge_mapper import StudentAdapter
 
 
@@ -15,7 +15,7 @@ class DistillationLoss(nn.Module):
 
     Owns the student-side adapter F_adapt (self.adapter, trained with the student). Gradient reaches the
     adapter and, unless warmup, the student features; never the instructive features. The value is one
-    mean over all levels together (LGD_SPEC §4); backend goes to lgd_ops.normalized_mse.
+    mean over all levels together (docs/method.md §4); backend goes to lgd_ops.normalized_mse.
     """
 
     def __init__(self, channels: int = 256, *, loss_weight: float = 1.0, eps: float = 1e-5, backend: str = "auto"):
@@ -26,7 +26,7 @@ class DistillationLoss(nn.Module):
     def forward(self, student: Levels, instructive: Levels, *, warmup: bool = False) -> torch.Tensor:
         """student, instructive: dicts with the same keys, or lists of equal length, of [B, channels, H, W].
 
-        warmup=True while distillation is off (the first iterations, LGD_SPEC §4 and §8): the student
+        warmup=True while distillation is off (the first iterations, docs/method.md §4 and §8): the student
         features are detached too, so only the adapter learns and the student is left alone.
         """
         s_levels, s_keys = split_levels(student, "DistillationLoss(student)")

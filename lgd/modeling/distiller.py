@@ -1,4 +1,4 @@
-"""LGDDistiller: a stock detectron2 detector trained with LGD (LGD_SPEC §8), the student kept unchanged.
+"""LGDDistiller: a stock detectron2 detector trained with LGD (docs/method.md §8), the student kept unchanged.
 
     model = instantiate(model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model)  # or build_model
     lgd_model = LGDDistiller(model)                  # teacher + distillation loss sized from the detector
@@ -32,12 +32,12 @@ up along the MRO):
   targets(images, features, gt)         -> what the losses need from the ground truth, computed ONCE
                                            (optional "student_losses": losses of the student only)
   losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
-plus the teacher options use_context / detach_appearance / use_masks (LGD_SPEC §7), num_classes, and
+plus the teacher options use_context / detach_appearance / use_masks (docs/method.md §7), num_classes, and
 ema_attributes. Families, with the authors' teacher settings:
   - RetinaNet (_DenseHooks): anchors + anchor labels once, head + losses() per branch; context on,
     appearance not detached; distilled levels = head_in_features (p3-p7).
   - FCOS (_FCOSHooks): the same, the head also returning centerness, which losses() takes. detectron2
-    v0.6's FCOSHead does not build on recent torch: the LGD configs use lgd.fcos_head.FCOSHead.
+    v0.6's FCOSHead does not build on recent torch: the LGD configs use lgd.modeling.fcos_head.FCOSHead.
   - Faster / Mask R-CNN (_RCNNHooks; GeneralizedRCNN with StandardROIHeads): context off, appearance
     detached (and masks, Mask R-CNN). The instructive branch is the whole detector on X^I (RPN with its own
     proposals and losses, then the ROI heads), distilled levels p2-p6; rcnn_branch="shared_proposals" is
@@ -83,7 +83,7 @@ class _DetectorHooks:
 
     @property
     def use_masks(self) -> bool:
-        """Whether the teacher describes objects by their masks (Mask R-CNN, LGD_SPEC §7)."""
+        """Whether the teacher describes objects by their masks (Mask R-CNN, docs/method.md §7)."""
         return False
 
     @property
@@ -284,7 +284,7 @@ class LGDDistiller(nn.Module):
 
     @property
     def distill_enabled(self) -> bool:
-        """False during the distillation warm-up (LGD_SPEC §4, §8): loss_distill then trains only the adapter."""
+        """False during the distillation warm-up (docs/method.md §4, §8): loss_distill then trains only the adapter."""
         return self._distill_enabled
 
     @distill_enabled.setter
@@ -296,7 +296,7 @@ class LGDDistiller(nn.Module):
         return self._backbone_frozen
 
     def set_backbone_frozen(self, frozen: bool):
-        """Stop (or resume) updates of the student's bottom-up backbone; the FPN keeps training (LGD_SPEC §8).
+        """Stop (or resume) updates of the student's bottom-up backbone; the FPN keeps training (docs/method.md §8).
 
         Touches only the bottom-up parameters the stock detector trains (those with requires_grad when the
         distiller was built): the stem and res2 that FREEZE_AT=2 freezes stay frozen for the whole run.
@@ -311,7 +311,7 @@ class LGDDistiller(nn.Module):
                 p.grad = None
 
     def student_parameters(self):
-        """The detector and the distillation adapter: the student optimizer's parameters (LGD_SPEC §8)."""
+        """The detector and the distillation adapter: the student optimizer's parameters (docs/method.md §8)."""
         return list(self.detector.parameters()) + list(self.distill_loss.parameters())
 
     def teacher_parameters(self):

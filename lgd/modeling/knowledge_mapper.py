@@ -1,4 +1,4 @@
-"""Intra-object knowledge mapper (LGD_SPEC §7): relation embeddings painted back into feature maps, and the
+"""Intra-object knowledge mapper (docs/method.md §7): relation embeddings painted back into feature maps, and the
 student-side adapter F_adapt the distillation loss puts on the student's features."""
 from typing import List, Sequence, Tuple
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lgd_ops
 
-from ._levels import check_embeddings
+from .levels import check_embeddings
 from .labels import PackedLabels
 
 
@@ -22,7 +22,7 @@ class KnowledgeMapper(nn.Module):
 
     X^I_l = F_ref(ReLU(G(fill(F_inst(e_i))) + F_ctx(e_context))), weights shared across levels, with
     F_inst, F_ctx Linear(channels, channels); fill the sum of the (non-context) objects' vectors over the
-    cells of their boxes (lgd_ops.box_fill, LGD_SPEC §3) or, with use_masks, of their masks
+    cells of their boxes (lgd_ops.box_fill, docs/method.md §3) or, with use_masks, of their masks
     (lgd_ops.mask_fill); G a 3x3 conv; F_ctx(e_context) added to every cell of its image; F_ref =
     [3x3 conv, GroupNorm(1, affine=False), ReLU] x 2, 3x3 conv, GroupNorm(1, affine=False).
     use_context=False (the authors' Faster/Mask R-CNN configs): no F_ctx and X^I_l = F_ref(ReLU(G(fill))).
@@ -73,7 +73,7 @@ class KnowledgeMapper(nn.Module):
 
 
 class StudentAdapter(nn.Module):
-    """F_adapt (LGD_SPEC §7): 3x3 conv, ReLU, 3x3 conv, ReLU, 3x3 conv on one student level; shared across
+    """F_adapt (docs/method.md §7): 3x3 conv, ReLU, 3x3 conv, ReLU, 3x3 conv on one student level; shared across
     levels. It lets the student's features match the instructive ones without being forced equal."""
 
     def __init__(self, channels: int = 256):

@@ -1,4 +1,4 @@
-"""Label encoder (LGD_SPEC §5): a PointNet over each image's objects, one object = one point.
+"""Label encoder (docs/method.md §5): a PointNet over each image's objects, one object = one point.
 
 Each object's descriptor (box, one-hot class, optional 7 x 7 mask crop, rescaled to [-1, 1]) goes through
 STN(k), a shared per-object MLP, STN(64), more MLP, a max over the objects of the same image (the global
@@ -85,7 +85,7 @@ class SpatialTransformer(nn.Module):
 
 
 class LabelEncoder(nn.Module):
-    """Label embeddings [N, channels] from PackedLabels (LGD_SPEC §5).
+    """Label embeddings [N, channels] from PackedLabels (docs/method.md §5).
 
     Any number of classes K; descriptor length 4 + K (+ 49 with use_masks, the Mask R-CNN variant).
     Layers: STN(k) -> Linear(k, 64) LN ReLU -> STN(64) (this 64-d feature is kept) -> Linear(64, 128)

@@ -1,15 +1,15 @@
-"""Inter-object relation adapter (LGD_SPEC §6): attention from appearance to label embeddings, per image."""
+"""Inter-object relation adapter (docs/method.md §6): attention from appearance to label embeddings, per image."""
 from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 
-from ._levels import check_embeddings
+from .levels import check_embeddings
 from .labels import PackedLabels
 
 
 class RelationAdapter(nn.Module):
-    """Per-level relation embeddings e [N, channels] (LGD_SPEC §6).
+    """Per-level relation embeddings e [N, channels] (docs/method.md §6).
 
     One nn.MultiheadAttention(channels, num_heads, dropout 0), shared across levels ("student-guided"):
     query = a level's appearance embeddings, key = value = the label embeddings; an object attends only to

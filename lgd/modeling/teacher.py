@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from detectron2.structures import Instances
 
-from ._levels import Levels, check_levels, join_levels, split_levels
+from .levels import Levels, check_levels, join_levels, split_levels
 from .appearance_encoder import AppearanceEncoder
 from .knowledge_mapper import KnowledgeMapper
 from .label_encoder import LabelEncoder
@@ -13,7 +13,7 @@ from .relation_adapter import RelationAdapter
 
 
 class LGDTeacher(nn.Module):
-    """Label encoder + appearance encoder + relation adapter + knowledge mapper (LGD_SPEC §5-7) in one module.
+    """Label encoder + appearance encoder + relation adapter + knowledge mapper (docs/method.md §5-7) in one module.
 
     forward(features, targets, image_size) -> instructive features X^I, one map per level, the same shapes
     as the student's FPN features (and the same container: dict with the same keys, or list).
@@ -21,7 +21,7 @@ class LGDTeacher(nn.Module):
     R-CNN off), detach_appearance (X_l detached before F_proj; Faster/Mask R-CNN on, RetinaNet/FCOS off),
     use_masks (Mask R-CNN variant: instance masks instead of boxes, mask crop in the descriptor),
     stn_pool (see label_encoder.SpatialTransformer). backend goes to every lgd_ops call.
-    The whole module is trained by the teacher's optimizer (LGD_SPEC §8) and dropped at inference.
+    The whole module is trained by the teacher's optimizer (docs/method.md §8) and dropped at inference.
     """
 
     def __init__(self, num_classes: int, *, channels: int = 256, num_heads: int = 8, use_context: bool = True,

@@ -1,4 +1,4 @@
-"""How lgd's commands (lgd-train, lgd-eval, lgd-export, python -m lgd.demo) succeed and fail.
+"""How lgd's commands (lgd-train, lgd-eval, lgd-export, lgd-demo) succeed and fail.
 
 Exit status: 0 on success (nothing else printed by this layer); 2 on a usage error (a malformed or
 contradictory command line, a config key that does not exist, an output that would overwrite an earlier
@@ -7,7 +7,7 @@ error while training). A failure prints one line on stderr, `PROG: error: WHAT`,
 argument and what was expected, sometimes followed by one `PROG: hint: ...` line; no traceback unless
 `--debug` is on the command line (anywhere) or LGD_DEBUG=1 is set.
 
-The Python API of each command (lgd.train_net.run, eval_run, lgd.export.run, lgd.demo.run) raises instead
+The Python API of each command (lgd.tools.train_net.run, eval_run, lgd.tools.export.run, lgd.tools.demo.run) raises instead
 and returns its results; run_command turns it into the console script: run_command(prog, api, argv) -> int.
 """
 import os

@@ -1,16 +1,15 @@
 """The main job: LGD on real data in about ten minutes on 2 CPU cores, and the baseline-vs-LGD comparison.
 
-    python -m lgd.demo                                  # LGD on the deepforest tree tiles, evaluated and plotted
-    python -m lgd.demo --compare --seeds 0 1 2          # baseline vs LGD, same budget and seeds: AP table
-    python -m lgd.demo --resume                         # continue an interrupted run (or comparison)
-    lgd-train                                           # the same: lgd-train without --config-file (lgd_train_main)
+    lgd-demo                                  # LGD on the deepforest tree tiles, evaluated and plotted
+    lgd-demo --compare --seeds 0 1 2          # baseline vs LGD, same budget and seeds: AP table
+    lgd-demo --resume                         # continue an interrupted run (or comparison)
 
 Options first, `key=value` overrides of the demo config last (e.g. `--seeds 0 1 --iters 100 train.log_period=5`).
 
 Steps: prepare and register the demo data (lgd.data: deepforest aerial images tiled to 400 px, one class
 "Tree"; `--data TRAIN_JSON VAL_JSON IMAGE_ROOT` uses any COCO-format dataset instead), train the small RetinaNet
 of lgd/configs/demo_retinanet_mobilenetv2_lgd.py (ImageNet MobileNetV2 + 64-channel FPN/head) with LGD
-through lgd.train_net.train (fused lgd_ops, backend "auto"), evaluate the student with pycocotools (AP, AP50)
+through lgd.tools.train_net.train (fused lgd_ops, backend "auto"), evaluate the student with pycocotools (AP, AP50)
 a few times during training and at the end, and write into the output folder (default ./output/demo):
 
     <mode>_seed<S>/          the run: checkpoints, metrics.json, run.json (its results and curves)
@@ -31,15 +30,15 @@ from convergence. `scripts/run_main.sh --compare --seeds 0 1 2` (23 min here, 2 
 5.3-6.2 min each): AP baseline 7.56 ± 0.82, LGD 8.73 ± 0.45; AP50 28.7 ± 2.9 vs 31.3 ± 2.0 (mean ± std, 3 seeds;
 per seed LGD - baseline AP: +0.7, +1.5, +1.3).
 --iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
-backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.train_net).
-The op report (lgd.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
+backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.tools.train_net).
+The op report (lgd.engine.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
 every quarter of an LGD run; its last values go to summary.json and the console.
 
 --resume: a finished run (run.json present) is reused; an unfinished one continues from its last checkpoint.
 Without --resume an earlier run's folder (or summary.json) in the output folder is never replaced silently:
 the demo refuses to start (exit status 2) unless --overwrite is given, which starts those runs afresh.
 Everything the demo reads (options, config overrides, a --data dataset) is checked before it writes
-anything. Exit status and one-line failures as every lgd command (lgd.cli; --debug for a traceback);
+anything. Exit status and one-line failures as every lgd command (lgd.tools.cli; --debug for a traceback);
 run(argv) is the Python API (returns summary.json's content, raises), main(argv) the console script.
 """
 import argparse
@@ -62,11 +61,12 @@ from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
 from .train_net import OPS_BACKENDS, load_config, train
 
-__all__ = ["DEMO_CONFIG", "build_config", "compare_table", "lgd_train_main", "main", "plot_compare", "plot_run",
+__all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
            "run", "run_one"]
 
-logger = logging.getLogger("lgd.demo")
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo_retinanet_mobilenetv2_lgd.py")
+logger = logging.getLogger("lgd.tools.demo")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "demo_retinanet_mobilenetv2_lgd.py")
 # (iterations, images per batch, data loader workers) by device
 BUDGETS = {"cpu": (300, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
@@ -104,9 +104,9 @@ def _device() -> str:
 def prepare_data(data=None, cache_dir=None):
     """Registers the datasets and returns {"train": name, "val": name, "stats": ...}: the deepforest demo tiles
     (lgd.data.register_demo_datasets) or, with data=(train_json, val_json, image_root), that COCO dataset."""
-    from .data import DEMO_TRAIN, DEMO_VAL, register_coco_once, register_demo_datasets
+    from ..data import DEMO_TRAIN, DEMO_VAL, register_coco_once, register_demo_datasets
 
-    from .data.register import validate_coco_json
+    from ..data.register import validate_coco_json
 
     if data is None:
         paths = register_demo_datasets(cache_dir)
@@ -361,8 +361,8 @@ def _setup_logging(output_dir, verbose):
                 handler.setLevel(logging.WARNING)
 
 
-def build_parser(prog="python -m lgd.demo"):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+def build_parser():
+    parser = argparse.ArgumentParser(prog="lgd-demo", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="./output/demo")
@@ -401,10 +401,10 @@ def _check_arguments(args):
         raise UsageError("--resume and --overwrite contradict each other (reuse the runs, or replace them?)")
 
 
-def run(argv=None, prog="python -m lgd.demo"):
+def run(argv=None):
     """The demo as a function (argv without the program name). Returns summary.json's (or, with --compare,
     compare.json's) content; raises on failure (module docstring)."""
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser().parse_args(argv)
     _check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -437,7 +437,7 @@ def run(argv=None, prog="python -m lgd.demo"):
     shutil.copyfile(os.path.join(out, f"curves_lgd_seed{lgd_run['seed']}.png"), os.path.join(out, "curves.png"))
     op_report = _op_report(lgd_run)
     summary = {
-        "command": "python -m lgd.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "lgd-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": DEMO_CONFIG, "datasets": datasets, "total_wall_s": time.perf_counter() - start,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in records],
         "results": lgd_run["results"], "op_report": op_report,
@@ -463,18 +463,9 @@ def run(argv=None, prog="python -m lgd.demo"):
     return summary
 
 
-def main(argv=None, prog="python -m lgd.demo"):
-    """Console entry of the demo: run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
-    return run_command(prog, lambda args: run(args, prog=prog), argv)
-
-
-def lgd_train_main(argv=None):
-    """lgd-train's entry point: lgd.train_net.main when a --config-file (or --help) is given, else this demo
-    (so a bare `lgd-train` runs the main job; demo options work there too). Returns the exit status."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help", "--config-file") or a.startswith("--config-file=") for a in argv):
-        return train_net.main(argv)
-    return main(argv, prog="lgd-train")
+def main(argv=None):
+    """Console script lgd-demo: run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli)."""
+    return run_command("lgd-demo", run, argv)
 
 
 if __name__ == "__main__":

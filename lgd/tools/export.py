@@ -2,7 +2,7 @@
 
     lgd-export --config-file CFG --checkpoint IN.pth --output OUT.pth [--overwrite] [--debug] [key=value ...]
 
-(also `python -m lgd.export ...`). OUT.pth is {"model": the student's state_dict} with detectron2's own keys (the
+(also `python -m lgd.tools.export ...`). OUT.pth is {"model": the student's state_dict} with detectron2's own keys (the
 `detector.` prefix removed; teacher, adapter and the distiller's extra state dropped), so that
 `DetectionCheckpointer(instantiate(cfg.model)).load("OUT.pth")` restores the student without any LGD code.
 The config builds the student to check the weights against: every key present, none left over, same shapes.
@@ -10,7 +10,7 @@ IN may also be a plain detectron2 checkpoint (re-exported as is, checked the sam
 
 OUT is never overwritten silently: an existing OUT (IN itself included) is refused unless --overwrite (the
 write is atomic, so even OUT = IN with --overwrite never leaves a half-written file). Exit status and the
-one-line failures (an unreadable or truncated IN names the file): lgd.cli. The Python API: run(argv) and
+one-line failures (an unreadable or truncated IN names the file): lgd.tools.cli. The Python API: run(argv) and
 export_student(cfg, checkpoint, output, overwrite=False) return the written state_dict; main(argv) is the
 console script and returns the exit status.
 """
@@ -24,13 +24,13 @@ from detectron2.config import instantiate
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import CheckpointError, atomic_write, read_checkpoint, student_state_dict
+from ..engine.checkpoint import CheckpointError, atomic_write, read_checkpoint, student_state_dict
 from .cli import DEBUG_HELP, UsageError, run_command
 from .train_net import load_config
 
 __all__ = ["check_output", "export_student", "main", "run"]
 
-logger = logging.getLogger("lgd.export")
+logger = logging.getLogger("lgd.tools.export")
 
 
 def check_output(checkpoint: str, output: str, overwrite: bool = False) -> None:
@@ -96,7 +96,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """Console script lgd-export: run(argv) -> exit status 0, 2 or 1 (lgd.cli); nothing else printed."""
+    """Console script lgd-export: run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli); nothing else printed."""
     return run_command("lgd-export", run, argv)
 
 

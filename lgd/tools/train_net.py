@@ -1,5 +1,5 @@
 """lgd-train / lgd-eval: end-to-end LGD (or baseline) training and evaluation of a detectron2 detector
-(LGD_SPEC §8), LazyConfig based.
+(docs/method.md §8), LazyConfig based.
 
     lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops fused|reference]
               [--resume | --overwrite] [--eval-only] [--train-dataset SPEC] [--test-dataset SPEC]
@@ -7,7 +7,7 @@
     lgd-eval  --config-file CFG --checkpoint PATH [--allow-partial] [--test-dataset SPEC] [--dataset SPEC ...]
               [--debug] [key=value ...]
 
-(also `python -m lgd.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
+(also `python -m lgd.tools.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
 default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) plus:
   --resume / --overwrite  an output directory (train.output_dir) that is not empty is refused unless --resume
                           (continue from its last checkpoint) or --overwrite (delete the earlier run's files:
@@ -21,9 +21,9 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
   --dataset SPEC          only register a COCO-format dataset (repeatable); point the config at it yourself with
                           dataloader.train.dataset.names=NAME. Pascal VOC and COCO itself: detectron2's builtin
                           names under $DETECTRON2_DATASETS (see lgd.data.register).
-  --debug                 print the traceback of a failure (also LGD_DEBUG=1); lgd.cli has the exit codes.
+  --debug                 print the traceback of a failure (also LGD_DEBUG=1); lgd.tools.cli has the exit codes.
   key=value               LazyConfig overrides, after all the options; a key the config does not have is an
-                          error naming the closest keys (lgd.overrides; `+key=value` adds one on purpose).
+                          error naming the closest keys (lgd.tools.overrides; `+key=value` adds one on purpose).
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
@@ -42,9 +42,9 @@ key, the datasets the run reads (lgd.data.register.validate_dataset: registered,
 every image file, the boxes), a local train.init_checkpoint's existence, and the output directory (above).
 lgd-eval refuses a checkpoint that lacks any of the student's weights or has one of another shape (the
 list of what is missing) unless --allow-partial; an unreadable, truncated or foreign file is one line
-naming it. A run removes the temporaries of an interrupted checkpoint write at its start (lgd.checkpoint),
+naming it. A run removes the temporaries of an interrupted checkpoint write at its start (lgd.engine.checkpoint),
 and seeds the model's initialisation with train.seed (default 0): two runs of one seed match from
-iteration 0. Exit status and failure lines: lgd.cli (0 success, 2 usage error, 1 any other failure).
+iteration 0. Exit status and failure lines: lgd.tools.cli (0 success, 2 usage error, 1 any other failure).
 
 Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
 the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
@@ -61,7 +61,7 @@ console scripts: they return the exit status). lgd_enabled=None means the config
 Schedule rule (build_schedule): the lgd.* iteration counts (steps, warmup_iters, distill_start_iter,
 backbone_freeze_iters) are written for lgd.max_iter iterations (90k for 1x). If train.max_iter == lgd.max_iter
 they are used as written; otherwise each is scaled by train.max_iter / lgd.max_iter and rounded (the rule of
-lgd.trainer.scale_schedule; LR steps kept strictly inside (0, max_iter)), so a short run keeps the proportions
+lgd.engine.schedule.scale_schedule; LR steps kept strictly inside (0, max_iter)), so a short run keeps the proportions
 of the paper's schedule. cfg.lr_multiplier is not used.
 
 Exact resume: the training images come from ResumableTrainingSampler (detectron2's TrainingSampler stream,
@@ -75,8 +75,8 @@ executor would switch them to a differently rounded graph after their first call
 A dataloader.train that is not detectron2's build_detection_train_loader is used as is (not exact).
 
 Checkpoints: `model` holds the whole LGDDistiller (student under `detector.`) or, in baseline mode, the plain
-detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (lgd.checkpoint), or
-detectron2://... ImageNet weights. lgd-export (lgd.export) writes the student as a stock detectron2 checkpoint.
+detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (lgd.engine.checkpoint), or
+detectron2://... ImageNet weights. lgd-export (lgd.tools.export) writes the student as a stock detectron2 checkpoint.
 """
 import argparse
 import glob
@@ -101,20 +101,22 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries
+from ..data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
+                             validate_coco_json, validate_dataset)
+from ..data.samplers import ResumableTrainingSampler
+from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries
+from ..engine.hooks import IterationSeed, build_lgd_hooks
+from ..engine.op_report import OpReport
+from ..engine.schedule import LGDSchedule
+from ..engine.trainer import GradientClip, LGDAMPTrainer, LGDTrainer, build_lgd_optimizers, build_sgd
+from ..modeling.distiller import LGDDistiller
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
-from .data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
-                            validate_coco_json, validate_dataset)
-from .distiller import LGDDistiller
-from .op_report import OpReport
-from .trainer import (GradientClip, IterationSeed, LGDAMPTrainer, LGDSchedule, LGDTrainer,
-                      ResumableTrainingSampler, build_lgd_hooks, build_lgd_optimizers, build_sgd)
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_parser", "build_schedule",
            "build_train_loader", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
            "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
 
-logger = logging.getLogger("lgd.train_net")
+logger = logging.getLogger("lgd.tools.train_net")
 OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
 
 
@@ -163,7 +165,7 @@ def do_test(cfg, detector):
 
 
 def load_config(config_file, overrides=()):
-    """LazyConfig.load(config_file) with `key=value` overrides applied strictly (lgd.overrides: a key the
+    """LazyConfig.load(config_file) with `key=value` overrides applied strictly (lgd.tools.overrides: a key the
     config does not have is a UsageError naming the closest keys). A missing or broken file: one error naming it."""
     from .overrides import apply_overrides_strict
 
@@ -477,6 +479,9 @@ def run(argv=None):
     every input and the output directory before writing anything (module docstring), then trains. Returns
     the evaluation results of a single-process run (None under multi-process launch); raises on failure."""
     args = build_parser().parse_args(argv)
+    if not args.config_file:
+        raise UsageError("--config-file is required (a LazyConfig, e.g. lgd/configs/retinanet_R_50_FPN_1x_lgd.py)",
+                         hint="the bundled demo (LGD on real aerial images, no config needed) is `lgd-demo`")
     if args.overwrite and args.resume:
         raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
     cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
@@ -497,7 +502,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    """Console script lgd-train (with a config file): run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
+    """Console script lgd-train (with a config file): run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli)."""
     return run_command("lgd-train", run, argv)
 
 
@@ -526,7 +531,7 @@ def eval_run(argv=None):
 
 
 def eval_main(argv=None):
-    """Console script lgd-eval: eval_run(argv) -> exit status 0, 2 or 1 (lgd.cli)."""
+    """Console script lgd-eval: eval_run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli)."""
     return run_command("lgd-eval", eval_run, argv)
 
 

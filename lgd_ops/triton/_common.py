@@ -13,7 +13,7 @@ def box_cells(boxes, batch_idx, batch, in_h, in_w, height, width):
     """(cells, covers): int32 [N, 4] = (x0, x1, y0, y1) inclusive cell ranges on a height x width grid,
     (0, -1, 0, -1) for a box covering nothing, and bool [N], the box covers at least one cell.
 
-    LGD_SPEC §1: clamp to [0, in_w-1] x [0, in_h-1]; x2 <= x1, y2 <= y1 or NaN covers nothing;
+    docs/method.md §1: clamp to [0, in_w-1] x [0, in_h-1]; x2 <= x1, y2 <= y1 or NaN covers nothing;
     rx = width / in_w, x0 = ceil(x1 * rx), x1 = min(floor(x2 * rx), width - 1); rows alike.
     A batch index outside [0, batch) covers nothing (the Python API rejects it first).
     """

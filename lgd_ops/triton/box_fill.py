@@ -1,4 +1,4 @@
-"""box_fill on Triton: torch.ops.lgd_ops.box_fill_triton (LGD_SPEC §3).
+"""box_fill on Triton: torch.ops.lgd_ops.box_fill_triton (docs/method.md §3).
 
 A gather: one program per (image, block of channels, tile of cells) loops over that image's boxes
 (grouped by a stable sort of batch_idx, in input order) and adds the value of every box covering

@@ -1,4 +1,4 @@
-"""box_pool on Triton: torch.ops.lgd_ops.box_pool_triton (LGD_SPEC §1-2).
+"""box_pool on Triton: torch.ops.lgd_ops.box_pool_triton (docs/method.md §1-2).
 
 One program per (box, block of channels) sums the box's rectangle directly: a loop over the box's
 rows, each row read as [channels, columns] segments, no dense mask. Every output element is written

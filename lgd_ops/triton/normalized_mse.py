@@ -1,4 +1,4 @@
-"""normalized_mse on Triton: torch.ops.lgd_ops.normalized_mse_triton and its backward (LGD_SPEC §4).
+"""normalized_mse on Triton: torch.ops.lgd_ops.normalized_mse_triton and its backward (docs/method.md §4).
 
 Forward: one program per (image, channel) plane (a launch per pyramid level) reads both maps once,
 accumulating moments about the plane's first element (fp32 for fp16/bf16/fp32 maps, fp64 for fp64)

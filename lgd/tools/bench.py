@@ -1,4 +1,4 @@
-"""lgd-bench: the project's benchmarks behind one command (also `python -m lgd.bench ...`).
+"""lgd-bench: the project's benchmarks behind one command (also `python -m lgd.tools.bench ...`).
 
     lgd-bench ops   [bench_ops options]     benchmarks/bench_ops.py: the fused ops vs the reference
     lgd-bench train [bench_train options]   benchmarks/bench_train.py: baseline vs LGD training steps
@@ -11,7 +11,7 @@ import runpy
 import sys
 
 SCRIPTS = {"ops": "bench_ops.py", "train": "bench_train.py"}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the source tree
 
 
 def main(argv=None):
