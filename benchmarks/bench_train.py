@@ -98,14 +98,14 @@ def instrument(model):
         for name in ("spatial", "refine"):
             getattr(t.knowledge_mapper, name).forward = _ranged(getattr(t.knowledge_mapper, name).forward,
                                                                 "mapper_convs")
-        hooks, losses, calls = model._hooks, model._hooks.losses, []
+        adapter, losses, calls = model.detector_adapter, model.detector_adapter.losses, []
 
         def counted(*args, **kwargs):  # first call: the student's features, second: the instructive ones
             calls.append(None)
             name = "student_head_loss" if len(calls) % 2 else "instructive_head_loss"
             with torch.profiler.record_function(name):
                 return losses(*args, **kwargs)
-        hooks.losses = counted
+        adapter.losses = counted
     for name, module in modules.items():
         module.forward = _ranged(module.forward, name)
     model.forward = _ranged(model.forward, "forward_total")

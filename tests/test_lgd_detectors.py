@@ -8,7 +8,6 @@ the distiller tests live in test_lgd_distiller.py.
 import copy
 import functools
 import glob
-import math
 import os
 import re
 
@@ -17,7 +16,6 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
@@ -26,6 +24,7 @@ import lgd_ops
 from conftest import sgd_loss_totals, shrink_detector_config, tiny_yacs_config, value_scale
 from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
+from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState
 from lgd.modeling.distiller import TEACHER_SUFFIX
 from lgd.modeling.fcos_head import FCOSHead, group_norm
 from lgd.tools.train_net import build_model
@@ -100,8 +99,8 @@ def test_losses_teacher_settings_and_gradients(detector, branch):
     assert (teacher.use_context, teacher.appearance_encoder.detach_input, teacher.use_masks) == (
         use_context, detach, use_masks)
     assert teacher.label_encoder.input_transform.pool == "object"
-    assert model._hooks.in_features == (levels[:-1] if branch == SHARED else levels)
-    assert model._hooks.num_classes == NUM_CLASSES
+    assert model.detector_adapter.in_features == (levels[:-1] if branch == SHARED else levels)
+    assert model.detector_adapter.num_classes == NUM_CLASSES
     losses = train_losses(model, make_batch())
     assert set(losses) == expected_keys(detector, branch)
     for name, value in losses.items():
@@ -223,31 +222,38 @@ def test_unsupported_rcnn_variants_fail_clearly():
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA loss normalizer as extra state
+# EMA loss normalizer: a checkpointable (DetectorEMAState), for LGD and baseline runs alike
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("detector", ["retinanet", "fcos"])
 def test_loss_normalizer_saved_and_restored(detector, tmp_path):
     model = make_model(detector)
     fresh = make_model(detector, seed=1)
-    assert math.isnan(fresh.state_dict()["_extra_state"].item())  # no EMA before the first iteration
+    assert DetectorEMAState(fresh.detector).state_dict() == {}  # no EMA before the first iteration
     train_losses(model, make_batch())
     value = model.detector.loss_normalizer
-    state = model.state_dict()["_extra_state"]
-    assert state.dtype == torch.float64 and state.tolist() == [value]
+    assert DetectorEMAState(model.detector).state_dict() == {"loss_normalizer": value}
 
-    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
-    DetectionCheckpointer(fresh).load(str(tmp_path / "ckpt.pth"))
+    AtomicCheckpointer(model, str(tmp_path), detector_ema=DetectorEMAState(model.detector)).save("ckpt")
+    AtomicCheckpointer(fresh, detector_ema=DetectorEMAState(fresh.detector)).load(str(tmp_path / "ckpt.pth"))
     assert fresh.detector.loss_normalizer == value
     # a checkpoint from before the first iteration clears a stale normalizer
-    fresh.load_state_dict(make_model(detector).state_dict())
+    DetectorEMAState(fresh.detector).load_state_dict({})
     assert not hasattr(fresh.detector, "loss_normalizer")
-    with pytest.raises(ValueError, match="state must be a tensor"):
-        fresh.set_extra_state(torch.zeros(2, dtype=torch.float64))
 
 
-def test_rcnn_extra_state_is_empty():
-    assert make_model("faster_rcnn").state_dict()["_extra_state"].shape == (0,)
+def test_rcnn_has_no_ema_state():
+    assert DetectorEMAState(make_model("faster_rcnn").detector).names == ()
+
+
+def test_detector_adapters_are_a_registry():
+    from lgd.modeling.detector_adapters import DETECTOR_ADAPTER_REGISTRY, RCNNAdapter, build_detector_adapter
+
+    assert {name for name, _ in DETECTOR_ADAPTER_REGISTRY} == {"RetinaNetAdapter", "FCOSAdapter", "RCNNAdapter"}
+    detector = make_model("mask_rcnn").detector
+    assert isinstance(build_detector_adapter(detector), RCNNAdapter)
+    with pytest.raises(ValueError, match="unsupported detector"):
+        build_detector_adapter(torch.nn.Linear(1, 1))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from typing import Callable, Dict, Optional
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..modeling.distiller import LGDDistiller, _hooks_for
+from ..modeling.detector_adapters import build_detector_adapter
+from ..modeling.distiller import LGDDistiller
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write",
            "is_lgd_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_state_dict"]
@@ -202,14 +203,14 @@ def _first(items, n=3):
 
 
 class DetectorEMAState:
-    """Checkpointable (state_dict / load_state_dict) of a plain detector's EMA loss normalizers (RetinaNet and
-    FCOS loss_normalizer): plain attributes that its state_dict lacks, so a resumed baseline run would restart
-    them. LGDDistiller keeps the same attributes in its own extra state."""
+    """Checkpointable (state_dict / load_state_dict) of a detector's EMA loss normalizers (RetinaNet and FCOS
+    loss_normalizer): plain attributes that its state_dict lacks, so a resumed run would restart them. The one
+    mechanism for LGD runs (the distiller's student) and baseline runs (the plain detector) alike."""
 
     def __init__(self, detector):
         self.detector = detector
         try:
-            self.names = tuple(_hooks_for(detector).ema_attributes)
+            self.names = tuple(build_detector_adapter(detector).ema_attributes)
         except ValueError:  # a detector LGD does not support: no EMA attributes known
             self.names = ()
 

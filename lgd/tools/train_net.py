@@ -49,7 +49,8 @@ iteration 0. Exit status and failure lines: lgd.tools.cli (0 success, 2 usage er
 Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
 the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
 backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
-Its checkpoints hold the plain detector (stock detectron2 keys) plus its EMA loss normalizer (detector_ema).
+Its checkpoints hold the plain detector (stock detectron2 keys). Both kinds of run checkpoint the detector's EMA
+loss normalizer (RetinaNet/FCOS) under `detector_ema` (lgd.engine.checkpoint.DetectorEMAState).
 
 Python API (for benchmarks / demos): load_config(path, overrides) -> cfg (strict overrides); build_model(cfg,
 lgd_enabled=None, backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None,
@@ -281,7 +282,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
         for path in remove_stale_temporaries(output_dir):
             logger.info("removed %s, left by an interrupted checkpoint write", path)
     # weights first, so that the data loader can start where the checkpoint stopped
-    extra = {} if isinstance(model, LGDDistiller) else {"detector_ema": DetectorEMAState(model)}
+    extra = {"detector_ema": DetectorEMAState(model.detector if isinstance(model, LGDDistiller) else model)}
     initial = AtomicCheckpointer(model, output_dir, **extra)
     resumed = resume and initial.has_checkpoint()
     loaded = initial.resume_or_load(cfg.train.init_checkpoint, resume=resume)
