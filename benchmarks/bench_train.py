@@ -3,8 +3,8 @@
 Variants, each built from the project's LGD config of the detector (lgd/configs/<detector>_R_50_FPN_1x_lgd.py,
 its `model` instantiated, no weights loaded), trained with plain SGD steps (zero_grad, sum of losses, backward,
 step) on one synthetic batch (random images, `--objects` random boxes and classes per image):
-  baseline       the plain detector (LGDDistiller(...).detector trained alone, one optimizer)
-  lgd_reference  LGDDistiller, lgd_ops backend "reference", both optimizers (lgd.engine.trainer.build_lgd_optimizers)
+  baseline       the plain detector (LGDDistiller(...).detector trained alone; lgd.engine.optim.build_sgd)
+  lgd_reference  LGDDistiller, lgd_ops backend "reference", student + teacher (lgd.engine.optim.build_lgd_optimizer)
   lgd_fused      LGDDistiller, lgd_ops backend "auto" (the compiled kernels for the device)
 LGD runs with distillation on and the backbone unfrozen (the cost after the warm-up). The learning rate is 0:
 the optimizer does all its work but the weights stay put, so random-weight models cannot diverge mid-benchmark.
@@ -112,11 +112,11 @@ def instrument(model):
 
 
 def build(detector, variant, device):
-    """(model, optimizers) of one variant; raises ValueError with the reason when it cannot be built."""
+    """(model, optimizer) of one variant; raises ValueError with the reason when it cannot be built."""
     from detectron2.config import LazyConfig, instantiate
 
     from lgd.modeling.distiller import LGDDistiller
-    from lgd.engine.trainer import build_lgd_optimizers
+    from lgd.engine.optim import build_lgd_optimizer, build_sgd
 
     path = os.path.join(ROOT, DETECTORS[detector])
     if not os.path.isfile(path):
@@ -126,11 +126,11 @@ def build(detector, variant, device):
     lgd_model = LGDDistiller(instantiate(cfg.model), backend=VARIANTS[variant] or "auto")
     if VARIANTS[variant] is None:
         model = lgd_model.detector
-        optimizers = [torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=1e-4)]
+        optimizer = build_sgd(model, lr=0.0)
     else:
         model = lgd_model
-        optimizers = list(build_lgd_optimizers(model, lr=0.0))
-    return model.to(device).train(), optimizers, lgd_model.teacher.label_encoder.num_classes
+        optimizer = build_lgd_optimizer(model, lr=0.0)
+    return model.to(device).train(), optimizer, lgd_model.teacher.label_encoder.num_classes
 
 
 def _rss_kib(field):
@@ -164,7 +164,7 @@ def child(detector, variant, device, batch, image, objects, iters):
 
     device = torch.device(device)
     try:
-        model, optimizers, num_classes = build(detector, variant, device)
+        model, optimizer, num_classes = build(detector, variant, device)
     except Exception as exc:  # a missing config, a build failure or an unsupported detector: skip, say why
         return {"skipped": f"{type(exc).__name__}: {exc}"}
     inputs = make_batch(batch, image, objects, num_classes)
@@ -174,15 +174,13 @@ def child(detector, variant, device, batch, image, objects, iters):
             torch.cuda.synchronize(device)
 
     def step():
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         with EventStorage(0):
             losses = model(inputs)
         with torch.profiler.record_function("backward"):
             sum(losses.values()).backward()
         with torch.profiler.record_function("optimizer"):
-            for opt in optimizers:
-                opt.step()
+            optimizer.step()
 
     step()  # warm-up: lazy init, gradients and optimizer state allocated
     times = []

@@ -11,12 +11,12 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
     # the detection head also runs on `instructive` with the same targets (docs/method.md §8)
 
-LGDDistiller (lgd.modeling.distiller) wraps a built detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above
-(lgd.modeling.fcos_head: an FCOSHead that builds on recent torch);
-lgd.engine trains it on detectron2's engine (LGDTrainer, two optimizers, schedule hooks, scale_schedule);
-lgd.tools.train_net is the `lgd-train` command (LazyConfigs in lgd/configs/: the four detectors x R50/R101 x 1x/2x x
-single/multi-scale, each one call of lgd/configs/_lgd_config.py's make(); not imported here, so that
-`python -m lgd.tools.train_net` runs cleanly).
+Layout: lgd.modeling holds the paper's modules, the label structures, the teacher, LGDDistiller (a built
+detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above) and its detector adapters;
+lgd.engine trains it on detectron2's engine (schedule, hooks, one optimizer with the student's and the
+teacher's parameter groups, checkpoints, the op report); lgd.data and lgd.evaluation the datasets and mMR;
+lgd.tools the commands (lgd-train, lgd-eval, lgd-export, lgd-demo, lgd-bench; not imported here, so that
+`python -m lgd.tools.train_net` runs cleanly); lgd/configs the LazyConfigs.
 """
 import warnings
 
@@ -33,9 +33,9 @@ from .modeling.label_encoder import LabelEncoder, SpatialTransformer, build_desc
 from .modeling.labels import CONTEXT_CLASS, PackedLabels
 from .modeling.relation_adapter import RelationAdapter
 from .modeling.teacher import LGDTeacher
-from .engine.hooks import BackboneFreezeSchedule, DistillationSchedule, MultiOptimizerLRScheduler, build_lgd_hooks
+from .engine.hooks import BackboneFreezeSchedule, DistillationSchedule, LRScheduler, build_lgd_hooks
+from .engine.optim import GradientClip, build_lgd_optimizer
 from .engine.schedule import LGDSchedule, scale_schedule
-from .engine.trainer import LGDAMPTrainer, LGDTrainer, build_lgd_optimizers
 
 __all__ = [
     "AppearanceEncoder",
@@ -43,21 +43,20 @@ __all__ = [
     "CONTEXT_CLASS",
     "DistillationLoss",
     "DistillationSchedule",
+    "GradientClip",
     "KnowledgeMapper",
-    "LGDAMPTrainer",
     "LGDDistiller",
     "LGDSchedule",
     "LGDTeacher",
-    "LGDTrainer",
     "LabelEncoder",
-    "MultiOptimizerLRScheduler",
+    "LRScheduler",
     "PackedLabels",
     "RelationAdapter",
     "SpatialTransformer",
     "StudentAdapter",
     "build_descriptors",
     "build_lgd_hooks",
-    "build_lgd_optimizers",
+    "build_lgd_optimizer",
     "max_per_image",
     "scale_schedule",
 ]

@@ -1,4 +1,5 @@
-"""LGD training on detectron2's engine (lgd.engine, docs/method.md §8): schedule hooks, two optimizers, LR, resume.
+"""LGD training on detectron2's engine (lgd.engine, docs/method.md §8): schedule hooks, the one optimizer with
+the student's and the teacher's parameter groups, clipping, LR, resume.
 
 A tiny RetinaNet LGDDistiller (test_lgd_distiller's builder) trained for a few iterations on one synthetic batch
 repeated forever; a recorder hook, registered after the LGD hooks, traces the state seen by each step.
@@ -12,12 +13,14 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, SimpleTrainer
+from detectron2.utils.events import EventStorage
 
-from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, MultiOptimizerLRScheduler, build_lgd_hooks
-from lgd.engine.trainer import GradientClip, LGDAMPTrainer, LGDTrainer, build_lgd_optimizers, build_sgd
-from lgd.engine.schedule import LGDSchedule, scale_schedule
 from lgd.data.samplers import ResumableTrainingSampler
+from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LRScheduler, build_lgd_hooks
+from lgd.engine.optim import GROUP_KEY, GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
+from lgd.engine.schedule import LGDSchedule, scale_schedule
+from lgd.engine.trainer import AMPTrainer
 from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
 
 # distillation from iteration 3, bottom-up frozen for 0-1, LR: warm-up 0.1 -> 1 over 2 iterations, /10 at 3, 5
@@ -66,7 +69,7 @@ class Recorder(HookBase):
             "iter": self.trainer.iter,
             "distill_enabled": self.model.distill_enabled,
             "backbone_frozen": self.model.backbone_frozen,
-            "lr": [opt.param_groups[0]["lr"] for opt in self.trainer.optimizers],
+            "lr": [part_lr(self.trainer.optimizer, part) for part in ("student", "teacher")],
         }
 
     def after_step(self):
@@ -79,12 +82,16 @@ class Recorder(HookBase):
         self.trace.append(self.current)
 
 
-def run(start_iter, max_iter, schedule=SCHEDULE, **trainer_kwargs):
+def part_lr(optimizer, part):
+    """The LR of a part's ("student" / "teacher") parameter groups (one value: they share it)."""
+    (lr,) = {g["lr"] for g in optimizer.param_groups if g[GROUP_KEY] == part}
+    return lr
+
+
+def run(start_iter, max_iter, schedule=SCHEDULE, clip=None):
     model = make_distiller()
-    student, teacher = build_lgd_optimizers(model, lr=LR_STUDENT)
-    for group in teacher.param_groups:
-        group["lr"] = LR_TEACHER
-    trainer = LGDTrainer(model, data_loader(), (student, teacher), **trainer_kwargs)
+    optimizer = build_lgd_optimizer(model, lr=LR_STUDENT, teacher_lr=LR_TEACHER, clip=clip)
+    trainer = SimpleTrainer(model, data_loader(), optimizer)
     recorder = Recorder(model)
     trainer.register_hooks(build_lgd_hooks(schedule) + [recorder])
     trainer.train(start_iter, max_iter)
@@ -118,13 +125,13 @@ def test_backbone_frozen_then_trained_fpn_always(trace):
         assert t["fpn_changed"] and t["head_changed"], t["iter"]
 
 
-def test_both_optimizers_step(trace):
+def test_student_and_teacher_step(trace):
     assert all(t["teacher_changed"] for t in trace)
     assert all(t["head_changed"] for t in trace)
     assert "loss_cls_tea" in trace[0]["logged"]
 
 
-def test_lr_schedule_applies_to_both_optimizers(trace):
+def test_lr_schedule_applies_to_both_parts(trace):
     for t, m in zip(trace, EXPECTED_MULTIPLIER):
         assert t["lr"] == pytest.approx([LR_STUDENT * m, LR_TEACHER * m], rel=1e-6), t["iter"]
 
@@ -143,20 +150,23 @@ def test_resume_state_at_first_step(start_iter):
     assert t["lr"] == pytest.approx([LR_STUDENT * m, LR_TEACHER * m], rel=1e-6)
 
 
-def _grads(opt):
-    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    assert grads
-    return grads
+def _part_grads(optimizer):
+    """part -> its gradients."""
+    out = {}
+    for g in optimizer.param_groups:
+        out.setdefault(g[GROUP_KEY], []).extend(p.grad for p in g["params"] if p.grad is not None)
+    assert set(out) == {"student", "teacher"} and all(out.values())
+    return out
 
 
 def test_gradient_value_clipping_is_per_element():
-    """The authors' clipping (detectron2 CLIP_TYPE "value"): every gradient element in [-v, v], on both
-    optimizers, and some elements sit at the bound (the clip acted)."""
+    """The authors' clipping (detectron2 CLIP_TYPE "value"): every gradient element in [-v, v], student and
+    teacher, and some elements sit at the bound (the clip acted)."""
     value = 1e-4
     trainer, _ = run(2, 3, clip=GradientClip("value", value))
-    for opt in trainer.optimizers:
-        grads = torch.cat([g.flatten() for g in _grads(opt)])
-        assert grads.abs().max() <= value and (grads.abs() == value).any()
+    for part, grads in _part_grads(trainer.optimizer).items():
+        grads = torch.cat([g.flatten() for g in grads])
+        assert grads.abs().max() <= value and (grads.abs() == value).any(), part
 
 
 def test_gradient_clip_rejects_bad_settings():
@@ -166,19 +176,63 @@ def test_gradient_clip_rejects_bad_settings():
         GradientClip("value", 0.0)
 
 
-def test_gradient_norm_clipping_per_optimizer_and_state_dict():
+def test_gradient_norm_clipping_per_part_and_state_dict():
     max_norm = 1e-3
     trainer, _ = run(2, 3, clip=GradientClip("norm", max_norm))
-    for opt in trainer.optimizers:
-        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in _grads(opt)])) <= max_norm * (1 + 1e-4)
+    for part, grads in _part_grads(trainer.optimizer).items():
+        assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= max_norm * (1 + 1e-4), part
     state = trainer.state_dict()
-    assert state["iteration"] == 3 and len(state["optimizers"]) == 2
-    fresh = LGDTrainer(make_distiller(), data_loader(), build_lgd_optimizers(make_distiller(), lr=0.5))
+    assert state["iteration"] == 3
+    model = make_distiller()
+    fresh = SimpleTrainer(model, data_loader(), build_lgd_optimizer(model, lr=0.5))
     fresh.load_state_dict(state)
     assert fresh.iter == 3
-    for opt, want in zip(fresh.optimizers, (LR_STUDENT, LR_TEACHER)):
-        assert opt.param_groups[0]["initial_lr"] == want
-        assert opt.state_dict()["state"]  # momentum buffers restored
+    for part, want in (("student", LR_STUDENT), ("teacher", LR_TEACHER)):
+        assert {g["initial_lr"] for g in fresh.optimizer.param_groups if g[GROUP_KEY] == part} == {want}
+    assert fresh.optimizer.state_dict()["state"]  # momentum buffers restored
+
+
+def test_one_optimizer_equals_the_authors_two():
+    """One SGD with the two parts' groups makes the same update as the authors' two optimizers (and a
+    two-optimizer trainer state converts to it, momentum buffers included)."""
+    batch = make_batch()
+    one, two = make_distiller(), make_distiller()
+    optimizer = build_lgd_optimizer(one, lr=LR_STUDENT, teacher_lr=LR_TEACHER)
+    student = torch.optim.SGD(
+        [{"params": [p for p in two.student_parameters() if p.requires_grad], "weight_decay": 1e-4}],
+        lr=LR_STUDENT, momentum=0.9)
+    teacher = torch.optim.SGD([{"params": two.teacher_parameters(), "weight_decay": 1e-4}], lr=LR_TEACHER,
+                              momentum=0.9)
+    for _ in range(2):
+        for model, optimizers in ((one, [optimizer]), (two, [student, teacher])):
+            for opt in optimizers:
+                opt.zero_grad()
+            with EventStorage(0):
+                sum(model(batch).values()).backward()
+            for opt in optimizers:
+                opt.step()
+    for (name, a), b in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_two_optimizer_trainer_state_upgrades():
+    trainer, _ = run(2, 3)
+    state = trainer.optimizer.state_dict()
+    split = sum(len(g["params"]) for g in state["param_groups"] if g[GROUP_KEY] == "student")
+    old = {"iteration": 3, "optimizers": [
+        {"state": {i: v for i, v in state["state"].items() if i < split},
+         "param_groups": [dict(g) for g in state["param_groups"] if g[GROUP_KEY] == "student"]},
+        {"state": {i - split: v for i, v in state["state"].items() if i >= split},
+         "param_groups": [dict(g, params=[i - split for i in g["params"]])
+                          for g in state["param_groups"] if g[GROUP_KEY] == "teacher"]}]}
+    for part in old["optimizers"]:
+        for g in part["param_groups"]:
+            del g[GROUP_KEY]
+    upgraded = upgrade_trainer_state(old)
+    assert upgraded["iteration"] == 3 and "optimizers" not in upgraded
+    assert upgraded["optimizer"]["param_groups"] == state["param_groups"]
+    assert upgraded["optimizer"]["state"].keys() == state["state"].keys()
+    assert upgrade_trainer_state({"iteration": 1}) == {"iteration": 1}
 
 
 def test_scale_schedule():
@@ -215,48 +269,48 @@ def test_hooks_state_comes_from_iteration_not_toggles():
     ("cpu", torch.bfloat16),
     pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
 ])
-def test_amp_trainer_steps_both_optimizers(device, dtype):
+def test_amp_trainer_steps_student_and_teacher(device, dtype):
     model = make_distiller().to(device)
-    trainer = LGDAMPTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.01),
-                            clip=GradientClip("norm", 1.0),
-                            grad_scaler=torch.amp.GradScaler(device), device_type=device, dtype=dtype)
+    trainer = AMPTrainer(model, data_loader(), build_lgd_optimizer(model, lr=0.01, clip=GradientClip("norm", 1.0)),
+                         device_type=device, dtype=dtype)
     before = {k: [p.detach().clone() for p in ps] for k, ps in groups(model).items()}
     trainer.train(0, 2)
     for name, params in groups(model).items():
         assert any(not torch.equal(p, q) for p, q in zip(params, before[name])), name
     state = trainer.state_dict()
-    assert len(state["optimizers"]) == 2 and "grad_scaler" in state
+    assert "optimizer" in state and "grad_scaler" in state
 
 
-def test_detection_checkpointer_saves_and_resumes_both_optimizers(tmp_path):
+def test_detection_checkpointer_saves_and_resumes_the_optimizer(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
     trainer, _ = run(1, 3)
     DetectionCheckpointer(trainer.model, str(tmp_path), trainer=trainer).save("model_0000002")
     model = make_distiller(seed=1)
-    fresh = LGDTrainer(model, data_loader(), build_lgd_optimizers(model, lr=0.5))
+    fresh = SimpleTrainer(model, data_loader(), build_lgd_optimizer(model, lr=0.5))
     DetectionCheckpointer(model, str(tmp_path), trainer=fresh).resume_or_load(
         str(tmp_path / "model_0000002.pth"), resume=True)
     assert fresh.iter == trainer.iter
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
-    for got, want in zip(fresh.optimizers, trainer.optimizers):
-        assert [g["lr"] for g in got.param_groups] == [g["lr"] for g in want.param_groups]
-        buffers = [got.state[p]["momentum_buffer"] for p in got.param_groups[0]["params"] if p in got.state]
-        expected = [want.state[p]["momentum_buffer"] for p in want.param_groups[0]["params"] if p in want.state]
-        assert len(buffers) == len(expected) > 0
-        assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
+    got, want = fresh.optimizer, trainer.optimizer
+    assert [g["lr"] for g in got.param_groups] == [g["lr"] for g in want.param_groups]
+    buffers = [got.state[p]["momentum_buffer"] for g in got.param_groups for p in g["params"] if p in got.state]
+    expected = [want.state[p]["momentum_buffer"] for g in want.param_groups for p in g["params"] if p in want.state]
+    assert len(buffers) == len(expected) > 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, expected))
 
 
 @pytest.mark.parametrize("norm_decay", [None, 0.0])
-def test_optimizers_cover_every_parameter_once_with_the_norm_decay(norm_decay):
+def test_optimizer_covers_every_parameter_once_with_the_norm_decay(norm_decay):
     """Default (the authors'): 1e-4 on every parameter, norm layers included; 0 on norms is the option."""
     model = make_distiller()
-    student, teacher = build_lgd_optimizers(model, lr=0.01, weight_decay=1e-4, weight_decay_norm=norm_decay)
-    decay = {id(p): g["weight_decay"] for opt in (student, teacher) for g in opt.param_groups for p in g["params"]}
+    optimizer = build_lgd_optimizer(model, lr=0.01, weight_decay=1e-4, weight_decay_norm=norm_decay)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert sorted(decay) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
-    assert sum(len(g["params"]) for opt in (student, teacher) for g in opt.param_groups) == len(decay)
-    assert {id(p) for g in teacher.param_groups for p in g["params"]} == {id(p) for p in model.teacher.parameters()}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(decay)
+    assert {id(p) for g in optimizer.param_groups if g[GROUP_KEY] == "teacher" for p in g["params"]} == {
+        id(p) for p in model.teacher.parameters()}
     norms = [m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
     norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
     assert norm_params and all(decay[i] == (1e-4 if norm_decay is None else 0.0) for i in norm_params)
@@ -266,9 +320,9 @@ def test_optimizers_cover_every_parameter_once_with_the_norm_decay(norm_decay):
 def test_baseline_hooks_train_plain_detector_with_lgd_schedule():
     """lgd_enabled=False: only the LR hook ("lr"), one optimizer, a plain RetinaNet, same LR multipliers."""
     hooks = build_lgd_hooks(SCHEDULE, lgd_enabled=False)
-    assert [type(h) for h in hooks] == [MultiOptimizerLRScheduler]
+    assert [type(h) for h in hooks] == [LRScheduler]
     detector = tiny_retinanet()
-    trainer = LGDTrainer(detector, data_loader(), [build_sgd(detector, lr=LR_STUDENT)])
+    trainer = SimpleTrainer(detector, data_loader(), build_sgd(detector, lr=LR_STUDENT))
     lrs = []
 
     class LR(HookBase):
@@ -333,7 +387,7 @@ class TrainableRecorder(HookBase):
 
 def _trainable_sets(start_iter):
     model = _stock_frozen_distiller()
-    trainer = LGDTrainer(model, data_loader(), build_lgd_optimizers(model, lr=LR_STUDENT))
+    trainer = SimpleTrainer(model, data_loader(), build_lgd_optimizer(model, lr=LR_STUDENT))
     recorder = TrainableRecorder(model)
     trainer.register_hooks(build_lgd_hooks(SCHEDULE) + [recorder])
     trainer.train(start_iter, SCHEDULE.max_iter)

@@ -10,12 +10,12 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch
-from detectron2.engine import hooks
+from detectron2.engine import SimpleTrainer, hooks
 from detectron2.utils.events import JSONWriter
 
 import lgd_ops
 from lgd.engine.op_report import OPS, OpReport, time_lgd_ops
-from lgd.engine.trainer import LGDTrainer, build_lgd_optimizers
+from lgd.engine.optim import build_lgd_optimizer
 from test_lgd_distiller import make_batch, make_distiller
 
 KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup")} | {
@@ -25,7 +25,7 @@ KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup")
 def train(tmp_path, period, max_iter=3):
     backend = "cpu" if "cpu" in lgd_ops.available_backends() else "reference"
     model = make_distiller(backend=backend)
-    trainer = LGDTrainer(model, itertools.repeat(make_batch()), build_lgd_optimizers(model, lr=0.001))
+    trainer = SimpleTrainer(model, itertools.repeat(make_batch()), build_lgd_optimizer(model, lr=0.001))
     trainer.register_hooks([OpReport(period=period, repeats=1),
                             hooks.PeriodicWriter([JSONWriter(str(tmp_path / "metrics.json"))], period=1)])
     trainer.train(0, max_iter)

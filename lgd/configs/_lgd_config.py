@@ -47,7 +47,7 @@ LGD_KEYS = dict(
     # length the iteration counts below are written for (1x: 90k, 2x: 180k); when train.max_iter differs,
     # every count is scaled by train.max_iter / max_iter (lgd.tools.train_net.build_schedule)
     max_iter=None,
-    steps=None,                 # LR / 10 at these iterations (both optimizers)
+    steps=None,                 # LR / 10 at these iterations (student and teacher)
     warmup_iters=1000,          # detectron2's linear LR warm-up
     warmup_factor=0.001,
     distill_start_iter=30000,   # loss_distill reaches the student from here (before: it trains the adapter only)

@@ -4,27 +4,27 @@ Every schedule hook derives its state from trainer.iter in before_step (never fr
 at any iteration gets the right distillation / backbone-freeze state and learning rates at its first step:
   DistillationSchedule   model.distill_enabled = iter >= distill_start_iter      (logs lgd/distill_enabled)
   BackboneFreezeSchedule model.set_backbone_frozen(iter < backbone_freeze_iters) (logs lgd/backbone_frozen)
-  MultiOptimizerLRScheduler  one detectron2 LRMultiplier per optimizer, same ParamScheduler (logs lr, lr_teacher)
+  LRScheduler            detectron2's, the multiplier over the schedule's length  (logs lr, lr_teacher)
 IterationSeed reseeds python/numpy/torch before each step from (seed, iteration, rank), for exact resume.
 
 Caveat: freezing toggles requires_grad, which DistributedDataParallel does not follow after it is built;
 lgd-train builds DDP with find_unused_parameters=True for that reason.
 """
-from typing import List, Optional, Sequence
+from typing import List
 
 import numpy as np
-import torch
 import torch.nn as nn
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from fvcore.common.param_scheduler import ParamScheduler
 
 from .schedule import LGDSchedule
+from .optim import GROUP_KEY
 
-__all__ = ["BackboneFreezeSchedule", "DistillationSchedule", "IterationSeed", "MultiOptimizerLRScheduler",
-           "build_lgd_hooks", "unwrap_model"]
+__all__ = ["BackboneFreezeSchedule", "DistillationSchedule", "IterationSeed", "LRScheduler", "build_lgd_hooks",
+           "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -58,55 +58,46 @@ class BackboneFreezeSchedule(HookBase):
         self.trainer.storage.put_scalar("lgd/backbone_frozen", float(frozen), smoothing_hint=False)
 
 
-class MultiOptimizerLRScheduler(HookBase):
-    """detectron2's LRScheduler hook for several optimizers: one LRMultiplier per optimizer, all driven by the
-    same ParamScheduler (a multiplier of each param group's initial LR). The LRs are a function of
-    trainer.iter only (rebuilt in before_train at trainer.iter), so there is no state to checkpoint.
+class LRScheduler(hooks.LRScheduler):
+    """detectron2's LRScheduler hook (the ParamScheduler multiplies every param group's initial LR), with the
+    multiplier spanning the schedule's max_iter rather than the trainer's, so a run stopped early or split in
+    pieces keeps the same LRs, and no state of its own: the LRs are rebuilt from trainer.iter in before_train.
+    Logs "lr" (the student's, detectron2's choice of group) and, in an LGD run, "lr_teacher"."""
 
-    optimizers: defaults to trainer.optimizers. names: the EventStorage key of each optimizer's LR
-    (default "lr" for the first, "lr_1", ... for the others; build_lgd_hooks uses "lr", "lr_teacher").
-    max_iter: the length the ParamScheduler spans (default trainer.max_iter, as detectron2's hook);
-    build_lgd_hooks passes the schedule's, so a run stopped early or split in pieces keeps the same LRs.
-    """
-
-    def __init__(self, scheduler: ParamScheduler, optimizers: Optional[Sequence[torch.optim.Optimizer]] = None,
-                 names: Optional[Sequence[str]] = None, max_iter: Optional[int] = None):
+    def __init__(self, scheduler: ParamScheduler, max_iter: int):
         if not isinstance(scheduler, ParamScheduler):
-            raise ValueError(f"MultiOptimizerLRScheduler needs an fvcore ParamScheduler, got {type(scheduler)}")
-        self._param_scheduler = scheduler
-        self._optimizers = list(optimizers) if optimizers is not None else None
-        self._names = list(names) if names is not None else None
-        self._max_iter = max_iter
-        self.schedulers: List[LRMultiplier] = []
+            raise ValueError(f"LRScheduler needs an fvcore ParamScheduler, got {type(scheduler).__name__}")
+        super().__init__()
+        self._multiplier, self._max_iter = scheduler, int(max_iter)
 
     def before_train(self):
-        optimizers = self._optimizers if self._optimizers is not None else list(self.trainer.optimizers)
-        names = self._names or ["lr"] + [f"lr_{i}" for i in range(1, len(optimizers))]
-        if len(names) != len(optimizers):
-            raise ValueError(f"MultiOptimizerLRScheduler: {len(names)} names for {len(optimizers)} optimizers")
-        self._names = names
-        self.schedulers = []
-        for opt in optimizers:
-            for group in opt.param_groups:  # resuming without a loaded optimizer state: current LR is the base
-                group.setdefault("initial_lr", group["lr"])
-            max_iter = self._max_iter if self._max_iter is not None else self.trainer.max_iter
-            self.schedulers.append(LRMultiplier(opt, self._param_scheduler, max_iter,
-                                                last_iter=self.trainer.iter - 1))
+        self._optimizer = self._optimizer or self.trainer.optimizer
+        for group in self._optimizer.param_groups:  # resuming without a loaded optimizer state: LR is the base
+            group.setdefault("initial_lr", group["lr"])
+        self._scheduler = LRMultiplier(self._optimizer, self._multiplier, self._max_iter,
+                                       last_iter=self.trainer.iter - 1)
+        self._best_param_group_id = self.get_best_param_group_id(self._optimizer)
+        self._teacher_group_id = next((i for i, g in enumerate(self._optimizer.param_groups)
+                                       if g.get(GROUP_KEY) == "teacher"), None)
 
     def after_step(self):
-        for name, sched in zip(self._names, self.schedulers):
-            self.trainer.storage.put_scalar(name, sched.optimizer.param_groups[0]["lr"], smoothing_hint=False)
-            sched.step()
+        if self._teacher_group_id is not None:
+            lr = self._optimizer.param_groups[self._teacher_group_id]["lr"]
+            self.trainer.storage.put_scalar("lr_teacher", lr, smoothing_hint=False)
+        super().after_step()
+
+    def state_dict(self):
+        return {}
 
 
 def build_lgd_hooks(schedule: LGDSchedule, lgd_enabled: bool = True) -> List[HookBase]:
-    """The three LGD schedule hooks, LR names "lr" (student) and "lr_teacher"; register them first.
-    lgd_enabled=False (baseline: a plain detector, one optimizer): the LR schedule only, named "lr"."""
+    """The LGD schedule hooks (distillation warm-up, backbone freeze, LR); register them first.
+    lgd_enabled=False (baseline: a plain detector): the LR schedule only."""
+    lr = LRScheduler(schedule.lr_multiplier(), schedule.max_iter)
     if not lgd_enabled:
-        return [MultiOptimizerLRScheduler(schedule.lr_multiplier(), names=["lr"], max_iter=schedule.max_iter)]
+        return [lr]
     return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters),
-            MultiOptimizerLRScheduler(schedule.lr_multiplier(), names=["lr", "lr_teacher"],
-                                      max_iter=schedule.max_iter)]
+            lr]
 
 
 class IterationSeed(HookBase):

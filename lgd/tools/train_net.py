@@ -27,8 +27,9 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
-What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), two SGD optimizers (student + adapter at
-optimizer.lr, teacher at lgd.teacher_lr), LGDTrainer (LGDAMPTrainer when train.amp.enabled), hooks:
+What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), one SGD (lgd.engine.optim: the student +
+adapter groups at optimizer.lr, the teacher's at lgd.teacher_lr, gradient clipping lgd.clip_type /
+clip_value), detectron2's SimpleTrainer (lgd.engine.trainer.AMPTrainer when train.amp.enabled), hooks:
 IterationSeed, the LGD schedule hooks, IterationTimer, OpReport (lgd.op_report_period, default 1000, 0 = off),
 PeriodicCheckpointer (atomic writes), EvalHook (COCO
 evaluation of the STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter
@@ -93,7 +94,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import SimpleTrainer, default_argument_parser, default_setup, hooks, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -109,11 +110,12 @@ from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_sta
 from ..engine.hooks import IterationSeed, build_lgd_hooks
 from ..engine.op_report import OpReport
 from ..engine.schedule import LGDSchedule
-from ..engine.trainer import GradientClip, LGDAMPTrainer, LGDTrainer, build_lgd_optimizers, build_sgd
+from ..engine.optim import GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
+from ..engine.trainer import AMPTrainer
 from ..modeling.distiller import LGDDistiller
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
-__all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_parser", "build_schedule",
+__all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser", "build_schedule",
            "build_train_loader", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
            "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
 
@@ -212,22 +214,21 @@ def build_model(cfg, lgd_enabled=None, backend=None):
     return detector.to(_device(cfg))
 
 
-def build_optimizers(cfg, model):
-    """(student + adapter, teacher) SGDs for an LGDDistiller (teacher LR: lgd.teacher_lr), (SGD,) for a
-    plain detector; optimizer.lr / momentum / weight_decay / params.weight_decay_norm (absent or None: the
-    same as weight_decay, as in the authors' configs)."""
-    opt = cfg.optimizer
+def build_optimizer(cfg, model):
+    """The run's one SGD: for an LGDDistiller the student's parameter groups at optimizer.lr and the
+    teacher's at lgd.teacher_lr (lgd.engine.optim), for a plain detector its own; optimizer.momentum /
+    weight_decay / params.weight_decay_norm (absent or None: the same as weight_decay, as in the authors'
+    configs); gradient clipping lgd.clip_type ("value", "norm" or None) at lgd.clip_value."""
+    opt, lgd = cfg.optimizer, cfg.lgd
     norm_decay = opt.get("params", {}).get("weight_decay_norm", None)
+    kind = lgd.get("clip_type", "value")
     kwargs = dict(lr=float(opt.lr), momentum=float(opt.momentum), weight_decay=float(opt.weight_decay),
-                  weight_decay_norm=None if norm_decay is None else float(norm_decay))
+                  weight_decay_norm=None if norm_decay is None else float(norm_decay),
+                  clip=None if kind is None else GradientClip(str(kind), float(lgd.get("clip_value", 1.0))))
     if not isinstance(model, LGDDistiller):
-        return (build_sgd(model, **kwargs),)
-    optimizers = build_lgd_optimizers(model, **kwargs)
-    teacher_lr = cfg.lgd.get("teacher_lr", None)
-    if teacher_lr is not None:
-        for group in optimizers[1].param_groups:
-            group["lr"] = float(teacher_lr)
-    return optimizers
+        return build_sgd(model, **kwargs)
+    teacher_lr = lgd.get("teacher_lr", None)
+    return build_lgd_optimizer(model, teacher_lr=None if teacher_lr is None else float(teacher_lr), **kwargs)
 
 
 def build_train_loader(cfg, start_iter=0):
@@ -256,15 +257,25 @@ def _ddp_kwargs(cfg, device):
     return kwargs
 
 
-def _build_trainer(cfg, model, loader, optimizers, device):
-    kind = cfg.lgd.get("clip_type", "value")
-    clip = None if kind is None else GradientClip(str(kind), float(cfg.lgd.get("clip_value", 1.0)))
+def _build_trainer(cfg, model, loader, optimizer, device):
+    """detectron2's SimpleTrainer, or with train.amp.enabled lgd.engine.trainer.AMPTrainer (CUDA: autocast's
+    float16 and a GradScaler; CPU: bfloat16)."""
     if not cfg.train.amp.enabled:
-        return LGDTrainer(model, loader, optimizers, clip=clip)
+        return SimpleTrainer(model, loader, optimizer)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return LGDAMPTrainer(model, loader, optimizers, clip=clip,
-                         grad_scaler=torch.amp.GradScaler(device_type), device_type=device_type,
-                         dtype=None if device_type == "cuda" else torch.bfloat16)
+    return AMPTrainer(model, loader, optimizer, device_type=device_type,
+                      dtype=None if device_type == "cuda" else torch.bfloat16)
+
+
+def _load_trainer_state(trainer, state, loaded_from):
+    """The resumed trainer state (iteration, optimizer, grad scaler); states of the earlier two-optimizer
+    trainer are converted. A checkpoint whose optimizer groups differ from this run's is a CommandError."""
+    try:
+        trainer.load_state_dict(upgrade_trainer_state(state))
+    except ValueError as exc:
+        raise CommandError(f"checkpoint {loaded_from}: its optimizer state does not fit this run's parameter "
+                           f"groups ({exc})", hint="resume with the config (and overrides) of the run that "
+                           "wrote it, e.g. the same optimizer.params.weight_decay_norm") from exc
 
 
 def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
@@ -289,11 +300,10 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     trainer_state = loaded.get("trainer") if resumed else None
     start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
 
-    optimizers = build_optimizers(cfg, model)
     trainer = _build_trainer(cfg, create_ddp_model(model, **_ddp_kwargs(cfg, device)),
-                             build_train_loader(cfg, start_iter), optimizers, device)
+                             build_train_loader(cfg, start_iter), build_optimizer(cfg, model), device)
     if trainer_state:
-        trainer.load_state_dict(trainer_state)
+        _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
 
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
     results = {}
