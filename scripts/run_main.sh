@@ -6,7 +6,8 @@
 #      LGD op report on the run's shapes, loss/AP plots and summary.json in ${LGD_DEMO_OUT:-output/demo};
 #   2. the op report at the COCO RetinaNet shape: every lgd_ops backend against the reference
 #      (benchmarks/bench_ops.py via lgd.tools.bench), written next to the demo's output (op_report/).
-# Arguments go to the demo, e.g.  scripts/run_main.sh --resume   or   scripts/run_main.sh --compare --seeds 0 1 2
+# Arguments go to the demo, e.g.  scripts/run_main.sh --compare --seeds 0 1 2   or   scripts/run_main.sh --overwrite
+# A rerun continues (or reuses) the runs already in the output folder (--resume is implied), unless --overwrite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
@@ -14,6 +15,10 @@ PY="${PYTHON:-python}"
 bash scripts/install.sh
 echo "[main] demo: LGD on the deepforest tree tiles (lgd-demo $*)"
 OUT="${LGD_DEMO_OUT:-output/demo}"
-"$PY" -m lgd.tools.demo --output-dir "$OUT" "$@"
+resume=(--resume)
+for arg in "$@"; do
+  if [ "$arg" = "--overwrite" ] || [ "$arg" = "--resume" ]; then resume=(); fi
+done
+"$PY" -m lgd.tools.demo --output-dir "$OUT" "${resume[@]}" "$@"
 echo "[main] op report: lgd_ops backends vs reference at the COCO RetinaNet shape (benchmarks/bench_ops.py)"
 "$PY" -m lgd.tools.bench ops --shape retinanet --out "$OUT/op_report"

@@ -10,8 +10,8 @@ pytest.importorskip("detectron2")
 
 import torch
 
-from lgd.modeling.backbones import (MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, head_group_norm,
-                           load_by_position)
+from lgd.modeling.backbones import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
+from lgd.modeling.norm import group_norm
 
 pytest.importorskip("pycocotools")
 
@@ -67,14 +67,14 @@ def test_demo_head_is_group_normalized():
     from lgd.tools.demo import DEMO_CONFIG
     from lgd.tools.train_net import load_config
 
-    assert head_group_norm(64).num_groups == 32 and head_group_norm(1).num_groups == 1
+    assert group_norm(64).num_groups == 32 and group_norm(1).num_groups == 1
     cfg = load_config(DEMO_CONFIG)
     cfg.model.backbone.weights = None
     head = instantiate(cfg.model).head
     norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) == 2 * len(cfg.model.head.conv_dims)  # one per conv of each tower (cls, box)
     with pytest.raises(ValueError, match="channels"):
-        head_group_norm(0)
+        group_norm(0)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

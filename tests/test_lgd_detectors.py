@@ -26,7 +26,8 @@ from lgd import LGDDistiller
 from lgd.configs._lgd_config import DEPTHS, DETECTORS, MULTI_SCALE, SCHEDULES, SINGLE_SCALE, config_name, make
 from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState
 from lgd.modeling.distiller import TEACHER_SUFFIX
-from lgd.modeling.fcos_head import FCOSHead, group_norm
+from lgd.modeling.fcos_head import FCOSHead
+from lgd.modeling.norm import group_norm
 from lgd.tools.train_net import build_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")

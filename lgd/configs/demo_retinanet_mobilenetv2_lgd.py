@@ -9,13 +9,14 @@ noted below. The `lgd` schedule keeps the paper's 1x proportions (distillation f
 bottom-up backbone frozen for the first 1/9, LR / 10 at 2/3 and 8/9), written for 900 iterations and scaled by
 lgd.tools.train_net to whatever train.max_iter the demo picks; the LR warm-up (11 %) is longer than the paper's 1.1 %,
 and gradients are clipped: a fresh head trained with batches of 4 tiles diverges without them. The head's
-convs are group-normalized (see below and lgd.modeling.backbones.head_group_norm).
+convs are group-normalized (see below and lgd.modeling.norm).
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
 
-from lgd.modeling.backbones import build_mobilenetv2_fpn, head_group_norm
+from lgd.modeling.backbones import build_mobilenetv2_fpn
+from lgd.modeling.norm import group_norm
 from lgd.data.assets import mobilenetv2_weights_path
 
 from .retinanet_R_50_FPN_1x_lgd import dataloader, lgd, model, optimizer, train
@@ -33,8 +34,8 @@ model.num_classes = 1
 model.head.input_shape = [ShapeSpec(channels=CHANNELS)] * 5
 model.head.conv_dims = [CHANNELS, CHANNELS]
 # GroupNorm in the head's convs: without it the std-0.01 init of a 64-channel head barely learns in 300
-# iterations (lgd.modeling.backbones.head_group_norm; measured AP50 after 150 iterations: 1.4 without, 19.4 with)
-model.head.norm = head_group_norm
+# iterations (lgd.modeling.norm; measured in benchmarks/README.md, demo section)
+model.head.norm = group_norm
 # tree crowns on 400 px tiles are ~10-100 px: anchors one octave smaller than COCO's
 model.anchor_generator.sizes = [[s * 2 ** (k / 3) for k in range(3)] for s in (16, 32, 64, 128, 256)]
 
@@ -51,7 +52,7 @@ dataloader.test.dataset.names = "lgd_demo_val"
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE)]
 dataloader.test.num_workers = 1
 
-# batch 4: half the paper's LR for batch 16 (0.01 diverged here once the backbone trained, ~iteration 55 of 300)
+# batch 4: half the paper's LR for batch 16 (0.01 diverged once the backbone trained: benchmarks/README.md)
 optimizer.lr = 0.005
 train.init_checkpoint = ""  # the backbone's ImageNet weights come from model.backbone.weights
 train.device = "cuda"  # lgd.tools.train_net falls back to cpu without CUDA

@@ -13,14 +13,7 @@ m4: 13, m5: 17); the 1x1 conv to 1280 channels (index 18) is a classifier head a
 deepest requested output are dropped too. Weights are loaded by position into the full `features` (the
 stored keys may carry another prefix, e.g. "features.0.0.weight" vs "0.0.weight"), with every shape checked.
 Norms: "FrozenBN" (default: pretrained statistics kept, right for the small CPU batches) or "BN".
-
-head_group_norm is the norm of the demo's RetinaNet head: detectron2's RetinaNetHead initializes its convs
-with std 0.01, a scale meant for 256 channels; with 64 channels (and MobileNetV2's small linear-bottleneck
-features) the signal and gradients shrink ~4x per conv, so the head barely learns in a short run unless its
-convs are normalized. detectron2 v0.6's `norm="GN"` cannot be used there (the head builds get_norm(norm, 1)
-for a log message, and GroupNorm(32, 1) is invalid), hence this callable.
 """
-import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -30,21 +23,11 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 
-__all__ = ["MOBILENETV2_STAGES", "MobileNetV2Backbone", "build_mobilenetv2_fpn", "head_group_norm",
-           "load_by_position"]
+__all__ = ["MOBILENETV2_STAGES", "MobileNetV2Backbone", "build_mobilenetv2_fpn", "load_by_position"]
 
 # output name -> (index of the stage's last block in torchvision's mobilenet_v2().features, channels, stride)
 MOBILENETV2_STAGES = {"m2": (3, 24, 4), "m3": (6, 32, 8), "m4": (13, 96, 16), "m5": (17, 320, 32)}
 NORMS = ("FrozenBN", "BN")
-HEAD_GN_GROUPS = 32
-
-
-def head_group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm of `channels` with gcd(32, channels) groups (32 for the demo's 64 channels; any channel count
-    works, as RetinaNetHead's get_norm(norm, 1) needs). Module docstring: why the demo head needs it."""
-    if int(channels) < 1:
-        raise ValueError(f"head_group_norm: channels must be >= 1, got {channels}")
-    return nn.GroupNorm(math.gcd(HEAD_GN_GROUPS, int(channels)), int(channels))
 
 
 def load_by_position(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "state_dict"):

@@ -18,17 +18,9 @@ a few times during training and at the end, and write into the output folder (de
     compare.json, compare.png   (--compare) per-seed and mean ± std AP/AP50 of baseline and LGD, curves side by side
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
-Budget: on CPU 300 iterations of batch 4 at 400 px; on CUDA 2000 iterations of batch 16. Measured on this
-2-core machine (`--compare --seeds 0 --threads 2`, load average ~2 from other jobs, so an idle machine is
-faster): baseline 294 s (0.96 s/iter), LGD 374 s (1.27 s/iter), each with four evaluations; 669 s for both,
-so the default LGD-only run takes about 6.5 minutes. On a busy CPU, --threads 1 avoids OpenMP oversubscription (at a
-load average of 5: ~4 s/iter with 1 thread, ~15 s/iter with 2). Those runs' student (seed 0, 12 validation
-tiles): baseline AP 8.3 / AP50 30.9, LGD AP 9.0 / AP50 30.4 (AP75 1.0 vs 2.1). Before the head's GroupNorm
-(lgd/configs/demo_retinanet_mobilenetv2_lgd.py) the same budget reached only AP 0.9 / AP50 4.2 (baseline) and
-1.5 / 6.5 (LGD): the std-0.01 init of the 64-channel head left it nearly untrained. 300 iterations is still far
-from convergence. `scripts/run_main.sh --compare --seeds 0 1 2` (23 min here, 2 threads, quiet machine; LGD runs
-5.3-6.2 min each): AP baseline 7.56 ± 0.82, LGD 8.73 ± 0.45; AP50 28.7 ± 2.9 vs 31.3 ± 2.0 (mean ± std, 3 seeds;
-per seed LGD - baseline AP: +0.7, +1.5, +1.3).
+Budget: on CPU 300 iterations of batch 4 at 400 px, about ten minutes for an LGD run on 2 cores; on CUDA
+2000 iterations of batch 16. On a busy CPU, --threads 1 avoids OpenMP oversubscription. Measured times and AP
+are in benchmarks/README.md (demo section) and benchmarks/results/demo_cpu/.
 --iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
 backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.tools.train_net).
 The op report (lgd.engine.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
