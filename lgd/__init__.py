@@ -35,7 +35,7 @@ from .modeling.relation_adapter import RelationAdapter
 from .modeling.teacher import LGDTeacher
 from .engine.hooks import BackboneFreezeSchedule, DistillationSchedule, LRScheduler, build_lgd_hooks
 from .engine.optim import GradientClip, build_lgd_optimizer
-from .engine.schedule import LGDSchedule, scale_schedule
+from .engine.schedule import PAPER_SCHEDULES, LGDSchedule
 
 __all__ = [
     "AppearanceEncoder",
@@ -49,6 +49,7 @@ __all__ = [
     "LGDSchedule",
     "LGDTeacher",
     "LabelEncoder",
+    "PAPER_SCHEDULES",
     "LRScheduler",
     "PackedLabels",
     "RelationAdapter",
@@ -58,5 +59,4 @@ __all__ = [
     "build_lgd_hooks",
     "build_lgd_optimizer",
     "max_per_image",
-    "scale_schedule",
 ]

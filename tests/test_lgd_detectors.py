@@ -28,7 +28,7 @@ from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState
 from lgd.modeling.distiller import TEACHER_SUFFIX
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.modeling.norm import group_norm
-from lgd.tools.train_net import build_model
+from lgd.tools.train_net import build_model, build_schedule
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 NUM_CLASSES = 3
@@ -294,11 +294,12 @@ def test_config_loads_and_builds(path):
     m = NAME.search(path)
     det, depth, sched, ms = m["det"], int(m["depth"]), m["sched"], bool(m["ms"])
     lgd = cfg.lgd
-    assert (lgd.max_iter, tuple(lgd.steps), lgd.backbone_freeze_iters) == (
-        (90000, (60000, 80000), 10000) if sched == "1x" else (180000, (120000, 160000), 20000))
-    assert lgd.distill_start_iter == 30000 and cfg.train.max_iter == lgd.max_iter
+    schedule = build_schedule(cfg)
+    assert schedule == SCHEDULES[sched] and cfg.train.max_iter == schedule.max_iter
+    assert (schedule.max_iter, schedule.steps, schedule.backbone_freeze_iters, schedule.distill_start_iter) == (
+        (90000, (60000, 80000), 10000, 30000) if sched == "1x" else (180000, (120000, 160000), 20000, 30000))
     assert cfg.optimizer.lr == lgd.teacher_lr == (0.02 if "rcnn" in det else 0.01)
-    assert list(cfg.lr_multiplier.scheduler.milestones) == [*lgd.steps, lgd.max_iter]
+    assert "lr_multiplier" not in cfg  # the schedule is lgd.schedule, once
     assert cfg.model.backbone.bottom_up.stages.depth == depth and f"R-{depth}" in cfg.train.init_checkpoint
     resize = cfg.dataloader.train.mapper.augmentations[0]
     assert tuple(resize.short_edge_length) == (MULTI_SCALE if ms else SINGLE_SCALE)

@@ -19,7 +19,7 @@ from detectron2.utils.events import EventStorage
 from lgd.data.samplers import ResumableTrainingSampler
 from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LRScheduler, build_lgd_hooks
 from lgd.engine.optim import GROUP_KEY, GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
-from lgd.engine.schedule import LGDSchedule, scale_schedule
+from lgd.engine.schedule import PAPER_SCHEDULES, LGDSchedule
 from lgd.engine.trainer import AMPTrainer
 from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
 
@@ -235,19 +235,28 @@ def test_two_optimizer_trainer_state_upgrades():
     assert upgrade_trainer_state({"iteration": 1}) == {"iteration": 1}
 
 
-def test_scale_schedule():
-    one_x = scale_schedule(90000)
+def test_paper_schedules_and_scaling():
+    one_x, two_x = PAPER_SCHEDULES["1x"], PAPER_SCHEDULES["2x"]
     assert (one_x.steps, one_x.distill_start_iter, one_x.backbone_freeze_iters) == ((60000, 80000), 30000, 10000)
-    two_x = scale_schedule(180000, "2x")
     assert (two_x.steps, two_x.distill_start_iter, two_x.backbone_freeze_iters) == ((120000, 160000), 30000, 20000)
-    short = scale_schedule(900)
+    assert one_x.scaled(90000) is one_x
+    short = one_x.scaled(900)
     assert (short.max_iter, short.steps, short.distill_start_iter, short.backbone_freeze_iters,
             short.warmup_iters) == (900, (600, 800), 300, 100, 10)
     mult = short.lr_multiplier()
     assert mult(700 / 900) == pytest.approx(0.1) and mult(850 / 900) == pytest.approx(0.01)
     assert mult(0.0) == pytest.approx(0.001)
-    with pytest.raises(ValueError):
-        scale_schedule(100, "3x")
+    assert one_x.scaled(2).steps == (1,) and one_x.scaled(1).steps == ()
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_iter=0), "max_iter"), (dict(steps=(5, 3)), "steps"), (dict(steps=(10,)), "steps"),
+    (dict(distill_start_iter=-1), "distill_start_iter"), (dict(warmup_iters=1.5), "warmup_iters"),
+])
+def test_schedule_rejects_bad_counts(kwargs, name):
+    base = dict(max_iter=10, steps=(6, 8), distill_start_iter=3, backbone_freeze_iters=1)
+    with pytest.raises(ValueError, match=name):
+        LGDSchedule(**dict(base, **kwargs))
 
 
 def test_hooks_state_comes_from_iteration_not_toggles():

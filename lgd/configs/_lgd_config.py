@@ -4,10 +4,10 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
 
     lgd-train --config-file lgd/configs/mask_rcnn_R_101_FPN_2x_ms_lgd.py --num-gpus 8
 
-Sections: dataloader, model, optimizer, train, lr_multiplier are detectron2's model-zoo LazyConfig of the
-detector, unchanged except as noted below; `lgd` holds every LGD knob (documented in LGD_KEYS' comments).
-The LR schedule of an LGD run comes from lgd.* (lgd.tools.train_net builds it; lr_multiplier is kept in step for
-reference only), scaled to train.max_iter when that differs from lgd.max_iter (see lgd.tools.train_net).
+Sections: dataloader, model, optimizer, train are detectron2's model-zoo LazyConfig of the detector, unchanged
+except as noted below; `lgd` holds every LGD knob (documented in LGD_KEYS' comments), the schedule included:
+lgd.schedule (the paper's 1x or 2x, lgd.engine.schedule.PAPER_SCHEDULES) replaces detectron2's lr_multiplier
+and is scaled to train.max_iter for shorter runs.
 
 Stock sources: RetinaNet COCO-Detection/retinanet_R_50_FPN_1x.py; FCOS COCO-Detection/fcos_R_50_FPN_1x.py
 with lgd.modeling.fcos_head.FCOSHead (v0.6's head does not build on recent torch); Mask R-CNN
@@ -20,6 +20,8 @@ layers included), gradient value clipping at 1.0, batch 16; no context object fo
 iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
 from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
 """
+import dataclasses
+
 import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
@@ -35,23 +37,17 @@ DETECTORS = {
     "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
 }
 DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
-# the paper's 1x / 2x iteration counts, from the one table lgd.engine keeps
-SCHEDULES = {name: dict(max_iter=s.max_iter, steps=s.steps, backbone_freeze_iters=s.backbone_freeze_iters)
-             for name, s in PAPER_SCHEDULES.items()}
+SCHEDULES = PAPER_SCHEDULES  # "1x", "2x"
 SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
 MAX_SIZE = 1333
 
 LGD_KEYS = dict(
     enabled=True,               # False: a baseline run of the same detector, schedule and evaluation, no LGD
-    # length the iteration counts below are written for (1x: 90k, 2x: 180k); when train.max_iter differs,
-    # every count is scaled by train.max_iter / max_iter (lgd.tools.train_net.build_schedule)
-    max_iter=None,
-    steps=None,                 # LR / 10 at these iterations (student and teacher)
-    warmup_iters=1000,          # detectron2's linear LR warm-up
-    warmup_factor=0.001,
-    distill_start_iter=30000,   # loss_distill reaches the student from here (before: it trains the adapter only)
-    backbone_freeze_iters=None,  # the student's bottom-up backbone (not the FPN) gets no update before this
+    # the LR, distillation warm-up and backbone-freeze iteration counts (lgd.engine.schedule.LGDSchedule's fields:
+    # max_iter, steps, distill_start_iter, backbone_freeze_iters, warmup_iters, warmup_factor), written for
+    # schedule.max_iter iterations and scaled to train.max_iter (lgd.engine.schedule)
+    schedule=None,
     distill_weight=1.0,         # weight of loss_distill
     teacher_lr=None,            # LR of the second optimizer (label/appearance encoders, relation adapter, mapper)
     clip_type="value",          # gradient clipping before each optimizer step: "value" (each element to
@@ -75,7 +71,7 @@ def config_name(detector: str, depth: int, schedule: str, multiscale: bool) -> s
 
 
 def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool = False):
-    """(dataloader, lgd, lr_multiplier, model, optimizer, train) of one LGD variant (module docstring)."""
+    """(dataloader, lgd, model, optimizer, train) of one LGD variant (module docstring)."""
     for name, value, allowed in (("detector", detector, DETECTORS), ("depth", depth, DEPTHS),
                                  ("schedule", schedule, SCHEDULES), ("multiscale", multiscale, (False, True))):
         if value not in allowed or type(value) is not type(next(iter(allowed))):
@@ -102,12 +98,8 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
     optimizer = cfg.optimizer
     optimizer.lr, optimizer.momentum, optimizer.weight_decay = lr, 0.9, 1e-4
     optimizer.params.weight_decay_norm = 1e-4  # the authors decay norm layers too (detectron2's default: 0)
-    lgd = dict(LGD_KEYS, teacher_lr=lr, **SCHEDULES[schedule])
+    lgd = dict(LGD_KEYS, teacher_lr=lr, schedule=dataclasses.asdict(SCHEDULES[schedule]))
     if detector == "fcos" and depth == 50:
         lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
-    train.max_iter = lgd["max_iter"]
-    lr_multiplier = cfg.lr_multiplier
-    lr_multiplier.scheduler.milestones = [*lgd["steps"], lgd["max_iter"]]
-    lr_multiplier.warmup_length = lgd["warmup_iters"] / lgd["max_iter"]
-    lr_multiplier.warmup_factor = lgd["warmup_factor"]
-    return dataloader, lgd, lr_multiplier, model, optimizer, train
+    train.max_iter = SCHEDULES[schedule].max_iter
+    return dataloader, lgd, model, optimizer, train

@@ -5,11 +5,10 @@ tree-crown tiles (lgd.data: "lgd_demo_train" / "lgd_demo_val", one class "Tree",
     lgd-train --config-file lgd/configs/demo_retinanet_mobilenetv2_lgd.py train.max_iter=300
 
 Built on lgd/configs/retinanet_R_50_FPN_1x_lgd.py (its optimizer, evaluator and `lgd` keys), changed as
-noted below. The `lgd` schedule keeps the paper's 1x proportions (distillation from 1/3 of the run, the
-bottom-up backbone frozen for the first 1/9, LR / 10 at 2/3 and 8/9), written for 900 iterations and scaled by
-lgd.tools.train_net to whatever train.max_iter the demo picks; the LR warm-up (11 %) is longer than the paper's 1.1 %,
-and gradients are clipped: a fresh head trained with batches of 4 tiles diverges without them. The head's
-convs are group-normalized (see below and lgd.modeling.norm).
+noted below. lgd.schedule is the paper's 1x (distillation from 1/3 of the run, the bottom-up backbone frozen
+for the first 1/9, LR / 10 at 2/3 and 8/9) scaled to whatever train.max_iter the demo picks; its LR warm-up
+(11 %) is longer than the paper's 1.1 %, and gradients are norm-clipped: a fresh head trained with batches of
+4 tiles diverges without them. The head's convs are group-normalized (see below and lgd.modeling.norm).
 """
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
@@ -61,15 +60,12 @@ train.checkpointer = dict(period=100, max_to_keep=2)
 train.eval_period = 0  # evaluated once, at the end
 train.log_period = 10
 
+# the paper's 1x schedule scaled to train.max_iter, with an 11 % LR warm-up (the paper's: 1.1 %)
+lgd.schedule.warmup_iters = lgd.schedule.max_iter // 9
 lgd.update(
-    max_iter=900,
-    steps=(600, 800),
-    warmup_iters=100,
-    distill_start_iter=300,
-    backbone_freeze_iters=100,
     teacher_lr=0.005,
-    # norm clipping at 10 per optimizer, both modes alike, in place of the paper's value clipping at 1.0:
-    # a bad batch of 4 tiles must not blow the run up
+    # norm clipping at 10 per part (student, teacher), both modes alike, in place of the paper's value
+    # clipping at 1.0: a bad batch of 4 tiles must not blow the run up
     clip_type="norm",
     clip_value=10.0,
     op_report_period=100,

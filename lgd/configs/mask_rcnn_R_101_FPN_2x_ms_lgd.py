@@ -1,4 +1,4 @@
 """Mask R-CNN R101-FPN 2x multi-scale with LGD (lgd/configs/_lgd_config.py)."""
 from lgd.configs._lgd_config import make
 
-dataloader, lgd, lr_multiplier, model, optimizer, train = make("mask_rcnn", 101, "2x", multiscale=True)
+dataloader, lgd, model, optimizer, train = make("mask_rcnn", 101, "2x", multiscale=True)

@@ -1,11 +1,18 @@
-"""The LGD schedule (docs/method.md §8): LR steps, distillation warm-up and backbone freeze, in iterations."""
+"""The LGD schedule (docs/method.md §8): LR steps, distillation warm-up and backbone freeze, in iterations.
+
+The one table (PAPER_SCHEDULES) and the one scaling rule (LGDSchedule.scaled): the configs hold a schedule
+as `lgd.schedule` (this dataclass's fields), and a run of train.max_iter iterations uses
+LGDSchedule(**lgd.schedule).scaled(train.max_iter), so a short run keeps the paper's proportions.
+PAPER_SCHEDULES["1x"].scaled(900) has steps (600, 800), distillation from 300, the backbone frozen for 100
+and 10 warm-up iterations.
+"""
 import dataclasses
 from typing import Tuple
 
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler, ParamScheduler
 
-__all__ = ["LGDSchedule", "PAPER_SCHEDULES", "scale_schedule"]
+__all__ = ["LGDSchedule", "PAPER_SCHEDULES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +27,19 @@ class LGDSchedule:
     backbone_freeze_iters: int
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
+
+    def __post_init__(self):
+        counts = dict(max_iter=self.max_iter, distill_start_iter=self.distill_start_iter,
+                      backbone_freeze_iters=self.backbone_freeze_iters, warmup_iters=self.warmup_iters)
+        for name, value in counts.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "max_iter" else 0):
+                raise ValueError(f"LGDSchedule: {name} must be an int >= {1 if name == 'max_iter' else 0}, "
+                                 f"got {value!r}")
+        steps = tuple(self.steps)
+        if any(not isinstance(x, int) for x in steps) or list(steps) != sorted(set(steps)) or any(
+                not 0 < x < self.max_iter for x in steps):
+            raise ValueError(f"LGDSchedule: steps must be increasing ints inside (0, {self.max_iter}), got {steps!r}")
+        object.__setattr__(self, "steps", steps)
 
     def scaled(self, max_iter: int) -> "LGDSchedule":
         """This schedule with every iteration count scaled by max_iter / self.max_iter and rounded; LR steps
@@ -50,16 +70,3 @@ PAPER_SCHEDULES = {
     "1x": LGDSchedule(90000, (60000, 80000), distill_start_iter=30000, backbone_freeze_iters=10000),
     "2x": LGDSchedule(180000, (120000, 160000), distill_start_iter=30000, backbone_freeze_iters=20000),
 }
-
-
-def scale_schedule(max_iter: int, base: str = "1x") -> LGDSchedule:
-    """The paper's `base` schedule ("1x" or "2x") with every iteration count scaled by max_iter / its length.
-
-    scale_schedule(90000) is the paper's 1x; scale_schedule(900) has steps (600, 800), distillation from 300,
-    the backbone frozen for 100 and 10 warm-up iterations. Steps stay strictly inside (0, max_iter).
-    """
-    if base not in PAPER_SCHEDULES:
-        raise ValueError(f"scale_schedule: base must be one of {sorted(PAPER_SCHEDULES)}, got {base!r}")
-    if max_iter < 1:
-        raise ValueError(f"scale_schedule: max_iter must be >= 1, got {max_iter}")
-    return PAPER_SCHEDULES[base].scaled(max_iter)

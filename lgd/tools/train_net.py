@@ -60,11 +60,10 @@ evaluate(cfg, checkpoint, allow_partial=False) -> COCO results of the student of
 eval_run(argv): lgd-train / lgd-eval returning their results and raising on failure (main / eval_main are the
 console scripts: they return the exit status). lgd_enabled=None means the config's lgd.enabled (default True).
 
-Schedule rule (build_schedule): the lgd.* iteration counts (steps, warmup_iters, distill_start_iter,
-backbone_freeze_iters) are written for lgd.max_iter iterations (90k for 1x). If train.max_iter == lgd.max_iter
-they are used as written; otherwise each is scaled by train.max_iter / lgd.max_iter and rounded (the rule of
-lgd.engine.schedule.scale_schedule; LR steps kept strictly inside (0, max_iter)), so a short run keeps the proportions
-of the paper's schedule. cfg.lr_multiplier is not used.
+Schedule rule (build_schedule): lgd.schedule holds the iteration counts (max_iter, steps, distill_start_iter,
+backbone_freeze_iters, warmup_iters, warmup_factor) written for lgd.schedule.max_iter iterations (90k for 1x);
+a run of train.max_iter iterations scales each by train.max_iter / lgd.schedule.max_iter
+(lgd.engine.schedule.LGDSchedule.scaled), so a short run keeps the proportions of the paper's schedule.
 
 Exact resume: the training images come from ResumableTrainingSampler (detectron2's TrainingSampler stream,
 continued at iteration * total_batch_size on resume) and IterationSeed reseeds every step, both from
@@ -145,14 +144,9 @@ def _add_dataset_arguments(parser, train):
 
 
 def build_schedule(cfg) -> LGDSchedule:
-    """The LGDSchedule of cfg.lgd for train.max_iter iterations (module docstring: schedule rule)."""
-    lgd, max_iter = cfg.lgd, int(cfg.train.max_iter)
-    ref_iter = int(lgd.max_iter)
-    if max_iter < 1 or ref_iter < 1:
-        raise ValueError(f"lgd-train: max_iter must be >= 1 (train.max_iter={max_iter}, lgd.max_iter={ref_iter})")
-    ref = LGDSchedule(ref_iter, tuple(int(s) for s in lgd.steps), int(lgd.distill_start_iter),
-                      int(lgd.backbone_freeze_iters), int(lgd.warmup_iters), float(lgd.warmup_factor))
-    return ref.scaled(max_iter)
+    """The run's LGDSchedule: cfg.lgd.schedule scaled to train.max_iter (lgd.engine.schedule)."""
+    schedule = {k: (tuple(int(x) for x in v) if k == "steps" else v) for k, v in dict(cfg.lgd.schedule).items()}
+    return LGDSchedule(**schedule).scaled(int(cfg.train.max_iter))
 
 
 def do_test(cfg, detector):
