@@ -180,6 +180,15 @@ def test_demo_entry_usage_error():
     assert "--iters" in error
 
 
+@pytest.mark.parametrize("name", ["lgd-train", "lgd-demo"])
+def test_ops_takes_lgd_ops_backend_names(name):
+    """One vocabulary for backends: --ops takes lgd_ops' names; anything else is a one-line usage error."""
+    proc = command(name, "--ops", "fused")
+    assert proc.returncode == 2
+    (error, *_) = failure_lines(proc, name)
+    assert "--ops" in error and "'fused'" in error and "reference" in error
+
+
 def test_lgd_train_without_config_points_to_the_demo():
     proc = command("lgd-train", "train.max_iter=1")
     assert proc.returncode == 2

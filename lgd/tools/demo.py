@@ -51,7 +51,7 @@ from tqdm import tqdm
 from . import train_net
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
-from .train_net import OPS_BACKENDS, load_config, train
+from .train_net import OPS_HELP, check_backend, load_config, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
            "run", "run_one"]
@@ -367,8 +367,7 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 1 CPU, 4 CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's, one per core; 1 is faster on a busy machine)")
-    parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default="fused",
-                        help="lgd_ops backend of the LGD runs (default: fused = auto)")
+    parser.add_argument("--ops", metavar="BACKEND", default="auto", help=OPS_HELP + " of the LGD runs; default: auto")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs, continue unfinished ones")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh runs whose folders already exist (default: refuse)")
@@ -389,6 +388,7 @@ def _check_arguments(args):
             raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'workers' else 1}, got {value}")
     if args.image_size is not None and args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
+    check_backend(args.ops)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other (reuse the runs, or replace them?)")
 
@@ -419,8 +419,7 @@ def run(argv=None):
     os.makedirs(out, exist_ok=True)
     _setup_logging(out, args.verbose)
     datasets = datasets or prepare_data(None, args.cache_dir)
-    backend = OPS_BACKENDS[args.ops]
-    records = [run_one(mode, seed, out, datasets, backend=backend, resume=args.resume, overwrite=args.overwrite,
+    records = [run_one(mode, seed, out, datasets, backend=args.ops, resume=args.resume, overwrite=args.overwrite,
                        **budget)
                for seed in seeds for mode in modes]
     for rec in records:

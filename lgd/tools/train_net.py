@@ -1,7 +1,7 @@
 """lgd-train / lgd-eval: end-to-end LGD (or baseline) training and evaluation of a detectron2 detector
 (docs/method.md §8), LazyConfig based.
 
-    lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops fused|reference]
+    lgd-train --config-file lgd/configs/retinanet_R_50_FPN_1x_lgd.py [--num-gpus N] [--ops BACKEND]
               [--resume | --overwrite] [--eval-only] [--train-dataset SPEC] [--test-dataset SPEC]
               [--dataset SPEC ...] [--debug] [key=value ...]
     lgd-eval  --config-file CFG --checkpoint PATH [--allow-partial] [--test-dataset SPEC] [--dataset SPEC ...]
@@ -12,8 +12,8 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
   --resume / --overwrite  an output directory (train.output_dir) that is not empty is refused unless --resume
                           (continue from its last checkpoint) or --overwrite (delete the earlier run's files:
                           checkpoints, metrics, logs, events, config.yaml; other files stay) is given.
-  --ops fused|reference   lgd_ops backend: "fused" = "auto" (compiled kernels when built), "reference" = pure
-                          PyTorch. Default: the config's lgd.backend.
+  --ops BACKEND           lgd_ops backend, lgd_ops' own names: auto (the compiled kernels for the device when
+                          built), reference (pure PyTorch), cpu, cuda, triton. Default: the config's lgd.backend.
   --train-dataset SPEC    train on a COCO-format dataset given by path, SPEC = "[NAME=]ann.json:images/"
                           (lgd.data.register_coco_by_path): registers it in every worker, sets
                           dataloader.train.dataset.names and the model's number of classes (the json's categories).
@@ -102,31 +102,33 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
+import lgd_ops
+
 from ..data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
                              validate_coco_json, validate_dataset)
 from ..data.samplers import ResumableTrainingSampler
 from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries
 from ..engine.hooks import IterationSeed, build_lgd_hooks
 from ..engine.op_report import OpReport
-from ..engine.schedule import LGDSchedule
 from ..engine.optim import GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
+from ..engine.schedule import LGDSchedule
 from ..engine.trainer import AMPTrainer
 from ..modeling.distiller import LGDDistiller
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser", "build_schedule",
-           "build_train_loader", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
+           "build_train_loader", "check_backend", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
            "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
 
 logger = logging.getLogger("lgd.tools.train_net")
-OPS_BACKENDS = {"fused": "auto", "reference": "reference"}
+OPS_HELP = ("lgd_ops backend: auto (compiled kernels when built), reference (pure PyTorch), cpu, cuda or triton "
+            "(lgd_ops' names)")
 
 
 def build_parser():
     parser = default_argument_parser(epilog=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.prog = "lgd-train"
-    parser.add_argument("--ops", choices=sorted(OPS_BACKENDS), default=None,
-                        help="lgd_ops backend: fused (= auto) or reference (default: the config's lgd.backend)")
+    parser.add_argument("--ops", metavar="BACKEND", default=None, help=OPS_HELP + "; default: the config's lgd.backend")
     parser.add_argument("--overwrite", action="store_true",
                         help="train into a non-empty train.output_dir, deleting the earlier run's files")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -396,6 +398,15 @@ def _names(names):
     return [names] if isinstance(names, str) else [str(n) for n in (names or ())]
 
 
+def check_backend(name, where="--ops"):
+    """A UsageError unless `name` is one of lgd_ops' backend names (auto, reference, cpu, cuda, triton)."""
+    try:
+        with lgd_ops.use_backend(name):
+            pass
+    except ValueError as exc:
+        raise UsageError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
+
+
 def check_run_inputs(cfg, *, training=True):
     """What a run reads, checked before it writes anything (module docstring): the schedule, the datasets of
     dataloader.train (when training) and dataloader.test (when there is an evaluator), a local
@@ -404,6 +415,7 @@ def check_run_inputs(cfg, *, training=True):
 
     if training:
         build_schedule(cfg)
+        check_backend(str(cfg.lgd.get("backend", "auto")), where="lgd.backend")
         for name in _names(cfg.dataloader.train.get("dataset", {}).get("names")):
             validate_dataset(name, where="dataloader.train.dataset.names", training=True)
         init = cfg.train.get("init_checkpoint", "")
@@ -455,7 +467,7 @@ def worker(args, cfg=None):
         use_last = args.resume and checkpointer.has_checkpoint()
         return evaluate(cfg, checkpointer.get_checkpoint_file() if use_last else cfg.train.init_checkpoint)
     default_setup(cfg, args)  # writes OUTPUT/config.yaml and log.txt
-    return train(cfg, backend=OPS_BACKENDS[args.ops] if args.ops else None, resume=args.resume)
+    return train(cfg, backend=args.ops, resume=args.resume)
 
 
 def _cpu_worker(rank, main_func, world_size, dist_url, args):
@@ -484,6 +496,8 @@ def run(argv=None):
     every input and the output directory before writing anything (module docstring), then trains. Returns
     the evaluation results of a single-process run (None under multi-process launch); raises on failure."""
     args = build_parser().parse_args(argv)
+    if args.ops is not None:
+        check_backend(args.ops)
     if not args.config_file:
         raise UsageError("--config-file is required (a LazyConfig, e.g. lgd/configs/retinanet_R_50_FPN_1x_lgd.py)",
                          hint="the bundled demo (LGD on real aerial images, no config needed) is `lgd-demo`")
