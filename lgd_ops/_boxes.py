@@ -1,29 +1,56 @@
 """Dense box masks on a level grid (docs/method.md §1) and pooling / filling with dense masks, the way the
 authors' code does it.
 
-Only the reference ops and the mask ops use these; the kernels compute the same cell ranges in
-csrc/common/box_math.h without ever materialising a mask.
+The reference ops and the mask ops use the masks; box_cells is the rule itself, shared with the Triton glue
+(csrc/common/box_math.h is its C++ twin). The kernels never materialise a mask.
 """
 import torch
 
 
-def box_masks(boxes, image_size, height, width):
-    """Bool [N, height*width]: cell (i, j) of the level grid lies inside the box.
+def box_cells(boxes, batch_idx, batch, in_h, in_w, height, width):
+    """(cells, covers): int32 [N, 4] = (x0, x1, y0, y1) inclusive cell ranges on a height x width grid,
+    (0, -1, 0, -1) for a box covering nothing, and bool [N], the box covers at least one cell.
 
-    Float64 throughout so the cells chosen are bit-for-bit those of the kernels.
+    docs/method.md §1, the one Python statement of the rule (the reference, the mask ops and the Triton
+    glue use it; csrc/common/box_math.h box_cells is its C++ twin, with the same float64 arithmetic, so
+    every backend picks bit-for-bit the same cells): clamp to [0, in_w-1] x [0, in_h-1]; x2 <= x1,
+    y2 <= y1 or NaN covers nothing; rx = width / in_w, x0 = ceil(x1 * rx), x1 = min(floor(x2 * rx),
+    width - 1); rows alike. A batch index outside [0, batch) covers nothing (the public ops reject it).
     """
-    in_h, in_w = image_size
     b = boxes.detach().to(torch.float64)
-    x1, x2 = b[:, 0].clamp(0, in_w - 1), b[:, 2].clamp(0, in_w - 1)
-    y1, y2 = b[:, 1].clamp(0, in_h - 1), b[:, 3].clamp(0, in_h - 1)
-    valid = (x2 > x1) & (y2 > y1)  # also False for NaN
-    rx, ry = width / in_w, height / in_h
-    cols = torch.arange(width, dtype=torch.float64, device=b.device)
-    rows = torch.arange(height, dtype=torch.float64, device=b.device)
-    in_x = (cols >= (x1 * rx)[:, None]) & (cols <= (x2 * rx)[:, None])
-    in_y = (rows >= (y1 * ry)[:, None]) & (rows <= (y2 * ry)[:, None])
-    mask = in_y[:, :, None] & in_x[:, None, :] & valid[:, None, None]
-    return mask.reshape(b.shape[0], height * width)
+    x1 = b[:, 0].clamp(0.0, float(in_w - 1))
+    y1 = b[:, 1].clamp(0.0, float(in_h - 1))
+    x2 = b[:, 2].clamp(0.0, float(in_w - 1))
+    y2 = b[:, 3].clamp(0.0, float(in_h - 1))
+    valid = (x2 > x1) & (y2 > y1) & (batch_idx >= 0) & (batch_idx < batch)  # False for NaN too
+    rx = float(width) / float(in_w)  # double(w) / double(in_w), as in box_math.h
+    ry = float(height) / float(in_h)
+    ranges = torch.stack(
+        [
+            torch.ceil(x1 * rx),
+            torch.floor(x2 * rx).clamp(max=float(width - 1)),
+            torch.ceil(y1 * ry),
+            torch.floor(y2 * ry).clamp(max=float(height - 1)),
+        ],
+        dim=1,
+    )
+    none = torch.tensor([0.0, -1.0, 0.0, -1.0], dtype=torch.float64, device=b.device)
+    cells = torch.where(valid[:, None], ranges, none).to(torch.int32).contiguous()
+    covers = valid & (cells[:, 0] <= cells[:, 1]) & (cells[:, 2] <= cells[:, 3])
+    return cells, covers
+
+
+def box_masks(boxes, image_size, height, width):
+    """Bool [N, height*width]: cell (i, j) of the level grid lies inside the box (box_cells' ranges)."""
+    in_h, in_w = image_size
+    n = boxes.shape[0]
+    cells, _ = box_cells(boxes, torch.zeros(n, dtype=torch.int64, device=boxes.device), 1, in_h, in_w, height, width)
+    cols = torch.arange(width, dtype=torch.int32, device=boxes.device)
+    rows = torch.arange(height, dtype=torch.int32, device=boxes.device)
+    in_x = (cols >= cells[:, 0:1]) & (cols <= cells[:, 1:2])
+    in_y = (rows >= cells[:, 2:3]) & (rows <= cells[:, 3:4])
+    mask = in_y[:, :, None] & in_x[:, None, :]
+    return mask.reshape(n, height * width)
 
 
 def masked_matmul(x, mask):

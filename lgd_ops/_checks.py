@@ -1,7 +1,9 @@
 """Argument checks of the public ops: a ValueError naming the argument, before any kernel runs.
 
 Checks that read tensor values (finite boxes, batch indices in range) need one host sync; they are
-skipped while torch.compile traces, where the kernels still treat such boxes as covering nothing.
+skipped while torch.compile traces and when the caller passes validate=False (an internal caller whose
+boxes were validated once per batch, e.g. lgd.modeling.labels.PackedLabels), where the kernels still treat
+such boxes as covering nothing.
 """
 import math
 
@@ -35,8 +37,9 @@ def check_size(op, name, value, length, minimum):
     return tuple(value)
 
 
-def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name):
-    """Validates the (boxes, batch_idx, image_size) triple every box op takes; returns (in_h, in_w)."""
+def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name, validate=True):
+    """Validates the (boxes, batch_idx, image_size) triple every box op takes; returns (in_h, in_w).
+    validate=False skips the value checks (and their host sync), not the shape/dtype/device checks."""
     check_tensor(op, "boxes", boxes, dim=2, floating=True)
     if boxes.shape[1] != 4:
         raise ValueError(f"{op}: boxes must be [N, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
@@ -49,7 +52,7 @@ def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name):
         )
     check_same_device(op, {like_name: like, "boxes": boxes, "batch_idx": batch_idx})
     in_h, in_w = check_size(op, "image_size", image_size, 2, 1)
-    if boxes.shape[0] and not torch.compiler.is_compiling():
+    if validate and boxes.shape[0] and not torch.compiler.is_compiling():
         finite = torch.isfinite(boxes).all()
         in_range = ((batch_idx >= 0) & (batch_idx < num_images)).all()
         if not bool(finite & in_range):  # one host sync for both checks
@@ -66,3 +69,15 @@ def check_eps(op, eps):
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
     return float(eps)
+
+
+def check_memory_format(op, memory_format):
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"{op}: memory_format must be torch.contiguous_format or torch.channels_last, "
+                         f"got {memory_format!r}")
+    return memory_format == torch.channels_last
+
+
+def is_channels_last(x):
+    """Whether a [B, C, H, W] map is laid out channels_last (and not also NCHW-contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

@@ -7,17 +7,21 @@ import torch
 
 from ._backend import HAS_EXTENSION, resolve
 from ._boxes import box_masks, pool_with_masks
-from ._checks import check_boxes, check_tensor
+from ._checks import check_boxes, check_tensor, is_channels_last
 
 
-def box_pool(features, boxes, batch_idx, image_size, *, backend="auto"):
+def box_pool(features, boxes, batch_idx, image_size, *, validate=True, backend="auto"):
     """Mean of `features` [B, C, H, W] over each box's cells -> [N, C].
 
     boxes [N, 4] (x1, y1, x2, y2) in padded-input pixels, batch_idx [N] int64 (the box's image),
     image_size (H_in, W_in) the padded input size. A box covering no cell gives a zero row.
+    features may be NCHW-contiguous or channels_last (read as they are; the gradient has their layout).
+    validate=False skips the checks that read the boxes' values (finite, batch_idx in range: one host
+    sync) for callers that validated them once per batch (lgd.modeling.labels.PackedLabels does).
     """
     check_tensor("box_pool", "features", features, dim=4, floating=True)
-    in_h, in_w = check_boxes("box_pool", boxes, batch_idx, image_size, features.shape[0], features, "features")
+    in_h, in_w = check_boxes("box_pool", boxes, batch_idx, image_size, features.shape[0], features, "features",
+                             validate)
     name = resolve(backend, features.device)
     if name == "reference":
         return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
@@ -39,11 +43,12 @@ def register_autograd(op, adjoint):
     def setup_context(ctx, inputs, output):
         features, boxes, batch_idx, in_h, in_w, average = inputs
         ctx.save_for_backward(boxes, batch_idx)
-        ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average)
+        ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average,
+                    is_channels_last(features))
 
     def backward(ctx, grad):
         boxes, batch_idx = ctx.saved_tensors
-        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)
+        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)  # features' layout
         return grad_features, None, None, None, None, None
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -1,11 +1,16 @@
-// CPU-side preparation shared by the box kernels: each box's cell range on the level grid, the
-// boxes grouped by image (a (b, c) plane visits only its own image's boxes), and each image's
-// row events for the kernels' top-to-bottom sweep over a plane.
+// CPU-side preparation shared by the box kernels: each box's cell range on the level grid, the boxes
+// grouped by image (a (b, c) plane visits only its own image's boxes), and each image's row events
+// for the kernels' top-to-bottom sweep (csrc/common/cpu_box_sweep.inc), grouped by row.
+// A plan depends only on the boxes and the level size, so it is built once per (boxes, level) and
+// reused by every call on them (box_pool's forward and its box_fill backward, each level's call):
+// plan_cache() keys it on the boxes/batch_idx tensors' identity and version.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "box_checks.h"
@@ -14,37 +19,44 @@
 namespace lgd_ops {
 
 // A box enters the sweep at row y0 (top) and leaves before row y1 + 1 (bottom).
-struct RowEvent {
-  int32_t row;
+struct SweepEvent {
+  int32_t x0, x1;  // the box's columns
+  int32_t slot;    // the box's index among its image's boxes (order[start[b] + slot])
   bool top;
-  int64_t box;  // box id
 };
 
-struct ImageBoxes {
-  std::vector<CellRange> cells;  // per box, in input order
-  std::vector<int64_t> order;    // box ids, grouped by image, input order inside an image
-  std::vector<int64_t> start;    // boxes of image b: order[start[b] .. start[b + 1])
-  std::vector<int64_t> area;     // total cells covered by image b's boxes (overlaps counted twice)
-  std::vector<RowEvent> events;  // image b: events[2 * start[b] .. 2 * start[b + 1]), sorted by row
+// The events of one image on one row: events[begin, end); width = sum of their column counts.
+struct SweepRow {
+  int32_t row;
+  int64_t begin, end, width;
+};
+
+struct BoxPlan {
+  std::vector<CellRange> cells;   // per box, in input order
+  std::vector<int64_t> order;     // box ids of boxes covering a cell, grouped by image, input order inside one
+  std::vector<int64_t> start;     // boxes of image b: order[start[b] .. start[b + 1])
+  std::vector<int64_t> area;      // total cells covered by image b's boxes (overlaps counted twice)
+  std::vector<SweepEvent> events; // image b: events[2 * start[b] .. 2 * start[b + 1]), sorted by row (stable)
+  std::vector<SweepRow> rows;     // image b: rows[row_start[b] .. row_start[b + 1]), increasing row
+  std::vector<int64_t> row_start;
 };
 
 // Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
-inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch,
-                              int64_t in_h, int64_t in_w, int64_t h, int64_t w) {
+inline BoxPlan build_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch, int64_t in_h,
+                          int64_t in_w, int64_t h, int64_t w) {
   const int64_t n = boxes.size(0);
   const at::Tensor bx = boxes.to(at::kDouble).contiguous();
   const at::Tensor bi = batch_idx.contiguous();
   const double* b = bx.data_ptr<double>();
   const int64_t* img = bi.data_ptr<int64_t>();
-  ImageBoxes out;
+  BoxPlan out;
   out.cells.resize(n);
   out.order.resize(n);
   out.start.assign(batch + 1, 0);
   out.area.assign(batch, 0);
   for (int64_t i = 0; i < n; ++i) {
     const bool valid = img[i] >= 0 && img[i] < batch;
-    out.cells[i] = valid ? box_cells(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3], in_h,
-                                     in_w, h, w)
+    out.cells[i] = valid ? box_cells(b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3], in_h, in_w, h, w)
                          : CellRange{0, -1, 0, -1};
     if (valid && !out.cells[i].empty()) {
       ++out.start[img[i] + 1];
@@ -62,17 +74,95 @@ inline ImageBoxes index_boxes(const at::Tensor& boxes, const at::Tensor& batch_i
   }
   out.order.resize(used);
   out.events.reserve(2 * used);
-  for (int64_t b = 0; b < batch; ++b) {
-    const auto first = out.events.end() - out.events.begin();
-    for (int64_t k = out.start[b]; k < out.start[b + 1]; ++k) {
+  out.row_start.assign(batch + 1, 0);
+  for (int64_t im = 0; im < batch; ++im) {
+    const int64_t first = int64_t(out.events.size());
+    for (int64_t k = out.start[im]; k < out.start[im + 1]; ++k) {
       const CellRange r = out.cells[out.order[k]];
-      out.events.push_back({r.y0, true, out.order[k]});
-      out.events.push_back({r.y1 + 1, false, out.order[k]});
+      const int32_t slot = int32_t(k - out.start[im]);
+      out.events.push_back({r.x0, r.x1, slot, true});
+      out.events.push_back({r.x0, r.x1, slot, false});
     }
+    auto row_of = [&](const SweepEvent& e) {
+      const CellRange r = out.cells[out.order[out.start[im] + e.slot]];
+      return e.top ? r.y0 : r.y1 + 1;
+    };
     std::stable_sort(out.events.begin() + first, out.events.end(),
-                     [](const RowEvent& a, const RowEvent& e) { return a.row < e.row; });
+                     [&](const SweepEvent& a, const SweepEvent& e) { return row_of(a) < row_of(e); });
+    for (int64_t k = first; k < int64_t(out.events.size()); ++k) {
+      const int32_t row = row_of(out.events[k]);
+      if (out.rows.size() == size_t(out.row_start[im]) || out.rows.back().row != row)
+        out.rows.push_back({row, k, k, 0});
+      out.rows.back().end = k + 1;
+      out.rows.back().width += out.events[k].x1 - out.events[k].x0 + 1;
+    }
+    out.row_start[im + 1] = int64_t(out.rows.size());
   }
   return out;
+}
+
+// The plan of (boxes, batch_idx) on an h x w level, from a small cache: the ops run on the same boxes
+// for every level, forward and backward. An entry is reused only while both tensors are alive, unchanged
+// (same TensorImpl, data pointer and version counter: an in-place edit or a new tensor at a recycled
+// address misses) and the sizes match. Inference tensors (no version counter) are never cached.
+inline std::shared_ptr<const BoxPlan> plan_boxes_cpu(const at::Tensor& boxes, const at::Tensor& batch_idx,
+                                                     int64_t batch, int64_t in_h, int64_t in_w, int64_t h,
+                                                     int64_t w) {
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak boxes, batch_idx;
+    const void *boxes_data, *batch_data;
+    int64_t boxes_version, batch_version;
+    int64_t dims[5];
+    std::shared_ptr<const BoxPlan> plan;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;  // most recent last
+  constexpr size_t kEntries = 32;
+  const bool cacheable = !boxes.is_inference() && !batch_idx.is_inference();
+  const int64_t dims[5] = {batch, in_h, in_w, h, w};
+  if (cacheable) {
+    const int64_t bv = boxes._version(), iv = batch_idx._version();
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = cache.begin(); it != cache.end();) {
+      if (it->boxes.expired() || it->batch_idx.expired()) {
+        it = cache.erase(it);
+        continue;
+      }
+      const auto b = it->boxes.lock(), i = it->batch_idx.lock();
+      if (b.get() == boxes.unsafeGetTensorImpl() && i.get() == batch_idx.unsafeGetTensorImpl() &&
+          it->boxes_data == boxes.data_ptr() && it->batch_data == batch_idx.data_ptr() &&
+          it->boxes_version == bv && it->batch_version == iv && std::equal(dims, dims + 5, it->dims))
+        return it->plan;
+      ++it;
+    }
+  }
+  auto plan = std::make_shared<const BoxPlan>(build_plan(boxes, batch_idx, batch, in_h, in_w, h, w));
+  if (cacheable) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (cache.size() >= kEntries) cache.erase(cache.begin());
+    Entry e{Weak(boxes.getIntrusivePtr()), Weak(batch_idx.getIntrusivePtr()), boxes.data_ptr(),
+            batch_idx.data_ptr(), boxes._version(), batch_idx._version(), {}, plan};
+    std::copy(dims, dims + 5, e.dims);
+    cache.push_back(std::move(e));
+  }
+  return plan;
+}
+
+// Where element (b, c, j, i) of a [B, C, H, W] map lives: b * sb + c * sc + j * sh + i * sw.
+struct MapLayout {
+  int64_t sb, sc, sh, sw;
+  bool channels_last;
+};
+
+// The layout the kernels read or write a map in without a copy: NCHW-contiguous or channels_last.
+inline bool kernel_layout(const at::Tensor& x) {
+  return x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline MapLayout layout_of(const at::Tensor& x) {
+  // A tensor contiguous in both formats (C == 1 or H == W == 1) takes the NCHW path.
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), !x.is_contiguous()};
 }
 
 }  // namespace lgd_ops

@@ -1,43 +1,14 @@
 """Host-side helpers shared by the Triton box kernels.
 
-The per-box cell ranges are computed here with a few float64 torch ops (N boxes, tiny next to the
-kernels), with exactly the arithmetic of csrc/common/box_math.h box_cells, so the Triton backend
-covers bit-for-bit the cells of the C++ kernels; the kernels take the resulting int32 ranges.
+The per-box cell ranges come from lgd_ops._boxes.box_cells (a few float64 torch ops on N boxes, with
+exactly the arithmetic of csrc/common/box_math.h), so the Triton backend covers bit-for-bit the cells of
+the C++ kernels and the reference; the kernels take the resulting int32 ranges.
 """
 import contextlib
 
 import torch
 
-
-def box_cells(boxes, batch_idx, batch, in_h, in_w, height, width):
-    """(cells, covers): int32 [N, 4] = (x0, x1, y0, y1) inclusive cell ranges on a height x width grid,
-    (0, -1, 0, -1) for a box covering nothing, and bool [N], the box covers at least one cell.
-
-    docs/method.md §1: clamp to [0, in_w-1] x [0, in_h-1]; x2 <= x1, y2 <= y1 or NaN covers nothing;
-    rx = width / in_w, x0 = ceil(x1 * rx), x1 = min(floor(x2 * rx), width - 1); rows alike.
-    A batch index outside [0, batch) covers nothing (the Python API rejects it first).
-    """
-    b = boxes.detach().to(torch.float64)
-    x1 = b[:, 0].clamp(0.0, float(in_w - 1))
-    y1 = b[:, 1].clamp(0.0, float(in_h - 1))
-    x2 = b[:, 2].clamp(0.0, float(in_w - 1))
-    y2 = b[:, 3].clamp(0.0, float(in_h - 1))
-    valid = (x2 > x1) & (y2 > y1) & (batch_idx >= 0) & (batch_idx < batch)  # False for NaN too
-    rx = float(width) / float(in_w)  # double(w) / double(in_w), as in box_math.h
-    ry = float(height) / float(in_h)
-    ranges = torch.stack(
-        [
-            torch.ceil(x1 * rx),
-            torch.floor(x2 * rx).clamp(max=float(width - 1)),
-            torch.ceil(y1 * ry),
-            torch.floor(y2 * ry).clamp(max=float(height - 1)),
-        ],
-        dim=1,
-    )
-    none = torch.tensor([0.0, -1.0, 0.0, -1.0], dtype=torch.float64, device=b.device)
-    cells = torch.where(valid[:, None], ranges, none).to(torch.int32).contiguous()
-    covers = valid & (cells[:, 0] <= cells[:, 1]) & (cells[:, 2] <= cells[:, 3])
-    return cells, covers
+from .._boxes import box_cells  # noqa: F401  (re-exported for the kernels' modules)
 
 
 def group_by_image(covers, batch_idx, batch):

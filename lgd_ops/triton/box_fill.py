@@ -19,7 +19,7 @@ MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension (the image)
 
 @triton.jit
 def _box_fill_kernel(values_ptr, cells_ptr, order_ptr, start_ptr, out_ptr, C, H, W, tiles_w, stride_vn,
-                     stride_vc, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+                     stride_vc, stride_ob, stride_oc, stride_oh, stride_ow, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     tile = tl.program_id(0)
     row0 = (tile // tiles_w) * TILE_H
@@ -53,17 +53,17 @@ def _box_fill_kernel(values_ptr, cells_ptr, order_ptr, start_ptr, out_ptr, C, H,
                     v = tl.div_rn(v, count.to(tl.float32))
             inside = ((rows >= y0) & (rows <= y1))[:, None] & ((cols >= x0) & (cols <= x1))[None, :]
             acc += tl.where(inside[None, :, :], v[:, None, None], 0.0)
-    plane = (img * C + c_offs.to(tl.int64)) * H * W
-    offs = plane[:, None, None] + (rows * W)[None, :, None] + cols[None, None, :]
+    plane = img * stride_ob + c_offs.to(tl.int64) * stride_oc
+    offs = plane[:, None, None] + (rows * stride_oh)[None, :, None] + (cols * stride_ow)[None, None, :]
     mask = c_mask[:, None, None] & (rows < H)[None, :, None] & (cols < W)[None, None, :]
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("lgd_ops::box_fill_triton", mutates_args=())
 def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, in_h: int, in_w: int,
-                    batch: int, out_h: int, out_w: int, average: bool) -> torch.Tensor:
+                    batch: int, out_h: int, out_w: int, average: bool, channels_last: bool = False) -> torch.Tensor:
     """Sum over the boxes covering each cell of the box's values [N, C] -> [batch, C, out_h, out_w]
-    (average=True divides each box's values by its cell count first)."""
+    (average=True divides each box's values by its cell count first), written NCHW or channels_last."""
     if values.dim() != 2 or values.shape[0] != boxes.shape[0]:
         raise RuntimeError(f"lgd_ops.box_fill_triton: values must be [N, C] with N = boxes.size(0), "
                            f"got {tuple(values.shape)}")
@@ -74,7 +74,8 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
         raise RuntimeError(f"lgd_ops.box_fill_triton: at most {MAX_GRID_Z} images per call, got {batch}")
     check_box_args("lgd_ops.box_fill_triton", boxes, batch_idx, in_h, in_w, values, "values")
     channels = values.shape[1]
-    out = values.new_empty(batch, channels, out_h, out_w)  # every element is written
+    out = torch.empty(batch, channels, out_h, out_w, dtype=values.dtype, device=values.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # all written
     if batch == 0 or channels == 0 or out_h == 0 or out_w == 0:
         return out
     cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
@@ -86,7 +87,7 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     with device_guard(values):
         wrap_triton(_box_fill_kernel)[grid](
             values, cells, order, start, out, channels, out_h, out_w, tiles_w, values.stride(0), values.stride(1),
-            AVERAGE=average, ACC_FP64=acc_fp64(values.dtype), BLOCK_C=8, TILE_H=tile_h, TILE_W=tile_w)
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3), AVERAGE=average, ACC_FP64=acc_fp64(values.dtype), BLOCK_C=8, TILE_H=tile_h, TILE_W=tile_w)
     return out
 
 

@@ -1,8 +1,9 @@
-// CPU box_fill: per (image, channel) plane, one sweep down the plane keeping a float64 running
-// value per column (one row of state, in L1): at a box's top row its value is added to its
-// columns, before the row below its bottom it is taken away, and every row is written as it
-// stands. O(H*W + boxes*width) whatever the box heights, no scratch map; one thread owns a plane
-// and adds in a fixed order, so the output is deterministic (no atomics).
+// CPU box_fill: per block of channels of one image, the top-to-bottom sweep of csrc/common/cpu_box_sweep.inc
+// (a running row of float64 values; on event rows a box's value is added to / removed from its columns
+// directly, or through a difference row and one prefix sum when the row's boxes are wide: cost
+// O(H*W + boxes) whatever the boxes' sizes, no scratch map). Writes an NCHW map one (b, c) plane per block, or
+// a channels_last map (channels_last=true) 32 channels per block. One thread owns a block and adds in a
+// fixed order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,68 +11,113 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../../common/cpu_boxes.h"
+#include "../../common/cpu_isa.h"
 
+#define LGD_SWEEP_FILL
 namespace lgd_ops {
+namespace isa_base {
+#include "../../common/cpu_box_sweep.inc"
+}  // namespace isa_base
+#if LGD_OPS_HAVE_AVX2_COPY
+LGD_OPS_AVX2_BEGIN
+namespace isa_avx2 {
+#include "../../common/cpu_box_sweep.inc"
+}  // namespace isa_avx2
+LGD_OPS_AVX2_END
+#endif
+
 namespace {
 
+constexpr int kBlockCL = 32;   // channels per block of a channels_last map
+constexpr int kBlockNCHW = 8;  // planes per block of an NCHW map
+
+// The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
+// channels_last: cb = kBlockCL. NCHW: one plane per block (its row pass is a contiguous stream, fastest
+// while events are few), or kBlockNCHW planes per block where the boxes' events are many for the level's
+// size (an event row's prefix then serves kBlockNCHW channels at once).
+struct Blocks {
+  int64_t C, full, per_image;
+  int cb;
+  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W) : C(channels) {
+    int64_t most = 0;
+    for (size_t b = 0; b + 1 < plan.start.size(); ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
+    cb = channels_last ? kBlockCL : (2 * most * isa_base::kEventCost > H * W / 2 ? kBlockNCHW : 1);
+    full = channels / cb;
+    per_image = full + channels % cb;
+  }
+  // (image, first channel, whether it is a full block) of block blk
+  void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {
+    *b = blk / per_image;
+    const int64_t q = blk % per_image;
+    *wide = q < full;
+    *c0 = *wide ? q * cb : full * cb + (q - full);
+  }
+};
+
 template <typename scalar_t>
-void fill_planes(const scalar_t* values, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
-                 int64_t W, bool average, int64_t begin, int64_t end) {
-  std::vector<double> col(W);
-  for (int64_t plane = begin; plane < end; ++plane) {
-    const int64_t b = plane / C, c = plane % C;
-    scalar_t* o = out + plane * H * W;
-    std::fill(col.begin(), col.end(), 0.0);
-    const RowEvent* ev = ix.events.data() + 2 * ix.start[b];
-    const RowEvent* ev_end = ix.events.data() + 2 * ix.start[b + 1];
-    for (int64_t j = 0; j < H; ++j) {
-      for (; ev != ev_end && ev->row == j; ++ev) {
-        const CellRange r = ix.cells[ev->box];
-        double v = static_cast<double>(values[ev->box * C + c]);
-        if (!std::isfinite(v)) continue;  // added below: it would stay in the columns past the box
-        if (average) v /= double(r.count());
-        if (!ev->top) v = -v;
-        for (int32_t i = r.x0; i <= r.x1; ++i) col[i] += v;
-      }
-      scalar_t* row = o + j * W;
-      for (int64_t i = 0; i < W; ++i) row[i] = static_cast<scalar_t>(col[i]);
-    }
-    // Non-finite values (NaN - NaN, inf - inf never cancel) go straight into their own box's cells.
-    for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
-      const int64_t n = ix.order[k];
-      const double v = static_cast<double>(values[n * C + c]);
-      if (std::isfinite(v)) continue;
-      const CellRange r = ix.cells[n];
-      for (int32_t j = r.y0; j <= r.y1; ++j)
-        for (int32_t i = r.x0; i <= r.x1; ++i)
-          o[j * W + i] = static_cast<scalar_t>(static_cast<double>(o[j * W + i]) + v);
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
+
+template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
+void fill_one(const scalar_t* v, int64_t C, scalar_t* o, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan,
+              int64_t b, bool average, acc_t* col, acc_t* diff) {
+  if constexpr (kAvx2) {
+#if LGD_OPS_HAVE_AVX2_COPY
+    isa_avx2::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, col, diff);
+#endif
+  } else {
+    isa_base::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, col, diff);
+  }
+}
+
+// Blocks [begin, end) of the map (struct Blocks).
+template <typename scalar_t, bool kAvx2>
+void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, const Blocks& blocks, int64_t H,
+                 int64_t W, const BoxPlan& plan, bool average, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb);
+  const int64_t C = blocks.C;
+  for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t b, c0;
+    bool wide;
+    blocks.at(blk, &b, &c0, &wide);
+    scalar_t* o = out + b * m.sb + c0 * m.sc;
+    const scalar_t* v = values + c0;
+    if (m.channels_last) {
+      if (wide) fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+    } else {
+      if (wide && blocks.cb == kBlockNCHW) fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
     }
   }
 }
 
-at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes,
-                        const at::Tensor& batch_idx, int64_t in_h, int64_t in_w, int64_t batch,
-                        int64_t out_h, int64_t out_w, bool average) {
+at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t in_h,
+                        int64_t in_w, int64_t batch, int64_t out_h, int64_t out_w, bool average, bool channels_last) {
   TORCH_CHECK(values.dim() == 2 && values.size(0) == boxes.size(0),
-              "lgd_ops.box_fill: values must be [N, C] with N = boxes.size(0), got ",
-              values.sizes());
-  TORCH_CHECK(batch >= 0 && out_h >= 0 && out_w >= 0,
-              "lgd_ops.box_fill: output size must be non-negative, got (", batch, ", ", out_h,
-              ", ", out_w, ")");
+              "lgd_ops.box_fill: values must be [N, C] with N = boxes.size(0), got ", values.sizes());
+  TORCH_CHECK(batch >= 0 && out_h >= 0 && out_w >= 0, "lgd_ops.box_fill: output size must be non-negative, got (",
+              batch, ", ", out_h, ", ", out_w, ")");
   check_box_args(boxes, batch_idx, in_h, in_w, values, "values");
   const int64_t C = values.size(1);
-  at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options());  // every plane is written
+  at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options().memory_format(
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));  // every element is written
   if (out.numel() == 0) return out;
-  const ImageBoxes ix = index_boxes(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
+  const auto plan = plan_boxes_cpu(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();
+  const MapLayout m = layout_of(out);
+  const Blocks blocks(C, m.channels_last, *plan, out_h, out_w);
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
-    const scalar_t* v = vals.data_ptr<scalar_t>();
+    const scalar_t* v = vals.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * C, 1, [&](int64_t begin, int64_t end) {
-      fill_planes<scalar_t>(v, o, ix, C, out_h, out_w, average, begin, end);
+    at::parallel_for(0, batch * blocks.per_image, 1, [&](int64_t begin, int64_t end) {
+      if (avx2) fill_blocks<scalar_t, true>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
+      else fill_blocks<scalar_t, false>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
     });
   });
   return out;

@@ -19,7 +19,8 @@ constexpr int kChannels = 8;  // channels per thread
 template <typename scalar_t>
 __global__ void box_fill_kernel(const scalar_t* __restrict__ values, const int32_t* __restrict__ cells,
                                 const int64_t* __restrict__ order, const int64_t* __restrict__ start,
-                                int64_t C, int64_t H, int64_t W, bool average, scalar_t* __restrict__ out) {
+                                int64_t C, int64_t H, int64_t W, bool average, bool channels_last,
+                                scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t c0 = int64_t(blockIdx.y) * kChannels;
@@ -40,11 +41,13 @@ __global__ void box_fill_kernel(const scalar_t* __restrict__ values, const int32
   }
 #pragma unroll
   for (int q = 0; q < kChannels; ++q)
-    if (c0 + q < C) out[(b * C + c0 + q) * H * W + p] = static_cast<scalar_t>(acc[q]);
+    if (c0 + q < C)
+      out[channels_last ? (b * H * W + p) * C + c0 + q : (b * C + c0 + q) * H * W + p] = static_cast<scalar_t>(acc[q]);
 }
 
 at::Tensor box_fill_cuda(const at::Tensor& values, const at::Tensor& boxes, const at::Tensor& batch_idx,
-                         int64_t in_h, int64_t in_w, int64_t batch, int64_t out_h, int64_t out_w, bool average) {
+                         int64_t in_h, int64_t in_w, int64_t batch, int64_t out_h, int64_t out_w, bool average,
+                         bool channels_last) {
   TORCH_CHECK(values.dim() == 2 && values.size(0) == boxes.size(0),
               "lgd_ops.box_fill: values must be [N, C] with N = boxes.size(0), got ", values.sizes());
   TORCH_CHECK(batch >= 0 && out_h >= 0 && out_w >= 0, "lgd_ops.box_fill: output size must be non-negative, got (",
@@ -53,7 +56,8 @@ at::Tensor box_fill_cuda(const at::Tensor& values, const at::Tensor& boxes, cons
   check_box_args(boxes, batch_idx, in_h, in_w, values, "values");
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t C = values.size(1);
-  at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options());
+  at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options().memory_format(
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const CudaBoxPlan plan = plan_boxes(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();
@@ -61,7 +65,7 @@ at::Tensor box_fill_cuda(const at::Tensor& values, const at::Tensor& boxes, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cuda", [&] {
     box_fill_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         vals.data_ptr<scalar_t>(), plan.cells.data_ptr<int32_t>(), plan.order.data_ptr<int64_t>(),
-        plan.start.data_ptr<int64_t>(), C, out_h, out_w, average, out.data_ptr<scalar_t>());
+        plan.start.data_ptr<int64_t>(), C, out_h, out_w, average, channels_last, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

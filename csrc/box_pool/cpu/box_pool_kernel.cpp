@@ -1,12 +1,9 @@
-// CPU box_pool, per (image, channel) plane, whichever is cheaper:
-//  - boxes covering under a quarter of the plane in total: sum each box's rectangle directly (a
-//    direct read costs about four sweep cells: short rows, scalar float-to-double loads);
-//  - otherwise one sweep down the plane keeping float64 running sums of each column (so the
-//    sweep state is one row, in L1): at a box's top row its columns' running sums are subtracted,
-//    after its bottom row they are added, which leaves the box sum. O(H*W + boxes*width) instead of
-//    the box areas (~10x H*W at 100 objects per image), and no scratch map.
-// Sums are float64 in four independent lanes; one thread owns a plane and adds in a fixed order,
-// so results are identical run to run.
+// CPU box_pool: per block of channels of one image, the top-to-bottom sweep of csrc/common/cpu_box_sweep.inc
+// (column sums + integral-image rows on event rows: cost O(H*W + boxes) whatever the boxes' sizes, one row of
+// float64 state, no scratch map), or for boxes covering under a quarter of the plane in total, their cells
+// summed directly. Reads NCHW-contiguous maps one (b, c) plane per block and channels_last maps 32
+// channels per block (vectorized across channels), with no copy; other strides are made contiguous first.
+// One thread owns a block and adds in a fixed order, so results are identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,91 +11,119 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../../common/cpu_boxes.h"
+#include "../../common/cpu_isa.h"
 
+#define LGD_SWEEP_POOL
 namespace lgd_ops {
+namespace isa_base {
+#include "../../common/cpu_box_sweep.inc"
+}  // namespace isa_base
+#if LGD_OPS_HAVE_AVX2_COPY
+LGD_OPS_AVX2_BEGIN
+namespace isa_avx2 {
+#include "../../common/cpu_box_sweep.inc"
+}  // namespace isa_avx2
+LGD_OPS_AVX2_END
+#endif
+
 namespace {
 
-// sum over i in [x0, x1] of f(i), in four lanes so the adds pipeline.
-template <typename F>
-double lane_sum(int32_t x0, int32_t x1, F f) {
-  double lane[4] = {0.0, 0.0, 0.0, 0.0};
-  int32_t i = x0;
-  for (; i + 3 <= x1; i += 4)
-    for (int l = 0; l < 4; ++l) lane[l] += f(i + l);
-  for (; i <= x1; ++i) lane[0] += f(i);
-  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
-}
+constexpr int kBlockCL = 32;   // channels per block of a channels_last map
+constexpr int kBlockNCHW = 8;  // planes per block of an NCHW map
 
-// Sum of a plane's cells in the rectangle r.
-template <typename scalar_t>
-double rect_sum(const scalar_t* f, int64_t W, const CellRange& r) {
-  double s = 0.0;
-  for (int32_t j = r.y0; j <= r.y1; ++j) {
-    const scalar_t* row = f + j * W;
-    s += lane_sum(r.x0, r.x1, [row](int32_t i) { return static_cast<double>(row[i]); });
+// The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
+// channels_last: cb = kBlockCL. NCHW: one plane per block (its row pass is a contiguous stream, fastest
+// while events are few), or kBlockNCHW planes per block where the boxes' events are many for the level's
+// size (an event row's prefix then serves kBlockNCHW channels at once).
+struct Blocks {
+  int64_t C, full, per_image;
+  int cb;
+  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W) : C(channels) {
+    int64_t most = 0;
+    for (size_t b = 0; b + 1 < plan.start.size(); ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
+    cb = channels_last ? kBlockCL : (2 * most * isa_base::kEventCost > H * W / 2 ? kBlockNCHW : 1);
+    full = channels / cb;
+    per_image = full + channels % cb;
   }
-  return s;
-}
+  // (image, first channel, whether it is a full block) of block blk
+  void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {
+    *b = blk / per_image;
+    const int64_t q = blk % per_image;
+    *wide = q < full;
+    *c0 = *wide ? q * cb : full * cb + (q - full);
+  }
+};
 
 template <typename scalar_t>
-void pool_planes(const scalar_t* feat, scalar_t* out, const ImageBoxes& ix, int64_t C, int64_t H,
-                 int64_t W, bool average, int64_t begin, int64_t end) {
-  std::vector<double> col(W), sum(ix.cells.size());
-  for (int64_t plane = begin; plane < end; ++plane) {
-    const int64_t b = plane / C, c = plane % C;
-    if (ix.start[b] == ix.start[b + 1]) continue;
-    const scalar_t* f = feat + plane * H * W;
-    if (4 * ix.area[b] < H * W) {
-      for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k)
-        sum[ix.order[k]] = rect_sum(f, W, ix.cells[ix.order[k]]);
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
+
+template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
+void pool_one(const scalar_t* x, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan, int64_t b,
+              acc_t* col, acc_t* pre, acc_t* sums) {
+  if constexpr (kAvx2) {
+#if LGD_OPS_HAVE_AVX2_COPY
+    isa_avx2::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+#endif
+  } else {
+    isa_base::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+  }
+}
+
+// Blocks [begin, end) of the map (struct Blocks).
+template <typename scalar_t, bool kAvx2>
+void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks, int64_t H, int64_t W,
+                 const BoxPlan& plan, bool average, scalar_t* out, int64_t begin, int64_t end) {
+  using acc_t = acc_type<scalar_t>;
+  int64_t max_boxes = 1;
+  for (size_t b = 0; b + 1 < plan.start.size(); ++b) max_boxes = std::max(max_boxes, plan.start[b + 1] - plan.start[b]);
+  const int64_t C = blocks.C;
+  std::vector<acc_t> col(W * blocks.cb), pre((W + 1) * blocks.cb), sums(max_boxes * blocks.cb);
+  for (int64_t blk = begin; blk < end; ++blk) {
+    int64_t b, c0;
+    bool wide;
+    blocks.at(blk, &b, &c0, &wide);
+    const int64_t first = plan.start[b], count = plan.start[b + 1] - first;
+    if (count == 0) continue;
+    const scalar_t* x = feat + b * m.sb + c0 * m.sc;
+    if (m.channels_last) {
+      if (wide) pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
     } else {
-      std::fill(col.begin(), col.end(), 0.0);  // col[i] = sum of rows above the sweep in column i
-      const RowEvent* ev = ix.events.data() + 2 * ix.start[b];
-      const RowEvent* ev_end = ix.events.data() + 2 * ix.start[b + 1];
-      for (int64_t j = 0; j <= H && ev != ev_end; ++j) {
-        for (; ev != ev_end && ev->row == j; ++ev) {
-          const CellRange r = ix.cells[ev->box];
-          const double part = lane_sum(r.x0, r.x1, [&col](int32_t i) { return col[i]; });
-          sum[ev->box] = ev->top ? -part : sum[ev->box] + part;
-        }
-        if (j == H) break;
-        const scalar_t* row = f + j * W;
-        for (int64_t i = 0; i < W; ++i) col[i] += static_cast<double>(row[i]);
-      }
-      // A non-finite cell above a box in its columns reaches the box's sweep sum (NaN - NaN,
-      // inf - inf): such a box is summed directly, so it sees only its own cells.
-      for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
-        const int64_t n = ix.order[k];
-        if (!std::isfinite(sum[n])) sum[n] = rect_sum(f, W, ix.cells[n]);
-      }
+      if (wide && blocks.cb == kBlockNCHW) pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
     }
-    for (int64_t k = ix.start[b]; k < ix.start[b + 1]; ++k) {
-      const int64_t n = ix.order[k];
-      out[n * C + c] = static_cast<scalar_t>(average ? sum[n] / double(ix.cells[n].count()) : sum[n]);
+    const int cb = wide ? blocks.cb : 1;  // channels of this block
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t n = plan.order[first + k];
+      const acc_t scale = average ? acc_t(plan.cells[n].count()) : acc_t(1);
+      for (int c = 0; c < cb; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(sums[k * cb + c] / scale);
     }
   }
 }
 
-at::Tensor box_pool_cpu(const at::Tensor& features, const at::Tensor& boxes,
-                        const at::Tensor& batch_idx, int64_t in_h, int64_t in_w, bool average) {
-  TORCH_CHECK(features.dim() == 4, "lgd_ops.box_pool: features must be [B, C, H, W], got ",
-              features.sizes());
+at::Tensor box_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, const at::Tensor& batch_idx,
+                        int64_t in_h, int64_t in_w, bool average) {
+  TORCH_CHECK(features.dim() == 4, "lgd_ops.box_pool: features must be [B, C, H, W], got ", features.sizes());
   check_box_args(boxes, batch_idx, in_h, in_w, features, "features");
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2),
-                W = features.size(3);
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   // Boxes covering nothing (and boxes of no valid image) keep this zero row.
   at::Tensor out = at::zeros({boxes.size(0), C}, features.options());
   if (out.numel() == 0 || H == 0 || W == 0) return out;
-  const ImageBoxes ix = index_boxes(boxes, batch_idx, B, in_h, in_w, H, W);
-  const at::Tensor feat = features.contiguous();
+  const auto plan = plan_boxes_cpu(boxes, batch_idx, B, in_h, in_w, H, W);
+  const at::Tensor feat = kernel_layout(features) ? features : features.contiguous();
+  const MapLayout m = layout_of(feat);
+  const Blocks blocks(C, m.channels_last, *plan, H, W);
+  const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cpu", [&] {
-    const scalar_t* f = feat.data_ptr<scalar_t>();
+    const scalar_t* f = feat.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      pool_planes<scalar_t>(f, o, ix, C, H, W, average, begin, end);
+    at::parallel_for(0, B * blocks.per_image, 1, [&](int64_t begin, int64_t end) {
+      if (avx2) pool_blocks<scalar_t, true>(f, m, blocks, H, W, *plan, average, o, begin, end);
+      else pool_blocks<scalar_t, false>(f, m, blocks, H, W, *plan, average, o, begin, end);
     });
   });
   return out;

@@ -17,8 +17,8 @@ constexpr int kWarpsPerBlock = 8;  // channels of one box per block
 
 template <typename scalar_t>
 __global__ void box_pool_kernel(const scalar_t* __restrict__ feat, const int32_t* __restrict__ cells,
-                                const int64_t* __restrict__ batch_idx, int64_t n, int64_t C, int64_t H,
-                                int64_t W, bool average, scalar_t* __restrict__ out) {
+                                const int64_t* __restrict__ batch_idx, int64_t n, int64_t C, int64_t sb,
+                                int64_t sc, int64_t sh, int64_t sw, bool average, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t box = blockIdx.x;
   const int64_t c = int64_t(blockIdx.y) * kWarpsPerBlock + threadIdx.x / 32;
@@ -27,9 +27,9 @@ __global__ void box_pool_kernel(const scalar_t* __restrict__ feat, const int32_t
   const CellRange r{cells[4 * box], cells[4 * box + 1], cells[4 * box + 2], cells[4 * box + 3]};
   acc_t sum = 0;
   if (!r.empty()) {
-    const scalar_t* plane = feat + (batch_idx[box] * C + c) * H * W;
+    const scalar_t* plane = feat + batch_idx[box] * sb + c * sc;
     for (int32_t j = r.y0; j <= r.y1; ++j)
-      for (int32_t i = r.x0 + lane; i <= r.x1; i += 32) sum += static_cast<acc_t>(plane[j * W + i]);
+      for (int32_t i = r.x0 + lane; i <= r.x1; i += 32) sum += static_cast<acc_t>(plane[j * sh + i * sw]);
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffff, sum, offset);
   if (lane == 0) {
@@ -48,13 +48,15 @@ at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, co
   if (n == 0 || C == 0 || H == 0 || W == 0) return at::zeros({n, C}, features.options());
   at::Tensor out = at::empty({n, C}, features.options());
   const CudaBoxPlan plan = plan_boxes(boxes, batch_idx, B, in_h, in_w, H, W);
-  const at::Tensor feat = features.contiguous();
+  // NCHW and channels_last maps are read in place (strides); other views are made contiguous first.
+  const at::Tensor feat = features.is_contiguous() || features.is_contiguous(at::MemoryFormat::ChannelsLast)
+                              ? features : features.contiguous();
   const at::Tensor bi = batch_idx.contiguous();
   const dim3 grid(n, (C + kWarpsPerBlock - 1) / kWarpsPerBlock);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cuda", [&] {
     box_pool_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        feat.data_ptr<scalar_t>(), plan.cells.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, H, W,
-        average, out.data_ptr<scalar_t>());
+        feat.data_ptr<scalar_t>(), plan.cells.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, feat.stride(0),
+        feat.stride(1), feat.stride(2), feat.stride(3), average, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -1,8 +1,10 @@
 // CUDA normalized_mse. Forward: one launch for up to kMaxLevels pyramid levels, one block per
 // (image, channel) plane accumulating float64 moments about the plane's first element, reduced in
 // a fixed order (deterministic) into the five per-plane statistics and the plane's loss; the loss
-// is their sum. Backward: one elementwise launch over every level, reading grad_out on the device
-// (no host sync). No normalized map is ever stored.
+// is their sum. Backward: one elementwise launch over every level with only useful blocks: each block
+// covers one tile of kBackwardTile elements of one (image, channel) plane, found from a per-level block
+// prefix (one division per block, none per element), and reads its plane's statistics once; grad_out is
+// read on the device (no host sync). No normalized map is ever stored.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,6 +25,7 @@ namespace {
 
 constexpr int kMaxLevels = 8;
 constexpr int kThreads = 256;
+constexpr int64_t kBackwardTile = 8 * kThreads;  // elements of one plane per backward block
 
 // Pointers and sizes of a group of levels, passed by value to one launch.
 template <typename scalar_t>
@@ -32,6 +35,8 @@ struct Levels {
   scalar_t* g[kMaxLevels];
   int64_t n[kMaxLevels];            // elements per plane
   int64_t first[kMaxLevels + 1];    // global index of each level's first plane (+ end)
+  int64_t tiles[kMaxLevels];        // backward blocks per plane: ceil(n / kBackwardTile)
+  int64_t block_first[kMaxLevels + 1];  // index of each level's first backward block (+ end)
   int count;
 };
 
@@ -99,16 +104,23 @@ template <typename scalar_t, typename stat_t>
 __global__ void nmse_backward_kernel(Levels<scalar_t> lv, int64_t planes_total, const stat_t* __restrict__ stats,
                                      const scalar_t* __restrict__ grad_out, double inv_total) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int l = blockIdx.y;
-  const int64_t n = lv.n[l], numel = (lv.first[l + 1] - lv.first[l]) * n;
+  const int64_t blk = blockIdx.x;
+  int l = 0;
+  while (l + 1 < lv.count && blk >= lv.block_first[l + 1]) ++l;
+  const int64_t n = lv.n[l], local = blk - lv.block_first[l];
+  const int64_t p = local / lv.tiles[l];  // the block's plane within the level (one division per block)
+  const int64_t begin = (local - p * lv.tiles[l]) * kBackwardTile;
+  const int64_t end = begin + kBackwardTile < n ? begin + kBackwardTile : n;
+  const int64_t q = lv.first[l] + p;
   const acc_t scale = acc_t(static_cast<double>(grad_out[0]) * 2.0 * inv_total);
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < numel; i += int64_t(gridDim.x) * kThreads) {
-    const int64_t q = lv.first[l] + i / n;
-    lv.g[l][i] = static_cast<scalar_t>(nmse_grad<acc_t>(
-        static_cast<acc_t>(lv.s[l][i]), static_cast<acc_t>(lv.t[l][i]), acc_t(stats[q]),
-        acc_t(stats[planes_total + q]), acc_t(stats[2 * planes_total + q]), acc_t(stats[3 * planes_total + q]),
-        acc_t(stats[4 * planes_total + q]), scale));
-  }
+  const acc_t ms = acc_t(stats[q]), rs = acc_t(stats[planes_total + q]), mt = acc_t(stats[2 * planes_total + q]),
+              rt = acc_t(stats[3 * planes_total + q]), k = acc_t(stats[4 * planes_total + q]);
+  const scalar_t* s = lv.s[l] + p * n;
+  const scalar_t* t = lv.t[l] + p * n;
+  scalar_t* g = lv.g[l] + p * n;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
+    g[i] = static_cast<scalar_t>(
+        nmse_grad<acc_t>(static_cast<acc_t>(s[i]), static_cast<acc_t>(t[i]), ms, rs, mt, rt, k, scale));
 }
 
 // Contiguous copies (kept alive by the caller) and the level groups of at most kMaxLevels.
@@ -122,6 +134,7 @@ std::vector<Levels<scalar_t>> group_levels(const std::vector<at::Tensor>& s, con
       groups.emplace_back();
       groups.back().count = 0;
       groups.back().first[0] = first;
+      groups.back().block_first[0] = 0;
     }
     Levels<scalar_t>& lv = groups.back();
     const int k = lv.count++;
@@ -129,6 +142,8 @@ std::vector<Levels<scalar_t>> group_levels(const std::vector<at::Tensor>& s, con
     lv.t[k] = t[l].data_ptr<scalar_t>();
     lv.g[k] = g ? (*g)[l].data_ptr<scalar_t>() : nullptr;
     lv.n[k] = s[l].size(2) * s[l].size(3);
+    lv.tiles[k] = (lv.n[k] + kBackwardTile - 1) / kBackwardTile;
+    lv.block_first[k + 1] = lv.block_first[k] + s[l].size(0) * s[l].size(1) * lv.tiles[k];
     first += s[l].size(0) * s[l].size(1);
     lv.first[k + 1] = first;
   }
@@ -180,10 +195,10 @@ std::vector<at::Tensor> normalized_mse_backward_cuda(const at::Tensor& grad, at:
     const at::Tensor st = stats.to(c10::CppTypeToScalarType<stat_t>::value).contiguous();
     const at::Tensor go = grad.to(s[0].scalar_type()).contiguous();
     for (const auto& lv : group_levels<scalar_t>(s, t, &g)) {
-      int64_t largest = 0;
-      for (int k = 0; k < lv.count; ++k) largest = std::max(largest, (lv.first[k + 1] - lv.first[k]) * lv.n[k]);
-      const dim3 grid(std::min<int64_t>((largest + kThreads - 1) / kThreads, 65535), lv.count);
-      nmse_backward_kernel<scalar_t, stat_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      // every block does work: one tile of one plane
+      const int64_t blocks = lv.block_first[lv.count];
+      TORCH_CHECK(blocks < (int64_t(1) << 31), "lgd_ops.normalized_mse_backward: too many elements for one launch");
+      nmse_backward_kernel<scalar_t, stat_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           lv, planes, st.data_ptr<stat_t>(), go.data_ptr<scalar_t>(), 1.0 / double(total));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
