@@ -6,13 +6,14 @@ pyramid levels of the shape. Modes:
   forward   the op under no_grad
   backward  torch.autograd.grad of the op's outputs, the forward graph built once outside the timer
   full      forward + backward
-Timing: median and 20th/80th percentiles of `--repeats` samples; torch.utils.benchmark.Timer on CPU (with this
-process' thread count), triton.testing.do_bench on CUDA (CUDA events when triton is missing).
+Timing and peak memory come from lgd_ops.benchmark (shared with the trainer's op report): median and 20th/80th
+percentiles of `--repeats` samples; a synchronized perf_counter on CPU (this process' thread count),
+triton.testing.do_bench on CUDA (CUDA events when triton is missing).
 Peak memory: beyond the inputs; CUDA: the caching allocator's peak, every mode; CPU: the peak resident size
 (VmHWM) of a fresh child process, mode full only (a child per case costs ~2 s).
 Achieved bandwidth: the bytes the op must move at least (below), over the median time, also as a fraction of
 the measured device copy bandwidth (dst.copy_(src) of 256 MiB, 2 x bytes per copy). With s = element size,
-M = sum over levels of B*C*H_l*W_l (one feature pyramid), N = objects in the batch:
+M = sum over levels of B*C*H_l*W_l (one feature pyramid), N = objects in the batch (context objects included):
   box_pool        forward s*(M + N*C*L)   (read the levels, write one [N, C] per level; L levels)
                   backward s*(N*C*L + M)  (read grad [N, C] per level, write grad of the levels)
   box_fill        forward s*(N*C + M)     (read the embeddings once, write the painted levels)
@@ -26,18 +27,16 @@ Outputs under --out, named ops_<device>_<shapes>_<dtypes>: .csv (long format, on
 backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torch, triton, commit, ...),
 .json (the same rows), .md (table) and _time.png / _memory.png (time and memory of mode full vs objects).
 
-  python benchmarks/bench_ops.py                       # COCO RetinaNet shape, B=2, fp32, 7/50/100 objects
+  python benchmarks/bench_ops.py                       # COCO RetinaNet shape, B=2, fp32, 7/50/300 objects + context
   python benchmarks/bench_ops.py --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
   python benchmarks/bench_ops.py --shape faster_rcnn --dtype bfloat16 --batch 1 8 --objects 1 300
   python benchmarks/bench_ops.py --shape tiny --repeats 2 --out /tmp/bench   # smoke run
 """
 import argparse
 import csv
-import gc
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +44,8 @@ import time
 import torch
 
 import lgd_ops
-from lgd_ops._backend import BACKENDS, resolve
+from lgd_ops import benchmark
+from lgd_ops._backend import BACKENDS
 
 # (default B, C, padded input H, W, level sizes): RetinaNet P3-P7, Faster R-CNN P2-P6 of a COCO image resized to
 # 800 x ~1200 and padded to a multiple of 32 (the 800 x 1333 setting's usual size)
@@ -94,13 +94,16 @@ def triton_version():
 
 
 def random_boxes(objects, n_img, in_h, in_w, device, generator):
-    """COCO-like boxes: log-uniform sizes from 8 px to the image size, some past the edge."""
+    """COCO-like boxes: `objects` per image with log-uniform sizes from 8 px to the image size, some past the
+    edge, then the image's context object last (the whole padded input, as lgd.modeling.labels packs it)."""
     n = objects * n_img
     size = torch.exp(torch.empty(n, 2).uniform_(2.0, 6.5, generator=generator))
     size = torch.minimum(size, torch.tensor([in_w, in_h], dtype=torch.float32))
     centre = torch.rand(n, 2, generator=generator) * torch.tensor([in_w, in_h])
-    boxes = torch.cat([centre - size / 2, centre + size / 2], 1)
-    batch_idx = torch.arange(n_img).repeat_interleave(objects)
+    boxes = torch.cat([centre - size / 2, centre + size / 2], 1).reshape(n_img, objects, 4)
+    context = torch.tensor([0.0, 0.0, in_w - 1.0, in_h - 1.0]).expand(n_img, 1, 4)
+    boxes = torch.cat([boxes, context], 1).reshape(-1, 4)
+    batch_idx = torch.arange(n_img).repeat_interleave(objects + 1)
     return boxes.to(device), batch_idx.to(device)
 
 
@@ -115,97 +118,31 @@ def min_bytes(op, mode, shape, batch, objects, dtype):
     n_img, channels, _, _, levels = shape_dims(shape, batch)
     s = torch.empty(0, dtype=dtype).element_size()
     m = sum(n_img * channels * h * w for h, w in levels)
-    per_level = objects * n_img * channels * len(levels)
+    boxes = (objects + 1) * n_img  # the context object included
+    per_level = boxes * channels * len(levels)
     fwd, bwd = {"box_pool": (m + per_level, per_level + m),
-                "box_fill": (objects * n_img * channels + m, m + per_level),
+                "box_fill": (boxes * channels + m, m + per_level),
                 "normalized_mse": (2 * m, 3 * m)}[op]
     return s * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
 def make_case(op, shape, objects, dtype, device, batch=None, seed=0):
-    """(run(backend) -> outputs, differentiable inputs) for one op over all levels of a shape."""
+    """The lgd_ops.benchmark case of one op over all levels of a named shape, with random_boxes."""
     g = torch.Generator().manual_seed(seed)
     n_img, channels, in_h, in_w, levels = shape_dims(shape, batch)
-    boxes, batch_idx = random_boxes(objects, n_img, in_h, in_w, device, g)
-    size = (in_h, in_w)
-
-    def leaf(*shape_):
-        return torch.randn(*shape_, generator=g).to(device=device, dtype=dtype).requires_grad_()
-
-    if op == "box_pool":
-        inputs = [leaf(n_img, channels, h, w) for h, w in levels]
-
-        def run(backend):
-            return [lgd_ops.box_pool(f, boxes, batch_idx, size, backend=backend) for f in inputs]
-    elif op == "box_fill":
-        inputs = [leaf(boxes.shape[0], channels)]
-
-        def run(backend):
-            return [lgd_ops.box_fill(inputs[0], boxes, batch_idx, size, (n_img, h, w), backend=backend)
-                    for h, w in levels]
-    elif op == "normalized_mse":
-        inputs = [leaf(n_img, channels, h, w) for h, w in levels]
-        teachers = [torch.randn(n_img, channels, h, w, generator=g).to(device=device, dtype=dtype) for h, w in levels]
-
-        def run(backend):
-            return [lgd_ops.normalized_mse(inputs, teachers, backend=backend)]
-    else:
-        raise ValueError(f"bench_ops: unknown op {op!r}; expected one of {OPS}")
-    return run, inputs
+    boxes, batch_idx = random_boxes(objects, n_img, in_h, in_w, "cpu", g)
+    return benchmark.make_case(op, [(n_img, channels, h, w) for h, w in levels], boxes, batch_idx, (in_h, in_w),
+                               dtype, device, seed=seed)
 
 
 def mode_fn(op, shape, objects, dtype, device, batch, mode, backend):
-    """A no-argument function running one `mode` call of the case (for backward, the graph is built here)."""
-    run, inputs = make_case(op, shape, objects, dtype, device, batch)
-    if mode == "forward":
-        def forward():
-            with torch.no_grad():
-                run(backend)
-        return forward
-    if mode == "backward":
-        outs = run(backend)
-        grads = [torch.ones_like(o) for o in outs]
-        return lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True)
-    if mode == "full":
-        def full():
-            outs = run(backend)
-            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
-        return full
-    raise ValueError(f"bench_ops: unknown mode {mode!r}; expected one of {MODES}")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """A no-argument function running one `mode` call of the case (lgd_ops.benchmark.mode_fn)."""
+    return benchmark.mode_fn(make_case(op, shape, objects, dtype, device, batch), mode, backend)
 
 
 def time_it(fn, device, repeats):
-    """(p20, median, p80) milliseconds of fn over `repeats` samples, after one warm-up call."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            p20, p50, p80 = do_bench(fn, rep=max(repeats, 25), quantiles=[0.2, 0.5, 0.8])
-            return p20, p50, p80
-        fn()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-    else:
-        from torch.utils.benchmark import Timer
-
-        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        fn()
-        times = [timer.timeit(1).median * 1e3 for _ in range(repeats)]
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
-    return q[0], statistics.median(times), q[3]
+    """(p20, median, p80) milliseconds of fn over `repeats` samples (lgd_ops.benchmark.time_ms)."""
+    return benchmark.time_ms(fn, device, repeats)
 
 
 def copy_bandwidth(device, nbytes=256 * 2**20, repeats=5):
@@ -217,45 +154,8 @@ def copy_bandwidth(device, nbytes=256 * 2**20, repeats=5):
 
 
 def peak_memory(op, shape, objects, dtype, device, backend, batch, mode="full"):
-    """Peak bytes one `mode` call allocates beyond its inputs (module docstring)."""
-    if device.type == "cuda":
-        fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
-        fn()
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak-child", op, shape, str(objects),
-           str(dtype).split(".")[-1], backend, str(batch or 0), mode]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1])
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
-
-
-def _peak_child(op, shape, objects, dtype, backend, batch, mode):
-    """Runs in a child process: prints the peak resident-size growth (bytes) of one `mode` call.
-
-    Glibc is told to mmap every block over 64 KiB, so freed memory leaves the RSS at once. Reads the kernel's
-    high-water mark VmHWM after resetting it (ru_maxrss would not do: Linux keeps it across exec, so it starts
-    at the parent's size), from after the inputs are built, the libraries warmed up on a tiny case first."""
-    device = torch.device("cpu")
-    dtype, objects, batch = getattr(torch, dtype), int(objects), int(batch) or None
-    mode_fn(op, "tiny", objects, dtype, device, None, mode, backend)()
-    fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    base = _proc_status_kib("VmRSS")
-    fn()
-    print((_proc_status_kib("VmHWM") - base) * 1024)
+    """Peak bytes one `mode` call allocates beyond its inputs (lgd_ops.benchmark.peak_memory)."""
+    return benchmark.peak_memory(make_case(op, shape, objects, dtype, device, batch), mode, backend)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -272,7 +172,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--objects", type=int, nargs="+", default=[7, 50, 100], help="objects per image")
+    parser.add_argument("--objects", type=int, nargs="+", default=[7, 50, 300],
+                        help="objects per image (each image also gets its whole-image context object)")
     parser.add_argument("--batch", type=int, nargs="+", default=[0], help="images per batch (0: the shape's, 2)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="default: every available backend for --device")
@@ -299,7 +200,7 @@ def parse_args(argv=None, prog=None):
         parser.error(f"argument --device: {e}")
     for backend in args.backends or ():
         try:
-            resolve(backend, device)
+            lgd_ops.resolve_backend(backend, device)
         except ValueError as e:
             parser.error(f"argument --backends: {e}")
     return args
@@ -418,8 +319,6 @@ def plot(rows, base):
 
 def main(argv=None, prog=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 8 and argv[0] == "--peak-child":
-        return _peak_child(*argv[1:])
     args = parse_args(argv, prog)  # before the re-exec, so that --help and errors name the command as typed
     if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **STEADY_MALLOC))

@@ -112,6 +112,12 @@ def resolve(backend, device):
     return backend
 
 
+def resolve_backend(backend="auto", device="cpu"):
+    """The backend name an op with `backend=backend` would run for tensors on `device` ("auto", the
+    use_backend() context and LGD_OPS_BACKEND applied); ValueError if that backend cannot run there."""
+    return resolve(backend, torch.device(device))
+
+
 def _load_triton_ops():
     """Registers torch.ops.lgd_ops.*_triton (imported on first use: @triton.jit reads TRITON_INTERPRET)."""
     importlib.import_module("lgd_ops.triton")

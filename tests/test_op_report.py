@@ -18,8 +18,9 @@ from lgd.engine.op_report import OPS, OpReport, time_lgd_ops
 from lgd.engine.optim import build_lgd_optimizer
 from test_lgd_distiller import make_batch, make_distiller
 
-KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup")} | {
-    "op_report/lgd_fwd_ms", "op_report/step_ms", "op_report/lgd_fwd_share"}
+KEYS = {f"op_report/{op}_{k}" for op in OPS for k in ("ms", "ref_ms", "speedup", "peak_mb", "ref_peak_mb")} | {
+    "op_report/lgd_fwd_ms", "op_report/step_ms", "op_report/lgd_fwd_share", "op_report/lgd_saved_mb",
+    "op_report/step_saved_mb", "op_report/lgd_mem_share"}
 
 
 def train(tmp_path, period, max_iter=3):
@@ -38,8 +39,9 @@ def test_report_iterations_log_the_scalars(tmp_path):
     reported = [r["iteration"] for r in rows if KEYS <= set(r)]
     assert reported == [1]  # (iter + 1) % period == 0
     row = next(r for r in rows if r["iteration"] == 1)
-    assert all(math.isfinite(row[k]) and row[k] >= 0 for k in KEYS)
+    assert all(math.isfinite(row[k]) and row[k] >= 0 for k in KEYS), {k: row[k] for k in KEYS if not row[k] >= 0}
     assert 0 < row["op_report/lgd_fwd_share"] < 1
+    assert 0 < row["op_report/lgd_mem_share"] < 1 and row["op_report/lgd_saved_mb"] < row["op_report/step_saved_mb"]
     assert not any(k.startswith("op_report/") for r in rows if r["iteration"] != 1 for k in r)
 
 
@@ -54,6 +56,9 @@ def test_time_lgd_ops_reference_and_bad_input():
     report = time_lgd_ops(levels, boxes, torch.tensor([0, 1]), (64, 80), backend="reference", repeats=1)
     assert set(report) == set(OPS)
     assert all(r["backend"] == "reference" and r["speedup"] == 1.0 for r in report.values())
+    with_memory = time_lgd_ops(levels, boxes, torch.tensor([0, 1]), (64, 80), backend="reference", repeats=1,
+                               memory=True)
+    assert all(r["peak_mb"] >= 0 and r["ref_peak_mb"] == r["peak_mb"] for r in with_memory.values())
     with pytest.raises(ValueError, match="levels"):
         time_lgd_ops([], boxes, torch.tensor([0, 1]), (64, 80))
     with pytest.raises(ValueError, match="repeats"):

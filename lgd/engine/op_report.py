@@ -1,4 +1,5 @@
-"""OpReport: a training hook that times LGD's three fused ops on the run's own shapes, every `period` iterations.
+"""OpReport: a training hook that times LGD's three fused ops on the run's own shapes, and reports their memory and
+LGD's share of the step's memory, every `period` iterations.
 
 On a report iteration (every `period`-th, counted like detectron2's periodic hooks) the hook
   1. records, during the step, the teacher's inputs (the student's FPN levels and the packed boxes: the real
@@ -11,7 +12,17 @@ On a report iteration (every `period`-th, counted like detectron2's periodic hoo
         op_report/<op>_ms, op_report/<op>_ref_ms, op_report/<op>_speedup   (op = box_pool, box_fill, normalized_mse)
         op_report/lgd_fwd_ms, op_report/step_ms, op_report/lgd_fwd_share     (LGD forward time / step time)
      for the JSON and TensorBoard writers registered after it (detectron2's console printer shows only losses
-     and times), and logs a short table to the console.
+     and times), and logs a short table to the console;
+  3. memory: each op's peak extra memory (forward + backward, beyond its inputs) with the active backend and the
+     reference, on the same shapes (lgd_ops.benchmark.peak_memories: the caching allocator's peak on CUDA; on
+     CPU the resident-size high-water mark of one child process, which costs the training process nothing
+     lasting), measured on the first report and again whenever the level shapes change:
+        op_report/<op>_peak_mb, op_report/<op>_ref_peak_mb
+     and LGD's share of the step's activation memory: the bytes of the tensors autograd saves for the backward
+     during the step (parameters excluded, each storage once), those saved inside LGD's modules (teacher,
+     distillation loss) against all of them:
+        op_report/lgd_saved_mb, op_report/step_saved_mb, op_report/lgd_mem_share
+     plus, on CUDA, op_report/step_peak_mb (the allocator's peak during the step).
 
 lgd_fwd_share covers forwards only (teacher modules, adapter, normalized MSE; the instructive detection-head
 pass and all backward work are not in it): a lower bound of LGD's share of the step. The Mask R-CNN variant
@@ -21,10 +32,11 @@ Overhead: only report iterations pay, about (1 + repeats) x (the ops' time with 
 device sync per hooked module. At the RetinaNet COCO shape (B=2, 800 x 1216, 7 objects/image) the three ops
 take 0.27 s forward + backward with the reference and 0.05 s fused on one CPU core (benchmarks/README.md), so
 a report costs ~1.3 s there: with the default period 1000 that is ~0.002 % of a CPU run whose LGD step takes
-about a minute, and less on a GPU. period=0 disables the hook.
+about a minute, and less on a GPU. The memory figures cost one child process (a few seconds on CPU: it imports
+torch and runs each op once per backend) on the first report and when the level shapes change; the saved-tensor
+count costs a set lookup per saved tensor on report iterations. period=0 disables the hook.
 """
 import logging
-import statistics
 import time
 from typing import Dict, List, Optional
 
@@ -32,7 +44,7 @@ import torch
 from detectron2.engine import HookBase
 
 import lgd_ops
-from lgd_ops._backend import resolve
+from lgd_ops import benchmark
 
 from .hooks import unwrap_model
 
@@ -44,72 +56,94 @@ OPS = ("box_pool", "box_fill", "normalized_mse")
 
 
 def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    benchmark.sync(device)
 
 
-def _median_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: lazy initialization, allocator growth
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def _op_cases(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor, image_size):
-    """op name -> function(backend) running that op's forward + backward over all levels once."""
-    feats = [x.detach().clone().requires_grad_() for x in levels]
-    teachers = [torch.randn_like(x) for x in feats]
-    num_images, channels = feats[0].shape[:2]
-    emb = torch.randn(boxes.shape[0], channels, device=feats[0].device, dtype=feats[0].dtype, requires_grad=True)
-
-    def run(outputs, inputs):
-        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
-        for x in inputs:
-            x.grad = None
-
-    return {
-        "box_pool": lambda b: run([lgd_ops.box_pool(f, boxes, batch_idx, image_size, backend=b) for f in feats],
-                                  feats),
-        "box_fill": lambda b: run([lgd_ops.box_fill(emb, boxes, batch_idx, image_size,
-                                                    (num_images, *f.shape[-2:]), backend=b) for f in feats], [emb]),
-        "normalized_mse": lambda b: run([lgd_ops.normalized_mse(feats, teachers, backend=b)], feats),
-    }
+def _cases(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor, image_size):
+    """op name -> lgd_ops.benchmark case: the op over the captured levels' shapes and dtype, on the captured boxes."""
+    x = levels[0]
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format
+    return {op: benchmark.make_case(op, [tuple(l.shape) for l in levels], boxes, batch_idx, image_size, x.dtype,
+                                    x.device, fmt) for op in OPS}
 
 
 def time_lgd_ops(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor, image_size,
-                 backend: str = "auto", repeats: int = 3) -> Dict[str, Dict[str, float]]:
+                 backend: str = "auto", repeats: int = 3, memory: bool = False) -> Dict[str, Dict[str, float]]:
     """Median forward + backward ms of each op with `backend` (resolved for the levels' device) and with the
-    reference: {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}}."""
+    reference (lgd_ops.benchmark.time_ms): {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
+    memory=True adds "peak_mb" and "ref_peak_mb" (lgd_ops.benchmark.peak_memories, module docstring)."""
     if not levels:
         raise ValueError("time_lgd_ops: levels must hold at least one [B, C, H, W] tensor")
     if repeats < 1:
         raise ValueError(f"time_lgd_ops: repeats must be >= 1, got {repeats}")
     device = levels[0].device
-    active = resolve(backend, device)
+    active = lgd_ops.resolve_backend(backend, device)
+    cases = _cases(levels, boxes, batch_idx, image_size)
     report = {}
     with torch.enable_grad():
-        for op, fn in _op_cases(levels, boxes, batch_idx, image_size).items():
-            ms = _median_ms(lambda: fn(active), device, repeats)
-            ref_ms = ms if active == "reference" else _median_ms(lambda: fn("reference"), device, repeats)
+        for op, case in cases.items():
+            ms = benchmark.time_ms(benchmark.mode_fn(case, "full", active), device, repeats)[1]
+            ref_ms = ms if active == "reference" else benchmark.time_ms(
+                benchmark.mode_fn(case, "full", "reference"), device, repeats)[1]
             report[op] = {"backend": active, "ms": ms, "ref_ms": ref_ms, "speedup": ref_ms / ms if ms else float("nan")}
+        if memory:
+            backends = [active] if active == "reference" else [active, "reference"]
+            peaks = benchmark.peak_memories(list(cases.values()), "full", backends)
+            for op, row in zip(cases, peaks):
+                report[op]["peak_mb"] = row[0] / 2**20
+                report[op]["ref_peak_mb"] = row[-1] / 2**20
     return report
 
 
-class OpReport(HookBase):
-    """Every `period` iterations: LGD op timings on the run's shapes and LGD's forward share of the step
-    (module docstring). period=0 disables it; repeats: timed runs per op and backend (median)."""
+class _SavedBytes:
+    """saved_tensors_hooks that count the bytes autograd saves for the backward (each storage once, parameters
+    excluded), split into those saved while `inside` is set (LGD's modules) and all of them. Identity hooks: the
+    graph keeps exactly the tensors it would keep anyway."""
 
-    def __init__(self, period: int = 1000, repeats: int = 3):
+    def __init__(self, parameters):
+        self.skip = {p.untyped_storage().data_ptr() for p in parameters}
+        self.seen = set()
+        self.inside = False
+        self.lgd = self.total = 0
+        self._context = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        try:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (e.g. a fake or nested tensor)
+            return t
+        if key and key not in self.skip and key not in self.seen:
+            self.seen.add(key)
+            self.total += storage.nbytes()
+            if self.inside:
+                self.lgd += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+        self.seen.clear()
+
+
+class OpReport(HookBase):
+    """Every `period` iterations: LGD op timings and memory on the run's shapes, LGD's forward share of the step
+    and its share of the step's saved activations (module docstring). period=0 disables it; repeats: timed runs
+    per op and backend (median); memory=False skips the ops' peak memory."""
+
+    def __init__(self, period: int = 1000, repeats: int = 3, memory: bool = True):
         if period < 0:
             raise ValueError(f"OpReport: period must be >= 0 (0 disables), got {period}")
         if repeats < 1:
             raise ValueError(f"OpReport: repeats must be >= 1, got {repeats}")
-        self.period, self.repeats = int(period), int(repeats)
+        self.period, self.repeats, self.memory = int(period), int(repeats), bool(memory)
+        self._peaks: Dict[str, Dict[str, float]] = {}
+        self._peak_shapes = None
+        self._saved: Optional[_SavedBytes] = None
         self._handles = []
         self._captured: Optional[tuple] = None
         self._lgd_ms = 0.0
@@ -134,15 +168,21 @@ class OpReport(HookBase):
         def start(_module, _args):
             _sync(device)
             self._lgd_start = time.perf_counter()
+            self._saved.inside = True
 
         def stop(_module, _args, _output):
             _sync(device)
             self._lgd_ms += (time.perf_counter() - self._lgd_start) * 1e3
+            self._saved.inside = False
 
         self._handles = [model.teacher.appearance_encoder.register_forward_pre_hook(capture)]
         for module in (model.teacher, model.distill_loss):
             self._handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+        self._saved = _SavedBytes(model.parameters()).__enter__()
         _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self._step_base = torch.cuda.memory_allocated(device)
         self._step_start = time.perf_counter()
 
     def after_step(self):
@@ -154,26 +194,45 @@ class OpReport(HookBase):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        saved, self._saved = self._saved, None
+        saved.__exit__(None, None, None)
         if self._captured is None:  # the teacher did not run (e.g. an evaluation-only step)
             return
+        storage = self.trainer.storage
+        if model.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(model.device) - self._step_base
+            storage.put_scalar("op_report/step_peak_mb", peak / 2**20, smoothing_hint=False)
+        storage.put_scalar("op_report/lgd_saved_mb", saved.lgd / 2**20, smoothing_hint=False)
+        storage.put_scalar("op_report/step_saved_mb", saved.total / 2**20, smoothing_hint=False)
+        storage.put_scalar("op_report/lgd_mem_share", saved.lgd / saved.total if saved.total else 0.0,
+                           smoothing_hint=False)
         levels, boxes, batch_idx, image_size = self._captured
         self._captured = None
+        shapes = [tuple(x.shape) for x in levels]
+        measure = self.memory and shapes != self._peak_shapes
         report = time_lgd_ops(levels, boxes, batch_idx, image_size, model.teacher.appearance_encoder.backend,
-                              self.repeats)
-        storage = self.trainer.storage
+                              self.repeats, memory=measure)
+        if measure:
+            self._peaks = {op: {k: r[k] for k in ("peak_mb", "ref_peak_mb")} for op, r in report.items()}
+            self._peak_shapes = shapes
         for op, r in report.items():
-            for key in ("ms", "ref_ms", "speedup"):
-                storage.put_scalar(f"op_report/{op}_{key}", r[key], smoothing_hint=False)
+            r.update(self._peaks.get(op, {}))
+            for key in ("ms", "ref_ms", "speedup", "peak_mb", "ref_peak_mb"):
+                if key in r:
+                    storage.put_scalar(f"op_report/{op}_{key}", r[key], smoothing_hint=False)
         storage.put_scalar("op_report/lgd_fwd_ms", self._lgd_ms, smoothing_hint=False)
         storage.put_scalar("op_report/step_ms", step_ms, smoothing_hint=False)
         storage.put_scalar("op_report/lgd_fwd_share", self._lgd_ms / step_ms if step_ms else 0.0,
                            smoothing_hint=False)
-        shapes = " ".join(f"{h}x{w}" for h, w in (x.shape[-2:] for x in levels))
+        shapes = " ".join(f"{h}x{w}" for _, _, h, w in shapes)
         lines = [f"LGD op report, iter {self.trainer.iter}: B={levels[0].shape[0]} C={levels[0].shape[1]} "
                  f"levels {shapes}, {boxes.shape[0]} objects (context included), fwd+bwd medians of {self.repeats}",
-                 f"{'op':16s}{'backend':>10s}{'ms':>10s}{'ref ms':>10s}{'speedup':>9s}"]
+                 f"{'op':16s}{'backend':>10s}{'ms':>10s}{'ref ms':>10s}{'speedup':>9s}{'peak MB':>10s}{'ref MB':>10s}"]
         lines += [f"{op:16s}{r['backend']:>10s}{r['ms']:10.2f}{r['ref_ms']:10.2f}{r['speedup']:8.2f}x"
+                  f"{r.get('peak_mb', float('nan')):10.1f}{r.get('ref_peak_mb', float('nan')):10.1f}"
                   for op, r in report.items()]
         lines.append(f"LGD forward {self._lgd_ms:.1f} ms of a {step_ms:.1f} ms step "
-                     f"({100 * self._lgd_ms / max(step_ms, 1e-9):.1f} %, forwards only)")
+                     f"({100 * self._lgd_ms / max(step_ms, 1e-9):.1f} %, forwards only); LGD saved "
+                     f"{saved.lgd / 2**20:.1f} MB of the step's {saved.total / 2**20:.1f} MB of activations "
+                     f"({100 * saved.lgd / max(saved.total, 1):.1f} %)")
         logger.info("\n".join(lines))
