@@ -6,7 +6,6 @@ import torch.nn as nn
 
 import lgd_ops
 
-from .levels import check_levels
 from .labels import PackedLabels
 
 
@@ -29,12 +28,8 @@ class AppearanceEncoder(nn.Module):
                                   nn.GroupNorm(1, channels, affine=False), nn.ReLU())
 
     def forward(self, features: Sequence[torch.Tensor], labels: PackedLabels) -> List[torch.Tensor]:
-        """features: list of [B, channels, H_l, W_l] (B = labels.num_images) -> list of [N, channels]."""
-        if not isinstance(labels, PackedLabels):
-            raise ValueError(f"AppearanceEncoder: labels must be PackedLabels, got {type(labels).__name__}")
-        check_levels(features, self.channels, labels.num_images, "AppearanceEncoder")
-        if self.use_masks and labels.masks is None:
-            raise ValueError("AppearanceEncoder: use_masks=True needs labels built with masks")
+        """features: list of [B, channels, H_l, W_l] (B = labels.num_images) -> list of [N, channels].
+        Inputs are validated by the caller (LGDTeacher)."""
         out = []
         for x in features:
             projected = self.proj(x.detach() if self.detach_input else x)

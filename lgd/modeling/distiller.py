@@ -32,7 +32,6 @@ R-CNN (rcnn_branch="shared_proposals": the cheaper variant that reuses the stude
 """
 from typing import Dict, List, Optional
 
-import torch
 import torch.nn as nn
 from detectron2.utils.events import get_event_storage
 

@@ -2,7 +2,6 @@
 group_norm (the stock head's GroupNorm type probe fails on recent torch). Same modules, parameters and
 state_dict keys as the stock head, so checkpoints move freely between the two. The LGD FCOS configs use it.
 """
-import torch.nn as nn
 from detectron2.modeling.meta_arch.fcos import FCOSHead as _StockFCOSHead
 
 from .norm import group_norm

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import lgd_ops
 
-from .levels import check_embeddings
 from .labels import PackedLabels
 
 
@@ -41,16 +40,6 @@ class KnowledgeMapper(nn.Module):
     def forward(self, embeddings: Sequence[torch.Tensor], labels: PackedLabels,
                 level_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
         """embeddings: list (levels) of [N, channels]; level_sizes: (H_l, W_l) per level -> list of maps."""
-        if not isinstance(labels, PackedLabels):
-            raise ValueError(f"KnowledgeMapper: labels must be PackedLabels, got {type(labels).__name__}")
-        check_embeddings(embeddings, labels.num_objects, self.channels, "KnowledgeMapper", "embeddings")
-        if not isinstance(level_sizes, (list, tuple)) or len(level_sizes) != len(embeddings):
-            raise ValueError(f"KnowledgeMapper: level_sizes must give one (H, W) per level ({len(embeddings)}), "
-                             f"got {level_sizes!r}")
-        if labels.context != self.use_context:
-            raise ValueError(f"KnowledgeMapper: use_context={self.use_context} but labels.context={labels.context}")
-        if self.use_masks and labels.masks is None:
-            raise ValueError("KnowledgeMapper: use_masks=True needs labels built with masks")
         is_ctx = labels.is_context
         inst = torch.nonzero(~is_ctx).flatten()
         ctx = torch.nonzero(is_ctx).flatten()  # one per image, in image order (PackedLabels layout)

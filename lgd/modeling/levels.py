@@ -43,14 +43,3 @@ def check_levels(levels: Sequence[torch.Tensor], channels: int, num_images: Opti
                              f"got shape {tuple(x.shape)}")
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"{where}: {name}[{i}] is empty, shape {tuple(x.shape)}")
-
-
-def check_embeddings(embeddings: Sequence[torch.Tensor], num_objects: int, channels: int, where: str, name: str):
-    """Every level a floating [N, channels] tensor, N = the labels' object count."""
-    if not isinstance(embeddings, (list, tuple)) or not embeddings:
-        raise ValueError(f"{where}: {name} must be a non-empty list of [N, C] tensors, one per level")
-    for i, e in enumerate(embeddings):
-        if not isinstance(e, torch.Tensor) or not e.is_floating_point() or e.shape != (num_objects, channels):
-            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
-            raise ValueError(f"{where}: {name}[{i}] must be a float [{num_objects}, {channels}] tensor "
-                             f"(objects x channels), got {got}")

@@ -4,7 +4,6 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from .levels import check_embeddings
 from .labels import PackedLabels
 
 
@@ -31,11 +30,7 @@ class RelationAdapter(nn.Module):
     def forward(self, appearance: Sequence[torch.Tensor], label_embeddings: torch.Tensor,
                 labels: PackedLabels) -> List[torch.Tensor]:
         """appearance: list (levels) of [N, channels]; label_embeddings [N, channels] -> list of [N, channels]."""
-        if not isinstance(labels, PackedLabels):
-            raise ValueError(f"RelationAdapter: labels must be PackedLabels, got {type(labels).__name__}")
         n, c = labels.num_objects, self.channels
-        check_embeddings(appearance, n, c, "RelationAdapter", "appearance")
-        check_embeddings([label_embeddings], n, c, "RelationAdapter", "label_embeddings")
         if n == 0:
             return [torch.zeros_like(a) for a in appearance]
         idx, num_images, levels = labels.batch_idx, labels.num_images, len(appearance)

@@ -60,6 +60,9 @@ class LGDTeacher(nn.Module):
         else:
             labels = self.pack(targets, image_size)
         check_levels(levels, self.channels, labels.num_images, "LGDTeacher")
+        num_classes = self.label_encoder.num_classes
+        if labels.num_objects and bool((labels.classes >= num_classes).any()):  # PackedLabels checked >= 0
+            raise ValueError(f"LGDTeacher: classes must be in [0, {num_classes}), got max {int(labels.classes.max())}")
         label_embeddings = self.label_encoder(labels)
         appearance = self.appearance_encoder(levels, labels)
         relations = self.relation_adapter(appearance, label_embeddings, labels)

@@ -48,7 +48,6 @@ from detectron2.engine import HookBase
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from . import train_net
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
 from .train_net import OPS_HELP, check_backend, load_config, train
