@@ -292,3 +292,14 @@ def test_compile_public_api(device, backend):
         return lgd_ops.box_fill(e * 2.0, boxes, batch_idx, image_size, (b, *level), backend=backend).square().sum()
 
     assert_compiled_matches_eager(fn, [emb])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests shared with box_pool (tests/box_op_base.py)
+# ---------------------------------------------------------------------------------------------
+
+from box_op_base import BoxOpTests  # noqa: E402
+
+
+class TestBoxFillShared(BoxOpTests):
+    op = "box_fill"

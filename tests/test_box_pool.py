@@ -323,3 +323,14 @@ def test_compile_public_api(device, backend):
         return lgd_ops.box_pool(f * 2.0, boxes, batch_idx, image_size, backend=backend).square().sum()
 
     assert_compiled_matches_eager(fn, [features])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests shared with box_fill (tests/box_op_base.py)
+# ---------------------------------------------------------------------------------------------
+
+from box_op_base import BoxOpTests  # noqa: E402
+
+
+class TestBoxPoolShared(BoxOpTests):
+    op = "box_pool"
