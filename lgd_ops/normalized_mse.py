@@ -6,7 +6,7 @@ recomputes the normalized maps from them, so no normalized copy of a feature map
 import torch
 
 from ._backend import HAS_EXTENSION, resolve
-from ._checks import check_eps, check_same_device, check_tensor
+from ._checks import check_eps, check_same_device, check_tensor, is_channels_last
 
 
 def normalized_mse(student, teacher, *, eps=1e-5, backend="auto"):
@@ -99,6 +99,8 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::normalized_mse_backward")
     def _(grad, student, teacher, stats):
-        return [torch.empty_like(s, memory_format=torch.contiguous_format) for s in student]
+        # the CPU kernel writes a channels_last student's gradient channels_last; otherwise NCHW-contiguous
+        return [torch.empty_like(s, memory_format=torch.channels_last if s.device.type == "cpu" and is_channels_last(s)
+                                 else torch.contiguous_format) for s in student]
 
     register_autograd("lgd_ops::normalized_mse", "normalized_mse_backward")

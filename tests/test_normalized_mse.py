@@ -132,6 +132,23 @@ def test_memory_layouts(device, backend, layout, dtype):
 
 
 @DEVICE_BACKEND
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f64", "f32", "bf16", "f16"])
+def test_channels_last_wide_levels(device, backend, dtype):
+    """channels_last levels of 40 channels (the CPU kernel's 32-channel blocks plus a partial one) in every dtype
+    against the float64 oracle; the CPU kernel reads them in place and writes the gradient channels_last."""
+    students, teachers = make_maps([(2, 40, 6, 7), (2, 40, 3, 4), (2, 40, 1, 1)], "randn", dtype, device,
+                                   layout="channels_last")
+    loss = lgd_ops.normalized_mse(students, teachers, backend=backend)
+    expected, grads = _oracle_with_grads(students, teachers)
+    assert_close_to_oracle(loss, expected, dtype, _slack(backend, dtype), "channels_last")
+    loss.backward()
+    _check_grads(students, grads, dtype, "channels_last", _slack(backend, dtype))
+    if backend == "cpu":
+        assert all(s.grad.is_contiguous(memory_format=torch.channels_last) for s in students[:2])
+
+
+@DEVICE_BACKEND
 @pytest.mark.parametrize("eps", [1e-3, 0.5, 1e-8])
 def test_eps(device, backend, eps):
     students, teachers = make_maps(CASES["constant"][0], "constant", torch.float64, device)
