@@ -62,6 +62,14 @@ LGD_KEYS = dict(
                                 # proposals, p2-p5 distilled: cheaper, not the method)
     backend="auto",             # lgd_ops backend: "auto" (fused kernels when built) or "reference"
     op_report_period=1000,      # every this many iterations time the three ops vs the reference (0: off)
+    # the fast path (lgd.engine.trainer): train.amp.enabled=True (lgd-train --fast) runs the student, the
+    # teacher, the adapter and the heads under autocast in `precision`; weights, gradients, optimizer state,
+    # checkpoints and the losses (focal, box regression, normalized_mse's moments) stay fp32
+    precision="bf16",           # autocast dtype with train.amp.enabled: "bf16" (CPU with native bf16, i.e.
+                                # avx512_bf16/AMX, else fp32 with a warning; CUDA with bf16, else fp16 + a
+                                # GradScaler), "fp16" (CUDA: with a GradScaler; CPU: bf16) or "fp32" (no autocast)
+    channels_last=None,         # model weights and input images in channels_last: None = on exactly when autocast
+                                # runs, True / False forces it (also for fp32 runs)
 )
 
 

@@ -122,8 +122,12 @@ class RetinaNetAdapter(DetectorAdapter):
             det.loss_normalizer = targets["normalizer"]
         elif hasattr(det, "loss_normalizer"):  # first iteration: no EMA yet
             del det.loss_normalizer
-        return det.losses(targets["anchors"], pred_logits, targets["gt_labels"], pred_deltas, targets["gt_boxes"],
-                          *extra)
+        # the losses in fp32 under autocast (lgd.engine.trainer): the focal loss' sigmoid and modulating factor
+        # would otherwise run in the head's bf16/fp16; the predictions are small, the casts cheap
+        pred_logits, pred_deltas, *extra = ([p.float() for p in preds] for preds in (pred_logits, pred_deltas, *extra))
+        with torch.autocast(pred_logits[0].device.type, enabled=False):
+            return det.losses(targets["anchors"], pred_logits, targets["gt_labels"], pred_deltas,
+                              targets["gt_boxes"], *extra)
 
 
 @DETECTOR_ADAPTER_REGISTRY.register()

@@ -45,4 +45,5 @@ class DistillationLoss(nn.Module):
         dtype = functools.reduce(torch.promote_types, [x.dtype for x in adapted + t_levels])
         loss = lgd_ops.normalized_mse([x.to(dtype) for x in adapted], [t.detach().to(dtype) for t in t_levels],
                                       eps=self.eps, backend=self.backend)
-        return self.loss_weight * loss
+        # at least fp32, like the other losses, also under autocast
+        return self.loss_weight * loss.to(torch.promote_types(loss.dtype, torch.float32))

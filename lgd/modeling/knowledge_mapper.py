@@ -45,6 +45,9 @@ class KnowledgeMapper(nn.Module):
         ctx = torch.nonzero(is_ctx).flatten()  # one per image, in image order (PackedLabels layout)
         batch_idx = labels.batch_idx[inst]
         regions = labels.masks[inst] if self.use_masks else labels.boxes[inst]
+        # the maps in the layout of G's weight (channels_last on the fast path): no conversion before the convs
+        memory_format = (torch.channels_last if self.spatial.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not self.spatial.weight.is_contiguous() else torch.contiguous_format)
         out = []
         for e, size in zip(embeddings, level_sizes):
             output_size = (labels.num_images, *size)
@@ -53,7 +56,7 @@ class KnowledgeMapper(nn.Module):
                 painted = lgd_ops.mask_fill(painted_values, regions, batch_idx, output_size)
             else:
                 painted = lgd_ops.box_fill(painted_values, regions, batch_idx, labels.image_size, output_size,
-                                           backend=self.backend)
+                                           memory_format=memory_format, backend=self.backend)
             x = self.spatial(painted)
             if self.use_context:
                 x = x + self.context_proj(e[ctx])[:, :, None, None]

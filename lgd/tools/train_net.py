@@ -12,6 +12,10 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
   --resume / --overwrite  an output directory (train.output_dir) that is not empty is refused unless --resume
                           (continue from its last checkpoint) or --overwrite (delete the earlier run's files:
                           checkpoints, metrics, logs, events, config.yaml; other files stay) is given.
+  --fast                  the fast path, = train.amp.enabled=True: autocast in lgd.precision (bf16 by default;
+                          fp16 with a GradScaler on a GPU without bf16; fp32 with a warning on a CPU without
+                          native bf16) and the model and its inputs in channels_last (lgd.channels_last);
+                          losses, weights, optimizer state and checkpoints stay fp32 (lgd.engine.trainer).
   --ops BACKEND           lgd_ops backend, lgd_ops' own names: auto (the compiled kernels for the device when
                           built), reference (pure PyTorch), cpu, cuda, triton. Default: the config's lgd.backend.
   --train-dataset SPEC    train on a COCO-format dataset given by path, SPEC = "[NAME=]ann.json:images/"
@@ -29,7 +33,8 @@ The config must define model, dataloader (train, test, evaluator), optimizer (lr
 
 What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), one SGD (lgd.engine.optim: the student +
 adapter groups at optimizer.lr, the teacher's at lgd.teacher_lr, gradient clipping lgd.clip_type /
-clip_value), detectron2's SimpleTrainer (lgd.engine.trainer.AMPTrainer when train.amp.enabled), hooks:
+clip_value), detectron2's SimpleTrainer (lgd.engine.trainer.AMPTrainer when train.amp.enabled / --fast runs autocast;
+lgd.precision, lgd.channels_last: lgd.engine.trainer's module docstring), hooks:
 IterationSeed, the LGD schedule hooks, IterationTimer, OpReport (lgd.op_report_period, default 1000, 0 = off),
 PeriodicCheckpointer (atomic writes), EvalHook (COCO
 evaluation of the STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter
@@ -112,12 +117,12 @@ from ..engine.hooks import IterationSeed, build_lgd_hooks
 from ..engine.op_report import OpReport
 from ..engine.optim import GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
 from ..engine.schedule import LGDSchedule
-from ..engine.trainer import AMPTrainer
+from ..engine.trainer import AMPTrainer, resolve_fast_path, use_channels_last
 from ..modeling.distiller import LGDDistiller
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser", "build_schedule",
-           "build_train_loader", "check_backend", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
+           "build_train_loader", "check_backend", "fast_path", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
            "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
 
 logger = logging.getLogger("lgd.tools.train_net")
@@ -129,6 +134,9 @@ def build_parser():
     parser = default_argument_parser(epilog=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.prog = "lgd-train"
     parser.add_argument("--ops", metavar="BACKEND", default=None, help=OPS_HELP + "; default: the config's lgd.backend")
+    parser.add_argument("--fast", action="store_true",
+                        help="the fast path: train.amp.enabled=True (autocast in lgd.precision, default bf16, where "
+                             "the device has it, else fp32 with a warning) and channels_last (lgd.channels_last)")
     parser.add_argument("--overwrite", action="store_true",
                         help="train into a non-empty train.output_dir, deleting the earlier run's files")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -195,9 +203,19 @@ def _data_seed(cfg):
     return seed if seed >= 0 else 0
 
 
+def fast_path(cfg, device=None):
+    """The run's FastPath (lgd.engine.trainer.resolve_fast_path) of train.amp.enabled, lgd.precision
+    (default "bf16") and lgd.channels_last (default None: on with autocast) on `device` (default train.device)."""
+    lgd = cfg.get("lgd", {}) or {}
+    amp = cfg.train.get("amp", {}) or {}
+    return resolve_fast_path(bool(amp.get("enabled", False)), lgd.get("precision", "bf16"),
+                             lgd.get("channels_last", None), _device(cfg) if device is None else device)
+
+
 def build_model(cfg, lgd_enabled=None, backend=None):
     """LGDDistiller(instantiate(cfg.model)) (lgd_enabled, default cfg.lgd.enabled) or the plain detector
-    (baseline), on train.device. backend: lgd_ops backend, default the config's lgd.backend."""
+    (baseline), on train.device, in channels_last when the fast path says so (fast_path). backend: lgd_ops
+    backend, default the config's lgd.backend."""
     detector = instantiate(cfg.model)
     if _lgd_enabled(cfg, lgd_enabled):
         backend = backend if backend is not None else str(cfg.lgd.get("backend", "auto"))
@@ -207,7 +225,8 @@ def build_model(cfg, lgd_enabled=None, backend=None):
                                 use_context=None if use_context is None else bool(use_context),
                                 stn_pool=str(lgd.get("stn_pool", "object")),
                                 rcnn_branch=str(lgd.get("rcnn_branch", "detector")))
-    return detector.to(_device(cfg))
+    detector = detector.to(_device(cfg))
+    return use_channels_last(detector) if fast_path(cfg).channels_last else detector
 
 
 def build_optimizer(cfg, model):
@@ -254,13 +273,12 @@ def _ddp_kwargs(cfg, device):
 
 
 def _build_trainer(cfg, model, loader, optimizer, device):
-    """detectron2's SimpleTrainer, or with train.amp.enabled lgd.engine.trainer.AMPTrainer (CUDA: autocast's
-    float16 and a GradScaler; CPU: bfloat16)."""
-    if not cfg.train.amp.enabled:
+    """detectron2's SimpleTrainer, or lgd.engine.trainer.AMPTrainer when the fast path (fast_path: train.amp.enabled
+    and lgd.precision) runs autocast: bf16 (CPU with native bf16, CUDA with bf16), fp16 with a GradScaler."""
+    fast = fast_path(cfg, device)
+    if fast.dtype is None:
         return SimpleTrainer(model, loader, optimizer)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return AMPTrainer(model, loader, optimizer, device_type=device_type,
-                      dtype=None if device_type == "cuda" else torch.bfloat16)
+    return AMPTrainer(model, loader, optimizer, device_type=fast.device_type, dtype=fast.dtype)
 
 
 def _load_trainer_state(trainer, state, loaded_from):
@@ -281,6 +299,8 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     schedule = build_schedule(cfg)
     logger.info("Schedule: %s", schedule)
     device = _device(cfg)
+    fast = fast_path(cfg, device)
+    (logger.warning if "fp32" in fast.note else logger.info)("Precision and memory format: %s", fast.describe())
     seed_all_rng(_data_seed(cfg))  # the model's initialisation follows train.seed (default 0)
     model = build_model(cfg, lgd_enabled, backend)
     logger.info("Model:\n%s", model)
@@ -416,6 +436,10 @@ def check_run_inputs(cfg, *, training=True):
     if training:
         build_schedule(cfg)
         check_backend(str(cfg.lgd.get("backend", "auto")), where="lgd.backend")
+        try:
+            fast_path(cfg)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
         for name in _names(cfg.dataloader.train.get("dataset", {}).get("names")):
             validate_dataset(name, where="dataloader.train.dataset.names", training=True)
         init = cfg.train.get("init_checkpoint", "")
@@ -456,11 +480,17 @@ def check_output_dir(output_dir, *, resume=False, overwrite=False):
     return removed
 
 
+def _apply_fast(cfg, args):
+    if getattr(args, "fast", False):
+        cfg.train.amp.enabled = True
+    return cfg
+
+
 def worker(args, cfg=None):
     """One process of lgd-train (launched once per GPU / CPU process; cfg: the one run() checked, in a single
     process). Returns the last evaluation results."""
     if cfg is None:  # a launched process: run() checked the inputs before launching
-        cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
+        cfg = _apply_fast(apply_dataset_arguments(load_config(args.config_file, args.opts), args), args)
     if args.eval_only:  # writes nothing into the output directory (its config.yaml is the training's)
         setup_logger(distributed_rank=comm.get_rank())
         checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
@@ -503,7 +533,7 @@ def run(argv=None):
                          hint="the bundled demo (LGD on real aerial images, no config needed) is `lgd-demo`")
     if args.overwrite and args.resume:
         raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
-    cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
+    cfg = _apply_fast(apply_dataset_arguments(load_config(args.config_file, args.opts), args), args)
     check_run_inputs(cfg, training=not args.eval_only)
     if not args.eval_only:
         for path in check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite):
