@@ -165,4 +165,34 @@ inline MapLayout layout_of(const at::Tensor& x) {
   return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), !x.is_contiguous()};
 }
 
+// Whether an event row of the sweeps (cpu_box_sweep.inc) goes through a row prefix (cost ~W per channel, then
+// O(1) per event) rather than each event's own columns (cost ~kEventCost + width per event and channel).
+constexpr int64_t kEventCost = 12;
+
+constexpr int kBlockCL = 32;   // channels per block of a channels_last map
+constexpr int kBlockNCHW = 8;  // planes per block of an NCHW map
+
+// The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
+// channels_last: cb = kBlockCL. NCHW: one plane per block (its row pass is a contiguous stream, fastest
+// while events are few), or kBlockNCHW planes per block where the boxes' events are many for the level's
+// size (an event row's prefix then serves kBlockNCHW channels at once).
+struct Blocks {
+  int64_t C, full, per_image;
+  int cb;
+  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W) : C(channels) {
+    int64_t most = 0;
+    for (size_t b = 0; b + 1 < plan.start.size(); ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
+    cb = channels_last ? kBlockCL : (2 * most * kEventCost > H * W / 2 ? kBlockNCHW : 1);
+    full = channels / cb;
+    per_image = full + channels % cb;
+  }
+  // (image, first channel, whether it is a full block) of block blk
+  void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {
+    *b = blk / per_image;
+    const int64_t q = blk % per_image;
+    *wide = q < full;
+    *c0 = *wide ? q * cb : full * cb + (q - full);
+  }
+};
+
 }  // namespace lgd_ops

@@ -1,9 +1,9 @@
 // CPU box_fill: per block of channels of one image, the top-to-bottom sweep of csrc/common/cpu_box_sweep.inc
 // (a running row of float64 values; on event rows a box's value is added to / removed from its columns
 // directly, or through a difference row and one prefix sum when the row's boxes are wide: cost
-// O(H*W + boxes) whatever the boxes' sizes, no scratch map). Writes an NCHW map one (b, c) plane per block, or
-// a channels_last map (channels_last=true) 32 channels per block. One thread owns a block and adds in a
-// fixed order, so the output is deterministic (no atomics).
+// O(H*W + boxes) whatever the boxes' sizes, no scratch map). Writes an NCHW map one (b, c) plane (or 8,
+// struct Blocks) per block, or a channels_last map (channels_last=true) 32 channels per block. One thread
+// owns a block and adds in a fixed order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,49 +14,11 @@
 #include <cstring>
 #include <vector>
 
-#include "../../common/cpu_boxes.h"
-#include "../../common/cpu_isa.h"
-
 #define LGD_SWEEP_FILL
+#include "../../common/cpu_box_sweeps.h"
+
 namespace lgd_ops {
-namespace isa_base {
-#include "../../common/cpu_box_sweep.inc"
-}  // namespace isa_base
-#if LGD_OPS_HAVE_AVX2_COPY
-LGD_OPS_AVX2_BEGIN
-namespace isa_avx2 {
-#include "../../common/cpu_box_sweep.inc"
-}  // namespace isa_avx2
-LGD_OPS_AVX2_END
-#endif
-
 namespace {
-
-constexpr int kBlockCL = 32;   // channels per block of a channels_last map
-constexpr int kBlockNCHW = 8;  // planes per block of an NCHW map
-
-// The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
-// channels_last: cb = kBlockCL. NCHW: one plane per block (its row pass is a contiguous stream, fastest
-// while events are few), or kBlockNCHW planes per block where the boxes' events are many for the level's
-// size (an event row's prefix then serves kBlockNCHW channels at once).
-struct Blocks {
-  int64_t C, full, per_image;
-  int cb;
-  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W) : C(channels) {
-    int64_t most = 0;
-    for (size_t b = 0; b + 1 < plan.start.size(); ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
-    cb = channels_last ? kBlockCL : (2 * most * isa_base::kEventCost > H * W / 2 ? kBlockNCHW : 1);
-    full = channels / cb;
-    per_image = full + channels % cb;
-  }
-  // (image, first channel, whether it is a full block) of block blk
-  void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {
-    *b = blk / per_image;
-    const int64_t q = blk % per_image;
-    *wide = q < full;
-    *c0 = *wide ? q * cb : full * cb + (q - full);
-  }
-};
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
