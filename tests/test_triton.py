@@ -415,7 +415,8 @@ def _signatures():
             "stride_w": 1, "AVERAGE": avg, "ACC_FP64": fp64, "BLOCK_C": 32, "BLOCK_W": 32}
         yield box_fill._box_fill_kernel, {
             "values_ptr": ptr, "cells_ptr": "*i32", "order_ptr": "*i64", "start_ptr": "*i64", "out_ptr": ptr, "C": "i32",
-            "H": "i32", "W": "i32", "tiles_w": "i32", "stride_vn": "i32", "stride_vc": "constexpr"}, {
+            "H": "i32", "W": "i32", "tiles_w": "i32", "stride_vn": "i32", "stride_vc": "constexpr",
+            "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32"}, {
             "stride_vc": 1, "AVERAGE": avg, "ACC_FP64": fp64, "BLOCK_C": 8, "TILE_H": 16, "TILE_W": 32}
         stats = "*fp64" if fp64 else "*fp32"
         yield normalized_mse._nmse_forward_kernel, {
