@@ -6,6 +6,12 @@ step) on one synthetic batch (random images, `--objects` random boxes and classe
   baseline       the plain detector (LGDDistiller(...).detector trained alone; lgd.engine.optim.build_sgd)
   lgd_reference  LGDDistiller, lgd_ops backend "reference", student + teacher (lgd.engine.optim.build_lgd_optimizer)
   lgd_fused      LGDDistiller, lgd_ops backend "auto" (the compiled kernels for the device)
+each in the modes (--modes) fp32 (fp32, NCHW) and fast (lgd-train --fast, lgd.engine.trainer's fast path: autocast
+bf16, or fp16 with loss scaling on a GPU without bf16, or fp32 on a CPU without native bf16; model and images in
+channels_last; the precision column says what ran). Ratios are to the fp32 baseline and to the baseline of the
+same mode; the targets table checks the fast path's goals (LGD fast step <= 0.6x the fp32 baseline step and
+<= 0.3x the fp32 LGD step; LGD's extra peak memory fast <= 0.6x fp32). "teacher copies" counts the dtype/layout
+copies (aten::copy_/to/_to_copy/contiguous/clone, outermost) inside the teacher's forward, with their CPU time.
 LGD runs with distillation on and the backbone unfrozen (the cost after the warm-up). The learning rate is 0:
 the optimizer does all its work but the weights stay put, so random-weight models cannot diverge mid-benchmark.
 The detector list is data-driven (DETECTORS); a detector whose config is missing, whose model fails to build, or
@@ -29,6 +35,7 @@ Outputs under --out: train_<device>.csv (detector, variant, metric, p20, p50, p8
 
   python benchmarks/bench_train.py                                  # RetinaNet/FCOS/Faster R-CNN R50, 2 x 256x320
   python benchmarks/bench_train.py --detectors retinanet --image 512 640 --objects 20 --iters 5
+  lgd-bench train --detectors retinanet --image 384 512 --modes fp32 fast --threads 2 --out benchmarks/results/x
 """
 import argparse
 import csv
@@ -53,6 +60,10 @@ DETECTORS = {
 }
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 VARIANTS = {"baseline": None, "lgd_reference": "reference", "lgd_fused": "auto"}
+# precision x memory format (lgd.engine.trainer's fast path): fp32 NCHW, or autocast bf16 (fp16 + GradScaler on
+# a GPU without bf16; fp32 with a note on a CPU without native bf16) with the model and inputs in channels_last
+MODES = {"fp32": dict(amp_enabled=False), "fast": dict(amp_enabled=True, precision="bf16")}
+COPY_OPS = ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")
 COMPONENTS = ("backbone", "label_encoder", "appearance_proj", "box_pool", "relation_attention", "box_fill",
               "mapper_convs", "student_head_loss", "instructive_head_loss", "distill_adapter", "normalized_mse",
               "forward_other", "backward", "optimizer")
@@ -111,7 +122,7 @@ def instrument(model):
     model.forward = _ranged(model.forward, "forward_total")
 
 
-def build(detector, variant, device):
+def build(detector, variant, device, mode="fp32"):
     """(model, optimizer) of one variant; raises ValueError with the reason when it cannot be built."""
     from detectron2.config import LazyConfig, instantiate
 
@@ -130,7 +141,13 @@ def build(detector, variant, device):
     else:
         model = lgd_model
         optimizer = build_lgd_optimizer(model, lr=0.0)
-    return model.to(device).train(), optimizer, lgd_model.teacher.label_encoder.num_classes
+    from lgd.engine.trainer import resolve_fast_path, use_channels_last
+
+    fast = resolve_fast_path(device=device, **MODES[mode])
+    model = model.to(device).train()
+    if fast.channels_last:
+        model = use_channels_last(model)
+    return model, optimizer, lgd_model.teacher.label_encoder.num_classes, fast
 
 
 def _rss_kib(field):
@@ -158,13 +175,30 @@ def peak_step_bytes(step, device):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def child(detector, variant, device, batch, image, objects, iters):
-    """Runs one (detector, variant) and returns its result dict (or {"skipped": reason})."""
+def teacher_copies(prof):
+    """(count, CPU ms) of the layout/dtype copies (COPY_OPS, outermost only) the profiled step ran inside the
+    teacher's forward (the `teacher` range)."""
+    count, us = 0, 0.0
+    for event in prof.events():
+        if event.name not in COPY_OPS:
+            continue
+        parents, parent = [], event.cpu_parent
+        while parent is not None:
+            parents.append(parent.name)
+            parent = parent.cpu_parent
+        if "teacher" in parents and not any(name in COPY_OPS for name in parents):
+            count += 1
+            us += event.cpu_time_total
+    return count, us / 1e3
+
+
+def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
+    """Runs one (detector, variant, mode) and returns its result dict (or {"skipped": reason})."""
     from detectron2.utils.events import EventStorage
 
     device = torch.device(device)
     try:
-        model, optimizer, num_classes = build(detector, variant, device)
+        model, optimizer, num_classes, fast = build(detector, variant, device, mode)
     except Exception as exc:  # a missing config, a build failure or an unsupported detector: skip, say why
         return {"skipped": f"{type(exc).__name__}: {exc}"}
     inputs = make_batch(batch, image, objects, num_classes)
@@ -173,12 +207,13 @@ def child(detector, variant, device, batch, image, objects, iters):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def step():
+    def step():  # lgd.engine.trainer.AMPTrainer.run_step's order (a GradScaler only for fp16)
         optimizer.zero_grad(set_to_none=True)
-        with EventStorage(0):
+        with EventStorage(0), torch.autocast(device.type, dtype=fast.dtype, enabled=fast.dtype is not None):
             losses = model(inputs)
         with torch.profiler.record_function("backward"):
-            sum(losses.values()).backward()
+            total = sum(v.float() for v in losses.values())
+            (total * 1024.0 if fast.grad_scaler else total).backward()
         with torch.profiler.record_function("optimizer"):
             optimizer.step()
 
@@ -191,6 +226,8 @@ def child(detector, variant, device, batch, image, objects, iters):
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     instrument(model)
+    if hasattr(model, "teacher"):
+        model.teacher.forward = _ranged(model.teacher.forward, "teacher")
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -206,15 +243,17 @@ def child(detector, variant, device, batch, image, objects, iters):
             totals[event.key] = us / 1e3
     forward = [c for c in COMPONENTS if c not in ("backward", "optimizer", "forward_other")]
     totals["forward_other"] = max(forward_total_ms - sum(totals.get(c, 0.0) for c in forward), 0.0)
+    copies, copy_ms = teacher_copies(prof)
     peak = peak_step_bytes(step, device)  # last: on CPU it leaves glibc in its mmap-everything mode
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
-    return {"step_ms": (q[0], statistics.median(times), q[3]), "peak_mb": max(peak, 0) / 2**20, "breakdown": totals}
+    return {"step_ms": (q[0], statistics.median(times), q[3]), "peak_mb": max(peak, 0) / 2**20, "breakdown": totals,
+            "precision": fast.describe(), "teacher_copies": copies, "teacher_copy_ms": copy_ms}
 
 
-def run_child(detector, variant, args):
+def run_child(detector, variant, mode, args):
     env = dict(os.environ, **(STEADY_MALLOC if args.device == "cpu" else {}))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, variant, "--device", args.device,
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, variant, mode, "--device", args.device,
            "--batch", str(args.batch), "--image", *map(str, args.image), "--objects", str(args.objects),
            "--iters", str(args.iters), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -227,6 +266,9 @@ def parse_args(argv=None, prog=None):
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="precision x memory format: fp32 (fp32 NCHW) and/or fast (lgd-train --fast: "
+                             "train.amp.enabled with lgd.precision=bf16 and channels_last)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--image", type=int, nargs=2, default=[256, 320], metavar=("H", "W"))
@@ -235,7 +277,7 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--child", nargs=2, metavar=("DETECTOR", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("DETECTOR", "VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
@@ -247,24 +289,65 @@ def parse_args(argv=None, prog=None):
     return args
 
 
+def _case(variant, mode):
+    return variant if mode == "fp32" else f"{variant} {mode}"
+
+
+def targets(variants):
+    """The fast path's targets (issue 15) from one detector's results, as (name, value, bound) rows:
+    LGD fused fast step / fp32 baseline step, / fp32 LGD fused step, and LGD's extra peak memory (vs the
+    baseline of the same mode) fast / fp32."""
+    def get(var, mode, key):
+        r = variants.get(_case(var, mode), {})
+        return r[key][1] if key == "step_ms" and key in r else r.get(key)
+
+    rows = []
+    fast, base, lgd = get("lgd_fused", "fast", "step_ms"), get("baseline", "fp32", "step_ms"), \
+        get("lgd_fused", "fp32", "step_ms")
+    if fast and base:
+        rows.append(("LGD fast step / fp32 baseline step", fast / base, 0.6))
+    if fast and lgd:
+        rows.append(("LGD fast step / fp32 LGD step", fast / lgd, 0.3))
+    extra = {m: (get("lgd_fused", m, "peak_mb"), get("baseline", m, "peak_mb")) for m in ("fast", "fp32")}
+    if all(a is not None and b is not None for a, b in extra.values()) and extra["fp32"][0] > extra["fp32"][1]:
+        rows.append(("LGD extra peak MB fast / fp32", (extra["fast"][0] - extra["fast"][1])
+                     / (extra["fp32"][0] - extra["fp32"][1]), 0.6))
+    return rows
+
+
 def tables(results, stamp, args):
-    """The step table (time, peak memory, ratios to the baseline) and the breakdown table, as markdown."""
+    """The step table (time, peak memory, ratios to the fp32 baseline and to the same mode's baseline), the
+    targets and the breakdown table, as markdown."""
     lines = [f"LGD training step, {stamp['device']}, torch {stamp['torch']}, commit {stamp['commit']}, "
-             f"{stamp['date']}: batch {args.batch} x {args.image[0]}x{args.image[1]}, {args.objects} objects/image, "
-             f"median of {args.iters} steps (p20-p80); peak = memory beyond weights, grads and optimizer state.", "",
-             "| detector | variant | step ms (p20-p80) | vs baseline | peak MB | + MB vs baseline |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"{stamp['date']}, {stamp['threads']} threads, load {stamp.get('load', '-')}: batch {args.batch} x "
+             f"{args.image[0]}x{args.image[1]}, {args.objects} objects/image, median of {args.iters} steps (p20-p80); "
+             "peak = memory beyond weights, grads and optimizer state. fast = lgd-train --fast (see precision).", "",
+             "| detector | variant | precision | step ms (p20-p80) | vs fp32 baseline | vs baseline (same mode) "
+             "| peak MB | + MB vs baseline (same mode) | teacher copies (ms) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     skipped = []
     for det, variants in results.items():
-        base = variants.get("baseline", {})
-        for var, r in variants.items():
+        base32 = variants.get("baseline", {})
+        for case, r in variants.items():
             if "skipped" in r:
-                skipped.append(f"- {det} / {var}: skipped ({r['skipped']})")
+                skipped.append(f"- {det} / {case}: skipped ({r['skipped']})")
                 continue
+            mode = case.split(" ")[1] if " " in case else "fp32"
+            base = variants.get(_case("baseline", mode), {})
             lo, mid, hi = r["step_ms"]
+            ratio32 = f"{mid / base32['step_ms'][1]:.2f}x" if "step_ms" in base32 else "-"
             ratio = f"{mid / base['step_ms'][1]:.2f}x" if "step_ms" in base else "-"
             extra = f"{r['peak_mb'] - base['peak_mb']:+.0f}" if "peak_mb" in base else "-"
-            lines.append(f"| {det} | {var} | {mid:.0f} ({lo:.0f}-{hi:.0f}) | {ratio} | {r['peak_mb']:.0f} | {extra} |")
+            copies = f"{r['teacher_copies']} ({r['teacher_copy_ms']:.1f})" if "teacher_copies" in r and \
+                not case.startswith("baseline") else "-"
+            lines.append(f"| {det} | {case} | {r.get('precision', '-')} | {mid:.0f} ({lo:.0f}-{hi:.0f}) | {ratio32} | "
+                         f"{ratio} | {r['peak_mb']:.0f} | {extra} | {copies} |")
+    target_rows = [(det, *row) for det, variants in results.items() for row in targets(variants)]
+    if target_rows:
+        lines += ["", "Targets of the fast path (LGD with the fused ops):", "", "| detector | ratio | value | target | met |",
+                  "|---|---|---:|---:|---|"]
+        lines += [f"| {det} | {name} | {value:.2f} | <= {bound} | {'yes' if value <= bound else 'no'} |"
+                  for det, name, value, bound in target_rows]
     lines += ["", "Breakdown of one profiled step (ms: forward of each component; backward and optimizer in total):",
               "",
               "| detector | variant | " + " | ".join(COMPONENTS) + " |", "|---|---|" + "---:|" * len(COMPONENTS)]
@@ -308,29 +391,35 @@ def main(argv=None, prog=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(*args.child, args.device, args.batch, tuple(args.image), args.objects, args.iters)))
+        det, var, mode = args.child
+        print(json.dumps(child(det, var, args.device, args.batch, tuple(args.image), args.objects, args.iters, mode)))
         return None
     from tqdm import tqdm
 
     device = torch.device(args.device)
     stamp = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
-             "commit": git_commit(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+             "commit": git_commit(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+             "load": "/".join(f"{x:.2f}" for x in os.getloadavg())}
     print(f"# LGD training-step benchmark: {stamp}", flush=True)
     results, rows = {}, []
-    cases = [(d, v) for d in args.detectors for v in args.variants]
-    for det, var in tqdm(cases, desc="bench_train", file=sys.stderr):
-        r = run_child(det, var, args)
-        results.setdefault(det, {})[var] = r
+    cases = [(d, v, m) for d in args.detectors for m in args.modes for v in args.variants]
+    for det, var, mode in tqdm(cases, desc="bench_train", file=sys.stderr):
+        r = run_child(det, var, mode, args)
+        case = _case(var, mode)
+        results.setdefault(det, {})[case] = r
         if "skipped" in r:
-            print(f"  {det} / {var}: skipped ({r['skipped']})", flush=True)
+            print(f"  {det} / {case}: skipped ({r['skipped']})", flush=True)
             continue
-        print(f"  {det} / {var}: step {r['step_ms'][1]:.0f} ms, peak {r['peak_mb']:.0f} MB", flush=True)
-        key = dict(detector=det, variant=var, batch=args.batch, image=f"{args.image[0]}x{args.image[1]}",
-                   objects=args.objects)
+        print(f"  {det} / {case}: step {r['step_ms'][1]:.0f} ms, peak {r['peak_mb']:.0f} MB ({r['precision']}), "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        key = dict(detector=det, variant=var, mode=mode, precision=r["precision"], batch=args.batch,
+                   image=f"{args.image[0]}x{args.image[1]}", objects=args.objects)
         rows.append(dict(key, metric="step_ms", p20=r["step_ms"][0], p50=r["step_ms"][1], p80=r["step_ms"][2], **stamp))
         rows.append(dict(key, metric="peak_mb", p20=r["peak_mb"], p50=r["peak_mb"], p80=r["peak_mb"], **stamp))
         for comp, ms in r["breakdown"].items():
             rows.append(dict(key, metric=f"{comp}_ms", p20=ms, p50=ms, p80=ms, **stamp))
+        for metric in ("teacher_copies", "teacher_copy_ms"):
+            rows.append(dict(key, metric=metric, p20=r[metric], p50=r[metric], p80=r[metric], **stamp))
     table = tables(results, stamp, args)
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)

@@ -61,14 +61,16 @@ def test_bench_ops_peak_memory_and_bytes(monkeypatch):
 
 def test_bench_train_tiny(tmp_path):
     out = run("train", "--detectors", "retinanet", "--variants", "baseline", "lgd_fused", "--image", "64",
-              "64", "--objects", "2", "--iters", "1", "--out", str(tmp_path))
-    assert "| retinanet | lgd_fused |" in out
+              "64", "--objects", "2", "--iters", "1", "--modes", "fp32", "fast", "--out", str(tmp_path))
+    assert "| retinanet | lgd_fused | fp32 on cpu, NCHW |" in out and "| retinanet | lgd_fused fast |" in out
+    assert "| retinanet | LGD fast step / fp32 baseline step |" in out  # the targets table
     with open(tmp_path / "train_cpu.csv") as f:
         rows = list(csv.DictReader(f))
-    metrics = {(r["variant"], r["metric"]) for r in rows}
-    assert {("baseline", "step_ms"), ("lgd_fused", "step_ms"), ("lgd_fused", "peak_mb"),
-            ("lgd_fused", "box_pool_ms"), ("lgd_fused", "instructive_head_loss_ms"),
-            ("baseline", "forward_other_ms")} <= metrics
+    metrics = {(r["variant"], r["mode"], r["metric"]) for r in rows}
+    assert {("baseline", "fp32", "step_ms"), ("lgd_fused", "fp32", "step_ms"), ("lgd_fused", "fp32", "peak_mb"),
+            ("lgd_fused", "fp32", "box_pool_ms"), ("lgd_fused", "fp32", "instructive_head_loss_ms"),
+            ("baseline", "fp32", "forward_other_ms"), ("baseline", "fast", "step_ms"),
+            ("lgd_fused", "fast", "peak_mb"), ("lgd_fused", "fast", "teacher_copies")} <= metrics
     assert (tmp_path / "train_cpu.png").stat().st_size > 0
 
 
@@ -88,6 +90,8 @@ def lgd_bench_process(*args):
 def test_help_names_the_command(command):
     proc = lgd_bench_process(command, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lgd-bench {command} "), proc.stdout[:200]
+    if command == "train":  # the fast path's switch
+        assert "--modes" in proc.stdout and "lgd-train --fast" in proc.stdout
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -165,3 +165,27 @@ def test_lgd_train_without_a_config_file_names_lgd_demo(capsys):
     assert main(["train.max_iter=1"]) == 2
     error, hint = capsys.readouterr().err.splitlines()
     assert error.startswith("lgd-train: error: --config-file is required") and "lgd-demo" in hint
+
+
+def test_console_script_restarts_once_with_passive_openmp(monkeypatch):
+    """lgd-demo (argv None) re-executes itself with OMP_WAIT_POLICY=PASSIVE once; not when a policy is set,
+    not after the restart, not for run(argv)/main(argv) callers."""
+    from lgd.tools import demo
+
+    calls = []
+    monkeypatch.setattr(demo.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    monkeypatch.setattr(demo.sys, "argv", ["lgd-demo", "--iters", "3"])
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: False)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LGD_DEMO_OPENMP"):
+        monkeypatch.delenv(name, raising=False)
+    demo.passive_openmp(["--iters", "3"])
+    assert calls == []
+    demo.passive_openmp()
+    (exe, args, env), = calls
+    assert args[1:] == ["-m", "lgd.tools.demo", "--iters", "3"] and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("LGD_DEMO_OPENMP", "1")
+    demo.passive_openmp()
+    monkeypatch.delenv("LGD_DEMO_OPENMP")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    demo.passive_openmp()
+    assert len(calls) == 1

@@ -19,7 +19,9 @@ a few times during training and at the end, and write into the output folder (de
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
 Budget: on CPU 300 iterations of batch 4 at 400 px, about ten minutes for an LGD run on 2 cores; on CUDA
-2000 iterations of batch 16. On a busy CPU, --threads 1 avoids OpenMP oversubscription. Measured times and AP
+2000 iterations of batch 16. lgd-demo restarts itself once with OMP_WAIT_POLICY=PASSIVE (unless an OpenMP wait
+policy is set): a machine where another process keeps a core busy then slows it in proportion, not 5-10x
+(passive_openmp). Measured times and AP
 are in benchmarks/README.md (demo section) and benchmarks/results/demo_cpu/.
 --iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
 backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.tools.train_net).
@@ -365,7 +367,8 @@ def build_parser():
     parser.add_argument("--image-size", type=int, default=None, help="image side (default: the config's, 400)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 1 CPU, 4 CUDA)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's, one per core; 1 is faster on a busy machine)")
+                        help="torch CPU threads (default: torch's, one per core; OpenMP threads wait passively, "
+                             "OMP_WAIT_POLICY=PASSIVE unless set, so a busy machine slows the demo in proportion)")
     parser.add_argument("--ops", metavar="BACKEND", default="auto", help=OPS_HELP + " of the LGD runs; default: auto")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs, continue unfinished ones")
     parser.add_argument("--overwrite", action="store_true",
@@ -453,8 +456,31 @@ def run(argv=None):
     return summary
 
 
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}  # what lgd-demo runs with unless the environment sets an OpenMP policy
+_REEXEC_MARK = "LGD_DEMO_OPENMP"
+
+
+def passive_openmp(argv=None):
+    """Restarts this process (once, before any work) with OPENMP_ENV when neither OMP_WAIT_POLICY nor
+    GOMP_SPINCOUNT is set: OpenMP reads them when torch loads it, which happened at `import lgd`.
+    Why: with the default policy the idle OpenMP threads spin-wait, and when another process takes one of the
+    two cores the spinning threads and the descheduled one make a 2-thread step 5-10x slower; passive waiting
+    slows it in proportion to the lost core (benchmarks/README.md, "The fast path"). Only for the console
+    script (argv None) on a machine without CUDA; run(argv) and other callers are left alone."""
+    if argv is not None or torch.cuda.is_available() or os.environ.get(_REEXEC_MARK):
+        return
+    if any(os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        return
+    env = dict(os.environ, **OPENMP_ENV, **{_REEXEC_MARK: "1"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "lgd.tools.demo", *sys.argv[1:]], env)
+
+
 def main(argv=None):
-    """Console script lgd-demo: run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli)."""
+    """Console script lgd-demo: run(argv) -> exit status 0, 2 or 1 (lgd.tools.cli); as a console script
+    first with passive OpenMP waiting (passive_openmp)."""
+    passive_openmp(argv)
     return run_command("lgd-demo", run, argv)
 
 
