@@ -1,29 +1,64 @@
-"""box_pool (docs/method.md §1-2): every backend against the float64 loop oracle, forward and backward."""
+"""box_pool (docs/method.md §1-2): every backend against the float64 loop oracle, forward and backward.
+
+The tests box_pool shares with box_fill run from tests/box_op_base.py through TestBoxPool's hooks; this file
+adds what is box_pool's own: hand-computed cells, the level-over-input ratio, non-finite feature cells, empty
+maps."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import lgd_ops
+from box_op_base import BoxOpTests
 from conftest import (
-    all_backends_on,
-    assert_close_to_oracle,
-    assert_compiled_matches_eager,
     box_case,
-    BOX_CASES,
-    box_dtype_for,
     DEVICE_BACKEND,
-    draw_box_problem,
-    DTYPES,
-    KERNELS,
     make_features,
     oracle_box_pool,
-    random_batch_idx,
     random_boxes,
-    raw_op,
-    same_bits_across_runs_and_threads,
-    value_scale,
 )
+
+
+class TestBoxPool(BoxOpTests):
+    op = "box_pool"
+    MEMORY_LAYOUTS = ("channels_last", "transposed", "sliced")
+    MEMORY_LAYOUT_DTYPES = (torch.float32, torch.float16)
+    RAW_OP_CASES = ("mixed", "grid_odd", "empty_image", "no_boxes", "map_1x1")
+
+    def make_input(self, b, c, level, n, dtype, device, layout="contiguous", requires_grad=False):
+        return make_features((b, c, *level), dtype, device, layout=layout, requires_grad=requires_grad)
+
+    def call(self, x, boxes, batch_idx, image_size, b, level, layout="contiguous", backend="auto", **kw):
+        return lgd_ops.box_pool(x, boxes, batch_idx, image_size, backend=backend, **kw)
+
+    def raw_args(self, x, boxes, batch_idx, image_size, b, level, average, layout="contiguous"):
+        return (*image_size, average)
+
+    def oracle(self, x, boxes, batch_idx, image_size, b, level, average=None):
+        return oracle_box_pool(x, boxes, batch_idx, image_size, average=True if average is None else average)
+
+    def in_shape(self, b, c, level, n):
+        return (b, c, *level)
+
+    def out_shape(self, b, c, level, n):
+        return (n, c)
+
+    def poison(self, x, batch_idx, channels):
+        x[0, channels[0], 2, 3] = float("nan")
+        x[0, channels[1], 4, 4] = float("inf")
+
+    def map_of(self, x, out):
+        return x
+
+    def permute(self, x, out, perm):
+        return x, out[perm]
+
+    def poison_image(self, x, batch_idx, image):
+        poisoned = x.clone()
+        poisoned[image] = float("nan")
+        return poisoned
+
+    def part_of_image(self, out, batch_idx, image):
+        return out[batch_idx == image]
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,97 +111,6 @@ def test_ratio_is_level_over_input_not_stride(device, backend):
     torch.testing.assert_close(got, features[:, :, 0:7, 4:6].mean(dim=(2, 3)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Random inputs against the float64 oracle
-# ---------------------------------------------------------------------------------------------
-
-@DEVICE_BACKEND
-@pytest.mark.parametrize("case", list(BOX_CASES))
-@DTYPES
-def test_forward_matches_oracle(device, backend, case, dtype):
-    boxes, batch_idx, b, c, image_size, level = box_case(case)
-    boxes = boxes.to(device=device, dtype=box_dtype_for(dtype))
-    batch_idx = batch_idx.to(device)
-    features = make_features((b, c, *level), dtype, device)
-    got = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
-    expected = oracle_box_pool(features, boxes, batch_idx, image_size)
-    assert got.shape == (boxes.shape[0], c) and got.device == features.device
-    assert_close_to_oracle(got, expected, dtype, value_scale(expected), f"{backend} {case}")
-
-
-@DEVICE_BACKEND
-@pytest.mark.parametrize("case", list(BOX_CASES))
-@DTYPES
-def test_backward_matches_oracle(device, backend, case, dtype):
-    boxes, batch_idx, b, c, image_size, level = box_case(case)
-    boxes = boxes.to(device=device, dtype=box_dtype_for(dtype))
-    batch_idx = batch_idx.to(device)
-    features = make_features((b, c, *level), dtype, device, requires_grad=True)
-    upstream = torch.randn(boxes.shape[0], c, dtype=torch.float64).to(device=device, dtype=dtype)
-    lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend).backward(upstream)
-    ref = features.detach().to(torch.float64).cpu().requires_grad_(True)
-    (oracle_box_pool(ref, boxes, batch_idx, image_size) * upstream.cpu().to(torch.float64)).sum().backward()
-    assert features.grad.shape == features.shape
-    assert_close_to_oracle(features.grad, ref.grad, dtype, value_scale(ref.grad), f"{backend} {case} grad")
-
-
-@DEVICE_BACKEND
-@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-def test_memory_layouts(device, backend, layout, dtype):
-    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
-    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-    features = make_features((b, c, *level), dtype, device, layout=layout, requires_grad=True)
-    got = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
-    expected = oracle_box_pool(features, boxes, batch_idx, image_size)
-    assert_close_to_oracle(got, expected, dtype, value_scale(expected), layout)
-    # an expanded (stride-0) upstream gradient, as out.sum() produces
-    got.sum().backward()
-    ref = features.detach().to(torch.float64).cpu().requires_grad_(True)
-    oracle_box_pool(ref, boxes, batch_idx, image_size).sum().backward()
-    assert_close_to_oracle(features.grad, ref.grad, dtype, value_scale(ref.grad), f"{layout} grad")
-
-
-@DEVICE_BACKEND
-def test_non_contiguous_boxes_and_batch_idx(device, backend):
-    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
-    features = make_features((b, c, *level), torch.float64, device)
-    boxes_t = boxes.T.contiguous().to(device).T  # [N, 4] view of a [4, N] tensor
-    idx_strided = torch.stack([batch_idx, batch_idx], dim=1).to(device)[:, 1]  # stride 2
-    assert not boxes_t.is_contiguous() and not idx_strided.is_contiguous()
-    got = lgd_ops.box_pool(features, boxes_t, idx_strided, image_size, backend=backend)
-    torch.testing.assert_close(got.cpu(), oracle_box_pool(features, boxes, batch_idx, image_size))
-
-
-@DEVICE_BACKEND
-@pytest.mark.parametrize("box_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
-def test_box_dtype_is_independent_of_features(device, backend, box_dtype):
-    """Integer-corner boxes are exact in every float dtype: the cells (hence results) must not change."""
-    boxes, batch_idx, b, c, image_size, level = box_case("grid_pow2")
-    features = make_features((b, c, *level), torch.float64, device)
-    batch_idx = batch_idx.to(device)
-    expected = lgd_ops.box_pool(features, boxes.to(device), batch_idx, image_size, backend=backend)
-    got = lgd_ops.box_pool(features, boxes.to(device=device, dtype=box_dtype), batch_idx, image_size, backend=backend)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-@DEVICE_BACKEND
-def test_rows_follow_input_order_and_image(device, backend):
-    """Each output row belongs to its own box: permuting boxes permutes rows; other images are not read."""
-    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
-    features = make_features((b, c, *level), torch.float64, device)
-    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-    perm = torch.randperm(boxes.shape[0], device=device)
-    out = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
-    out_perm = lgd_ops.box_pool(features, boxes[perm], batch_idx[perm], image_size, backend=backend)
-    torch.testing.assert_close(out_perm, out[perm], rtol=1e-12, atol=1e-12)
-    poisoned = features.clone()
-    poisoned[1] = float("nan")
-    only0 = batch_idx == 0
-    out0 = lgd_ops.box_pool(poisoned, boxes[only0], batch_idx[only0], image_size, backend=backend)
-    torch.testing.assert_close(out0, out[only0], rtol=1e-12, atol=1e-12)
-
-
 NON_FINITE_CELLS = {  # (row, column) of image 0, channel 1 -> value, on the 8 x 10 level of case "mixed"
     "nan": {(0, 3): float("nan")},
     "inf": {(0, 3): float("inf")},
@@ -190,8 +134,7 @@ def test_non_finite_cell_reaches_only_boxes_covering_it(device, backend, values)
     image0 = batch_idx == 0
     assert not finite[image0, 1].all() and finite[image0, 1].any() and finite[:, [0, 2]].all() and finite[~image0].all()
     assert expected.isnan().any() == (values != "inf")
-    torch.testing.assert_close(got.cpu().double(), expected, equal_nan=True, rtol=1e-5,
-                               atol=1e-5 * value_scale(expected[finite]))
+    BoxOpTests.assert_non_finite_close(got, expected)
 
 
 @DEVICE_BACKEND
@@ -204,133 +147,3 @@ def test_empty_feature_map_gives_zero_rows(device, backend, shape):
     got = lgd_ops.box_pool(torch.randn(shape, device=device), boxes, batch_idx, (32, 32), backend=backend)
     assert got.shape == (n, shape[1])
     assert not got.any()
-
-
-# ---------------------------------------------------------------------------------------------
-# The raw op: sum mode (average=False) and its adjoint relation with box_fill
-# ---------------------------------------------------------------------------------------------
-
-@KERNELS
-@pytest.mark.parametrize("average", [True, False])
-@pytest.mark.parametrize("case", ["mixed", "grid_odd", "empty_image", "no_boxes", "map_1x1"])
-def test_raw_op_sum_and_mean(device, backend, average, case):
-    boxes, batch_idx, b, c, image_size, level = box_case(case)
-    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-    features = make_features((b, c, *level), torch.float64, device, requires_grad=True)
-    got = raw_op("box_pool", backend)(features, boxes, batch_idx, image_size[0], image_size[1], average)
-    expected = oracle_box_pool(features, boxes, batch_idx, image_size, average=average)
-    torch.testing.assert_close(got.detach().cpu(), expected.detach(), rtol=1e-10, atol=1e-10)
-    upstream = torch.randn_like(got)
-    got.backward(upstream)
-    ref = features.detach().cpu().requires_grad_(True)
-    (oracle_box_pool(ref, boxes, batch_idx, image_size, average=average) * upstream.cpu()).sum().backward()
-    torch.testing.assert_close(features.grad.cpu(), ref.grad, rtol=1e-10, atol=1e-10)
-
-
-# ---------------------------------------------------------------------------------------------
-# gradcheck, opcheck, determinism, fuzzing
-# ---------------------------------------------------------------------------------------------
-
-@DEVICE_BACKEND
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gradcheck(device, backend, seed):
-    g = torch.Generator().manual_seed(seed)
-    image_size = (20, 28)
-    boxes = random_boxes(6, image_size, (5, 7), generator=g).to(device)
-    batch_idx = random_batch_idx(6, 2, generator=g).to(device)
-    features = torch.randn(2, 3, 5, 7, dtype=torch.float64, generator=g).to(device).requires_grad_(True)
-    fn = lambda f: lgd_ops.box_pool(f, boxes, batch_idx, image_size, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (features,))
-    assert torch.autograd.gradgradcheck(fn, (features,))  # the backward (box_fill) is differentiable too
-
-
-def _opcheck_samples(device):
-    g = torch.Generator().manual_seed(3)
-    samples = []
-    for (b, c, h, w), n, layout in [((2, 3, 5, 7), 6, "contiguous"), ((1, 2, 4, 4), 0, "contiguous"),
-                                    ((2, 4, 3, 6), 5, "channels_last"), ((1, 1, 1, 1), 2, "contiguous")]:
-        features = make_features((b, c, h, w), torch.float32, device, layout=layout, requires_grad=True)
-        boxes = random_boxes(n, (4 * h, 4 * w), (h, w), generator=g).to(device=device, dtype=torch.float32)
-        batch_idx = random_batch_idx(n, b, generator=g).to(device)
-        samples.append((features, boxes, batch_idx, 4 * h, 4 * w))
-    return samples
-
-
-@KERNELS
-@pytest.mark.parametrize("average", [True, False])
-def test_opcheck(device, backend, average):
-    for features, boxes, batch_idx, in_h, in_w in _opcheck_samples(device):
-        torch.library.opcheck(raw_op("box_pool", backend).default, (features, boxes, batch_idx, in_h, in_w, average))
-
-
-@pytest.mark.parametrize("backend", [b for b in all_backends_on("cpu") if b != "reference"])
-def test_deterministic_across_runs_and_threads(backend):
-    boxes, batch_idx, b, c, image_size, level = box_case("many")
-    features = make_features((b, 16, *level), torch.float32, "cpu", requires_grad=True)
-    upstream = torch.randn(boxes.shape[0], 16)
-
-    def run():
-        features.grad = None
-        out = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=backend)
-        out.backward(upstream)
-        return out.detach().clone(), features.grad.clone()
-
-    first = same_bits_across_runs_and_threads(run)
-    expected = oracle_box_pool(features, boxes, batch_idx, image_size)
-    assert_close_to_oracle(first[0], expected, torch.float32, value_scale(expected), "2 threads")
-
-
-@given(data=st.data())
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-def test_fuzz_backends_agree(data):
-    boxes, batch_idx, b, c, in_size, level = draw_box_problem(data)
-    features = torch.randn(b, c, *level, dtype=torch.float64)
-    expected = oracle_box_pool(features, boxes, batch_idx, in_size)
-    for backend in all_backends_on("cpu"):
-        got = lgd_ops.box_pool(features, boxes, batch_idx, in_size, backend=backend)
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m: f"{backend}: {m}")
-
-
-# ---------------------------------------------------------------------------------------------
-# torch.compile (deselect with -m "not compile")
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.compile
-@KERNELS
-def test_compile_raw_op(device, backend):
-    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
-    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-    features = make_features((b, c, *level), torch.float32, device)
-
-    op = raw_op("box_pool", backend)
-
-    def fn(f):
-        mean = op(f * 2.0, boxes, batch_idx, image_size[0], image_size[1], True)
-        total = op(f, boxes, batch_idx, image_size[0], image_size[1], False)
-        return (mean.square() + total.sin()).sum()
-
-    assert_compiled_matches_eager(fn, [features])
-
-
-@pytest.mark.compile
-@KERNELS
-def test_compile_public_api(device, backend):
-    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
-    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-    features = make_features((b, c, *level), torch.float32, device)
-
-    def fn(f):
-        return lgd_ops.box_pool(f * 2.0, boxes, batch_idx, image_size, backend=backend).square().sum()
-
-    assert_compiled_matches_eager(fn, [features])
-
-
-# ---------------------------------------------------------------------------------------------
-# The tests shared with box_fill (tests/box_op_base.py)
-# ---------------------------------------------------------------------------------------------
-
-from box_op_base import BoxOpTests  # noqa: E402
-
-
-class TestBoxPoolShared(BoxOpTests):
-    op = "box_pool"
