@@ -99,8 +99,8 @@ if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::normalized_mse_backward")
     def _(grad, student, teacher, stats):
-        # the CPU kernel writes a channels_last student's gradient channels_last; otherwise NCHW-contiguous
-        return [torch.empty_like(s, memory_format=torch.channels_last if s.device.type == "cpu" and is_channels_last(s)
-                                 else torch.contiguous_format) for s in student]
+        # the kernels write a channels_last student's gradient channels_last; otherwise NCHW-contiguous
+        return [torch.empty_like(s, memory_format=torch.channels_last if is_channels_last(s) else torch.contiguous_format)
+                for s in student]
 
     register_autograd("lgd_ops::normalized_mse", "normalized_mse_backward")

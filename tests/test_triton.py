@@ -265,6 +265,7 @@ def test_normalized_mse(dtype):
     teachers = [torch.randn(s, dtype=torch.float64) for s in LEVELS]
     students[0][0, 1] = 4.0  # a constant plane
     teachers[1] = teachers[1].transpose(2, 3).contiguous().transpose(2, 3)  # a non-contiguous level
+    students[0] = students[0].contiguous(memory_format=torch.channels_last)  # read in place next to an NCHW teacher
     s = [x.to(DEVICE, dtype).requires_grad_() for x in students]
     t = [x.to(DEVICE, dtype) for x in teachers]
     loss = lgd_ops.normalized_mse(s, t, backend="triton")
@@ -278,6 +279,7 @@ def test_normalized_mse(dtype):
         scale = float(torch.cat([g.grad.flatten() for g in ref_s]).abs().max())
         torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=rtol, atol=atol * scale,
                                    msg=lambda m, level=level: f"normalized_mse backward, level {level}\n{m}")
+    assert s[0].grad.is_contiguous(memory_format=torch.channels_last)  # the gradient keeps the student's layout
     single = lgd_ops.normalized_mse(s[0], t[0], backend="triton")
     _assert_close(single, lgd_ops.normalized_mse(ref_s[0], t[0].cpu().double(), backend="reference"), dtype,
                   "normalized_mse, one level, against the reference backend")
@@ -403,6 +405,10 @@ def test_aot_decomposes_into_triton_kernels(triton_target):
         assert set(node.kwargs["tensors_to_clone"]) <= {"out_ptr", "stats_ptr", "loss_ptr", "g_ptr"}, node.kwargs
 
 
+# normalized_mse's channel count and (sb, sc, se) strides of the student and the teacher
+NMSE_STRIDES = {name: "i32" for name in ("C", "s_sb", "s_sc", "s_se", "t_sb", "t_sc", "t_se")}
+
+
 def _signatures():
     """(kernel, signature, constexprs) covering each kernel in fp64 and bf16, with and without averaging."""
     from lgd_ops.triton import box_fill, box_pool, normalized_mse
@@ -421,14 +427,15 @@ def _signatures():
         stats = "*fp64" if fp64 else "*fp32"
         yield normalized_mse._nmse_forward_kernel, {
             "s_ptr": ptr, "t_ptr": ptr, "eps_ptr": "*fp64", "stats_ptr": stats, "loss_ptr": "*fp64", "n": "i32",
-            "first": "i32", "planes": "i32"}, {"ACC_FP64": fp64, "BLOCK": 1024}
+            "first": "i32", "planes": "i32", **NMSE_STRIDES}, {"ACC_FP64": fp64, "BLOCK": 1024}
         yield normalized_mse._nmse_backward_kernel, {
             "s_ptr": ptr, "t_ptr": ptr, "g_ptr": ptr, "stats_ptr": stats, "scale_ptr": "*fp64", "n": "i32",
-            "first": "i32", "planes": "i32"}, {"ACC_FP64": fp64, "BLOCK": 1024}
+            "first": "i32", "planes": "i32", **NMSE_STRIDES, "g_sb": "i32", "g_sc": "i32", "g_se": "i32"}, {
+            "ACC_FP64": fp64, "BLOCK": 1024}
     # 1x1 maps and a single plane: Triton turns int arguments equal to 1 into constants
     yield normalized_mse._nmse_forward_kernel, {
         "s_ptr": "*fp16", "t_ptr": "*fp16", "eps_ptr": "*fp64", "stats_ptr": "*fp32", "loss_ptr": "*fp64",
-        "n": "constexpr", "first": "constexpr", "planes": "constexpr"}, {
+        "n": "constexpr", "first": "constexpr", "planes": "constexpr", **NMSE_STRIDES}, {
         "n": 1, "first": 0, "planes": 1, "ACC_FP64": False, "BLOCK": 1024}
 
 

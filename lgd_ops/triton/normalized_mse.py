@@ -9,6 +9,9 @@ grad = scale * rstd_s * ((xs - xt) - xs * k) with scale = grad_out * 2 / total, 
 sync). No normalized map is stored, and nothing is added atomically, so both passes are deterministic.
 
 eps and scale reach the kernels as fp64 tensors: Triton types a Python float argument as fp32.
+NCHW and channels_last maps are read in place by strides (element f = j * W + i of plane (b, c) at
+b * sb + c * sc + f * se: se = 1 for NCHW, C for channels_last; student and teacher may differ), and the
+gradient has the student's layout; other views are copied to NCHW first.
 """
 import torch
 import triton
@@ -24,16 +27,17 @@ MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (blocks of a pla
 
 
 @triton.jit
-def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, planes, ACC_FP64: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, planes, C, s_sb, s_sc, s_se, t_sb,
+                         t_sc, t_se, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
     plane = tl.program_id(0).to(tl.int64)
-    base = plane * n
+    s_ptr += (plane // C) * s_sb + (plane % C) * s_sc
+    t_ptr += (plane // C) * t_sb + (plane % C) * t_sc
     if ACC_FP64:
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    s0 = tl.load(s_ptr + base).to(acc_ty)
-    t0 = tl.load(t_ptr + base).to(acc_ty)
+    s0 = tl.load(s_ptr).to(acc_ty)
+    t0 = tl.load(t_ptr).to(acc_ty)
     a = tl.zeros([BLOCK], dtype=acc_ty)  # sums of x, y, x^2, y^2, x*y with x = s - s0, y = t - t0
     b = tl.zeros([BLOCK], dtype=acc_ty)
     aa = tl.zeros([BLOCK], dtype=acc_ty)
@@ -42,8 +46,8 @@ def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, p
     for i0 in range(0, n, BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.where(mask, tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(acc_ty) - s0, 0.0)
-        y = tl.where(mask, tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(acc_ty) - t0, 0.0)
+        x = tl.where(mask, tl.load(s_ptr + offs * s_se, mask=mask, other=0.0).to(acc_ty) - s0, 0.0)
+        y = tl.where(mask, tl.load(t_ptr + offs * t_se, mask=mask, other=0.0).to(acc_ty) - t0, 0.0)
         a += x
         b += y
         aa += x * x
@@ -76,8 +80,8 @@ def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, p
 
 
 @triton.jit
-def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, planes, ACC_FP64: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, planes, C, s_sb, s_sc, s_se, t_sb,
+                          t_sc, t_se, g_sb, g_sc, g_se, ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
     if ACC_FP64:
         acc_ty = tl.float64
     else:
@@ -92,13 +96,24 @@ def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, p
     t_rstd = tl.load(stats_ptr + 3 * planes + q).to(acc_ty)
     k = tl.load(stats_ptr + 4 * planes + q).to(acc_ty)
     scale = tl.load(scale_ptr).to(acc_ty)
-    base = plane * n
-    s = tl.load(s_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
-    t = tl.load(t_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    b, c = plane // C, plane % C
+    s = tl.load(s_ptr + b * s_sb + c * s_sc + offs * s_se, mask=mask, other=0.0).to(acc_ty)
+    t = tl.load(t_ptr + b * t_sb + c * t_sc + offs * t_se, mask=mask, other=0.0).to(acc_ty)
     xs = (s - s_mean) * s_rstd
     xt = (t - t_mean) * t_rstd
     g = scale * s_rstd * ((xs - xt) - xs * k)  # nmse_grad (csrc/common/nmse_math.h)
-    tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + b * g_sb + c * g_sc + offs * g_se, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _planar(x):
+    """x as the kernels read it: NCHW and channels_last maps as they are, other views copied to NCHW."""
+    return x if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) else x.contiguous()
+
+
+def _plane_strides(x):
+    """(sb, sc, se) of an NCHW or channels_last map: element f = j * W + i of plane (b, c) at b*sb + c*sc + f*se."""
+    se = 1 if x.is_contiguous() else (x.stride(3) if x.shape[3] > 1 else x.stride(2))
+    return x.stride(0), x.stride(1), se
 
 
 def _check_levels(op, student, teacher):
@@ -134,11 +149,11 @@ def normalized_mse_triton(student: list[torch.Tensor], teacher: list[torch.Tenso
     first = 0
     with device_guard(like):
         for s, t in zip(student, teacher):
-            s, t = s.contiguous(), t.contiguous()
+            s, t = _planar(s), _planar(t)
             count = s.shape[0] * s.shape[1]
             wrap_triton(_nmse_forward_kernel)[(count,)](
-                s, t, eps_t, stats, plane_loss, s.shape[2] * s.shape[3], first, planes, ACC_FP64=fp64,
-                BLOCK=FORWARD_BLOCK)
+                s, t, eps_t, stats, plane_loss, s.shape[2] * s.shape[3], first, planes, s.shape[1],
+                *_plane_strides(s), *_plane_strides(t), ACC_FP64=fp64, BLOCK=FORWARD_BLOCK)
             first += count
     loss = plane_loss.sum() / total  # fixed-order sum of the per-plane losses
     return loss.to(like.dtype), stats
@@ -147,7 +162,7 @@ def normalized_mse_triton(student: list[torch.Tensor], teacher: list[torch.Tenso
 @triton_op("lgd_ops::normalized_mse_backward_triton", mutates_args=())
 def normalized_mse_backward_triton(grad: torch.Tensor, student: list[torch.Tensor], teacher: list[torch.Tensor],
                                    stats: torch.Tensor) -> list[torch.Tensor]:
-    """d loss / d student for every level (contiguous, the student's dtype), from the forward's stats."""
+    """d loss / d student for every level (the student's layout and dtype), from the forward's stats."""
     op = "lgd_ops.normalized_mse_backward_triton"
     _check_levels(op, student, teacher)
     planes = sum(s.shape[0] * s.shape[1] for s in student)
@@ -163,14 +178,15 @@ def normalized_mse_backward_triton(grad: torch.Tensor, student: list[torch.Tenso
     first = 0
     with device_guard(student[0]):
         for s, t in zip(student, teacher):
-            s, t = s.contiguous(), t.contiguous()
-            g = torch.empty_like(s)
+            s, t = _planar(s), _planar(t)
+            g = torch.empty_like(s, memory_format=torch.contiguous_format if s.is_contiguous() else torch.channels_last)
             n = s.shape[2] * s.shape[3]
             block = 256 if n <= 256 else BACKWARD_BLOCK
             if triton.cdiv(n, block) > MAX_GRID_Y:
                 raise RuntimeError(f"{op}: planes of at most {MAX_GRID_Y * block} elements, got {n}")
             wrap_triton(_nmse_backward_kernel)[(s.shape[0] * s.shape[1], triton.cdiv(n, block))](
-                s, t, g, stats, scale, n, first, planes, ACC_FP64=fp64, BLOCK=block)
+                s, t, g, stats, scale, n, first, planes, s.shape[1], *_plane_strides(s), *_plane_strides(t),
+                *_plane_strides(g), ACC_FP64=fp64, BLOCK=block)
             grads.append(g)
             first += s.shape[0] * s.shape[1]
     return grads

@@ -5,6 +5,10 @@
 // covers one tile of kBackwardTile elements of one (image, channel) plane, found from a per-level block
 // prefix (one division per block, none per element), and reads its plane's statistics once; grad_out is
 // read on the device (no host sync). No normalized map is ever stored.
+// NCHW and channels_last maps are read in place by strides (plane (b, c), element f = j * W + i at
+// b * sb + c * sc + f * se: se = 1 for NCHW, C for channels_last; student and teacher may differ), and the
+// gradient is written in the student's layout; other views are copied to NCHW first. A channels_last plane is
+// read at stride C (neighbouring blocks read the neighbouring channels, so sectors are shared through L2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +38,8 @@ struct Levels {
   const scalar_t* t[kMaxLevels];
   scalar_t* g[kMaxLevels];
   int64_t n[kMaxLevels];            // elements per plane
+  int64_t channels[kMaxLevels];
+  int64_t ss[kMaxLevels][3], ts[kMaxLevels][3], gs[kMaxLevels][3];  // (sb, sc, se) of student, teacher, grad
   int64_t first[kMaxLevels + 1];    // global index of each level's first plane (+ end)
   int64_t tiles[kMaxLevels];        // backward blocks per plane: ceil(n / kBackwardTile)
   int64_t block_first[kMaxLevels + 1];  // index of each level's first backward block (+ end)
@@ -45,6 +51,12 @@ __device__ int level_of(const Levels<scalar_t>& lv, int64_t plane) {
   int l = 0;
   while (l + 1 < lv.count && plane >= lv.first[l + 1]) ++l;
   return l;
+}
+
+// Offset of plane `p` (the level's p-th (b, c) plane) in a map with strides st = (sb, sc, se).
+__device__ __forceinline__ int64_t plane_offset(const int64_t (&st)[3], int64_t p, int64_t channels) {
+  const int64_t b = p / channels;
+  return b * st[0] + (p - b * channels) * st[1];
 }
 
 template <int kValues>
@@ -73,13 +85,13 @@ __global__ void nmse_forward_kernel(Levels<scalar_t> lv, int64_t planes_total, d
                                     stat_t* __restrict__ stats, double* __restrict__ plane_loss) {
   const int64_t plane = lv.first[0] + blockIdx.x;
   const int l = level_of(lv, plane);
-  const int64_t n = lv.n[l];
-  const scalar_t* s = lv.s[l] + (plane - lv.first[l]) * n;
-  const scalar_t* t = lv.t[l] + (plane - lv.first[l]) * n;
+  const int64_t n = lv.n[l], p = plane - lv.first[l], se = lv.ss[l][2], te = lv.ts[l][2];
+  const scalar_t* s = lv.s[l] + plane_offset(lv.ss[l], p, lv.channels[l]);
+  const scalar_t* t = lv.t[l] + plane_offset(lv.ts[l], p, lv.channels[l]);
   const double s0 = static_cast<double>(s[0]), t0 = static_cast<double>(t[0]);
   double m[5] = {0, 0, 0, 0, 0};  // sums of x, y, x^2, y^2, x*y with x = s - s0, y = t - t0
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const double x = static_cast<double>(s[i]) - s0, y = static_cast<double>(t[i]) - t0;
+    const double x = static_cast<double>(s[i * se]) - s0, y = static_cast<double>(t[i * te]) - t0;
     m[0] += x;
     m[1] += y;
     m[2] += x * x;
@@ -115,15 +127,23 @@ __global__ void nmse_backward_kernel(Levels<scalar_t> lv, int64_t planes_total, 
   const acc_t scale = acc_t(static_cast<double>(grad_out[0]) * 2.0 * inv_total);
   const acc_t ms = acc_t(stats[q]), rs = acc_t(stats[planes_total + q]), mt = acc_t(stats[2 * planes_total + q]),
               rt = acc_t(stats[3 * planes_total + q]), k = acc_t(stats[4 * planes_total + q]);
-  const scalar_t* s = lv.s[l] + p * n;
-  const scalar_t* t = lv.t[l] + p * n;
-  scalar_t* g = lv.g[l] + p * n;
+  const scalar_t* s = lv.s[l] + plane_offset(lv.ss[l], p, lv.channels[l]);
+  const scalar_t* t = lv.t[l] + plane_offset(lv.ts[l], p, lv.channels[l]);
+  scalar_t* g = lv.g[l] + plane_offset(lv.gs[l], p, lv.channels[l]);
+  const int64_t se = lv.ss[l][2], te = lv.ts[l][2], ge = lv.gs[l][2];
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
-    g[i] = static_cast<scalar_t>(
-        nmse_grad<acc_t>(static_cast<acc_t>(s[i]), static_cast<acc_t>(t[i]), ms, rs, mt, rt, k, scale));
+    g[i * ge] = static_cast<scalar_t>(
+        nmse_grad<acc_t>(static_cast<acc_t>(s[i * se]), static_cast<acc_t>(t[i * te]), ms, rs, mt, rt, k, scale));
 }
 
-// Contiguous copies (kept alive by the caller) and the level groups of at most kMaxLevels.
+// (sb, sc, se) of an NCHW or channels_last map: element f = j * W + i of plane (b, c) at b*sb + c*sc + f*se.
+void map_strides(const at::Tensor& x, int64_t (&st)[3]) {
+  st[0] = x.stride(0);
+  st[1] = x.stride(1);
+  st[2] = x.is_contiguous() ? 1 : (x.size(3) > 1 ? x.stride(3) : x.stride(2));
+}
+
+// The level groups of at most kMaxLevels (the maps kept alive by the caller).
 template <typename scalar_t>
 std::vector<Levels<scalar_t>> group_levels(const std::vector<at::Tensor>& s, const std::vector<at::Tensor>& t,
                                            std::vector<at::Tensor>* g) {
@@ -142,6 +162,10 @@ std::vector<Levels<scalar_t>> group_levels(const std::vector<at::Tensor>& s, con
     lv.t[k] = t[l].data_ptr<scalar_t>();
     lv.g[k] = g ? (*g)[l].data_ptr<scalar_t>() : nullptr;
     lv.n[k] = s[l].size(2) * s[l].size(3);
+    lv.channels[k] = s[l].size(1);
+    map_strides(s[l], lv.ss[k]);
+    map_strides(t[l], lv.ts[k]);
+    map_strides(g ? (*g)[l] : s[l], lv.gs[k]);
     lv.tiles[k] = (lv.n[k] + kBackwardTile - 1) / kBackwardTile;
     lv.block_first[k + 1] = lv.block_first[k] + s[l].size(0) * s[l].size(1) * lv.tiles[k];
     first += s[l].size(0) * s[l].size(1);
@@ -150,9 +174,11 @@ std::vector<Levels<scalar_t>> group_levels(const std::vector<at::Tensor>& s, con
   return groups;
 }
 
-std::vector<at::Tensor> contiguous(at::TensorList xs) {
+// The maps as the kernels read them: NCHW and channels_last ones as they are, other views copied to NCHW.
+std::vector<at::Tensor> planar(at::TensorList xs) {
   std::vector<at::Tensor> out;
-  for (const auto& x : xs) out.push_back(x.contiguous());
+  for (const auto& x : xs)
+    out.push_back(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast) ? x : x.contiguous());
   return out;
 }
 
@@ -164,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> normalized_mse_cuda(at::TensorList student, a
   const bool fp64 = student[0].scalar_type() == at::kDouble;
   at::Tensor stats = at::empty({5, planes}, student[0].options().dtype(fp64 ? at::kDouble : at::kFloat));
   at::Tensor plane_loss = at::zeros({planes}, student[0].options().dtype(at::kDouble));
-  const auto s = contiguous(student), t = contiguous(teacher);
+  const auto s = planar(student), t = planar(teacher);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s[0].scalar_type(), "normalized_mse_cuda", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     for (const auto& lv : group_levels<scalar_t>(s, t, nullptr)) {
@@ -187,9 +213,10 @@ std::vector<at::Tensor> normalized_mse_backward_cuda(const at::Tensor& grad, at:
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 5 && stats.size(1) == planes,
               "lgd_ops.normalized_mse_backward: stats must be [5, ", planes, "], got ", stats.sizes());
   TORCH_CHECK(grad.numel() == 1, "lgd_ops.normalized_mse_backward: grad must be a scalar");
-  const auto s = contiguous(student), t = contiguous(teacher);
-  std::vector<at::Tensor> g;
-  for (const auto& x : s) g.push_back(at::empty_like(x));
+  const auto s = planar(student), t = planar(teacher);
+  std::vector<at::Tensor> g;  // in the student's layout
+  for (const auto& x : s)
+    g.push_back(at::empty_like(x, x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s[0].scalar_type(), "normalized_mse_backward_cuda", [&] {
     using stat_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor st = stats.to(c10::CppTypeToScalarType<stat_t>::value).contiguous();
