@@ -17,11 +17,13 @@
 // Error (acc_t double for float/double maps, float for half/bfloat16): a pool sum is a difference of two
 // prefix sums over at most (y1 + 1) x (x1 + 1) cells, each formed by column sums (<= H terms), a chunk sum
 // (<= ceil(W / 32)) and a 5-step scan, so |error| <= (H + W / 32 + 6) u sum_{rows <= y1, cols <= x1} |x|
-// with u = 2^-53 (double): for a 1344 x 2048 map and |x| <= 1e4 that is < 1e-5 absolute on the sum, below a
-// float output's rounding; in float (u = 2^-24) the same map could lose ~5e-2 on a small box far from the
-// top-left corner, which is why float maps accumulate in double (half/bfloat16 outputs round at 2^-11 /
-// 2^-8 of the value, so a float accumulator suffices for the map sizes of a detector's levels). A fill cell
-// carries at most (events + W / 32 + 6) u sum_boxes |v| likewise.
+// with u = 2^-53 (double). On a P2 level of an 800 x 1344 input (200 x 336 cells) with |x| <= 10 that is
+// 217 * 1.1e-16 * 6.7e5 < 2e-8 absolute on a sum, below a float output's own rounding; with a float
+// accumulator (u = 2^-24) the same bound is ~9, which is why float maps accumulate in double. Half/bfloat16
+// maps use a float accumulator: their outputs round at 2^-11 / 2^-8 of the value, enough for the tests' maps
+// (tens of rows); on full-size levels the worst case exceeds a half output's rounding (typical errors, a
+// random walk, stay far below it; not measured). A fill cell carries at most (events + W / 32 + 6) u
+// sum_boxes |v| likewise.
 #pragma once
 
 #include <cmath>

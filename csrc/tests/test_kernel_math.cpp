@@ -99,7 +99,8 @@ static std::vector<acc_t> emulate_pool(const std::vector<float>& x, int64_t H, i
       std::vector<acc_t> partials(kSweepLanes);
       for (int l = 0; l < kSweepLanes; ++l) partials[l] = lgd_ops::chunk_total(col.data(), lgd_ops::lane_chunk(W, l));
       const std::vector<acc_t> carry = lane_carries(partials);
-      for (int l = 0; l < kSweepLanes; ++l) lgd_ops::chunk_prefix(col.data(), pre.data(), lgd_ops::lane_chunk(W, l), carry[l]);
+      for (int l = 0; l < kSweepLanes; ++l)
+        lgd_ops::chunk_prefix(col.data(), pre.data(), lgd_ops::lane_chunk(W, l), carry[l]);
       for (size_t e = p; e < q; ++e) {
         const int64_t n = ev[e].id / 2;
         const bool top = ev[e].id % 2 == 0;
@@ -190,7 +191,10 @@ static void check_sweeps(int64_t H, int64_t W, int nboxes, std::mt19937& rng, do
     const CellRange& r = boxes[n];
     double sum = 0, mass = 1;
     for (int32_t j = r.y0; j <= r.y1; ++j)
-      for (int32_t i = r.x0; i <= r.x1; ++i) sum += x[j * W + i], painted[j * W + i] += double(v[n]) / double(r.count());
+      for (int32_t i = r.x0; i <= r.x1; ++i) {
+        sum += x[j * W + i];
+        painted[j * W + i] += double(v[n]) / double(r.count());
+      }
     for (int64_t j = 0; j <= std::min<int64_t>(r.y1, H - 1); ++j)
       for (int64_t i = 0; i <= std::min<int64_t>(r.x1, W - 1); ++i) mass += std::fabs(x[j * W + i]);
     if (r.empty()) sum = 0;
