@@ -122,7 +122,8 @@ def test_demo_writes_summary_and_plots(demo_run):
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["results"] == summary["results"]
     assert all(isinstance(summary["results"][k], float) for k in ("AP", "AP50"))
-    assert set(summary["op_report"]) >= {"box_pool", "box_fill", "normalized_mse"}
+    assert set(summary["op_report"]) >= {"box_pool", "box_fill", "normalized_mse", "lgd_mem_share"}
+    assert {"ms", "ref_ms", "speedup", "peak_mb", "ref_peak_mb"} <= set(summary["op_report"]["box_pool"])
     assert {"loss_cls", "loss_cls_tea", "loss_distill"} <= set(summary["final_losses"])
     (run,) = summary["runs"]
     assert run["mode"] == "lgd" and run["iterations"] == 2 and run["batch_size"] == 2

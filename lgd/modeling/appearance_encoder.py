@@ -37,5 +37,5 @@ class AppearanceEncoder(nn.Module):
                 out.append(lgd_ops.mask_pool(projected, labels.masks, labels.batch_idx))
             else:
                 out.append(lgd_ops.box_pool(projected, labels.boxes, labels.batch_idx, labels.image_size,
-                                            backend=self.backend))
+                                            backend=self.backend, validate=False))  # PackedLabels checked them
         return out

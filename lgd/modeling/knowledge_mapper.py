@@ -56,7 +56,8 @@ class KnowledgeMapper(nn.Module):
                 painted = lgd_ops.mask_fill(painted_values, regions, batch_idx, output_size)
             else:
                 painted = lgd_ops.box_fill(painted_values, regions, batch_idx, labels.image_size, output_size,
-                                           memory_format=memory_format, backend=self.backend)
+                                           memory_format=memory_format, backend=self.backend,
+                                           validate=False)  # PackedLabels checked the boxes once per batch
             x = self.spatial(painted)
             if self.use_context:
                 x = x + self.context_proj(e[ctx])[:, :, None, None]

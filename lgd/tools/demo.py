@@ -50,6 +50,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
+from ..engine.op_report import OPS
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
 from .train_net import OPS_HELP, check_backend, load_config, train
@@ -318,15 +319,18 @@ def plot_compare(records, path):
 
 
 def _op_report(record):
-    """The last op-report values of an LGD run: {op: {"ms", "ref_ms", "speedup"}} plus the LGD forward share."""
-    last = {k[len("op_report/"):]: v[-1][1] for k, v in record["curves"].items() if k.startswith("op_report/")}
+    """The last value of every op-report scalar of an LGD run (lgd.engine.op_report): {op: {"ms", "ref_ms",
+    "speedup", "peak_mb", "ref_peak_mb"}} per op, and the step-level figures (lgd_fwd_share, lgd_mem_share, ...)."""
     report = {}
-    for op in ("box_pool", "box_fill", "normalized_mse"):
-        if f"{op}_ms" in last:
-            report[op] = {key: last.get(f"{op}_{key}") for key in ("ms", "ref_ms", "speedup")}
-    for key in ("lgd_fwd_ms", "step_ms", "lgd_fwd_share"):
-        if key in last:
-            report[key] = last[key]
+    for key, points in record["curves"].items():
+        if not key.startswith("op_report/"):
+            continue
+        name, value = key[len("op_report/"):], points[-1][1]
+        op = next((op for op in OPS if name.startswith(op + "_")), None)
+        if op is None:
+            report[name] = value
+        else:
+            report.setdefault(op, {})[name[len(op) + 1:]] = value
     return report
 
 
@@ -335,12 +339,19 @@ def _format_ap(value):
 
 
 def format_op_report(report):
-    lines = [f"{'op':16s}{'fused ms':>10s}{'ref ms':>10s}{'speedup':>9s}"]
-    lines += [f"{op:16s}{r['ms']:10.2f}{r['ref_ms']:10.2f}{r['speedup']:8.2f}x"
-              for op, r in report.items() if isinstance(r, dict)]
+    memory = any("peak_mb" in r for r in report.values() if isinstance(r, dict))
+    lines = [f"{'op':16s}{'fused ms':>10s}{'ref ms':>10s}{'speedup':>9s}"
+             + (f"{'peak MB':>10s}{'ref MB':>10s}" if memory else "")]
+    for op, r in report.items():
+        if isinstance(r, dict) and "ms" in r:
+            peaks = f"{r.get('peak_mb', float('nan')):10.1f}{r.get('ref_peak_mb', float('nan')):10.1f}" if memory else ""
+            lines.append(f"{op:16s}{r['ms']:10.2f}{r['ref_ms']:10.2f}{r['speedup']:8.2f}x" + peaks)
     if "lgd_fwd_share" in report:
         lines.append(f"LGD forward work: {report['lgd_fwd_ms']:.1f} ms of a {report['step_ms']:.1f} ms step "
                      f"({100 * report['lgd_fwd_share']:.1f} %)")
+    if "lgd_mem_share" in report:
+        lines.append(f"LGD's saved activations: {report['lgd_saved_mb']:.1f} MB of the step's "
+                     f"{report['step_saved_mb']:.1f} MB ({100 * report['lgd_mem_share']:.1f} %)")
     return "\n".join(lines)
 
 
