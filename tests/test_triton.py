@@ -402,7 +402,9 @@ def test_aot_decomposes_into_triton_kernels(triton_target):
     assert len(kernels) == 6  # 3 forward, 3 backward
     assert not any("lgd_ops" in str(n.target) for n in graph.graph.nodes)
     for node in kernels:
-        assert set(node.kwargs["tensors_to_clone"]) <= {"out_ptr", "stats_ptr", "loss_ptr", "g_ptr"}, node.kwargs
+        # written: the outputs, and box_pool's [N, C] scratch of the boxes' top parts
+        assert set(node.kwargs["tensors_to_clone"]) <= {"out_ptr", "stats_ptr", "loss_ptr", "g_ptr",
+                                                        "partial_ptr"}, node.kwargs
 
 
 # normalized_mse's channel count and (sb, sc, se) strides of the student and the teacher
@@ -410,20 +412,21 @@ NMSE_STRIDES = {name: "i32" for name in ("C", "s_sb", "s_sc", "s_se", "t_sb", "t
 
 
 def _signatures():
-    """(kernel, signature, constexprs) covering each kernel in fp64 and bf16, with and without averaging."""
+    """(kernel, signature, constexprs) covering each kernel in fp64, fp32 and bf16, with and without averaging."""
     from lgd_ops.triton import box_fill, box_pool, normalized_mse
 
-    for ptr, avg in (("*fp64", True), ("*bf16", False)):
+    for ptr, avg in (("*fp64", True), ("*fp32", False), ("*bf16", False)):
         fp64 = ptr == "*fp64"
+        sweep64 = ptr != "*bf16"  # the box sweeps accumulate fp32 maps in fp64 too
+        events = {"cells_ptr": "*i32", "key_ptr": "*i64", "id_ptr": "*i64", "start_ptr": "*i64"}
+        blocks = {"AVERAGE": avg, "ACC_FP64": sweep64, "BLOCK_C": 8, "BLOCK_W": 64}
         yield box_pool._box_pool_kernel, {
-            "feat_ptr": ptr, "cells_ptr": "*i32", "batch_ptr": "*i64", "out_ptr": ptr, "C": "i32", "stride_b": "i32",
-            "stride_c": "i32", "stride_h": "i32", "stride_w": "constexpr"}, {
-            "stride_w": 1, "AVERAGE": avg, "ACC_FP64": fp64, "BLOCK_C": 32, "BLOCK_W": 32}
+            "feat_ptr": ptr, **events, "partial_ptr": "*fp64" if sweep64 else "*fp32", "out_ptr": ptr, "C": "i32",
+            "H": "i32", "W": "i32", "stride_b": "i32", "stride_c": "i32", "stride_h": "i32", "stride_w": "i32"}, blocks
         yield box_fill._box_fill_kernel, {
-            "values_ptr": ptr, "cells_ptr": "*i32", "order_ptr": "*i64", "start_ptr": "*i64", "out_ptr": ptr, "C": "i32",
-            "H": "i32", "W": "i32", "tiles_w": "i32", "stride_vn": "i32", "stride_vc": "constexpr",
-            "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32", "stride_ow": "i32"}, {
-            "stride_vc": 1, "AVERAGE": avg, "ACC_FP64": fp64, "BLOCK_C": 8, "TILE_H": 16, "TILE_W": 32}
+            "values_ptr": ptr, **events, "out_ptr": ptr, "C": "i32", "H": "i32", "W": "i32", "stride_vn": "i32",
+            "stride_vc": "constexpr", "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32",
+            "stride_ow": "i32"}, dict(blocks, stride_vc=1)
         stats = "*fp64" if fp64 else "*fp32"
         yield normalized_mse._nmse_forward_kernel, {
             "s_ptr": ptr, "t_ptr": ptr, "eps_ptr": "*fp64", "stats_ptr": stats, "loss_ptr": "*fp64", "n": "i32",

@@ -7,17 +7,37 @@ the C++ kernels and the reference; the kernels take the resulting int32 ranges.
 import contextlib
 
 import torch
+import triton
 
 from .._boxes import box_cells  # noqa: F401  (re-exported for the kernels' modules)
 
 
-def group_by_image(covers, batch_idx, batch):
-    """(order, start): int64 box ids of the boxes that cover a cell, grouped by image (input order
-    inside an image, stable sort), and int64 [batch + 1] with image b's boxes at order[start[b]:start[b+1]]."""
-    keys = torch.where(covers, batch_idx, torch.full_like(batch_idx, batch))  # the rest sorts last
-    sorted_keys, order = torch.sort(keys, stable=True)
-    start = torch.searchsorted(sorted_keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device))
-    return order.contiguous(), start.contiguous()
+MAX_SWEEP_WIDTH = 8192  # the sweeps hold a whole row of a plane per program
+SWEEP_ELEMENTS = 4096  # channels x padded row width held per program
+
+
+def sweep_events(cells, covers, batch_idx, batch, height):
+    """The row sweeps' events (docs/method.md §1-3; csrc/common/box_sweep_math.h is the CUDA twin): box n's
+    top event 2n at row y0 and bottom event 2n + 1 at row y1 + 1, keyed image * (height + 2) + row (boxes
+    covering nothing after every image). Returns (keys, ids, start): int64 keys ascending, the event ids in
+    key order (box order within a row: a stable sort), and int64 [batch + 1] with image b's events at
+    [start[b], start[b + 1])."""
+    rows = torch.stack([cells[:, 2], cells[:, 3] + 1], dim=1).reshape(-1).to(torch.int64)
+    img = batch_idx.repeat_interleave(2)
+    keys = torch.where(covers.repeat_interleave(2), img * (height + 2) + rows,
+                       torch.full_like(rows, batch * (height + 2)))
+    keys, ids = torch.sort(keys, stable=True)
+    start = torch.searchsorted(keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device) * (height + 2))
+    return keys.contiguous(), ids.contiguous(), start.contiguous()
+
+
+def sweep_blocks(op, channels, width):
+    """(BLOCK_C, BLOCK_W) of a sweep program: the padded row and as many channels as fit SWEEP_ELEMENTS."""
+    if width > MAX_SWEEP_WIDTH:
+        raise RuntimeError(f"{op}: maps at most {MAX_SWEEP_WIDTH} cells wide, got {width}")
+    block_w = triton.next_power_of_2(width)
+    block_c = max(1, min(triton.next_power_of_2(channels), SWEEP_ELEMENTS // block_w, 32))
+    return block_c, block_w
 
 
 def check_box_args(op, boxes, batch_idx, in_h, in_w, like, like_name):
@@ -36,6 +56,11 @@ def check_box_args(op, boxes, batch_idx, in_h, in_w, like, like_name):
 def acc_fp64(dtype):
     """fp16/bf16/fp32 accumulate in fp32, fp64 in fp64."""
     return dtype == torch.float64
+
+
+def sweep_acc_fp64(dtype):
+    """The box sweeps accumulate fp32 and fp64 maps in fp64 (fp32 prefix sums drift), half maps in fp32."""
+    return dtype in (torch.float32, torch.float64)
 
 
 def device_guard(tensor):

@@ -1,10 +1,13 @@
 """box_fill on Triton: torch.ops.lgd_ops.box_fill_triton (docs/method.md §3).
 
-A gather: one program per (image, block of channels, tile of cells) loops over that image's boxes
-(grouped by a stable sort of batch_idx, in input order) and adds the value of every box covering
-each cell; boxes missing the tile are skipped on their cell ranges. Every output element is
-written once by one program (no float atomics), so the result is deterministic. The backward is
-box_pool_triton with sums (its adjoint), as for the C++ op.
+A row sweep, as the CUDA kernel (csrc/common/box_sweep_math.h): one program per (block of channels, image)
+walks the output top to bottom holding the current row as a [channels, row] block. The boxes are top/bottom
+events sorted by (image, row) (_common.sweep_events); on an event row each event puts +-v at x0 and -+v at
+x1 + 1 of a difference row (events in a fixed order) and tl.cumsum of it is added to the row (a difference
+map and its 2-D prefix sum, one row at a time); every row is then written once. Cost: the output written
+once plus one pass over the row per event, whatever the boxes' sizes; fp64 accumulation for fp32/fp64
+values, fp32 for half; no atomics: deterministic. Non-finite values are left out of the sweep and added to
+their own box's cells afterwards. The backward is box_pool_triton with sums (its adjoint), as for the C++ op.
 """
 import torch
 import triton
@@ -12,51 +15,79 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_fill import register_autograd
-from ._common import acc_fp64, box_cells, check_box_args, device_guard, group_by_image
+from ._common import box_cells, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_events
 
-MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension (the image)
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the image)
 
 
 @triton.jit
-def _box_fill_kernel(values_ptr, cells_ptr, order_ptr, start_ptr, out_ptr, C, H, W, tiles_w, stride_vn,
-                     stride_vc, stride_ob, stride_oc, stride_oh, stride_ow, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
-                     TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    tile = tl.program_id(0)
-    row0 = (tile // tiles_w) * TILE_H
-    col0 = (tile % tiles_w) * TILE_W
-    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    img = tl.program_id(2).to(tl.int64)
+def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr, C, H, W, stride_vn, stride_vc,
+                     stride_ob, stride_oc, stride_oh, stride_ow, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    img = tl.program_id(1).to(tl.int64)
     c_mask = c_offs < C
-    rows = row0 + tl.arange(0, TILE_H)
-    cols = col0 + tl.arange(0, TILE_W)
-    row_last = row0 + TILE_H - 1
-    col_last = col0 + TILE_W - 1
+    cols = tl.arange(0, BLOCK_W)
+    mask = c_mask[:, None] & (cols < W)[None, :]
     if ACC_FP64:
-        acc = tl.zeros([BLOCK_C, TILE_H, TILE_W], dtype=tl.float64)
+        acc_ty = tl.float64
     else:
-        acc = tl.zeros([BLOCK_C, TILE_H, TILE_W], dtype=tl.float32)
-    k_begin = tl.load(start_ptr + img)
-    k_end = tl.load(start_ptr + img + 1)
-    for k in range(k_begin, k_end):  # the image's boxes, each covering at least one cell
-        n = tl.load(order_ptr + k)
-        x0 = tl.load(cells_ptr + n * 4)
-        x1 = tl.load(cells_ptr + n * 4 + 1)
-        y0 = tl.load(cells_ptr + n * 4 + 2)
-        y1 = tl.load(cells_ptr + n * 4 + 3)
-        if (x0 <= col_last) & (x1 >= col0) & (y0 <= row_last) & (y1 >= row0):  # the box meets the tile
-            v = tl.load(values_ptr + n * stride_vn + c_offs * stride_vc, mask=c_mask, other=0.0).to(acc.dtype)
-            if AVERAGE:
-                count = (x1 - x0 + 1) * (y1 - y0 + 1)
-                if ACC_FP64:
-                    v = v / count.to(tl.float64)
-                else:
-                    v = tl.div_rn(v, count.to(tl.float32))
-            inside = ((rows >= y0) & (rows <= y1))[:, None] & ((cols >= x0) & (cols <= x1))[None, :]
-            acc += tl.where(inside[None, :, :], v[:, None, None], 0.0)
-    plane = img * stride_ob + c_offs.to(tl.int64) * stride_oc
-    offs = plane[:, None, None] + (rows * stride_oh)[None, :, None] + (cols * stride_ow)[None, None, :]
-    mask = c_mask[:, None, None] & (rows < H)[None, :, None] & (cols < W)[None, None, :]
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc_ty = tl.float32
+    col = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
+    plane = out_ptr + img * stride_ob + c_offs.to(tl.int64)[:, None] * stride_oc + cols[None, :] * stride_ow
+    p_begin = tl.load(start_ptr + img)
+    p_end = tl.load(start_ptr + img + 1)
+    p = p_begin
+    base = img * (H + 2)
+    non_finite = 0
+    for j in range(0, H):
+        key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
+        if key == base + j:  # an event row
+            diff = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
+            while key == base + j:
+                event = tl.load(id_ptr + p)
+                n = event // 2
+                x0 = tl.load(cells_ptr + n * 4)
+                x1 = tl.load(cells_ptr + n * 4 + 1)
+                v = tl.load(values_ptr + n * stride_vn + c_offs * stride_vc, mask=c_mask, other=0.0).to(acc_ty)
+                finite = v - v == 0.0
+                non_finite += tl.sum((~finite).to(tl.int32), axis=0)
+                v = tl.where(finite, v, 0.0)  # added after the sweep: it would stay in the columns past the box
+                if AVERAGE:
+                    y0 = tl.load(cells_ptr + n * 4 + 2)
+                    y1 = tl.load(cells_ptr + n * 4 + 3)
+                    count = (x1 - x0 + 1) * (y1 - y0 + 1)
+                    if ACC_FP64:
+                        v = v / count.to(tl.float64)
+                    else:
+                        v = tl.div_rn(v, count.to(tl.float32))
+                if event % 2 == 1:  # bottom: the box ends above this row
+                    v = -v
+                diff += tl.where((cols == x0)[None, :], v[:, None], 0.0)
+                diff -= tl.where((cols == x1 + 1)[None, :], v[:, None], 0.0)
+                p += 1
+                key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
+            col += tl.cumsum(diff, axis=1)
+        tl.store(plane + j * stride_oh, col.to(out_ptr.dtype.element_ty), mask=mask)
+    if non_finite > 0:  # NaN - NaN, inf - inf never cancel: such values go straight into their own box's cells
+        for k in range(p_begin, p_end):
+            event = tl.load(id_ptr + k)
+            n = event // 2
+            v = tl.load(values_ptr + n * stride_vn + c_offs * stride_vc, mask=c_mask, other=0.0).to(acc_ty)
+            bad = c_mask & ~(v - v == 0.0)
+            if (event % 2 == 0) & (tl.sum(bad.to(tl.int32), axis=0) > 0):
+                x0 = tl.load(cells_ptr + n * 4)
+                x1 = tl.load(cells_ptr + n * 4 + 1)
+                y0 = tl.load(cells_ptr + n * 4 + 2)
+                y1 = tl.load(cells_ptr + n * 4 + 3)
+                if AVERAGE:
+                    v = v / ((x1 - x0 + 1) * (y1 - y0 + 1)).to(acc_ty)
+                inside = bad[:, None] & ((cols >= x0) & (cols <= x1))[None, :]
+                tl.debug_barrier()  # the rows written above (and by the previous box), visible to every thread
+                for jj in range(y0, y1 + 1):
+                    row = plane + tl.cast(jj, tl.int64) * stride_oh
+                    cells = tl.load(row, mask=inside, other=0.0).to(acc_ty)
+                    tl.store(row, (cells + v[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton_op("lgd_ops::box_fill_triton", mutates_args=())
@@ -70,8 +101,8 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     if batch < 0 or out_h < 0 or out_w < 0:
         raise RuntimeError(f"lgd_ops.box_fill_triton: output size must be non-negative, got "
                            f"({batch}, {out_h}, {out_w})")
-    if batch > MAX_GRID_Z:
-        raise RuntimeError(f"lgd_ops.box_fill_triton: at most {MAX_GRID_Z} images per call, got {batch}")
+    if batch > MAX_GRID_Y:
+        raise RuntimeError(f"lgd_ops.box_fill_triton: at most {MAX_GRID_Y} images per call, got {batch}")
     check_box_args("lgd_ops.box_fill_triton", boxes, batch_idx, in_h, in_w, values, "values")
     channels = values.shape[1]
     out = torch.empty(batch, channels, out_h, out_w, dtype=values.dtype, device=values.device,
@@ -79,15 +110,13 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     if batch == 0 or channels == 0 or out_h == 0 or out_w == 0:
         return out
     cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
-    order, start = group_by_image(covers, batch_idx, batch)
-    tile_w = 8 if out_w <= 8 else (16 if out_w <= 16 else 32)
-    tile_h = 8 if out_h <= 8 else 16
-    tiles_w = triton.cdiv(out_w, tile_w)
-    grid = (triton.cdiv(out_h, tile_h) * tiles_w, triton.cdiv(channels, 8), batch)
+    keys, ids, start = sweep_events(cells, covers, batch_idx, batch, out_h)
+    block_c, block_w = sweep_blocks("lgd_ops.box_fill_triton", channels, out_w)
     with device_guard(values):
-        wrap_triton(_box_fill_kernel)[grid](
-            values, cells, order, start, out, channels, out_h, out_w, tiles_w, values.stride(0), values.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3), AVERAGE=average, ACC_FP64=acc_fp64(values.dtype), BLOCK_C=8, TILE_H=tile_h, TILE_W=tile_w)
+        wrap_triton(_box_fill_kernel)[(triton.cdiv(channels, block_c), batch)](
+            values, cells, keys, ids, start, out, channels, out_h, out_w, values.stride(0), values.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3), AVERAGE=average,
+            ACC_FP64=sweep_acc_fp64(values.dtype), BLOCK_C=block_c, BLOCK_W=block_w)
     return out
 
 

@@ -1,9 +1,14 @@
 """box_pool on Triton: torch.ops.lgd_ops.box_pool_triton (docs/method.md §1-2).
 
-One program per (box, block of channels) sums the box's rectangle directly: a loop over the box's
-rows, each row read as [channels, columns] segments, no dense mask. Every output element is written
-by one program in a fixed order, so the result is deterministic. The backward is box_fill_triton
-with average (its adjoint), as for the C++ op.
+A row sweep, as the CUDA kernel (csrc/common/box_sweep_math.h): one program per (block of channels, image)
+walks the map top to bottom holding the column sums of the rows above as a [channels, row] block (an
+integral image built a row at a time, no scratch map). The boxes are top/bottom events sorted by (image,
+row) (_common.sweep_events); on an event row, tl.cumsum gives the row prefix and each event reads its part
+pre[x1] - pre[x0 - 1] (a top event stores minus it, the bottom event adds it: the box sum). Cost: the map
+read once plus one pass over the row per event, whatever the boxes' sizes; fp64 accumulation for
+fp32/fp64 maps (fp32 prefix sums drift), fp32 for half maps; fixed-order adds, no atomics: deterministic.
+A box whose sum is not finite is summed again over its own cells, so a NaN or inf stays with the boxes
+covering it. The backward is box_fill_triton with average (its adjoint), as for the C++ op.
 """
 import torch
 import triton
@@ -11,65 +16,89 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_pool import register_autograd
-from ._common import acc_fp64, box_cells, check_box_args, device_guard
+from ._common import box_cells, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_events
 
 
 @triton.jit
-def _box_pool_kernel(feat_ptr, cells_ptr, batch_ptr, out_ptr, C, stride_b, stride_c, stride_h, stride_w,
-                     AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_W: tl.constexpr):
-    box = tl.program_id(0).to(tl.int64)
-    c_offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _box_pool_kernel(feat_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, partial_ptr, out_ptr, C, H, W, stride_b,
+                     stride_c, stride_h, stride_w, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    img = tl.program_id(1).to(tl.int64)
     c_mask = c_offs < C
-    x0 = tl.load(cells_ptr + box * 4)
-    x1 = tl.load(cells_ptr + box * 4 + 1)
-    y0 = tl.load(cells_ptr + box * 4 + 2)
-    y1 = tl.load(cells_ptr + box * 4 + 3)
-    img = tl.load(batch_ptr + box)  # only dereferenced for boxes that cover a cell (then it is valid)
+    cols = tl.arange(0, BLOCK_W)
+    mask = c_mask[:, None] & (cols < W)[None, :]
     if ACC_FP64:
-        acc = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float64)
+        acc_ty = tl.float64
     else:
-        acc = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
-    w_offs = tl.arange(0, BLOCK_W)
-    plane = feat_ptr + img * stride_b + c_offs.to(tl.int64)[:, None] * stride_c
-    for j in range(y0, y1 + 1):  # empty ranges (x0 > x1 or y0 > y1) run no iteration
-        row = plane + tl.cast(j, tl.int64) * stride_h
-        for i0 in range(x0, x1 + 1, BLOCK_W):
-            cols = i0 + w_offs
-            mask = c_mask[:, None] & (cols <= x1)[None, :]
-            vals = tl.load(row + cols[None, :] * stride_w, mask=mask, other=0.0)
-            acc += vals.to(acc.dtype)
-    total = tl.sum(acc, axis=1)
-    if AVERAGE:
-        empty = (x1 < x0) | (y1 < y0)
-        count = tl.where(empty, 1, (x1 - x0 + 1) * (y1 - y0 + 1))
-        if ACC_FP64:
-            total = total / count.to(tl.float64)
-        else:
-            total = tl.div_rn(total, count.to(tl.float32))  # IEEE division, as the C++ kernels
-    tl.store(out_ptr + box * C + c_offs, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+        acc_ty = tl.float32
+    col = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
+    plane = feat_ptr + img * stride_b + c_offs.to(tl.int64)[:, None] * stride_c + cols[None, :] * stride_w
+    p = tl.load(start_ptr + img)
+    p_end = tl.load(start_ptr + img + 1)
+    base = img * (H + 2)
+    for j in range(0, H + 1):
+        key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
+        if key == base + j:  # an event row
+            pre = tl.cumsum(col, axis=1)  # pre[:, i] = sum over i' <= i of col[:, i']
+            while key == base + j:
+                event = tl.load(id_ptr + p)
+                n = event // 2
+                x0 = tl.load(cells_ptr + n * 4)
+                x1 = tl.load(cells_ptr + n * 4 + 1)
+                part = (tl.sum(tl.where((cols == x1)[None, :], pre, 0.0), axis=1)
+                        - tl.sum(tl.where((cols == x0 - 1)[None, :], pre, 0.0), axis=1))
+                slot = partial_ptr + n * C + c_offs
+                if event % 2 == 0:  # top: minus the part above the box
+                    tl.store(slot, -part, mask=c_mask)
+                else:  # bottom: the part through the box's last row completes the sum
+                    total = tl.load(slot, mask=c_mask, other=0.0) + part
+                    y0 = tl.load(cells_ptr + n * 4 + 2)
+                    y1 = tl.load(cells_ptr + n * 4 + 3)
+                    finite = total - total == 0.0
+                    if tl.sum((~finite & c_mask).to(tl.int32), axis=0) > 0:  # NaN - NaN, inf - inf: sum the box
+                        direct = tl.zeros([BLOCK_C], dtype=acc_ty)
+                        inside = mask & ((cols >= x0) & (cols <= x1))[None, :]
+                        for jj in range(y0, y1 + 1):
+                            vals = tl.load(plane + tl.cast(jj, tl.int64) * stride_h, mask=inside, other=0.0)
+                            direct += tl.sum(vals.to(acc_ty), axis=1)
+                        total = tl.where(finite, total, direct)
+                    if AVERAGE:
+                        count = (x1 - x0 + 1) * (y1 - y0 + 1)
+                        if ACC_FP64:
+                            total = total / count.to(tl.float64)
+                        else:
+                            total = tl.div_rn(total, count.to(tl.float32))  # IEEE division, as the C++ kernels
+                    tl.store(out_ptr + n * C + c_offs, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+                p += 1
+                key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
+            tl.debug_barrier()  # the top events' partial sums, visible to the whole program
+        if j < H:
+            col += tl.load(plane + j * stride_h, mask=mask, other=0.0).to(acc_ty)
 
 
 @triton_op("lgd_ops::box_pool_triton", mutates_args=())
 def box_pool_triton(features: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, in_h: int, in_w: int,
                     average: bool) -> torch.Tensor:
     """Sum (average=False) or mean (average=True) of features [B, C, H, W] over each box's cells -> [N, C]."""
+    op = "lgd_ops.box_pool_triton"
     if features.dim() != 4:
-        raise RuntimeError(f"lgd_ops.box_pool_triton: features must be [B, C, H, W], got {tuple(features.shape)}")
-    check_box_args("lgd_ops.box_pool_triton", boxes, batch_idx, in_h, in_w, features, "features")
+        raise RuntimeError(f"{op}: features must be [B, C, H, W], got {tuple(features.shape)}")
+    check_box_args(op, boxes, batch_idx, in_h, in_w, features, "features")
     n_img, channels, height, width = features.shape
     n = boxes.shape[0]
     if n == 0 or channels == 0 or height == 0 or width == 0:
         return features.new_zeros(n, channels)
-    out = features.new_empty(n, channels)  # every element is written
-    cells, _ = box_cells(boxes, batch_idx, n_img, in_h, in_w, height, width)
-    block_w = 8 if width <= 8 else (16 if width <= 16 else 32)
-    block_c = 64 if block_w < 32 else 32
-    grid = (n, triton.cdiv(channels, block_c))
+    out = features.new_zeros(n, channels)  # boxes covering nothing stay zero
+    fp64 = sweep_acc_fp64(features.dtype)
+    partial = features.new_empty(n, channels, dtype=torch.float64 if fp64 else torch.float32)
+    cells, covers = box_cells(boxes, batch_idx, n_img, in_h, in_w, height, width)
+    keys, ids, start = sweep_events(cells, covers, batch_idx, n_img, height)
+    block_c, block_w = sweep_blocks(op, channels, width)
     with device_guard(features):
-        wrap_triton(_box_pool_kernel)[grid](
-            features, cells, batch_idx.contiguous(), out, channels, features.stride(0), features.stride(1),
-            features.stride(2), features.stride(3), AVERAGE=average, ACC_FP64=acc_fp64(features.dtype),
+        wrap_triton(_box_pool_kernel)[(triton.cdiv(channels, block_c), n_img)](
+            features, cells, keys, ids, start, partial, out, channels, height, width, features.stride(0),
+            features.stride(1), features.stride(2), features.stride(3), AVERAGE=average, ACC_FP64=fp64,
             BLOCK_C=block_c, BLOCK_W=block_w)
     return out
 
