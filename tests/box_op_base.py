@@ -345,6 +345,26 @@ class BoxOpTests:
             assert x.grad.is_contiguous(memory_format=fmt)  # pool's gradient keeps the features' layout
 
     @DEVICE_BACKEND
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    def test_few_wide_boxes_on_a_large_map(self, device, backend, dtype):
+        """Few boxes, most spanning the map: the CPU kernels' one-plane blocks with event rows through the
+        segmented row scan (more than one whole-width box starts or ends on a row)."""
+        g = torch.Generator().manual_seed(11)
+        b, c, image_size, level = 2, 3, (384, 800), (48, 100)
+        boxes = random_boxes(8, image_size, level, kinds=("whole", "huge", "normal"), generator=g)
+        boxes = boxes.to(device=device, dtype=dtype)
+        batch_idx = random_batch_idx(8, b, generator=g).to(device)
+        x = self.make_input(b, c, level, 8, dtype, device, requires_grad=True)
+        out = self.call(x, boxes, batch_idx, image_size, b, level, backend=backend)
+        ref_x = self.as_reference(x)
+        expected = self.oracle(ref_x, boxes, batch_idx, image_size, b, level)
+        assert_close_to_oracle(out, expected, dtype, value_scale(expected), f"{backend} wide boxes")
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(upstream.to(device=device, dtype=dtype))
+        (expected * upstream).sum().backward()
+        assert_close_to_oracle(x.grad, ref_x.grad, dtype, value_scale(ref_x.grad), f"{backend} wide boxes grad")
+
+    @DEVICE_BACKEND
     @pytest.mark.parametrize("layout", LAYOUTS)
     def test_non_finite_in_a_channel_block(self, device, backend, layout):
         """A NaN stays with the boxes reading it (pool) / the cells of its box (fill) in wide blocks too."""
