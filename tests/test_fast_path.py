@@ -47,6 +47,7 @@ def test_cpu_bf16_when_supported_else_fp32(bf16_cpu, monkeypatch):
     monkeypatch.setattr(fast_mod, "cpu_supports_bf16", lambda: False)
     fallback = resolve_fast_path(True, "bf16", None, "cpu")
     assert fallback.dtype is None and not fallback.channels_last and "no native bf16" in fallback.note
+    assert fallback.fallback and not resolve_fast_path(True, "fp32", None, "cpu").fallback
 
 
 def test_cuda_bf16_or_fp16_with_grad_scaler(monkeypatch):
@@ -57,6 +58,7 @@ def test_cuda_bf16_or_fp16_with_grad_scaler(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     fallback = resolve_fast_path(True, "bf16", None, "cuda")
     assert fallback.dtype == torch.float16 and fallback.grad_scaler and "no bf16" in fallback.note
+    assert fallback.fallback
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -84,14 +86,16 @@ def test_config_builds_the_right_trainer_dtype_and_format(bf16_cpu):
     model = train_net.build_model(fast_cfg, backend="reference")
     conv = model.detector.backbone.bottom_up.stem.conv1.weight
     assert conv.is_contiguous(memory_format=CL) and not conv.is_contiguous() and conv.dtype == torch.float32
-    trainer = train_net._build_trainer(fast_cfg, model, iter([]), build_lgd_optimizer(model, lr=0.0), "cpu")
+    trainer = train_net._build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
+                                       train_net.fast_path(fast_cfg, "cpu"))
     assert isinstance(trainer, AMPTrainer) and trainer.dtype == torch.bfloat16
     assert not trainer.grad_scaler.is_enabled()
 
     fp32_cfg = _tiny_cfg()
     model = train_net.build_model(fp32_cfg, backend="reference")
     assert model.detector.backbone.bottom_up.stem.conv1.weight.is_contiguous()
-    trainer = train_net._build_trainer(fp32_cfg, model, iter([]), build_lgd_optimizer(model, lr=0.0), "cpu")
+    trainer = train_net._build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
+                                       train_net.fast_path(fp32_cfg, "cpu"))
     assert type(trainer) is SimpleTrainer
 
 

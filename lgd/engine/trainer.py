@@ -72,12 +72,14 @@ def cpu_supports_bf16() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FastPath:
-    """What a run uses: autocast dtype (None: fp32, no autocast), channels_last, GradScaler, and why."""
+    """What a run uses: autocast dtype (None: fp32, no autocast), channels_last, GradScaler, and why.
+    fallback: the requested precision is not available on the device and another one runs (worth a warning)."""
 
     device_type: str
     dtype: Optional[torch.dtype]
     channels_last: bool
     note: str = ""
+    fallback: bool = False
 
     @property
     def grad_scaler(self) -> bool:
@@ -105,11 +107,11 @@ def resolve_fast_path(amp_enabled, precision="bf16", channels_last=None, device=
         raise ValueError(f"lgd.channels_last must be None (follow train.amp.enabled), True or False, "
                          f"got {channels_last!r}")
     device_type = torch.device(device).type
-    dtype, note = None, ""
+    dtype, note, fallback = None, "", False
     if amp_enabled and precision != "fp32":
         if device_type == "cuda":
             if precision == "bf16" and not torch.cuda.is_bf16_supported():
-                dtype, note = torch.float16, "this GPU has no bf16: fp16 with a GradScaler"
+                dtype, note, fallback = torch.float16, "this GPU has no bf16: fp16 with a GradScaler", True
             else:
                 dtype = PRECISIONS[precision]
         elif device_type == "cpu":
@@ -121,12 +123,13 @@ def resolve_fast_path(amp_enabled, precision="bf16", channels_last=None, device=
                     note += "; fp16 requested: bf16 used on CPU"
             else:
                 note = f"lgd.precision={precision}: this CPU has no native bf16 (no avx512_bf16/AMX): fp32"
+                fallback = True
         else:
-            note = f"no autocast on {device_type}: fp32"
+            note, fallback = f"no autocast on {device_type}: fp32", True
     elif amp_enabled:
         note = "lgd.precision=fp32"
     use_cl = (dtype is not None) if channels_last is None else channels_last
-    return FastPath(device_type, dtype, use_cl, note)
+    return FastPath(device_type, dtype, use_cl, note, fallback)
 
 
 def _channels_last_input(module, args):

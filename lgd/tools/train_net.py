@@ -121,9 +121,10 @@ from ..engine.trainer import AMPTrainer, resolve_fast_path, use_channels_last
 from ..modeling.distiller import LGDDistiller
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
-__all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser", "build_schedule",
-           "build_train_loader", "check_backend", "fast_path", "check_output_dir", "check_run_inputs", "do_test", "eval_main", "eval_run",
-           "evaluate", "launch_cpu", "load_config", "main", "run", "set_num_classes", "train"]
+__all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser",
+           "build_schedule", "build_train_loader", "check_backend", "check_output_dir", "check_run_inputs", "do_test",
+           "eval_main", "eval_run", "evaluate", "fast_path", "launch_cpu", "load_config", "main", "run",
+           "set_num_classes", "train"]
 
 logger = logging.getLogger("lgd.tools.train_net")
 OPS_HELP = ("lgd_ops backend: auto (compiled kernels when built), reference (pure PyTorch), cpu, cuda or triton "
@@ -225,8 +226,9 @@ def build_model(cfg, lgd_enabled=None, backend=None):
                                 use_context=None if use_context is None else bool(use_context),
                                 stn_pool=str(lgd.get("stn_pool", "object")),
                                 rcnn_branch=str(lgd.get("rcnn_branch", "detector")))
-    detector = detector.to(_device(cfg))
-    return use_channels_last(detector) if fast_path(cfg).channels_last else detector
+    device = _device(cfg)
+    detector = detector.to(device)
+    return use_channels_last(detector) if fast_path(cfg, device).channels_last else detector
 
 
 def build_optimizer(cfg, model):
@@ -272,10 +274,10 @@ def _ddp_kwargs(cfg, device):
     return kwargs
 
 
-def _build_trainer(cfg, model, loader, optimizer, device):
-    """detectron2's SimpleTrainer, or lgd.engine.trainer.AMPTrainer when the fast path (fast_path: train.amp.enabled
-    and lgd.precision) runs autocast: bf16 (CPU with native bf16, CUDA with bf16), fp16 with a GradScaler."""
-    fast = fast_path(cfg, device)
+def _build_trainer(model, loader, optimizer, fast):
+    """detectron2's SimpleTrainer, or lgd.engine.trainer.AMPTrainer when the run's FastPath (fast_path:
+    train.amp.enabled and lgd.precision) runs autocast: bf16 (CPU with native bf16, CUDA with bf16), fp16 with a
+    GradScaler."""
     if fast.dtype is None:
         return SimpleTrainer(model, loader, optimizer)
     return AMPTrainer(model, loader, optimizer, device_type=fast.device_type, dtype=fast.dtype)
@@ -300,7 +302,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     logger.info("Schedule: %s", schedule)
     device = _device(cfg)
     fast = fast_path(cfg, device)
-    (logger.warning if "fp32" in fast.note else logger.info)("Precision and memory format: %s", fast.describe())
+    (logger.warning if fast.fallback else logger.info)("Precision and memory format: %s", fast.describe())
     seed_all_rng(_data_seed(cfg))  # the model's initialisation follows train.seed (default 0)
     model = build_model(cfg, lgd_enabled, backend)
     logger.info("Model:\n%s", model)
@@ -316,8 +318,8 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     trainer_state = loaded.get("trainer") if resumed else None
     start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
 
-    trainer = _build_trainer(cfg, create_ddp_model(model, **_ddp_kwargs(cfg, device)),
-                             build_train_loader(cfg, start_iter), build_optimizer(cfg, model), device)
+    trainer = _build_trainer(create_ddp_model(model, **_ddp_kwargs(cfg, device)),
+                             build_train_loader(cfg, start_iter), build_optimizer(cfg, model), fast)
     if trainer_state:
         _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
 
