@@ -338,7 +338,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
                TensorboardXWriter(output_dir)] if main else []
     lgd_hooks = build_lgd_hooks(schedule, lgd_enabled=isinstance(model, LGDDistiller))
-    # lgd/op_report.py, before the writers so metrics.json gets its scalars
+    # lgd/engine/op_report.py, before the writers so metrics.json gets its scalars
     op_report = OpReport(int(cfg.lgd.get("op_report_period", 1000))) if isinstance(model, LGDDistiller) else None
     trainer.register_hooks([IterationSeed(_data_seed(cfg))] + lgd_hooks + [
         hooks.IterationTimer(),
