@@ -500,18 +500,17 @@ def tiny_yacs_config(config_file):
 
 
 def sgd_loss_totals(model, losses, steps, lr=0.01):
-    """Total loss before each of `steps` SGD steps of an LGDDistiller's two optimizers (the authors' settings);
-    `losses()` returns one training loss dict."""
-    optimizers = [torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-                  for params in (model.student_parameters(), model.teacher_parameters())]
+    """Total loss before each of `steps` SGD steps of an LGDDistiller with lgd's optimizer (the authors'
+    settings: lgd.engine.optim.build_lgd_optimizer); `losses()` returns one training loss dict."""
+    from lgd.engine.optim import build_lgd_optimizer  # here: lgd needs detectron2, which the GPU machine lacks
+
+    optimizer = build_lgd_optimizer(model, lr=lr)
     totals = []
     for _ in range(steps):
         total = sum(losses().values())
-        for opt in optimizers:
-            opt.zero_grad()
+        optimizer.zero_grad()
         total.backward()
-        for opt in optimizers:
-            opt.step()
+        optimizer.step()
         totals.append(total.item())
     return totals
 
