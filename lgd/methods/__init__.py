@@ -1,0 +1,110 @@
+"""Training methods on one trainer: LGD, the baseline and the paper's comparison systems (docs/methods/).
+
+A method says how a stock detectron2 detector (the student) is trained; lgd-train picks it with `lgd.method`
+and everything else (data, schedule, LR, seeds, evaluation of the student, checkpoints, writers) is shared:
+
+    method = build_method(cfg)                      # cfg.lgd.method, e.g. "fgfi"
+    for stage in method.stages():                   # prerequisite runs (teacher pretraining, LabelEnc step 1, ...)
+        ...                                         # lgd-train trains each into OUTPUT/<stage.name>/ first
+    model = method.build(instantiate(cfg.model), {stage.name: checkpoint, ...})
+    losses = model(batched_inputs)                  # training: a dict of losses to sum
+    model.detector                                  # the student: evaluated, exported, its EMA checkpointed
+
+Contract of the model build() returns: an nn.Module with attribute `detector` (the student, a plain detectron2
+detector); in training mode forward(batched_inputs) returns a dict of scalar losses; in eval mode it returns
+the student's outputs. Every parameter with requires_grad=True when the model is built is trained by one SGD at
+optimizer.lr (lgd.engine.optim.build_sgd), unless the method overrides build_optimizer; frozen parts (a
+pretrained teacher) have requires_grad=False and stay in eval mode (override train()). The method's settings
+live under cfg.lgd.<name> (its DEFAULTS; lgd/configs/_lgd_config.py adds every method's DEFAULTS to the configs).
+
+METHODS maps each name to "module:Class"; a method's module is imported only when it is used.
+"""
+import copy
+import dataclasses
+import importlib
+from typing import Dict, List
+
+import torch.nn as nn
+
+__all__ = ["METHODS", "Stage", "TrainingMethod", "build_method", "method_class", "method_name"]
+
+METHODS = {
+    "baseline": "lgd.methods.builtin:Baseline",
+    "lgd": "lgd.methods.builtin:LGD",
+    "fgfi": "lgd.methods.fgfi:FGFI",
+    "labelenc": "lgd.methods.labelenc:LabelEnc",
+    "dml": "lgd.methods.dml:DML",
+    "ban": "lgd.methods.ban:BAN",
+    "tfkd": "lgd.methods.tfkd:TfKD",
+}
+
+
+@dataclasses.dataclass
+class Stage:
+    """A run a method needs before its own (a teacher's pretraining, LabelEnc's step 1, BAN's earlier
+    generation): trained by lgd-train with `cfg` (a full LazyConfig; lgd-train sets its train.output_dir to
+    OUTPUT/<name> and keeps its other keys) and handed to the method's build() as the path of its final
+    checkpoint. `name` is a folder name: letters, digits, "_" and "-"."""
+
+    name: str
+    cfg: object
+
+
+class TrainingMethod:
+    """One way to train the student (module docstring). Subclasses set `name` (the key in METHODS) and
+    DEFAULTS (their settings under cfg.lgd.<name>) and implement build(); stages() and build_optimizer()
+    have defaults (no prerequisite; one SGD over every trainable parameter)."""
+
+    name = ""
+    DEFAULTS: Dict = {}
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        given = dict(cfg.lgd.get(self.name, {}) or {}) if "lgd" in cfg else {}
+        unknown = sorted(set(given) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(f"lgd.{self.name}: unknown settings {unknown}; known: {sorted(self.DEFAULTS)}")
+        self.settings = {**copy.deepcopy(self.DEFAULTS), **given}
+
+    def stages(self) -> List[Stage]:
+        """The prerequisite runs, in order (each may use the checkpoints of the ones before it)."""
+        return []
+
+    def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> nn.Module:
+        """The model to train around `detector` (the student, already built from cfg.model), given the final
+        checkpoint of every stage by name."""
+        raise NotImplementedError
+
+    def build_optimizer(self, model: nn.Module, **sgd_kwargs):
+        """The run's optimizer; sgd_kwargs are lgd.engine.optim.build_sgd's (lr, momentum, weight decay, clip)."""
+        from ..engine.optim import build_sgd
+
+        return build_sgd(model, **sgd_kwargs)
+
+    def hooks(self, schedule) -> list:
+        """detectron2 hooks this method adds to the run (schedule: the run's lgd.engine.schedule.LGDSchedule)."""
+        return []
+
+
+def method_name(cfg, lgd_enabled=None) -> str:
+    """The run's method: "baseline" when lgd_enabled is False (or lgd.enabled is False and lgd_enabled is
+    None), else cfg.lgd.method (default "lgd")."""
+    lgd = cfg.get("lgd", {}) or {}
+    enabled = bool(lgd.get("enabled", True)) if lgd_enabled is None else bool(lgd_enabled)
+    name = str(lgd.get("method", "lgd")) if enabled else "baseline"
+    if name not in METHODS:
+        raise ValueError(f"lgd.method must be one of {sorted(METHODS)}, got {name!r}")
+    return name
+
+
+def method_class(name: str):
+    """The TrainingMethod subclass registered as `name` in METHODS (imported on first use)."""
+    if name not in METHODS:
+        raise ValueError(f"lgd.method must be one of {sorted(METHODS)}, got {name!r}")
+    module, _, attr = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_method(cfg, lgd_enabled=None) -> TrainingMethod:
+    """The run's TrainingMethod (method_name) built from cfg."""
+    return method_class(method_name(cfg, lgd_enabled))(cfg)
