@@ -22,11 +22,13 @@ METHODS maps each name to "module:Class"; a method's module is imported only whe
 import copy
 import dataclasses
 import importlib
+import os
 from typing import Dict, List
 
 import torch.nn as nn
 
-__all__ = ["METHODS", "Stage", "TrainingMethod", "build_method", "method_class", "method_name"]
+__all__ = ["METHODS", "Stage", "TrainingMethod", "build_method", "method_class", "method_name",
+           "stage_checkpoint"]
 
 METHODS = {
     "baseline": "lgd.methods.builtin:Baseline",
@@ -44,10 +46,16 @@ class Stage:
     """A run a method needs before its own (a teacher's pretraining, LabelEnc's step 1, BAN's earlier
     generation): trained by lgd-train with `cfg` (a full LazyConfig; lgd-train sets its train.output_dir to
     OUTPUT/<name> and keeps its other keys) and handed to the method's build() as the path of its final
-    checkpoint. `name` is a folder name: letters, digits, "_" and "-"."""
+    checkpoint (stage_checkpoint). `name` is a folder name: letters, digits, "_" and "-". A stage's cfg may
+    point at an earlier stage's checkpoint by its path, stage_checkpoint(run output_dir, earlier name)."""
 
     name: str
     cfg: object
+
+
+def stage_checkpoint(output_dir: str, name: str) -> str:
+    """Where the stage `name` of a run writing into output_dir leaves its final checkpoint."""
+    return os.path.join(output_dir, name, "model_final.pth")
 
 
 class TrainingMethod:
