@@ -1,0 +1,206 @@
+"""LabelEnc (Hao et al., ECCV 2020), two steps on lgd's trainer (docs/methods/labelenc.md).
+
+Step 1 (the stage "labelenc_step1", LabelEncStep1): the label-encoding network (lgd.modeling.
+label_encoding_network) turns the ground truth's colour maps into FPN features, and the detector's own head
+and losses run on them ("ae_" losses); as in the authors' code, a regular detector is trained on the images
+alongside, sharing that head, with a distance loss from its adapted features to the (detached) label
+features. Step 2 (the main run, LabelEncStep2): the student is initialised from step 1 (head, and the FPN from
+the label-encoding network's FPN) and trained with its detection losses plus loss_labelenc, the distance from
+its adapted FPN features to the frozen label-encoding network's.
+"""
+import copy
+from typing import Dict
+
+import torch
+import torch.nn as nn
+from detectron2.engine import HookBase
+from detectron2.utils.events import get_event_storage
+
+from . import Stage, TrainingMethod
+from ..engine.checkpoint import read_checkpoint
+from ..engine.hooks import unwrap_model
+from ..modeling.detector_adapters import (FCOSAdapter, RCNNAdapter, RetinaNetAdapter,
+                                          build_detector_adapter)
+from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
+                                               feature_distance, render_colour_maps)
+
+__all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
+
+STEP1 = "labelenc_step1"
+AE_PREFIX = "ae_"  # step 1: the head's losses on the label features (the authors' names)
+AE_SCOPE = "labelenc_ae"  # EventStorage scope of the metrics the head logs on the label features
+SUPPORTED = (RetinaNetAdapter, FCOSAdapter, RCNNAdapter)
+
+
+class _LabelEncModel(nn.Module):
+    """What both steps share: the detector, its adapter, the label-encoding network, the feature adapter and
+    the distance loss (on while loss_enabled; LossWindow sets it per iteration)."""
+
+    def __init__(self, detector: nn.Module, settings: Dict):
+        super().__init__()
+        self.detector = detector
+        try:
+            self.detector_adapter = build_detector_adapter(detector)
+        except ValueError:
+            self.detector_adapter = None
+        if not isinstance(self.detector_adapter, SUPPORTED):
+            raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; supported: RetinaNet, "
+                             "FCOS, Faster/Mask R-CNN (GeneralizedRCNN with StandardROIHeads)")
+        self.num_classes = self.detector_adapter.num_classes
+        self.label_net = build_label_encoding_network(detector.backbone, self.num_classes,
+                                                      blocks=tuple(settings["blocks"]),
+                                                      stem_channels=settings["stem_channels"])
+        self.adapter = feature_adapter(self.detector_adapter.feature_channels())
+        self.loss_weight = float(settings["loss_weight"])
+        self.loss_enabled = True
+
+    def _inputs(self, batched_inputs):
+        if not batched_inputs or any("instances" not in x for x in batched_inputs):
+            raise ValueError("LabelEnc: training needs 'instances' in every input dict")
+        images = self.detector.preprocess_image(batched_inputs)
+        gt = [x["instances"].to(self.detector.device) for x in batched_inputs]
+        return images, gt
+
+    def _label_features(self, images, gt, jitter):
+        maps = render_colour_maps(gt, self.num_classes, tuple(images.tensor.shape[-2:]), jitter=jitter)
+        return self.label_net(maps.to(images.tensor.dtype))
+
+    def _distance(self, features, label_features):
+        levels = self.detector_adapter.in_features
+        adapted = [self.adapter(features[f]) for f in levels]
+        return self.loss_weight * feature_distance(adapted, [label_features[f] for f in levels])
+
+
+class LabelEncStep1(_LabelEncModel):
+    """Step 1: detection losses on the images (the detector) and on the label features ("ae_" names, the same
+    head), plus loss_labelenc (detector features -> detached label features) while loss_enabled. The colour
+    maps are jittered (the authors' step-1 augmentation). Everything here trains."""
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.detector(batched_inputs)
+        adapter = self.detector_adapter
+        images, gt = self._inputs(batched_inputs)
+        features = adapter.features(images)
+        targets = adapter.targets(images, features, gt)  # the label features have the same sizes: reused
+        losses = adapter.losses(images, features, gt, targets)
+        label_features = self._label_features(images, gt, jitter=True)
+        with get_event_storage().name_scope(AE_SCOPE):
+            for name, value in adapter.losses(images, label_features, gt, targets).items():
+                losses[AE_PREFIX + name] = value
+        if self.loss_enabled:  # off: not computed, so the adapter gets no gradient and no weight decay
+            losses["loss_labelenc"] = self._distance(features, label_features)
+        return losses
+
+
+class LabelEncStep2(_LabelEncModel):
+    """Step 2: the student's detection losses plus loss_labelenc (student features through the adapter ->
+    the frozen label-encoding network's features) while loss_enabled. `step1_state`: step 1's model
+    state_dict: the label-encoding network is loaded from it and frozen; the student's head (every detector
+    weight outside backbone.*) comes from step 1's detector and the student's FPN from the label-encoding
+    network's FPN, as the authors' code initialises step 2."""
+
+    def __init__(self, detector: nn.Module, settings: Dict, step1_state: Dict[str, torch.Tensor]):
+        super().__init__(detector, settings)
+        self.label_net.load_state_dict(_under(step1_state, "label_net."))
+        self.label_net.requires_grad_(False).eval()
+        head = {k: v for k, v in _under(step1_state, "detector.").items() if not k.startswith("backbone.")}
+        fpn = {"backbone." + k: v for k, v in self.label_net.state_dict().items() if not k.startswith("bottom_up.")}
+        missing, unexpected = detector.load_state_dict({**head, **fpn}, strict=False)
+        expected = {k for k in detector.state_dict() if not k.startswith("backbone.bottom_up.")}
+        if unexpected or expected & set(missing):
+            raise ValueError(f"LabelEnc: the step-1 checkpoint does not fit the student: missing "
+                             f"{sorted(expected & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.label_net.eval()  # frozen
+        return self
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.detector(batched_inputs)
+        adapter = self.detector_adapter
+        images, gt = self._inputs(batched_inputs)
+        features = adapter.features(images)
+        losses = adapter.losses(images, features, gt, adapter.targets(images, features, gt))
+        if self.loss_enabled:
+            with torch.no_grad():
+                label_features = self._label_features(images, gt, jitter=False)
+            losses["loss_labelenc"] = self._distance(features, label_features)
+        return losses
+
+
+def _under(state: Dict, prefix: str) -> Dict:
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not part:
+        raise ValueError(f"LabelEnc: the step-1 checkpoint has no '{prefix}' weights (not a LabelEnc step-1 run?)")
+    return part
+
+
+class LossWindow(HookBase):
+    """loss_labelenc on for iterations [start, end) of the run (model.loss_enabled; logs labelenc/loss_enabled)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = int(start), int(end)
+
+    def before_step(self):
+        enabled = self.start <= self.trainer.iter < self.end
+        unwrap_model(self.trainer.model).loss_enabled = enabled
+        self.trainer.storage.put_scalar("labelenc/loss_enabled", float(enabled), smoothing_hint=False)
+
+
+class LabelEnc(TrainingMethod):
+    """LabelEnc: step 1 as a stage (unless step1_checkpoint is given), step 2 as the main run."""
+
+    name = "labelenc"
+    DEFAULTS = dict(
+        step=2,                 # 1: the label-encoding run (the stage), 2: the student (the main run)
+        step1_checkpoint=None,  # a step-1 model_final.pth: no stage, step 2 starts from it
+        step1_iters=None,       # step 1's train.max_iter (None: the run's; the authors: 1x + 30k, see the docs)
+        loss_weight=1.0,        # weight of loss_labelenc (both steps; the authors' 1.0)
+        step1_loss_start=0.25,  # step 1: loss_labelenc from this fraction of the run (the authors: 30k of 120k)
+        step2_loss_end=80000 / 90000,  # step 2: loss_labelenc until this fraction (the authors: 80k of 90k)
+        stem_channels=None,     # the label CNN's stem width (None: half the first stage's; 128 for ResNet-50)
+        blocks=(1, 2, 2, 1),    # bottleneck blocks per stage of the label CNN (strides 4, 8, 16, 32)
+    )
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        s = self.settings
+        if s["step"] not in (1, 2) or isinstance(s["step"], bool):
+            raise ValueError(f"lgd.labelenc.step must be 1 or 2, got {s['step']!r}")
+        if s["step1_iters"] is not None and (not isinstance(s["step1_iters"], int) or s["step1_iters"] < 1):
+            raise ValueError(f"lgd.labelenc.step1_iters must be None or an int >= 1, got {s['step1_iters']!r}")
+        for key in ("step1_loss_start", "step2_loss_end"):
+            if not 0 <= float(s[key]) <= 1:
+                raise ValueError(f"lgd.labelenc.{key} must be a fraction in [0, 1], got {s[key]!r}")
+
+    def stages(self):
+        s = self.settings
+        if s["step"] == 1 or s["step1_checkpoint"] is not None:
+            return []
+        cfg = copy.deepcopy(self.cfg)
+        cfg.lgd.method = self.name
+        cfg.lgd[self.name] = {**s, "step": 1, "step1_checkpoint": None}
+        cfg.dataloader.evaluator = None
+        if s["step1_iters"] is not None:
+            cfg.train.max_iter = s["step1_iters"]
+        return [Stage(STEP1, cfg)]
+
+    def build(self, detector, checkpoints):
+        s = self.settings
+        if s["step"] == 1:
+            return LabelEncStep1(detector, s)
+        path = s["step1_checkpoint"] or checkpoints.get(STEP1)
+        if path is None:
+            raise ValueError(f"LabelEnc step 2 needs the step-1 checkpoint: lgd.labelenc.step1_checkpoint or the "
+                             f"stage '{STEP1}'")
+        state = read_checkpoint(str(path))
+        return LabelEncStep2(detector, s, state.get("model", state))
+
+    def hooks(self, schedule):
+        s, max_iter = self.settings, schedule.max_iter
+        if s["step"] == 1:
+            return [LossWindow(round(float(s["step1_loss_start"]) * max_iter), max_iter)]
+        return [LossWindow(0, round(float(s["step2_loss_end"]) * max_iter))]
