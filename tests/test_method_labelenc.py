@@ -9,7 +9,7 @@ pytest.importorskip("detectron2")
 import torch
 from detectron2 import model_zoo
 from detectron2.config import instantiate
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
@@ -25,6 +25,7 @@ SOURCES = {
     "retinanet": "COCO-Detection/retinanet_R_50_FPN_1x.py",
     "fcos": "COCO-Detection/fcos_R_50_FPN_1x.py",
     "faster_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py",
+    "mask_rcnn": "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py",
 }
 
 
@@ -53,6 +54,10 @@ def make_input(boxes, classes, seed):
     inst = Instances(IMAGE)
     inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    masks = torch.zeros(len(boxes), *IMAGE, dtype=torch.bool)  # the boxes as masks (Mask R-CNN)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        mask[y0:y1, x0:x1] = True
+    inst.gt_masks = BitMasks(masks)
     return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
 
 
@@ -128,7 +133,7 @@ def test_colour_maps_refuse_bad_classes():
 
 # ----------------------------------------------------------------------------------------------- step 1
 
-@pytest.mark.parametrize("kind", ["retinanet", "fcos", "faster_rcnn"])
+@pytest.mark.parametrize("kind", list(SOURCES))
 def test_step1_label_losses_train_the_label_network_and_head_not_the_backbone(kind):
     model = LabelEncStep1(tiny_detector(kind), settings(step=1)).train()
     losses = losses_of(model, make_batch())
