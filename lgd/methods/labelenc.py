@@ -39,13 +39,13 @@ class _LabelEncModel(nn.Module):
     def __init__(self, detector: nn.Module, settings: Dict):
         super().__init__()
         self.detector = detector
+        supported = "supported: RetinaNet, FCOS, Faster/Mask R-CNN (GeneralizedRCNN with StandardROIHeads)"
         try:
             self.detector_adapter = build_detector_adapter(detector)
-        except ValueError:
-            self.detector_adapter = None
-        if not isinstance(self.detector_adapter, SUPPORTED):
-            raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; supported: RetinaNet, "
-                             "FCOS, Faster/Mask R-CNN (GeneralizedRCNN with StandardROIHeads)")
+        except ValueError as err:
+            raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; {supported} ({err})") from err
+        if not isinstance(self.detector_adapter, SUPPORTED):  # a family registered later: untested here
+            raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; {supported}")
         self.num_classes = self.detector_adapter.num_classes
         self.label_net = build_label_encoding_network(detector.backbone, self.num_classes,
                                                       blocks=tuple(settings["blocks"]),

@@ -9,6 +9,7 @@ import copy
 import math
 from typing import Dict, Sequence, Tuple
 
+import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,7 +17,6 @@ from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec
 from detectron2.modeling.backbone import FPN, Backbone
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.structures import Instances
-import fvcore.nn.weight_init as weight_init
 
 __all__ = ["LabelEncodingBottomUp", "build_label_encoding_network", "feature_adapter", "feature_distance",
            "render_colour_maps"]
