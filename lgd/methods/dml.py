@@ -1,0 +1,139 @@
+"""DML (Deep Mutual Learning, Zhang et al., CVPR 2018) transferred to detection (docs/methods/dml.md).
+
+Two students, two instances of the same detector with different random initial weights, train together:
+each one with its own detection losses plus LGD's feature distillation (DistillationLoss: its own adapter,
+normalized MSE over the FPN levels, docs/method.md §4) towards the other's FPN features, detached. This is the
+transfer the LGD paper compares with (its Table 2): DML's KL between the peers' class posteriors becomes a
+mimicry of the peer's intermediate features. The first student (`detector`) is the one evaluated and
+exported; the second (`peer`) is simply a trainable part of the model, trained by the same optimizer.
+
+detection_step and feature_distillation are shared with lgd.methods.ban (and tfkd): the detector's own
+training losses on a batch through its lgd.modeling.detector_adapters adapter, and the distillation loss
+sized from that adapter.
+"""
+import math
+from typing import Dict, List, NamedTuple
+
+import torch
+import torch.nn as nn
+from detectron2.config import instantiate
+from detectron2.utils.events import get_event_storage
+
+from ..engine.checkpoint import DetectorEMAState
+from ..modeling.detector_adapters import DetectorAdapter, build_detector_adapter
+from ..modeling.distillation_loss import DistillationLoss
+from . import TrainingMethod
+
+__all__ = ["DML", "DetectionStep", "MutualLearning", "PEER_SCOPE", "PEER_SUFFIX", "detection_step",
+           "feature_distillation"]
+
+PEER_SUFFIX = "_peer"  # the second student's losses: the detector's names with this suffix
+PEER_SCOPE = "dml_peer"  # EventStorage prefix of the metrics the second student's heads log
+
+
+class DetectionStep(NamedTuple):
+    """One training pass of a detector: its padded images, backbone features (every level), the adapter's
+    targets and the detector's own loss dict."""
+
+    images: object
+    features: Dict[str, torch.Tensor]
+    targets: Dict
+    losses: Dict[str, torch.Tensor]
+
+
+def detection_step(adapter: DetectorAdapter, batched_inputs: List[Dict], images=None) -> DetectionStep:
+    """The detector's own training losses on batched_inputs, run through its adapter (the computation of
+    the stock detector's training forward), keeping the features for distillation. images: the batch
+    already preprocessed (ImageList) by a detector with the same pixel normalization, or None."""
+    detector = adapter.detector
+    if not batched_inputs or any("instances" not in x for x in batched_inputs):
+        raise ValueError(f"{type(detector).__name__}: training needs 'instances' in every input dict")
+    if images is None:
+        images = detector.preprocess_image(batched_inputs)
+    gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
+    features = adapter.features(images)
+    targets = adapter.targets(images, features, gt_instances)
+    losses = dict(targets.get("student_losses", {}))
+    losses.update(adapter.losses(images, features, gt_instances, targets))
+    return DetectionStep(images, features, targets, losses)
+
+
+def feature_distillation(cfg, adapter: DetectorAdapter, loss_weight: float) -> DistillationLoss:
+    """LGD's distillation loss (its own adapter F_adapt) for the levels `adapter` distills, with the run's
+    lgd_ops backend (cfg.lgd.backend)."""
+    backend = str((cfg.get("lgd", {}) or {}).get("backend", "auto"))
+    return DistillationLoss(adapter.feature_channels(), loss_weight=float(loss_weight), backend=backend)
+
+
+def distilled(step: DetectionStep, adapter: DetectorAdapter) -> Dict[str, torch.Tensor]:
+    """The levels of a DetectionStep that the adapter distills."""
+    return {f: step.features[f] for f in adapter.in_features}
+
+
+class MutualLearning(nn.Module):
+    """Two detectors trained together, each mimicking the other's detached FPN features (module docstring).
+
+    Training forward: the detector's losses, the peer's with the suffix PEER_SUFFIX (its heads' metrics
+    under the EventStorage scope PEER_SCOPE), loss_distill (detector -> peer's features) and
+    loss_distill_peer (peer -> detector's features). Eval: the detector's outputs. The peer's EMA loss
+    normalizer (RetinaNet, FCOS) travels in the state_dict as extra state, so a resumed run restores it.
+    """
+
+    def __init__(self, detector: nn.Module, peer: nn.Module, distill_loss: DistillationLoss,
+                 peer_distill_loss: DistillationLoss):
+        super().__init__()
+        if type(detector) is not type(peer):
+            raise ValueError(f"MutualLearning: the two students must be the same detector, got "
+                             f"{type(detector).__name__} and {type(peer).__name__}")
+        self.detector, self.peer = detector, peer
+        self.distill_loss, self.peer_distill_loss = distill_loss, peer_distill_loss
+        self.adapters = (build_detector_adapter(detector), build_detector_adapter(peer))
+        self._peer_ema = DetectorEMAState(peer)
+
+    @property
+    def device(self):
+        return self.detector.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.detector(batched_inputs)
+        adapter, peer_adapter = self.adapters
+        first = detection_step(adapter, batched_inputs)
+        with get_event_storage().name_scope(PEER_SCOPE):
+            second = detection_step(peer_adapter, batched_inputs, images=first.images)
+        losses = dict(first.losses)
+        losses.update({name + PEER_SUFFIX: value for name, value in second.losses.items()})
+        mine, theirs = distilled(first, adapter), distilled(second, peer_adapter)
+        losses["loss_distill"] = self.distill_loss(mine, theirs)  # DistillationLoss detaches its target
+        losses["loss_distill" + PEER_SUFFIX] = self.peer_distill_loss(theirs, mine)
+        return losses
+
+    def get_extra_state(self):
+        """The peer's EMA loss normalizers as a float64 tensor (NaN: not set yet), in _peer_ema's order."""
+        state = self._peer_ema.state_dict()
+        return torch.tensor([state.get(name, math.nan) for name in self._peer_ema.names], dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        values = [float(v) for v in torch.as_tensor(state).reshape(-1)]
+        if len(values) != len(self._peer_ema.names):
+            raise ValueError(f"MutualLearning: extra state holds {len(values)} EMA values, the peer has "
+                             f"{len(self._peer_ema.names)} ({self._peer_ema.names})")
+        self._peer_ema.load_state_dict({n: v for n, v in zip(self._peer_ema.names, values) if not math.isnan(v)})
+
+
+class DML(TrainingMethod):
+    """lgd.method="dml": MutualLearning of the run's detector and a second instance of cfg.model.
+
+    Settings (cfg.lgd.dml): distill_weight, the weight of each student's loss_distill (LGD's λ = 1).
+    The peer is instantiated right after the student from the same random stream, so its random initial
+    weights differ from the student's and are fixed by the run's seed."""
+
+    name = "dml"
+    DEFAULTS = {"distill_weight": 1.0}
+
+    def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> nn.Module:
+        peer = instantiate(self.cfg.model)
+        weight = self.settings["distill_weight"]
+        return MutualLearning(detector, peer, feature_distillation(self.cfg, build_detector_adapter(detector), weight),
+                              feature_distillation(self.cfg, build_detector_adapter(peer), weight)
+                              ).to(detector.device)
