@@ -76,6 +76,12 @@ def oracle_masks(levels, gt_boxes, psi):
     return kept
 
 
+def level_cells(anchors, height, width):
+    """A level's anchors (Boxes, location-major) as oracle_masks' {(row, col): [boxes]} in float64."""
+    grid = anchors.tensor.double().view(height, width, -1, 4).tolist()
+    return {(r, c): [tuple(a) for a in grid[r][c]] for r in range(height) for c in range(width)}
+
+
 def as_sets(masks):
     return [{tuple(rc) for rc in m.nonzero().tolist()} for m in masks]
 
@@ -208,9 +214,8 @@ def test_loss_matches_a_direct_computation(tmp_path):
     weight, bias = model.adapter.weight.detach().double(), model.adapter.bias.detach().double()
     squares, count = 0.0, 0
     for b in range(2):
-        masks = oracle_masks([(*shapes[k], {(r, c): [tuple(a) for a in boxes.tensor.double().view(*shapes[k], -1, 4)[r, c]
-                                                     .tolist()] for r in range(shapes[k][0]) for c in range(shapes[k][1])})
-                              for k, boxes in zip(model.levels, anchors)], gt[b].tensor.double().tolist(), 0.5)
+        levels = [(*shapes[k], level_cells(boxes, *shapes[k])) for k, boxes in zip(model.levels, anchors)]
+        masks = oracle_masks(levels, gt[b].tensor.double().tolist(), 0.5)
         for k, kept in zip(model.levels, masks):
             adapted = F.conv2d(student[k][b:b + 1].double(), weight, bias, padding=1)[0]
             for r, c in kept:
