@@ -1,10 +1,11 @@
-"""Checkpoints of LGD runs: atomic writes, and one loader for both key layouts (docs/method.md §8).
+"""Checkpoints of lgd-train runs: atomic writes, and one loader for both key layouts (docs/method.md §8).
 
-An LGD checkpoint's `model` is the whole LGDDistiller's state_dict: the student under `detector.`, the teacher
-under `teacher.`, the adapter under `distill_loss.` (plus the distiller's extra state). A plain detectron2
-checkpoint holds the student's keys only. AtomicCheckpointer loads either into either model (an LGDDistiller,
-or the plain student detector: evaluation, baseline runs), and student_state_dict() is the student part of
-any of them (lgd-export writes it as a stock detectron2 checkpoint).
+A wrapper checkpoint's `model` is the state_dict of a training method's model (lgd.methods): the student under
+`detector.` and the method's other parts beside it (LGD: the teacher under `teacher.`, the adapter under
+`distill_loss.`, plus the distiller's extra state; another method: its teacher, peer, ...). A plain detectron2
+checkpoint (the baseline's) holds the student's keys only. AtomicCheckpointer loads either into either model (a
+wrapper, or the plain student detector: evaluation, baseline runs), and student_state_dict() is the student part
+of any of them (lgd-export writes it as a stock detectron2 checkpoint).
 
 Files: atomic_write writes next to the target (`.NAME.<random>.lgd-tmp`) and renames, so a reader never sees
 a half-written checkpoint; the file gets the mode of any new file under the process umask (0644 under umask
@@ -21,16 +22,16 @@ import threading
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..modeling.detector_adapters import build_detector_adapter
-from ..modeling.distiller import LGDDistiller
 
 __all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write",
-           "is_lgd_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_state_dict"]
+           "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
+           "student_state_dict"]
 
 STUDENT_PREFIX = "detector."
-_LGD_PREFIXES = (STUDENT_PREFIX, "teacher.", "distill_loss.")
 TMP_SUFFIX = ".lgd-tmp"
 _OLD_TMP = (".*.pth*.tmp", ".last_checkpoint*.tmp")  # what atomic_write left before it used TMP_SUFFIX
 _umask_lock = threading.Lock()
@@ -110,14 +111,21 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:160]}"
 
 
-def is_lgd_state_dict(state: Dict) -> bool:
-    """Whether a model state_dict is an LGDDistiller's (keys under detector. / teacher. / distill_loss.)."""
-    return any(k.startswith(_LGD_PREFIXES) for k in state)
+def student_module(model: nn.Module) -> nn.Module:
+    """The student of a training method's model: its `detector` (LGDDistiller, any wrapper) or, for a plain
+    detector (the baseline), the model itself."""
+    detector = getattr(model, "detector", None)
+    return detector if isinstance(detector, nn.Module) else model
+
+
+def is_wrapper_state_dict(state: Dict) -> bool:
+    """Whether a model state_dict is a wrapper's (the student's keys under detector.), not a plain detector's."""
+    return any(k.startswith(STUDENT_PREFIX) for k in state)
 
 
 def student_state_dict(state: Dict) -> Dict:
-    """The student detector's state_dict (stock detectron2 keys) of an LGD or plain detectron2 state_dict."""
-    if not is_lgd_state_dict(state):
+    """The student detector's state_dict (stock detectron2 keys) of a wrapper's or a plain detectron2 state_dict."""
+    if not is_wrapper_state_dict(state):
         return dict(state)
     return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
 
@@ -127,8 +135,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
     file in place (PathManager.open(path, "wb")), so a crash mid-write leaves a truncated checkpoint that
     last_checkpoint points to. Here local files go through atomic_write.
 
-    Loading adapts the checkpoint's key layout to the model: a plain detectron2 checkpoint loads into an
-    LGDDistiller's student (`detector.` prefixed), an LGD checkpoint into a plain detector (its student part)."""
+    Loading adapts the checkpoint's key layout to the model: a plain detectron2 checkpoint loads into a
+    wrapper's student (`detector.` prefixed), a wrapper's checkpoint into a plain detector (its student part)."""
 
     def _is_local(self):
         return "://" not in str(self.save_dir)
@@ -189,10 +197,10 @@ class AtomicCheckpointer(DetectionCheckpointer):
         state = loaded.get("model")
         if not isinstance(state, dict) or not state or loaded.get("matching_heuristics", False):
             return loaded
-        lgd_model = isinstance(self.model, LGDDistiller)
-        if lgd_model and not is_lgd_state_dict(state):
+        wrapper = student_module(self.model) is not self.model
+        if wrapper and not is_wrapper_state_dict(state):
             loaded["model"] = {STUDENT_PREFIX + k: v for k, v in state.items()}  # a plain student checkpoint
-        elif not lgd_model and is_lgd_state_dict(state):
+        elif not wrapper and is_wrapper_state_dict(state):
             loaded["model"] = student_state_dict(state)
         return loaded
 
@@ -205,7 +213,7 @@ def _first(items, n=3):
 class DetectorEMAState:
     """Checkpointable (state_dict / load_state_dict) of a detector's EMA loss normalizers (RetinaNet and FCOS
     loss_normalizer): plain attributes that its state_dict lacks, so a resumed run would restart them. The one
-    mechanism for LGD runs (the distiller's student) and baseline runs (the plain detector) alike."""
+    mechanism for every run: the student of any training method (student_module), the baseline's detector."""
 
     def __init__(self, detector):
         self.detector = detector

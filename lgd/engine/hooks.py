@@ -23,12 +23,12 @@ from fvcore.common.param_scheduler import ParamScheduler
 from .schedule import LGDSchedule
 from .optim import GROUP_KEY
 
-__all__ = ["BackboneFreezeSchedule", "DistillationSchedule", "IterationSeed", "LRScheduler", "build_lgd_hooks",
-           "unwrap_model"]
+__all__ = ["BackboneFreezeSchedule", "DistillationSchedule", "IterationSeed", "LRScheduler", "build_distill_hooks",
+           "build_lgd_hooks", "build_lr_hook", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The LGDDistiller inside a (Distributed)DataParallel wrapper."""
+    """The model (an LGDDistiller, any training method's model) inside a (Distributed)DataParallel wrapper."""
     return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
@@ -90,14 +90,20 @@ class LRScheduler(hooks.LRScheduler):
         return {}
 
 
+def build_lr_hook(schedule: LGDSchedule) -> LRScheduler:
+    """The LR schedule of any run (every training method shares it)."""
+    return LRScheduler(schedule.lr_multiplier(), schedule.max_iter)
+
+
+def build_distill_hooks(schedule: LGDSchedule) -> List[HookBase]:
+    """LGD's own schedule hooks: distillation warm-up and backbone freeze (lgd.methods.builtin.LGD.hooks)."""
+    return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters)]
+
+
 def build_lgd_hooks(schedule: LGDSchedule, lgd_enabled: bool = True) -> List[HookBase]:
     """The LGD schedule hooks (distillation warm-up, backbone freeze, LR); register them first.
     lgd_enabled=False (baseline: a plain detector): the LR schedule only."""
-    lr = LRScheduler(schedule.lr_multiplier(), schedule.max_iter)
-    if not lgd_enabled:
-        return [lr]
-    return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters),
-            lr]
+    return (build_distill_hooks(schedule) if lgd_enabled else []) + [build_lr_hook(schedule)]
 
 
 class IterationSeed(HookBase):

@@ -16,6 +16,10 @@ the student's outputs. Every parameter with requires_grad=True when the model is
 optimizer.lr (lgd.engine.optim.build_sgd), unless the method overrides build_optimizer; frozen parts (a
 pretrained teacher) have requires_grad=False and stay in eval mode (override train()). The method's settings
 live under cfg.lgd.<name> (its DEFAULTS; lgd/configs/_lgd_config.py adds every method's DEFAULTS to the configs).
+A method that runs lgd_ops reads its backend from `self.backend` (cfg.lgd.backend, or lgd-train --ops).
+The baseline's build() returns the detector itself: lgd-train takes a model without a `detector` attribute as
+its own student (lgd.engine.checkpoint.student_module), and a wrapper's checkpoint keeps the student's weights
+under `detector.` (lgd-eval and lgd-export read any wrapper's student from there).
 
 METHODS maps each name to "module:Class"; a method's module is imported only when it is used.
 """
@@ -73,6 +77,7 @@ class TrainingMethod:
         if unknown:
             raise ValueError(f"lgd.{self.name}: unknown settings {unknown}; known: {sorted(self.DEFAULTS)}")
         self.settings = {**copy.deepcopy(self.DEFAULTS), **given}
+        self.backend = str(cfg.lgd.get("backend", "auto")) if "lgd" in cfg else "auto"
 
     def stages(self) -> List[Stage]:
         """The prerequisite runs, in order (each may use the checkpoints of the ones before it)."""
@@ -113,6 +118,10 @@ def method_class(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def build_method(cfg, lgd_enabled=None) -> TrainingMethod:
-    """The run's TrainingMethod (method_name) built from cfg."""
-    return method_class(method_name(cfg, lgd_enabled))(cfg)
+def build_method(cfg, lgd_enabled=None, backend=None) -> TrainingMethod:
+    """The run's TrainingMethod (method_name) built from cfg; backend (lgd-train --ops) replaces cfg.lgd.backend
+    as its lgd_ops backend when given."""
+    method = method_class(method_name(cfg, lgd_enabled))(cfg)
+    if backend is not None:
+        method.backend = str(backend)
+    return method

@@ -31,14 +31,17 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
-What lgd-train does: model = LGDDistiller(instantiate(cfg.model)), one SGD (lgd.engine.optim: the student +
-adapter groups at optimizer.lr, the teacher's at lgd.teacher_lr, gradient clipping lgd.clip_type /
-clip_value), detectron2's SimpleTrainer (lgd.engine.trainer.AMPTrainer when train.amp.enabled / --fast runs autocast;
-lgd.precision, lgd.channels_last: lgd.engine.trainer's module docstring), hooks:
-IterationSeed, the LGD schedule hooks, IterationTimer, OpReport (lgd.op_report_period, default 1000, 0 = off),
-PeriodicCheckpointer (atomic writes), EvalHook (COCO
-evaluation of the STUDENT detector every train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter
-with ETA, JSONWriter to OUTPUT/metrics.json, TensorboardXWriter to OUTPUT). --resume continues from
+What lgd-train does: the training method lgd.method (lgd.methods, docs/methods/README.md; default "lgd") first
+trains its stages (prerequisite runs: a teacher's pretraining, LabelEnc's step 1) into OUTPUT/<stage name>/, each
+by the same train() (a stage whose model_final.pth exists is reused, a partial one continued), then builds the
+run's model around the student instantiate(cfg.model): LGD's is LGDDistiller, one SGD (lgd.engine.optim: the
+student + adapter groups at optimizer.lr, the teacher's at lgd.teacher_lr, gradient clipping lgd.clip_type /
+clip_value); detectron2's SimpleTrainer (lgd.engine.trainer.AMPTrainer when train.amp.enabled / --fast runs
+autocast; lgd.precision, lgd.channels_last: lgd.engine.trainer's module docstring), hooks: IterationSeed, the LR
+schedule, IterationTimer, the method's hooks (LGD: its schedule hooks and OpReport, lgd.op_report_period, default
+1000, 0 = off), PeriodicCheckpointer (atomic writes), EvalHook (COCO evaluation of the STUDENT detector every
+train.eval_period and at the end), PeriodicWriter (CommonMetricPrinter with ETA, JSONWriter to
+OUTPUT/metrics.json, TensorboardXWriter to OUTPUT). --resume continues from
 OUTPUT/last_checkpoint; --eval-only evaluates the student of train.init_checkpoint (or, with --resume, of the
 last checkpoint) and returns the results. With --num-gpus N and no CUDA, N CPU processes train with gloo.
 
@@ -52,14 +55,15 @@ naming it. A run removes the temporaries of an interrupted checkpoint write at i
 and seeds the model's initialisation with train.seed (default 0): two runs of one seed match from
 iteration 0. Exit status and failure lines: lgd.tools.cli (0 success, 2 usage error, 1 any other failure).
 
-Baseline mode, lgd.enabled=False: the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
+Baseline mode, lgd.enabled=False (= lgd.method=baseline): the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
 the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
 backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
-Its checkpoints hold the plain detector (stock detectron2 keys). Both kinds of run checkpoint the detector's EMA
+Its checkpoints hold the plain detector (stock detectron2 keys). Every run checkpoints the student's EMA
 loss normalizer (RetinaNet/FCOS) under `detector_ema` (lgd.engine.checkpoint.DetectorEMAState).
 
 Python API (for benchmarks / demos): load_config(path, overrides) -> cfg (strict overrides); build_model(cfg,
-lgd_enabled=None, backend=None) -> LGDDistiller or detector on train.device; train(cfg, lgd_enabled=None,
+lgd_enabled=None, backend=None, checkpoints=None) -> the method's model (LGDDistiller; the baseline's plain
+detector) on train.device; train(cfg, lgd_enabled=None,
 backend=None, resume=False, extra_hooks=()) -> the last evaluation results ({} without evaluator);
 evaluate(cfg, checkpoint, allow_partial=False) -> COCO results of the student of any checkpoint; run(argv) /
 eval_run(argv): lgd-train / lgd-eval returning their results and raising on failure (main / eval_main are the
@@ -80,15 +84,17 @@ TorchScript functions (detectron2's focal loss) run without graph optimization w
 executor would switch them to a differently rounded graph after their first calls in each process.
 A dataloader.train that is not detectron2's build_detection_train_loader is used as is (not exact).
 
-Checkpoints: `model` holds the whole LGDDistiller (student under `detector.`) or, in baseline mode, the plain
-detector; train.init_checkpoint and lgd-eval's --checkpoint may be either kind (lgd.engine.checkpoint), or
-detectron2://... ImageNet weights. lgd-export (lgd.tools.export) writes the student as a stock detectron2 checkpoint.
+Checkpoints: `model` holds the method's whole model (LGDDistiller or another wrapper: the student under
+`detector.`) or, in baseline mode, the plain detector; train.init_checkpoint and lgd-eval's --checkpoint may be
+either kind (lgd.engine.checkpoint), or detectron2://... ImageNet weights. lgd-export (lgd.tools.export) writes the student as a stock detectron2 checkpoint.
 """
 import argparse
+import copy
 import glob
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -112,13 +118,12 @@ import lgd_ops
 from ..data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
                              validate_coco_json, validate_dataset)
 from ..data.samplers import ResumableTrainingSampler
-from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries
-from ..engine.hooks import IterationSeed, build_lgd_hooks
-from ..engine.op_report import OpReport
-from ..engine.optim import GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
+from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries, student_module
+from ..engine.hooks import IterationSeed, build_lr_hook
+from ..engine.optim import GradientClip, upgrade_trainer_state
 from ..engine.schedule import LGDSchedule
 from ..engine.trainer import AMPTrainer, resolve_fast_path, use_channels_last
-from ..modeling.distiller import LGDDistiller
+from ..methods import build_method, stage_checkpoint
 from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser",
@@ -195,10 +200,6 @@ def _device(cfg):
     return device
 
 
-def _lgd_enabled(cfg, lgd_enabled):
-    return bool(cfg.lgd.get("enabled", True)) if lgd_enabled is None else bool(lgd_enabled)
-
-
 def _data_seed(cfg):
     seed = int(cfg.train.get("seed", -1))
     return seed if seed >= 0 else 0
@@ -213,39 +214,36 @@ def fast_path(cfg, device=None):
                              lgd.get("channels_last", None), _device(cfg) if device is None else device)
 
 
-def build_model(cfg, lgd_enabled=None, backend=None):
-    """LGDDistiller(instantiate(cfg.model)) (lgd_enabled, default cfg.lgd.enabled) or the plain detector
-    (baseline), on train.device, in channels_last when the fast path says so (fast_path). backend: lgd_ops
-    backend, default the config's lgd.backend."""
-    detector = instantiate(cfg.model)
-    if _lgd_enabled(cfg, lgd_enabled):
-        backend = backend if backend is not None else str(cfg.lgd.get("backend", "auto"))
-        lgd = cfg.lgd
-        use_context = lgd.get("use_context", None)
-        detector = LGDDistiller(detector, backend=backend, distill_weight=float(lgd.get("distill_weight", 1.0)),
-                                use_context=None if use_context is None else bool(use_context),
-                                stn_pool=str(lgd.get("stn_pool", "object")),
-                                rcnn_branch=str(lgd.get("rcnn_branch", "detector")))
+def build_model(cfg, lgd_enabled=None, backend=None, checkpoints=None):
+    """The run's model: its training method's (lgd.methods.build_method: lgd.method, or the baseline when
+    lgd_enabled, default cfg.lgd.enabled, is False) build() around instantiate(cfg.model), on train.device, in
+    channels_last when the fast path says so (fast_path). LGD: an LGDDistiller; baseline: the plain detector.
+    backend: lgd_ops backend, default the config's lgd.backend; checkpoints: {stage name: final checkpoint},
+    default each stage's under train.output_dir (lgd.methods.stage_checkpoint)."""
+    return _build_model(cfg, build_method(cfg, lgd_enabled, backend), checkpoints)
+
+
+def _build_model(cfg, method, checkpoints=None):
+    if checkpoints is None:
+        checkpoints = {stage.name: stage_checkpoint(cfg.train.output_dir, stage.name) for stage in method.stages()}
     device = _device(cfg)
-    detector = detector.to(device)
-    return use_channels_last(detector) if fast_path(cfg, device).channels_last else detector
+    model = method.build(instantiate(cfg.model), dict(checkpoints)).to(device)
+    return use_channels_last(model) if fast_path(cfg, device).channels_last else model
 
 
-def build_optimizer(cfg, model):
-    """The run's one SGD: for an LGDDistiller the student's parameter groups at optimizer.lr and the
-    teacher's at lgd.teacher_lr (lgd.engine.optim), for a plain detector its own; optimizer.momentum /
-    weight_decay / params.weight_decay_norm (absent or None: the same as weight_decay, as in the authors'
-    configs); gradient clipping lgd.clip_type ("value", "norm" or None) at lgd.clip_value."""
+def build_optimizer(cfg, model, method=None):
+    """The run's optimizer: method.build_optimizer (default the config's method, lgd.methods.build_method) with
+    lr=optimizer.lr, optimizer.momentum / weight_decay / params.weight_decay_norm (absent or None: the same as
+    weight_decay, as in the authors' configs) and gradient clipping lgd.clip_type ("value", "norm" or None) at
+    lgd.clip_value. LGD: the student's parameter groups at optimizer.lr and the teacher's at lgd.teacher_lr
+    (lgd.engine.optim); the baseline and other methods: one SGD over the trainable parameters."""
     opt, lgd = cfg.optimizer, cfg.lgd
     norm_decay = opt.get("params", {}).get("weight_decay_norm", None)
     kind = lgd.get("clip_type", "value")
     kwargs = dict(lr=float(opt.lr), momentum=float(opt.momentum), weight_decay=float(opt.weight_decay),
                   weight_decay_norm=None if norm_decay is None else float(norm_decay),
                   clip=None if kind is None else GradientClip(str(kind), float(lgd.get("clip_value", 1.0))))
-    if not isinstance(model, LGDDistiller):
-        return build_sgd(model, **kwargs)
-    teacher_lr = lgd.get("teacher_lr", None)
-    return build_lgd_optimizer(model, teacher_lr=None if teacher_lr is None else float(teacher_lr), **kwargs)
+    return (method or build_method(cfg)).build_optimizer(model, **kwargs)
 
 
 def build_train_loader(cfg, start_iter=0):
@@ -295,23 +293,27 @@ def _load_trainer_state(trainer, state, loaded_from):
 
 
 def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
-    """Trains cfg (LGD, or the baseline with lgd_enabled=False; module docstring) from train.init_checkpoint,
-    or from OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks are registered after the
-    built-in ones. Returns the last evaluation results ({} without evaluator; on the main process)."""
+    """Trains cfg with its training method (lgd.method; the baseline with lgd_enabled=False; module docstring):
+    first the method's stages (train_stages), then the run itself from train.init_checkpoint, or from
+    OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks are registered after the built-in
+    ones. Returns the last evaluation results ({} without evaluator; on the main process)."""
     schedule = build_schedule(cfg)
-    logger.info("Schedule: %s", schedule)
+    method = build_method(cfg, lgd_enabled, backend)
+    checkpoints = train_stages(cfg, method, backend)
+    logger.info("Method: %s; schedule: %s", method.name, schedule)
     device = _device(cfg)
     fast = fast_path(cfg, device)
     (logger.warning if fast.fallback else logger.info)("Precision and memory format: %s", fast.describe())
     seed_all_rng(_data_seed(cfg))  # the model's initialisation follows train.seed (default 0)
-    model = build_model(cfg, lgd_enabled, backend)
+    model = _build_model(cfg, method, checkpoints)
     logger.info("Model:\n%s", model)
     output_dir = cfg.train.output_dir
     if comm.is_main_process():
         for path in remove_stale_temporaries(output_dir):
             logger.info("removed %s, left by an interrupted checkpoint write", path)
     # weights first, so that the data loader can start where the checkpoint stopped
-    extra = {"detector_ema": DetectorEMAState(model.detector if isinstance(model, LGDDistiller) else model)}
+    detector = student_module(model)
+    extra = {"detector_ema": DetectorEMAState(detector)}
     initial = AtomicCheckpointer(model, output_dir, **extra)
     resumed = resume and initial.has_checkpoint()
     loaded = initial.resume_or_load(cfg.train.init_checkpoint, resume=resume)
@@ -319,13 +321,12 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
 
     trainer = _build_trainer(create_ddp_model(model, **_ddp_kwargs(cfg, device)),
-                             build_train_loader(cfg, start_iter), build_optimizer(cfg, model), fast)
+                             build_train_loader(cfg, start_iter), build_optimizer(cfg, model, method), fast)
     if trainer_state:
         _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
 
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
     results = {}
-    detector = model.detector if isinstance(model, LGDDistiller) else model
 
     def test_and_keep():
         results.clear()
@@ -337,12 +338,10 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
         PathManager.mkdirs(output_dir)
     writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
                TensorboardXWriter(output_dir)] if main else []
-    lgd_hooks = build_lgd_hooks(schedule, lgd_enabled=isinstance(model, LGDDistiller))
-    # lgd/engine/op_report.py, before the writers so metrics.json gets its scalars
-    op_report = OpReport(int(cfg.lgd.get("op_report_period", 1000))) if isinstance(model, LGDDistiller) else None
-    trainer.register_hooks([IterationSeed(_data_seed(cfg))] + lgd_hooks + [
-        hooks.IterationTimer(),
-        op_report,
+    # the method's hooks after the timer (a report's own work is not step time), before the writers (their
+    # scalars reach metrics.json)
+    trainer.register_hooks([IterationSeed(_data_seed(cfg)), build_lr_hook(schedule), hooks.IterationTimer()]
+                           + method.hooks(schedule) + [
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
         hooks.EvalHook(cfg.train.eval_period, test_and_keep),
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
@@ -352,6 +351,45 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     with torch.jit.optimized_execution(False):
         trainer.train(start_iter, schedule.max_iter)
     return results
+
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def method_stages(cfg, method):
+    """[(stage, its config)] of a method's stages for a run into cfg.train.output_dir: each config a copy of
+    stage.cfg with train.output_dir = OUTPUT/<stage.name>. ValueError for a name that is not a folder name
+    (letters, digits, "_", "-") or is used twice."""
+    stages, seen = [], set()
+    for stage in method.stages():
+        if not STAGE_NAME.match(str(stage.name)) or stage.name in seen:
+            raise ValueError(f"lgd.method={method.name}: stage name {stage.name!r} must be a folder name (letters, "
+                             "digits, '_', '-') used once")
+        seen.add(stage.name)
+        stage_cfg = copy.deepcopy(stage.cfg)
+        stage_cfg.train.output_dir = os.path.join(cfg.train.output_dir, stage.name)
+        stages.append((stage, stage_cfg))
+    return stages
+
+
+def train_stages(cfg, method, backend=None):
+    """Runs the method's stages in order, each by train() into OUTPUT/<stage.name>: a stage whose final
+    checkpoint exists is reused, one with a partial run is continued, a missing one is trained (backend: the
+    run's lgd_ops backend). Returns {stage name: its final checkpoint} for method.build."""
+    checkpoints = {}
+    for stage, stage_cfg in method_stages(cfg, method):
+        final = stage_checkpoint(cfg.train.output_dir, stage.name)
+        if os.path.isfile(final):
+            logger.info("Stage %s of %s: reusing %s", stage.name, method.name, final)
+        else:
+            logger.info("Stage %s of %s: training into %s", stage.name, method.name, stage_cfg.train.output_dir)
+            if comm.is_main_process():
+                PathManager.mkdirs(stage_cfg.train.output_dir)
+                LazyConfig.save(stage_cfg, os.path.join(stage_cfg.train.output_dir, "config.yaml"))
+            train(stage_cfg, backend=backend, resume=True)
+            comm.synchronize()  # every process builds the run from the stage's final checkpoint
+        checkpoints[stage.name] = final
+    return checkpoints
 
 
 def evaluate(cfg, checkpoint, allow_partial=False):
