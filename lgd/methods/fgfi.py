@@ -26,6 +26,7 @@ from ..modeling.detector_adapters import build_detector_adapter
 from ..tools.cli import UsageError
 from ..tools.overrides import apply_overrides_strict
 from . import Stage, TrainingMethod
+from .dml import detection_step
 
 __all__ = ["FGFI", "FGFIDistiller", "anchor_levels", "imitation_masks"]
 
@@ -99,18 +100,12 @@ class FGFIDistiller(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         if not self.training:
             return self.detector(batched_inputs)
-        if not batched_inputs or any("instances" not in x for x in batched_inputs):
-            raise ValueError("FGFI: training needs 'instances' in every input dict")
-        adapter = self.detector_adapter
-        images = self.detector.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = adapter.features(images)
-        targets = adapter.targets(images, features, gt_instances)
-        losses = dict(targets.get("student_losses", {}))
-        losses.update(adapter.losses(images, features, gt_instances, targets))
-        with torch.no_grad():
+        step = detection_step(self.detector_adapter, batched_inputs)
+        with torch.no_grad():  # the teacher's own pixel normalization
             teacher_features = self.teacher.backbone(self.teacher.preprocess_image(batched_inputs).tensor)
-        losses["loss_imitation"] = self.imitation_loss(features, teacher_features, [x.gt_boxes for x in gt_instances])
+        gt_boxes = [x["instances"].gt_boxes.to(self.device) for x in batched_inputs]
+        losses = dict(step.losses)
+        losses["loss_imitation"] = self.imitation_loss(step.features, teacher_features, gt_boxes)
         return losses
 
     def masks(self, features: Dict[str, torch.Tensor], gt_boxes: List[Boxes]) -> List[torch.Tensor]:
