@@ -8,6 +8,7 @@ with teacher overrides (a ResNet-34 bottom-up and a 48-channel FPN for the dense
 """
 import copy
 import functools
+import math
 import os
 
 import pytest
@@ -344,3 +345,45 @@ def test_training_step(tmp_path, detector):
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, model.teacher.parameters()))
     assert not torch.equal(adapter_before, model.adapter.weight)
     assert all(torch.isfinite(v) for v in train_losses(model, batch).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# lgd-train end to end
+# ----------------------------------------------------------------------------------------------
+
+FGFI_CONFIG = """
+from detectron2.config import LazyConfig
+
+_cfg = LazyConfig.load({tiny!r})
+dataloader, model, optimizer, train, lgd = _cfg.dataloader, _cfg.model, _cfg.optimizer, _cfg.train, _cfg.lgd
+lgd.method = "fgfi"
+lgd.fgfi = dict(teacher_checkpoint="", teacher_overrides=["model.backbone.bottom_up.stages.depth=34"])
+"""
+
+
+def test_lgd_train_runs_fgfi_with_its_teacher_stage(tmp_path):
+    """lgd-train with lgd.method=fgfi (test_lgd_train_net's tiny RetinaNet and synthetic COCO data, 2
+    iterations): the teacher stage (a ResNet-34 baseline) is trained into OUTPUT/teacher first, then the
+    student with loss_imitation; the final checkpoint holds the teacher stage's weights unchanged."""
+    from test_lgd_train_net import argv, make_setup, read_metrics
+
+    from lgd.tools.train_net import run
+
+    root, tiny_cfg, ann, images = make_setup(tmp_path)
+    cfg_file = root / "tiny_fgfi.py"
+    cfg_file.write_text(FGFI_CONFIG.format(tiny=tiny_cfg))
+    out = str(root / "run")
+    results = run(argv(str(cfg_file), ann, images, out, max_iter=2))
+
+    teacher = torch.load(os.path.join(out, "teacher", "model_final.pth"))["model"]
+    assert any(k.startswith("backbone.bottom_up.res4.5.") for k in teacher)  # ResNet-34: 6 res4 blocks
+    assert not any(k.startswith(("detector.", "teacher.")) for k in teacher)  # a baseline run: a plain detector
+    final = torch.load(os.path.join(out, "model_final.pth"))["model"]
+    assert all(torch.equal(final["teacher." + k], v) for k, v in teacher.items())
+    assert "adapter.weight" in final and "detector.backbone.bottom_up.res4.1.conv1.weight" in final
+    assert "detector.backbone.bottom_up.res4.2.conv1.weight" not in final  # the student stays ResNet-18
+    rows = [r for r in read_metrics(out) if "loss_imitation" in r]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(math.isfinite(r["loss_imitation"]) and r["loss_imitation"] > 0 and math.isfinite(r["loss_cls"])
+               for r in rows)
+    assert "AP" in results["bbox"]
