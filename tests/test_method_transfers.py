@@ -1,6 +1,7 @@
 """DML, BAN and tf-KD_reg as training methods (lgd.methods.dml / ban / tfkd; docs/methods/): the losses of a
 training step, which parts the gradients reach, BAN's generations as stages, the tf-KD term against a float64
-computation, and the settings' errors. CPU, tiny detectors (conftest.shrink_detector_config), 3 classes."""
+computation, and the settings' errors. CPU, tiny detectors (conftest.shrink_detector_config), 3 classes; then
+lgd-train end to end with lgd.method=dml and ban (2 generations) on test_lgd_train_net's synthetic dataset."""
 import copy
 import functools
 import math
@@ -90,6 +91,7 @@ def test_dml_losses_and_gradients():
     assert set(losses) == (RETINANET_LOSSES | {k + PEER_SUFFIX for k in RETINANET_LOSSES}
                            | {"loss_distill", "loss_distill" + PEER_SUFFIX})
     assert_finite(losses)
+    assert model.distill_loss.backend == model.peer_distill_loss.backend == "reference"  # the run's lgd.backend
     assert all(p.requires_grad for p in model.parameters())
     sum(losses.values()).backward()
     for part in (model.detector, model.peer, model.distill_loss, model.peer_distill_loss):
@@ -290,3 +292,56 @@ def test_tfkd_refuses_sigmoid_detectors_and_bad_settings():
 def test_dml_unknown_setting():
     with pytest.raises(ValueError, match=r"lgd.dml: unknown settings \['distil_weight'\]"):
         build_method(method_config("dml", distil_weight=2.0))
+
+
+# --------------------------------------------------------------------------------------------------------
+# lgd-train end to end (test_lgd_train_net's tiny RetinaNet config and 4-image dataset, 2 iterations)
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    pytest.importorskip("pycocotools")
+    from test_lgd_train_net import make_setup
+
+    return make_setup(tmp_path_factory.mktemp("method_transfers"))
+
+
+def metric_rows(out):
+    from test_lgd_train_net import read_metrics
+
+    return [r for r in read_metrics(out) if "total_loss" in r]
+
+
+def lgd_train(train_setup, name, *extra):
+    from lgd.tools.train_net import run
+    from test_lgd_train_net import argv
+
+    root, cfg_file, ann, images = train_setup
+    out = str(root / name)
+    results = run(argv(cfg_file, ann, images, out, *extra, max_iter=2))
+    rows = metric_rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    return out, results, rows
+
+
+def test_lgd_train_dml(train_setup):
+    out, results, rows = lgd_train(train_setup, "dml", "+lgd.method=dml")
+    for row in rows:
+        for key in ("loss_cls", "loss_cls_peer", "loss_box_reg_peer", "loss_distill", "loss_distill_peer"):
+            assert math.isfinite(row[key]), (key, row)
+    assert "AP" in results["bbox"]  # the first student, evaluated
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    assert any(k.startswith("detector.") for k in state) and any(k.startswith("peer.") for k in state)
+
+
+def test_lgd_train_ban_two_generations(train_setup):
+    out, results, rows = lgd_train(train_setup, "ban", "+lgd.method=ban", "+lgd.ban.generations=2")
+    assert all(math.isfinite(r["loss_distill"]) for r in rows) and "AP" in results["bbox"]
+    first = torch.load(stage_checkpoint(out, "ban_gen1"), weights_only=True)["model"]
+    gen1_rows = metric_rows(os.path.join(out, "ban_gen1"))
+    assert len(gen1_rows) == 2 and not any("loss_distill" in r for r in gen1_rows)  # generation 1: the baseline
+    final = torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+    teacher = {k[len("teacher."):]: v for k, v in final.items() if k.startswith("teacher.")}
+    assert teacher.keys() == first.keys()
+    assert all(torch.equal(teacher[k], first[k]) for k in first)  # the frozen generation 1
+

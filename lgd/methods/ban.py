@@ -120,5 +120,6 @@ class BAN(TrainingMethod):
             path = checkpoints[name]
         teacher = instantiate(self.cfg.model)
         AtomicCheckpointer(teacher).load_checked(path)  # its student part; refuses missing or misshapen weights
-        distill_loss = feature_distillation(self.cfg, build_detector_adapter(detector), self.settings["distill_weight"])
+        distill_loss = feature_distillation(build_detector_adapter(detector), self.settings["distill_weight"],
+                                            self.backend)
         return BornAgain(detector, teacher, distill_loss).to(detector.device)

@@ -7,9 +7,9 @@ transfer the LGD paper compares with (its Table 2): DML's KL between the peers' 
 mimicry of the peer's intermediate features. The first student (`detector`) is the one evaluated and
 exported; the second (`peer`) is simply a trainable part of the model, trained by the same optimizer.
 
-detection_step and feature_distillation are shared with lgd.methods.ban (and tfkd): the detector's own
-training losses on a batch through its lgd.modeling.detector_adapters adapter, and the distillation loss
-sized from that adapter.
+detection_step (the detector's own training losses on a batch, through its lgd.modeling.detector_adapters
+adapter) is shared with lgd.methods.ban, tfkd and fgfi; feature_distillation (the distillation loss sized from
+that adapter) with ban.
 """
 import math
 from typing import Dict, List, NamedTuple
@@ -58,10 +58,9 @@ def detection_step(adapter: DetectorAdapter, batched_inputs: List[Dict], images=
     return DetectionStep(images, features, targets, losses)
 
 
-def feature_distillation(cfg, adapter: DetectorAdapter, loss_weight: float) -> DistillationLoss:
-    """LGD's distillation loss (its own adapter F_adapt) for the levels `adapter` distills, with the run's
-    lgd_ops backend (cfg.lgd.backend)."""
-    backend = str((cfg.get("lgd", {}) or {}).get("backend", "auto"))
+def feature_distillation(adapter: DetectorAdapter, loss_weight: float, backend: str) -> DistillationLoss:
+    """LGD's distillation loss (its own adapter F_adapt) for the levels `adapter` distills; backend: the run's
+    lgd_ops backend (TrainingMethod.backend)."""
     return DistillationLoss(adapter.feature_channels(), loss_weight=float(loss_weight), backend=backend)
 
 
@@ -134,6 +133,5 @@ class DML(TrainingMethod):
     def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> nn.Module:
         peer = instantiate(self.cfg.model)
         weight = self.settings["distill_weight"]
-        return MutualLearning(detector, peer, feature_distillation(self.cfg, build_detector_adapter(detector), weight),
-                              feature_distillation(self.cfg, build_detector_adapter(peer), weight)
-                              ).to(detector.device)
+        losses = [feature_distillation(build_detector_adapter(d), weight, self.backend) for d in (detector, peer)]
+        return MutualLearning(detector, peer, *losses).to(detector.device)
