@@ -58,6 +58,9 @@ CONVERTER_VERSION = 1
 DEMO_CATEGORY = "Tree"
 DEMO_LABEL_MAP = {"Tree": DEMO_CATEGORY, "Dead": DEMO_CATEGORY, "Alive": DEMO_CATEGORY}
 DEMO_VAL_IMAGES = ("2019_YELL_2_541000_4977000_image_crop",)
+# the 4 annotated source images; fold k holds out DEMO_FOLDS[k] for validation (fold 0: the fixed split above)
+DEMO_FOLDS = ("2019_YELL_2_541000_4977000_image_crop", "2019_YELL_2_528000_4978000_image_crop2", "OSBS_029",
+              "SOAP_061")
 DEMO_TILING = {"tile_size": 400, "overlap": 50, "min_visible": 0.5, "min_side": 2.0}
 DEMO_TRAIN, DEMO_VAL = "lgd_demo_train", "lgd_demo_val"
 SPLITS = ("train", "val")
@@ -195,20 +198,40 @@ def convert_voc_to_tiled_coco(xml_files, out_dir, val_images, label_map, tile_si
     return manifest
 
 
-def prepare_demo_dataset(cache_dir=None):
+def _fold_images(fold):
+    if fold is None:
+        return DEMO_VAL_IMAGES
+    if not isinstance(fold, int) or not 0 <= fold < len(DEMO_FOLDS):
+        raise ValueError(f"fold must be an integer in [0, {len(DEMO_FOLDS)}) (the held-out source image), got {fold!r}")
+    return (DEMO_FOLDS[fold],)
+
+
+def demo_dataset_names(fold=None):
+    """(train, val) dataset names of the demo split (fold None) or of cross-validation fold `fold`."""
+    if fold is None:
+        return DEMO_TRAIN, DEMO_VAL
+    _fold_images(fold)
+    return f"lgd_demo_fold{fold}_train", f"lgd_demo_fold{fold}_val"
+
+
+def prepare_demo_dataset(cache_dir=None, fold=None):
     """Convert the fetched deepforest data into the tiled demo dataset, once (cached, versioned).
+
+    fold: None for the fixed split (module docstring), or k in 0..3 to validate on the source image
+    DEMO_FOLDS[k] and train on the other three (4-fold cross-validation by source image; fold 0 = the fixed split).
 
     Returns {"train_json", "val_json", "image_root" (both splits' file_names are relative to it),
     "dataset_dir", "stats" (per split: source_images, images, boxes, empty_images, source_boxes)}.
     Raises lgd.data.assets.AssetsMissingError if scripts/fetch_demo_assets.sh has not been run.
     """
     assets = demo_asset_dir(cache_dir)
-    params = "t{tile_size}-o{overlap}".format(**DEMO_TILING)
+    val_images = _fold_images(fold)
+    params = "t{tile_size}-o{overlap}".format(**DEMO_TILING) + (f"-fold{fold}" if fold else "")
     dataset_dir = cache_root(cache_dir) / "datasets" / f"{DEEPFOREST_ASSETS}-tiles-v{CONVERTER_VERSION}-{params}"
     if not dataset_dir.is_dir():
         logger.info("converting the deepforest demo data into %s", dataset_dir)
         try:
-            convert_voc_to_tiled_coco(sorted(assets.glob("*.xml")), dataset_dir, DEMO_VAL_IMAGES, DEMO_LABEL_MAP,
+            convert_voc_to_tiled_coco(sorted(assets.glob("*.xml")), dataset_dir, val_images, DEMO_LABEL_MAP,
                                       **DEMO_TILING)
         except (ValueError, OSError):
             if not dataset_dir.is_dir():  # else another process finished the same conversion first
@@ -218,12 +241,13 @@ def prepare_demo_dataset(cache_dir=None):
             "image_root": str(dataset_dir), "dataset_dir": str(dataset_dir), "stats": manifest["stats"]}
 
 
-def register_demo_datasets(cache_dir=None):
-    """Register "lgd_demo_train" and "lgd_demo_val" (COCO json, one class "Tree"), preparing the data if needed.
+def register_demo_datasets(cache_dir=None, fold=None):
+    """Register "lgd_demo_train" and "lgd_demo_val" (fold None) or "lgd_demo_fold<k>_train" / "..._val"
+    (COCO json, one class "Tree"), preparing the data if needed.
 
     Idempotent. Returns prepare_demo_dataset()'s dict.
     """
-    paths = prepare_demo_dataset(cache_dir)
-    for name, split in ((DEMO_TRAIN, "train"), (DEMO_VAL, "val")):
+    paths = prepare_demo_dataset(cache_dir, fold)
+    for name, split in zip(demo_dataset_names(fold), ("train", "val")):
         register_coco_once(name, paths[f"{split}_json"], paths["image_root"], {"thing_classes": [DEMO_CATEGORY]})
     return paths

@@ -2,6 +2,7 @@
 
     lgd-demo                                  # LGD on the deepforest tree tiles, evaluated and plotted
     lgd-demo --compare --seeds 0 1 2          # baseline vs LGD, same budget and seeds: AP table
+    lgd-demo --compare --seeds 0 1 2 3 4 5 --folds 0 1   # the same, validated on two held-out source images
     lgd-demo --resume                         # continue an interrupted run (or comparison)
 
 Options first, `key=value` overrides of the demo config last (e.g. `--seeds 0 1 --iters 100 train.log_period=5`).
@@ -12,14 +13,17 @@ of lgd/configs/demo_retinanet_mobilenetv2_lgd.py (ImageNet MobileNetV2 + 64-chan
 through lgd.tools.train_net.train (fused lgd_ops, backend "auto"), evaluate the student with pycocotools (AP, AP50)
 a few times during training and at the end, and write into the output folder (default ./output/demo):
 
-    <mode>_seed<S>/          the run: checkpoints, metrics.json, run.json (its results and curves)
+    <mode>_seed<S>[_fold<F>]/  the run: checkpoints, metrics.json, run.json (its results and curves)
     summary.json             budget, wall time, s/iter, AP/AP50, final losses, the LGD op report
     curves.png               losses (student, instructive branch, distillation) and AP over iterations
-    compare.json, compare.png   (--compare) per-seed and mean ± std AP/AP50 of baseline and LGD, curves side by side
+    compare.json, compare.png   (--compare) per-run and mean ± standard error AP/AP50 of baseline and LGD, and
+                             their paired difference (same seed and fold): does LGD clear 2 standard errors?
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
-Budget: on CPU 300 iterations of batch 4 at 400 px, about ten minutes for an LGD run on 2 cores; on CUDA
-2000 iterations of batch 16. lgd-demo restarts itself once with OMP_WAIT_POLICY=PASSIVE (unless an OpenMP wait
+Budget: on CPU 600 iterations of batch 4 at 400 px on the fast path (bf16 autocast + channels_last, lgd-train
+--fast; --fp32 for fp32 NCHW), about ten minutes for an LGD run on 2 cores, what 300 fp32 iterations took; on
+CUDA 2000 iterations of batch 16. --folds: 4-fold cross-validation by source image (lgd.data.DEMO_FOLDS), run i
+of --seeds holding out fold FOLDS[i % len(FOLDS)]: more validation data across the runs. lgd-demo restarts itself once with OMP_WAIT_POLICY=PASSIVE (unless an OpenMP wait
 policy is set): a machine where another process keeps a core busy then slows it in proportion, not 5-10x
 (passive_openmp). Measured times and AP
 are in benchmarks/README.md (demo section) and benchmarks/results/demo_cpu/.
@@ -53,7 +57,7 @@ from tqdm import tqdm
 from ..engine.op_report import OPS
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
-from .train_net import OPS_HELP, check_backend, load_config, train
+from .train_net import OPS_HELP, check_backend, fast_path, load_config, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
            "run", "run_one"]
@@ -62,7 +66,7 @@ logger = logging.getLogger("lgd.tools.demo")
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                            "demo_retinanet_mobilenetv2_lgd.py")
 # (iterations, images per batch, data loader workers) by device
-BUDGETS = {"cpu": (300, 4, 1), "cuda": (2000, 16, 4)}
+BUDGETS = {"cpu": (600, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
 MODES = ("baseline", "lgd")
 STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
@@ -95,16 +99,18 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prepare_data(data=None, cache_dir=None):
+def prepare_data(data=None, cache_dir=None, fold=None):
     """Registers the datasets and returns {"train": name, "val": name, "stats": ...}: the deepforest demo tiles
-    (lgd.data.register_demo_datasets) or, with data=(train_json, val_json, image_root), that COCO dataset."""
-    from ..data import DEMO_TRAIN, DEMO_VAL, register_coco_once, register_demo_datasets
+    (lgd.data.register_demo_datasets; fold k: the cross-validation split holding out source image k) or, with
+    data=(train_json, val_json, image_root), that COCO dataset."""
+    from ..data import demo_dataset_names, register_coco_once, register_demo_datasets
 
     from ..data.register import validate_coco_json
 
     if data is None:
-        paths = register_demo_datasets(cache_dir)
-        return {"train": DEMO_TRAIN, "val": DEMO_VAL, "stats": paths.get("stats", {})}
+        paths = register_demo_datasets(cache_dir, fold)
+        train, val = demo_dataset_names(fold)
+        return {"train": train, "val": val, "stats": paths.get("stats", {})}
     if len(data) != 3:
         raise ValueError(f"prepare_data: data must be (train_json, val_json, image_root), got {data!r}")
     train_json, val_json, image_root = data
@@ -115,9 +121,10 @@ def prepare_data(data=None, cache_dir=None):
 
 
 def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, workers=None, seed=0,
-                 pretrained=True, overrides=()):
-    """The demo LazyConfig for one run: datasets from prepare_data, the budget, the seed, then `overrides`
-    (key=value). EVALS_PER_RUN evaluations and an op report every quarter of the run; checkpoints likewise."""
+                 pretrained=True, fast=True, overrides=()):
+    """The demo LazyConfig for one run: datasets from prepare_data, the budget, the seed, the fast path
+    (train.amp.enabled, lgd-train --fast) unless fast=False, then `overrides` (key=value). EVALS_PER_RUN
+    evaluations and an op report every quarter of the run; checkpoints likewise."""
     for name, value in (("iters", iters), ("batch_size", batch_size)):
         if int(value) < 1:
             raise ValueError(f"build_config: {name} must be >= 1, got {value}")
@@ -126,6 +133,7 @@ def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, wo
     cfg.train.output_dir = output_dir
     cfg.train.max_iter = int(iters)
     cfg.train.seed = int(seed)
+    cfg.train.amp.enabled = bool(fast)
     cfg.train.eval_period = period
     cfg.train.checkpointer = dict(period=period, max_to_keep=2)
     cfg.train.log_period = max(1, min(20, period))
@@ -174,20 +182,27 @@ def _number(value):
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def run_name(mode, seed, fold=None):
+    """The folder of one run: <mode>_seed<S>, with _fold<F> for a cross-validation fold."""
+    return f"{mode}_seed{seed}" + ("" if fold is None else f"_fold{fold}")
+
+
 def _earlier_outputs(output_dir, runs):
-    """What an earlier demo left in output_dir that runs [(mode, seed), ...] would replace."""
-    found = [os.path.join(output_dir, f"{mode}_seed{seed}") for mode, seed in runs]
+    """What an earlier demo left in output_dir that runs [(mode, seed, fold), ...] would replace."""
+    found = [os.path.join(output_dir, run_name(*r)) for r in runs]
     found = [d for d in found if os.path.isdir(d) and os.listdir(d)]
     return found + [p for p in (os.path.join(output_dir, "summary.json"),) if os.path.exists(p)]
 
 
-def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, overwrite=False, **budget):
-    """Trains and evaluates one run (mode "lgd" or "baseline") into output_dir/<mode>_seed<seed>; returns its
-    record (also saved as run.json there): results, curves, wall time, budget. An earlier run there is reused
-    or continued with resume, started afresh with overwrite, else a UsageError. See the module docstring."""
+def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resume=False, overwrite=False,
+            **budget):
+    """Trains and evaluates one run (mode "lgd" or "baseline") into output_dir/run_name(mode, seed, fold);
+    returns its record (also saved as run.json there): results, curves, wall time, budget. An earlier run there
+    is reused or continued with resume, started afresh with overwrite, else a UsageError. See the module
+    docstring."""
     if mode not in MODES:
         raise ValueError(f"run_one: mode must be one of {MODES}, got {mode!r}")
-    run_dir = os.path.join(output_dir, f"{mode}_seed{seed}")
+    run_dir = os.path.join(output_dir, run_name(mode, seed, fold))
     record_path = os.path.join(run_dir, "run.json")
     if resume and os.path.isfile(record_path):
         with open(record_path) as f:
@@ -209,7 +224,8 @@ def run_one(mode, seed, output_dir, datasets, *, backend="auto", resume=False, o
     rows = _read_metrics(run_dir)
     times = [r["time"] for r in rows if "time" in r]
     record = {
-        "mode": mode, "seed": seed, "backend": backend if lgd_enabled else None,
+        "mode": mode, "seed": seed, "fold": fold, "datasets": {k: datasets[k] for k in ("train", "val")},
+        "backend": backend if lgd_enabled else None, "precision": fast_path(cfg).describe(),
         "iterations": int(cfg.train.max_iter), "batch_size": int(cfg.dataloader.train.total_batch_size),
         "image_size": int(cfg.dataloader.train.mapper.augmentations[0].max_size),
         "device": str(cfg.train.device) if torch.cuda.is_available() else "cpu",
@@ -268,38 +284,62 @@ def _mean_curve(records, key):
 
 
 def _stats(values):
+    """mean, sample standard deviation, standard error of the mean (std / sqrt(n)) and n of the non-None values."""
     values = [v for v in values if v is not None]
     if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+        return {"mean": None, "std": None, "se": None, "n": 0}
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.mean(values), "std": std, "se": std / math.sqrt(len(values)), "n": len(values)}
+
+
+def _run_key(record):
+    """"<seed>" or "<seed>/fold<F>": what pairs a baseline run with an LGD run."""
+    return str(record["seed"]) + ("" if record.get("fold") is None else f"/fold{record['fold']}")
 
 
 def compare_table(records):
-    """{mode: {metric: {"mean", "std", "n", "per_seed": {seed: value}}}} for AP and AP50."""
+    """{mode: {metric: {"mean", "std", "se", "n", "per_seed": {run key: value}}}} for AP and AP50, and under
+    "lgd - baseline" the paired differences (same seed and fold) with "above_2se": mean > 2 standard errors."""
     table = {}
     for mode in MODES:
         runs = [r for r in records if r["mode"] == mode]
         table[mode] = {m: dict(_stats([r["results"][m] for r in runs]),
-                               per_seed={r["seed"]: r["results"][m] for r in runs}) for m in AP_KEYS}
+                               per_seed={_run_key(r): r["results"][m] for r in runs}) for m in AP_KEYS}
+    pairs = {}
+    for metric in AP_KEYS:
+        base, lgd = table["baseline"][metric]["per_seed"], table["lgd"][metric]["per_seed"]
+        diffs = {k: lgd[k] - base[k] for k in lgd if base.get(k) is not None and lgd[k] is not None}
+        stats = _stats(list(diffs.values()))
+        pairs[metric] = dict(stats, per_seed=diffs,
+                             above_2se=bool(stats["n"] > 1 and stats["mean"] > 2 * stats["se"]))
+    if any(p["n"] for p in pairs.values()):
+        table["lgd - baseline"] = pairs
     return table
 
 
 def format_table(table):
-    lines = [f"{'':10s}" + "".join(f"{m:>18s}" for m in AP_KEYS)]
+    """mean ± standard error (n) per mode and metric; the paired difference row says whether it clears 2 SE."""
+    lines = [f"{'':15s}" + "".join(f"{m:>20s}" for m in AP_KEYS)]
     for mode, metrics in table.items():
         cells = []
         for m in AP_KEYS:
             s = metrics[m]
-            cells.append(f"{s['mean']:8.2f} ± {s['std']:5.2f} (n={s['n']})" if s["n"] else f"{'-':>18s}")
-        lines.append(f"{mode:10s}" + "".join(f"{c:>18s}" for c in cells))
+            sign = "+" if "above_2se" in s else ""
+            cells.append(f"{s['mean']:{sign}7.2f} ± {s['se']:4.2f} (n={s['n']})" if s["n"] else "-")
+        lines.append(f"{mode:15s}" + "".join(f"{c:>20s}" for c in cells))
+    pairs = table.get("lgd - baseline")
+    if pairs:
+        lines.append("(mean ± standard error over runs; the difference is paired by seed and fold: "
+                     + ", ".join(f"{m} {'above' if pairs[m]['above_2se'] else 'NOT above'} 2 SE" for m in AP_KEYS)
+                     + ")")
     return "\n".join(lines)
 
 
 def plot_compare(records, path):
-    """Side by side, baseline vs LGD (mean over seeds): the student's detection loss and AP/AP50."""
+    """Side by side, baseline vs LGD (mean over seeds): the student's detection loss, AP/AP50 over iterations,
+    and the final AP of each paired run (LGD - baseline, with the mean and its 2-standard-error band)."""
     plt = _plt()
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_ap, ax_diff) = plt.subplots(1, 3, figsize=(16, 4))
     for mode, color in zip(MODES, ("tab:gray", "tab:green")):
         runs = [r for r in records if r["mode"] == mode]
         if not runs:
@@ -313,6 +353,17 @@ def plot_compare(records, path):
     ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation (mean over seeds)")
     ax_loss.legend(fontsize=8)
     ax_ap.legend(fontsize=8)
+    pairs = compare_table(records).get("lgd - baseline", {}).get("AP")
+    if pairs:
+        keys = list(pairs["per_seed"])
+        ax_diff.bar(range(len(keys)), [pairs["per_seed"][k] for k in keys], color="tab:green")
+        ax_diff.axhline(pairs["mean"], color="k", label=f"mean {pairs['mean']:+.2f}")
+        ax_diff.axhspan(pairs["mean"] - 2 * pairs["se"], pairs["mean"] + 2 * pairs["se"], color="k", alpha=0.1,
+                        label="± 2 SE")
+        ax_diff.axhline(0, color="tab:gray", linewidth=0.8)
+        ax_diff.set_xticks(range(len(keys)), keys, rotation=45, fontsize=7)
+        ax_diff.legend(fontsize=8)
+    ax_diff.set(xlabel="run (seed/fold)", ylabel="AP difference (points)", title="final AP, LGD - baseline")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -373,7 +424,14 @@ def build_parser():
     parser.add_argument("--compare", action="store_true", help="baseline vs LGD over --seeds")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default: 0 (0 1 2 with --compare)")
-    parser.add_argument("--iters", type=int, default=None, help="default: 300 on CPU, 2000 on CUDA")
+    parser.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
+                        help="cross-validation over the 4 source images: run i of --seeds validates on the held-out "
+                             "source image K = FOLDS[i %% len(FOLDS)] and trains on the other three (0: the default "
+                             "split; lgd.data.DEMO_FOLDS); default: the fixed split")
+    parser.add_argument("--fp32", action="store_true",
+                        help="train in fp32 NCHW instead of the fast path (bf16 autocast + channels_last where the "
+                             "device supports it; lgd-train --fast)")
+    parser.add_argument("--iters", type=int, default=None, help="default: 600 on CPU, 2000 on CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 16 on CUDA")
     parser.add_argument("--image-size", type=int, default=None, help="image side (default: the config's, 400)")
     parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: 1 CPU, 4 CUDA)")
@@ -402,6 +460,13 @@ def _check_arguments(args):
     if args.image_size is not None and args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
     check_backend(args.ops)
+    if args.folds is not None and args.data is not None:
+        raise UsageError("--folds splits the demo's deepforest images; it cannot be used with --data")
+    from ..data import DEMO_FOLDS
+
+    for fold in args.folds or ():
+        if not 0 <= fold < len(DEMO_FOLDS):
+            raise UsageError(f"--folds: each fold must be in [0, {len(DEMO_FOLDS)}), got {fold}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other (reuse the runs, or replace them?)")
 
@@ -416,12 +481,13 @@ def run(argv=None):
     iters, batch, workers = BUDGETS[_device()]
     budget = dict(iters=args.iters or iters, batch_size=args.batch_size or batch, image_size=args.image_size,
                   workers=args.workers if args.workers is not None else workers,
-                  pretrained=not args.no_pretrained, overrides=args.opts)
+                  pretrained=not args.no_pretrained, fast=not args.fp32, overrides=args.opts)
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.compare else [0])
+    folds = [None if args.folds is None else args.folds[i % len(args.folds)] for i in range(len(seeds))]
     out = args.output_dir
     modes = MODES if args.compare else ("lgd",)
     build_config(out, {"train": "", "val": ""}, **budget)  # the overrides, before anything is written
-    earlier = _earlier_outputs(out, [(mode, seed) for seed in seeds for mode in modes])
+    earlier = _earlier_outputs(out, [(mode, seed, fold) for seed, fold in zip(seeds, folds) for mode in modes])
     if earlier and not (args.resume or args.overwrite):
         raise UsageError(f"{out} holds an earlier demo ({', '.join(earlier[:2])}{', ...' if len(earlier) > 2 else ''})"
                          ": refusing to overwrite it", hint="--resume reuses or continues its runs, --overwrite "
@@ -431,24 +497,27 @@ def run(argv=None):
     datasets = prepare_data(args.data, args.cache_dir) if args.data is not None else None
     os.makedirs(out, exist_ok=True)
     _setup_logging(out, args.verbose)
-    datasets = datasets or prepare_data(None, args.cache_dir)
-    records = [run_one(mode, seed, out, datasets, backend=args.ops, resume=args.resume, overwrite=args.overwrite,
-                       **budget)
-               for seed in seeds for mode in modes]
+    split = {fold: datasets or prepare_data(None, args.cache_dir, fold) for fold in sorted(set(folds), key=str)}
+    records = [run_one(mode, seed, out, split[fold], fold=fold, backend=args.ops, resume=args.resume,
+                       overwrite=args.overwrite, **budget)
+               for seed, fold in zip(seeds, folds) for mode in modes]
     for rec in records:
-        plot_run(rec, os.path.join(out, f"curves_{rec['mode']}_seed{rec['seed']}.png"))
+        plot_run(rec, os.path.join(out, f"curves_{run_name(rec['mode'], rec['seed'], rec.get('fold'))}.png"))
     lgd_run = next(r for r in records if r["mode"] == "lgd")
-    shutil.copyfile(os.path.join(out, f"curves_lgd_seed{lgd_run['seed']}.png"), os.path.join(out, "curves.png"))
+    shutil.copyfile(os.path.join(out, f"curves_{run_name('lgd', lgd_run['seed'], lgd_run.get('fold'))}.png"),
+                    os.path.join(out, "curves.png"))
     op_report = _op_report(lgd_run)
     summary = {
         "command": "lgd-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": DEMO_CONFIG, "datasets": datasets, "total_wall_s": time.perf_counter() - start,
+        "config": DEMO_CONFIG,
+        "datasets": next(iter(split.values())) if len(split) == 1 else {f"fold{k}": v for k, v in split.items()},
+        "total_wall_s": time.perf_counter() - start,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in records],
         "results": lgd_run["results"], "op_report": op_report,
         "final_losses": {k: v[-1][1] for k, v in lgd_run["curves"].items() if k in LOSS_KEYS},
     }
     ap, ap50 = (_format_ap(lgd_run["results"][k]) for k in AP_KEYS)
-    print(f"\nLGD student on {datasets['val']}: AP {ap}, AP50 {ap50} "
+    print(f"\nLGD student on {lgd_run['datasets']['val']}: AP {ap}, AP50 {ap50} "
           f"({lgd_run['iterations']} iterations of {lgd_run['batch_size']} images, {lgd_run['wall_s']:.0f} s, "
           f"{lgd_run['s_per_iter'] or float('nan'):.2f} s/iter on {lgd_run['device']})")
     if op_report:
@@ -458,9 +527,11 @@ def run(argv=None):
         summary["compare"] = table
         plot_compare(records, os.path.join(out, "compare.png"))
         with open(os.path.join(out, "compare.json"), "w") as f:
-            json.dump({"table": table, "seeds": seeds, "budget": {k: v for k, v in budget.items() if k != "overrides"},
+            json.dump({"table": table, "seeds": seeds, "folds": folds,
+                       "budget": {k: v for k, v in budget.items() if k != "overrides"},
                        "runs": summary["runs"]}, f, indent=1)
-        print(f"\nbaseline vs LGD, seeds {seeds} (COCO AP %, mean ± std):\n" + format_table(table))
+        print(f"\nbaseline vs LGD, seeds {seeds}" + (f", folds {folds}" if args.folds else "")
+              + " (COCO AP %):\n" + format_table(table))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if args.compare else ""))
