@@ -44,6 +44,9 @@ MAX_SIZE = 1333
 
 LGD_KEYS = dict(
     enabled=True,               # False: a baseline run of the same detector, schedule and evaluation, no LGD
+    method="lgd",               # the training method (lgd.methods.METHODS, docs/methods/README.md): "lgd",
+                                # "baseline", or a comparison system: "fgfi", "labelenc", "dml", "ban", "tfkd"
+                                # (their settings under lgd.<method>); lgd.enabled=False overrides it (baseline)
     # the LR, distillation warm-up and backbone-freeze iteration counts (lgd.engine.schedule.LGDSchedule's fields:
     # max_iter, steps, distill_start_iter, backbone_freeze_iters, warmup_iters, warmup_factor), written for
     # schedule.max_iter iterations and scaled to train.max_iter (lgd.engine.schedule)

@@ -10,8 +10,9 @@
 (also `python -m lgd.tools.train_net ...`; lgd-eval is eval_main). lgd-train's options are detectron2's
 default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) plus:
   --resume / --overwrite  an output directory (train.output_dir) that is not empty is refused unless --resume
-                          (continue from its last checkpoint) or --overwrite (delete the earlier run's files:
-                          checkpoints, metrics, logs, events, config.yaml; other files stay) is given.
+                          (continue from its last checkpoint; the method's stages are reused or continued) or
+                          --overwrite (delete the earlier run's files: checkpoints, metrics, logs, events,
+                          config.yaml, cost.json and the method's stage folders; other files stay) is given.
   --fast                  the fast path, = train.amp.enabled=True: autocast in lgd.precision (bf16 by default;
                           fp16 with a GradScaler on a GPU without bf16; fp32 with a warning on a CPU without
                           native bf16) and the model and its inputs in channels_last (lgd.channels_last);
@@ -28,6 +29,10 @@ default_argument_parser's (--num-machines, --machine-rank, --dist-url as well) p
   --debug                 print the traceback of a failure (also LGD_DEBUG=1); lgd.tools.cli has the exit codes.
   key=value               LazyConfig overrides, after all the options; a key the config does not have is an
                           error naming the closest keys (lgd.tools.overrides; `+key=value` adds one on purpose).
+  lgd.method=NAME         the training method (an override): lgd (default), baseline (= lgd.enabled=False), fgfi,
+                          labelenc, dml, ban or tfkd, its settings lgd.NAME.KEY=VALUE; a method's stages
+                          (teacher pretraining, ...) train first into OUTPUT/<stage>/; OUTPUT/cost.json holds the
+                          run's training cost, stages included (docs/methods/README.md).
 The config must define model, dataloader (train, test, evaluator), optimizer (lr, momentum, weight_decay), train
 (detectron2's common/train.py keys) and lgd (see lgd/configs/retinanet_R_50_FPN_1x_lgd.py).
 
@@ -47,19 +52,22 @@ last checkpoint) and returns the results. With --num-gpus N and no CUDA, N CPU p
 
 Before anything is written (config.yaml included; an earlier run's files stay untouched when a check fails),
 lgd-train and lgd-eval check, once and before any process is launched: the config file and every override
-key, the datasets the run reads (lgd.data.register.validate_dataset: registered, json schema, categories,
-every image file, the boxes), a local train.init_checkpoint's existence, and the output directory (above).
+key, lgd-train's training method and its settings (lgd.method, lgd.<method>: a usage error) and each of its
+stages' configs the same way, the datasets the run reads (lgd.data.register.validate_dataset: registered, json
+schema, categories, every image file, the boxes), a local train.init_checkpoint's existence (or that a stage
+run before writes it), and the output directory (above; --overwrite also deletes the stages' folders).
 lgd-eval refuses a checkpoint that lacks any of the student's weights or has one of another shape (the
 list of what is missing) unless --allow-partial; an unreadable, truncated or foreign file is one line
 naming it. A run removes the temporaries of an interrupted checkpoint write at its start (lgd.engine.checkpoint),
 and seeds the model's initialisation with train.seed (default 0): two runs of one seed match from
 iteration 0. Exit status and failure lines: lgd.tools.cli (0 success, 2 usage error, 1 any other failure).
 
-Baseline mode, lgd.enabled=False (= lgd.method=baseline): the plain detector instantiate(cfg.model), one SGD optimizer (optimizer.*),
-the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher, no distillation and no
-backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the comparison of the paper.
-Its checkpoints hold the plain detector (stock detectron2 keys). Every run checkpoints the student's EMA
-loss normalizer (RetinaNet/FCOS) under `detector_ema` (lgd.engine.checkpoint.DetectorEMAState).
+Baseline mode, lgd.enabled=False (= lgd.method=baseline): the plain detector instantiate(cfg.model), one SGD
+optimizer (optimizer.*), the same trainer, LR schedule, seeds, evaluation, checkpoints and writers; no teacher,
+no distillation and no backbone freezing (those are LGD's). Same numbers with LGD on or off otherwise: the
+comparison of the paper. Its checkpoints hold the plain detector (stock detectron2 keys). Every run
+checkpoints the student's EMA loss normalizer (RetinaNet/FCOS) under `detector_ema`
+(lgd.engine.checkpoint.DetectorEMAState).
 
 Python API (for benchmarks / demos): load_config(path, overrides) -> cfg (strict overrides); build_model(cfg,
 lgd_enabled=None, backend=None, checkpoints=None) -> the method's model (LGDDistiller; the baseline's plain
@@ -86,7 +94,8 @@ A dataloader.train that is not detectron2's build_detection_train_loader is used
 
 Checkpoints: `model` holds the method's whole model (LGDDistiller or another wrapper: the student under
 `detector.`) or, in baseline mode, the plain detector; train.init_checkpoint and lgd-eval's --checkpoint may be
-either kind (lgd.engine.checkpoint), or detectron2://... ImageNet weights. lgd-export (lgd.tools.export) writes the student as a stock detectron2 checkpoint.
+either kind (lgd.engine.checkpoint), or detectron2://... ImageNet weights. lgd-export (lgd.tools.export) writes
+the student as a stock detectron2 checkpoint.
 """
 import argparse
 import copy
@@ -96,8 +105,10 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -118,7 +129,8 @@ import lgd_ops
 from ..data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
                              validate_coco_json, validate_dataset)
 from ..data.samplers import ResumableTrainingSampler
-from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries, student_module
+from ..engine.checkpoint import (AtomicCheckpointer, DetectorEMAState, atomic_write, remove_stale_temporaries,
+                                 student_module)
 from ..engine.hooks import IterationSeed, build_lr_hook
 from ..engine.optim import GradientClip, upgrade_trainer_state
 from ..engine.schedule import LGDSchedule
@@ -128,8 +140,8 @@ from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser",
            "build_schedule", "build_train_loader", "check_backend", "check_output_dir", "check_run_inputs", "do_test",
-           "eval_main", "eval_run", "evaluate", "fast_path", "launch_cpu", "load_config", "main", "run",
-           "set_num_classes", "train"]
+           "eval_main", "eval_run", "evaluate", "fast_path", "launch_cpu", "load_config", "main", "method_stages",
+           "read_cost", "run", "set_num_classes", "train", "train_stages", "write_cost"]
 
 logger = logging.getLogger("lgd.tools.train_net")
 OPS_HELP = ("lgd_ops backend: auto (compiled kernels when built), reference (pure PyTorch), cpu, cuda or triton "
@@ -137,14 +149,15 @@ OPS_HELP = ("lgd_ops backend: auto (compiled kernels when built), reference (pur
 
 
 def build_parser():
-    parser = default_argument_parser(epilog=__doc__.split("\n\n")[1] if __doc__ else None)
+    parser = default_argument_parser(epilog="\n\n".join(__doc__.split("\n\n")[1:3]) if __doc__ else None)
     parser.prog = "lgd-train"
     parser.add_argument("--ops", metavar="BACKEND", default=None, help=OPS_HELP + "; default: the config's lgd.backend")
     parser.add_argument("--fast", action="store_true",
                         help="the fast path: train.amp.enabled=True (autocast in lgd.precision, default bf16, where "
                              "the device has it, else fp32 with a warning) and channels_last (lgd.channels_last)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="train into a non-empty train.output_dir, deleting the earlier run's files")
+                        help="train into a non-empty train.output_dir, deleting the earlier run's files and the "
+                             "method's stage folders")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     _add_dataset_arguments(parser, train=True)
     return parser
@@ -300,6 +313,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     schedule = build_schedule(cfg)
     method = build_method(cfg, lgd_enabled, backend)
     checkpoints = train_stages(cfg, method, backend)
+    started = time.perf_counter()
     logger.info("Method: %s; schedule: %s", method.name, schedule)
     device = _device(cfg)
     fast = fast_path(cfg, device)
@@ -336,6 +350,7 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     main = comm.is_main_process()
     if main:
         PathManager.mkdirs(output_dir)
+        _reset_peak_memory(device)
     writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
                TensorboardXWriter(output_dir)] if main else []
     # the method's hooks after the timer (a report's own work is not step time), before the writers (their
@@ -348,9 +363,83 @@ def train(cfg, *, lgd_enabled=None, backend=None, resume=False, extra_hooks=()):
     ] + list(extra_hooks))
     # TorchScript's profiling executor swaps a scripted function (detectron2's focal loss) for a re-derived graph
     # after its first calls in a process, rounding differently: unoptimized, a resumed run stays bit-exact
-    with torch.jit.optimized_execution(False):
-        trainer.train(start_iter, schedule.max_iter)
+    try:
+        with torch.jit.optimized_execution(False):
+            trainer.train(start_iter, schedule.max_iter)
+    finally:  # a failed or interrupted run records what it spent too (a resumed run adds to it)
+        if main:
+            write_cost(cfg, method.name, min(trainer.iter, schedule.max_iter), schedule.max_iter,
+                       time.perf_counter() - started, device, stages=list(checkpoints), resume=resume)
     return results
+
+
+COST_FILE = "cost.json"
+
+
+def _reset_peak_memory(device):
+    """Restarts the peak that _peak_memory_mb reads: CUDA's allocator peak, or the process's peak RSS (Linux)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (proc(5))
+        except OSError:
+            pass  # the peak then covers the process's lifetime
+
+
+def _peak_memory_mb(device):
+    """(MB, kind): the CUDA allocator's peak ("cuda_max_allocated") or the main process's peak resident size
+    ("cpu_peak_rss", Linux); (None, None) when neither is available."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(line for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None, None
+    return int(peak.split()[1]) / 1024, "cpu_peak_rss"
+
+
+def read_cost(output_dir):
+    """The cost.json of the run in output_dir (write_cost), or None when it has none."""
+    path = os.path.join(output_dir, COST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _median_step_seconds(output_dir):
+    """Median of metrics.json's "time" (detectron2's IterationTimer: seconds per iteration after its warm-up),
+    None when no row has one."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = [row["time"] for row in map(json.loads, filter(str.strip, f)) if "time" in row]
+    return statistics.median(times) if times else None
+
+
+def write_cost(cfg, method, iterations, max_iter, wall_s, device, stages=(), resume=False):
+    """Writes OUTPUT/cost.json, the run's training cost (docs/methods/README.md): the method, iterations done of
+    max_iter, wall seconds of this run (model build, training, evaluations; a resumed run adds those of the
+    pieces before it), median seconds per iteration, peak memory, the cost.json of each stage (under
+    OUTPUT/<stage>; null if it has none) and total_wall_s = the stages' total_wall_s + wall_s. Returns it."""
+    output_dir = cfg.train.output_dir
+    earlier = read_cost(output_dir) if resume else None
+    peak, kind = _peak_memory_mb(device)
+    if earlier:
+        wall_s += float(earlier.get("wall_s") or 0.0)
+        if earlier.get("peak_mem_kind") == kind and earlier.get("peak_mem_mb") is not None:
+            peak = max(peak, float(earlier["peak_mem_mb"]))
+    stage_costs = {name: read_cost(os.path.join(output_dir, name)) for name in stages}
+    cost = {"method": method, "iterations": int(iterations), "max_iter": int(max_iter), "wall_s": wall_s,
+            "s_per_iter": _median_step_seconds(output_dir), "peak_mem_mb": peak, "peak_mem_kind": kind,
+            "device": str(device), "world_size": comm.get_world_size(), "stages": stage_costs,
+            "total_wall_s": wall_s + sum(c["total_wall_s"] for c in stage_costs.values() if c)}
+    atomic_write(os.path.join(output_dir, COST_FILE), lambda f: f.write(json.dumps(cost, indent=2).encode()))
+    return cost
 
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -467,13 +556,29 @@ def check_backend(name, where="--ops"):
         raise UsageError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
 
 
-def check_run_inputs(cfg, *, training=True):
-    """What a run reads, checked before it writes anything (module docstring): the schedule, the datasets of
-    dataloader.train (when training) and dataloader.test (when there is an evaluator), a local
-    train.init_checkpoint (when training). Raises DatasetError / FileNotFoundError / ValueError."""
+def check_run_inputs(cfg, *, training=True, produced=()):
+    """What a run reads, checked before it writes anything (module docstring): when training, the training
+    method (lgd.method and its settings: UsageError) and each of its stages' configs in turn, the schedule,
+    the datasets of dataloader.train, a local train.init_checkpoint (or one in `produced`: the final checkpoints
+    of the stages that run before it); the datasets of dataloader.test when there is an evaluator. Raises
+    UsageError / DatasetError / FileNotFoundError / ValueError. Returns the run's TrainingMethod (None when
+    not training)."""
     from detectron2.evaluation import COCOEvaluator
 
+    method = None
     if training:
+        try:
+            method = build_method(cfg)
+            stages = method_stages(cfg, method)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        produced = list(produced)
+        for stage, stage_cfg in stages:
+            try:
+                check_run_inputs(stage_cfg, produced=produced)
+            except (CommandError, DatasetError) as exc:
+                raise type(exc)(f"stage {stage.name} of lgd.method={method.name}: {exc}", hint=exc.hint) from exc
+            produced.append(stage_checkpoint(cfg.train.output_dir, stage.name))
         build_schedule(cfg)
         check_backend(str(cfg.lgd.get("backend", "auto")), where="lgd.backend")
         try:
@@ -483,7 +588,7 @@ def check_run_inputs(cfg, *, training=True):
         for name in _names(cfg.dataloader.train.get("dataset", {}).get("names")):
             validate_dataset(name, where="dataloader.train.dataset.names", training=True)
         init = cfg.train.get("init_checkpoint", "")
-        if init and "://" not in str(init) and not os.path.isfile(init):
+        if init and "://" not in str(init) and not os.path.isfile(init) and init not in produced:
             raise FileNotFoundError(f"train.init_checkpoint: file not found: {init}")
     evaluator = cfg.dataloader.get("evaluator")
     if evaluator is not None:
@@ -491,15 +596,17 @@ def check_run_inputs(cfg, *, training=True):
         coco = target is COCOEvaluator or str(target).endswith("COCOEvaluator")
         for name in _names(cfg.dataloader.test.get("dataset", {}).get("names")):
             validate_dataset(name, where="dataloader.test.dataset.names", evaluation=coco)
+    return method
 
 
 RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt*", "events.out.tfevents.*",
-             "inference", ".*.lgd-tmp", ".*.tmp")  # what a run writes into train.output_dir (--overwrite)
+             "inference", COST_FILE, ".*.lgd-tmp", ".*.tmp")  # what a run writes into train.output_dir (--overwrite)
 
 
-def check_output_dir(output_dir, *, resume=False, overwrite=False):
+def check_output_dir(output_dir, *, resume=False, overwrite=False, stages=()):
     """Refuses (UsageError) a non-empty output directory unless resume or overwrite; with overwrite (and no
-    resume) deletes the RUN_FILES of an earlier run there. Returns the deleted paths."""
+    resume) deletes the RUN_FILES of an earlier run there and the folders of the method's stages (names in
+    `stages`: OUTPUT/<name>). Returns the deleted paths."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          f"{output_dir}, --overwrite replaces it")
@@ -514,7 +621,8 @@ def check_output_dir(output_dir, *, resume=False, overwrite=False):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UsageError(f"output directory {output_dir} is not empty ({shown}): refusing to overwrite an earlier "
                          "run", hint="--resume continues it, --overwrite replaces it, or train.output_dir=NEW_DIR")
-    removed = sorted({p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+    removed = sorted({p for pattern in RUN_FILES + tuple(stages)
+                      for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
     for path in removed:
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     return removed
@@ -574,9 +682,11 @@ def run(argv=None):
     if args.overwrite and args.resume:
         raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
     cfg = _apply_fast(apply_dataset_arguments(load_config(args.config_file, args.opts), args), args)
-    check_run_inputs(cfg, training=not args.eval_only)
+    method = check_run_inputs(cfg, training=not args.eval_only)
     if not args.eval_only:
-        for path in check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite):
+        stages = [stage.name for stage in method.stages()]
+        for path in check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
+                                     stages=stages):
             logger.info("--overwrite: removed %s", path)
     if args.num_gpus * args.num_machines <= 1:
         return worker(args, cfg)

@@ -1,0 +1,210 @@
+"""lgd-train's training-method framework (lgd.methods, docs/methods/README.md), CPU, tiny: a toy method defined here
+(registered in lgd.methods.METHODS for this module) with one stage (a baseline run of the same detector) whose
+final checkpoint becomes a frozen part of the wrapper model. The stage trains first into OUTPUT/teacher and is
+reused or continued later, OUTPUT/cost.json adds the stage's cost to the run's, --overwrite removes the stage,
+a bad method, setting or stage config is a usage error before anything is written, and lgd-eval / lgd-export /
+AtomicCheckpointer read the student of the wrapper's checkpoint. test_lgd_train_net's dataset and tiny config."""
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+
+import pytest
+
+pytest.importorskip("detectron2")
+pytest.importorskip("pycocotools")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
+
+from lgd.engine.checkpoint import AtomicCheckpointer, student_state_dict  # noqa: E402
+from lgd.methods import METHODS, Stage, TrainingMethod  # noqa: E402
+from lgd.tools.train_net import build_model, eval_run, load_config, main, run  # noqa: E402
+from test_lgd_train_net import DATASET, argv, make_setup, overrides, read_metrics  # noqa: E402
+
+
+class ToyWrapper(nn.Module):
+    """The student plus a frozen detector (the stage's) that pulls the student's weights towards its own."""
+
+    def __init__(self, detector, teacher, weight):
+        super().__init__()
+        self.detector, self.teacher, self.weight = detector, teacher, float(weight)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.detector(batched_inputs)
+        losses = self.detector(batched_inputs)
+        pairs = zip(self.detector.parameters(), self.teacher.parameters())
+        losses["loss_toy"] = self.weight * sum(((s - t) ** 2).sum() for s, t in pairs)
+        return losses
+
+
+class ToyMethod(TrainingMethod):
+    """One stage ("teacher": a run of lgd.toy.stage_method on the same config), then ToyWrapper around it."""
+
+    name = "toy"
+    DEFAULTS = {"weight": 1e-3, "stage_method": "baseline"}
+
+    def stages(self):
+        cfg = copy.deepcopy(self.cfg)
+        cfg.lgd.method = self.settings["stage_method"]
+        return [Stage("teacher", cfg)]
+
+    def build(self, detector, checkpoints):
+        teacher = instantiate(self.cfg.model)
+        AtomicCheckpointer(teacher).load_checked(checkpoints["teacher"])
+        return ToyWrapper(detector, teacher, self.settings["weight"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_registered():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(METHODS, "toy", f"{__name__}:ToyMethod")
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("methods_framework"))
+
+
+def toy_argv(setup, out, *extra, max_iter=4):
+    _, cfg_file, ann, images = setup
+    return argv(cfg_file, ann, images, str(out), *extra, "lgd.method=toy", max_iter=max_iter)
+
+
+def mtimes(folder):
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in sorted(os.listdir(folder))}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def toy_run(setup):
+    out = setup[0] / "toy"
+    results = run(toy_argv(setup, out))
+    return str(out), results
+
+
+def test_stage_trains_first_into_its_folder(toy_run):
+    out, results = toy_run
+    stage = os.path.join(out, "teacher")
+    assert {"model_final.pth", "metrics.json", "config.yaml", "cost.json"} <= set(os.listdir(stage))
+    stage_rows = [r for r in read_metrics(stage) if "loss_cls" in r]
+    assert [r["iteration"] for r in stage_rows] == [0, 1, 2, 3]
+    assert not any("loss_toy" in r for r in stage_rows)  # the stage is a baseline run
+    rows = [r for r in read_metrics(out) if "loss_toy" in r]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["loss_toy"]) for r in rows) and rows[0]["loss_toy"] > 0  # towards the trained stage
+    assert os.stat(os.path.join(stage, "model_final.pth")).st_mtime_ns < os.stat(
+        os.path.join(out, "model_0000001.pth")).st_mtime_ns
+    assert "AP" in results["bbox"]
+
+
+def test_wrapper_checkpoint_keeps_the_frozen_part(toy_run):
+    out, _ = toy_run
+    state = torch.load(os.path.join(out, "model_final.pth"))["model"]
+    teacher = torch.load(os.path.join(out, "teacher", "model_final.pth"))["model"]
+    frozen = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+    assert frozen.keys() == teacher.keys()
+    assert all(torch.equal(frozen[k], teacher[k]) for k in teacher)
+    student = student_state_dict(state)
+    assert student.keys() == teacher.keys()
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)  # the student trained on
+
+
+def test_cost_json_adds_the_stage(toy_run):
+    out, _ = toy_run
+    cost = read_json(os.path.join(out, "cost.json"))
+    stage = cost["stages"]["teacher"]
+    assert stage == read_json(os.path.join(out, "teacher", "cost.json"))
+    assert (cost["method"], cost["iterations"], cost["max_iter"]) == ("toy", 4, 4)
+    assert (stage["method"], stage["iterations"], stage["stages"]) == ("baseline", 4, {})
+    assert cost["wall_s"] > 0 and stage["wall_s"] > 0 and stage["total_wall_s"] == stage["wall_s"]
+    assert cost["total_wall_s"] == pytest.approx(cost["wall_s"] + stage["wall_s"])
+    times = [r["time"] for r in read_metrics(out) if "time" in r]
+    assert times and cost["s_per_iter"] == pytest.approx(statistics.median(times))
+    assert cost["peak_mem_kind"] == "cpu_peak_rss" and cost["peak_mem_mb"] > 0
+
+
+def test_second_run_reuses_the_stage(setup, toy_run):
+    out, _ = toy_run
+    stage = os.path.join(out, "teacher")
+    before = mtimes(stage)
+    run(toy_argv(setup, out, "--resume"))
+    assert mtimes(stage) == before  # not retrained, not even rewritten
+    assert read_json(os.path.join(out, "cost.json"))["stages"]["teacher"] == read_json(os.path.join(stage, "cost.json"))
+
+
+def test_partial_stage_is_continued(setup, toy_run):
+    out = setup[0] / "partial"
+    stage = out / "teacher"
+    shutil.copytree(os.path.join(toy_run[0], "teacher"), stage)
+    (stage / "model_final.pth").unlink()
+    (stage / "last_checkpoint").write_text("model_0000001.pth")
+    spent = read_json(stage / "cost.json")["wall_s"]
+    run(toy_argv(setup, out, "--resume"))
+    assert [r["iteration"] for r in read_metrics(str(stage)) if "loss_cls" in r] == [0, 1, 2, 3, 2, 3]
+    assert (stage / "model_final.pth").is_file()
+    cost = read_json(out / "cost.json")
+    assert cost["stages"]["teacher"]["wall_s"] > spent  # the resumed piece adds to the earlier one
+    assert [r["iteration"] for r in read_metrics(str(out)) if "loss_toy" in r] == [0, 1, 2, 3]
+
+
+def test_lgd_eval_and_export_read_the_wrapper_student(setup, toy_run, tmp_path):
+    from lgd.tools.export import run as export_run
+
+    _, cfg_file, ann, images = setup
+    out, _ = toy_run
+    checkpoint = os.path.join(out, "model_final.pth")
+    results = eval_run(["--config-file", cfg_file, "--test-dataset", f"{DATASET}={ann}:{images}",
+                        "--checkpoint", checkpoint] + overrides(out))
+    assert "AP" in results["bbox"]
+    want = student_state_dict(torch.load(checkpoint)["model"])
+    exported = export_run(["--config-file", cfg_file, "--checkpoint", checkpoint, "--output", str(tmp_path / "s.pth")])
+    assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
+    cfg = load_config(cfg_file, overrides(out) + ["lgd.method=toy"])
+    detector = build_model(cfg, lgd_enabled=False)
+    AtomicCheckpointer(detector).load_checked(checkpoint)
+    assert all(torch.equal(detector.state_dict()[k], v) for k, v in want.items())
+    wrapper = build_model(cfg)  # the stage's checkpoint under OUTPUT/teacher
+    assert isinstance(wrapper, ToyWrapper)
+    AtomicCheckpointer(wrapper).load_checked(checkpoint)  # a wrapper's checkpoint into a wrapper: keys kept
+    saved = torch.load(checkpoint)["model"]
+    assert all(torch.equal(wrapper.state_dict()[k], saved[k]) for k in saved)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["lgd.method=nope"], "lgd.method must be one of ['ban', 'baseline', "),
+    (["lgd.method=toy", "+lgd.toy.bogus=1"], "lgd.toy: unknown settings ['bogus']; known: ['stage_method', 'weight']"),
+    (["lgd.method=toy", "+lgd.toy.stage_method=nope"], "stage teacher of lgd.method=toy: lgd.method must be one of"),
+])
+def test_bad_method_is_a_usage_error_before_writing(setup, capsys, extra, message):
+    root, cfg_file, ann, images = setup
+    out = root / "refused"
+    assert main(argv(cfg_file, ann, images, str(out), *extra)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert errors[0].startswith("lgd-train: error: ") and message in errors[0]
+    assert len(errors) == 1 or errors[1].startswith("lgd-train: hint: ") and len(errors) == 2
+    assert not out.exists()
+
+
+def test_overwrite_removes_the_stage(setup, toy_run):
+    out, _ = toy_run
+    assert main(toy_argv(setup, out)) == 2  # not empty: refused without --resume / --overwrite
+    run(toy_argv(setup, out, "--overwrite", "dataloader.evaluator=null", max_iter=2))
+    assert [r["iteration"] for r in read_metrics(os.path.join(out, "teacher")) if "loss_cls" in r] == [0, 1]
+    assert read_json(os.path.join(out, "cost.json"))["stages"]["teacher"]["iterations"] == 2
