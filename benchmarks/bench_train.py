@@ -33,9 +33,27 @@ times are forward times (CPU time of the range; CUDA kernel time too on GPU); ba
 Outputs under --out: train_<device>.csv (detector, variant, metric, p20, p50, p80, device, torch, commit, ...),
 .json, .md (step table with ratios to the baseline, and breakdown table) and train_<device>.png.
 
+--methods NAME ... (lgd.methods.METHODS) replaces the variants by training methods, for the cost table (the LGD
+paper's Table 7): each method's runs are built as lgd-train builds them (lgd.tools.train_net.build_model on the
+detector's LGD config with lgd.method=NAME and --overrides, train.device and train.amp.enabled of the mode;
+build_optimizer with optimizer.lr 0): its stage runs (lgd.tools.train_net.method_stages, recursively: a stage's
+own stages first), e.g. FGFI's teacher (a baseline run), LabelEnc's step 1, BAN's generations 1..n-1, and its
+main run. Each run is timed in its own child process as above (warm-up, --iters steps, peak memory; no breakdown)
+after random-weight checkpoints of the runs before it are written in lgd-train's format into a temporary OUTPUT
+(method.build loads them; speed and memory do not depend on the weights). A method's total cost = sum over its
+runs of the median step time x the run's train.max_iter (the config's 1x schedule; a stage's own count, e.g.
+lgd.labelenc.step1_iters), and its ratio to the baseline's total (when 'baseline' is among the methods). Each run
+also reports held MB (parameters, buffers, gradients, optimizer state: what peak memory leaves out). A method
+that cannot be built for a detector (tf-KD on RetinaNet) is a row saying why. Steps run as the steady state:
+every loss on (LGD's distillation, LabelEnc's loss window), the backbone unfrozen; the methods' hooks are not run.
+Outputs: methods_<device>.csv (per run step_ms, peak_mb, held_mb, cost_h; per method run "total": total_h,
+vs_baseline), .json, .md (cost table and runs table) and methods_<device>.png (total cost per method, stacked by
+run).
+
   python benchmarks/bench_train.py                                  # RetinaNet/FCOS/Faster R-CNN R50, 2 x 256x320
   python benchmarks/bench_train.py --detectors retinanet --image 512 640 --objects 20 --iters 5
   lgd-bench train --detectors retinanet --image 384 512 --modes fp32 fast --threads 2 --out benchmarks/results/x
+  lgd-bench train --detectors retinanet faster_rcnn --methods baseline lgd fgfi labelenc dml ban tfkd --modes fast
 """
 import argparse
 import csv
@@ -45,6 +63,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -52,6 +71,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version  # noqa: E402
+
+from lgd.methods import METHODS  # noqa: E402
 
 DETECTORS = {
     "retinanet": "lgd/configs/retinanet_R_50_FPN_1x_lgd.py",
@@ -64,6 +85,7 @@ VARIANTS = {"baseline": None, "lgd_reference": "reference", "lgd_fused": "auto"}
 # a GPU without bf16; fp32 with a note on a CPU without native bf16) with the model and inputs in channels_last
 MODES = {"fp32": dict(amp_enabled=False), "fast": dict(amp_enabled=True, precision="bf16")}
 COPY_OPS = ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")
+MAIN = "main"  # the method's own run, beside its stage runs
 COMPONENTS = ("backbone", "label_encoder", "appearance_proj", "box_pool", "relation_attention", "box_fill",
               "mapper_convs", "student_head_loss", "instructive_head_loss", "distill_adapter", "normalized_mse",
               "forward_other", "backward", "optimizer")
@@ -192,22 +214,11 @@ def teacher_copies(prof):
     return count, us / 1e3
 
 
-def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
-    """Runs one (detector, variant, mode) and returns its result dict (or {"skipped": reason})."""
+def train_step(model, optimizer, fast, inputs, device):
+    """One training step of lgd.engine.trainer.AMPTrainer.run_step's order (a GradScaler only for fp16)."""
     from detectron2.utils.events import EventStorage
 
-    device = torch.device(device)
-    try:
-        model, optimizer, num_classes, fast = build(detector, variant, device, mode)
-    except Exception as exc:  # a missing config, a build failure or an unsupported detector: skip, say why
-        return {"skipped": f"{type(exc).__name__}: {exc}"}
-    inputs = make_batch(batch, image, objects, num_classes)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def step():  # lgd.engine.trainer.AMPTrainer.run_step's order (a GradScaler only for fp16)
+    def step():
         optimizer.zero_grad(set_to_none=True)
         with EventStorage(0), torch.autocast(device.type, dtype=fast.dtype, enabled=fast.dtype is not None):
             losses = model(inputs)
@@ -216,15 +227,42 @@ def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
             (total * 1024.0 if fast.grad_scaler else total).backward()
         with torch.profiler.record_function("optimizer"):
             optimizer.step()
+    return step
 
-    step()  # warm-up: lazy init, gradients and optimizer state allocated
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, iters, device):
+    """One warm-up step (lazy init, gradients and optimizer state allocated), then `iters` timed steps (ms)."""
+    step()
     times = []
     for _ in range(iters):
-        sync()
+        _sync(device)
         t0 = time.perf_counter()
         step()
-        sync()
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def percentiles(times):
+    """(p20, median, p80) of the step times."""
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return q[0], statistics.median(times), q[3]
+
+
+def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
+    """Runs one (detector, variant, mode) and returns its result dict (or {"skipped": reason})."""
+    device = torch.device(device)
+    try:
+        model, optimizer, num_classes, fast = build(detector, variant, device, mode)
+    except Exception as exc:  # a missing config, a build failure or an unsupported detector: skip, say why
+        return {"skipped": f"{type(exc).__name__}: {exc}"}
+    step = train_step(model, optimizer, fast, make_batch(batch, image, objects, num_classes), device)
+    times = time_steps(step, iters, device)
     instrument(model)
     if hasattr(model, "teacher"):
         model.teacher.forward = _ranged(model.teacher.forward, "teacher")
@@ -232,7 +270,7 @@ def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        sync()
+        _sync(device)
     totals, forward_total_ms = {}, 0.0
     for event in prof.key_averages():
         if event.key == "forward_total":
@@ -245,17 +283,109 @@ def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
     totals["forward_other"] = max(forward_total_ms - sum(totals.get(c, 0.0) for c in forward), 0.0)
     copies, copy_ms = teacher_copies(prof)
     peak = peak_step_bytes(step, device)  # last: on CPU it leaves glibc in its mmap-everything mode
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
-    return {"step_ms": (q[0], statistics.median(times), q[3]), "peak_mb": max(peak, 0) / 2**20, "breakdown": totals,
+    return {"step_ms": percentiles(times), "peak_mb": max(peak, 0) / 2**20, "breakdown": totals,
             "precision": fast.describe(), "teacher_copies": copies, "teacher_copy_ms": copy_ms}
 
 
-def run_child(detector, variant, mode, args):
+def method_config(detector, method, mode, device, overrides=(), output_dir="bench_train_methods"):
+    """The detector's LGD config as lgd-train runs it with lgd.method=method (after `overrides`, lgd-train's
+    key=value syntax) in `mode` on `device`, writing into output_dir (where its stages' checkpoints are looked
+    for); optimizer.lr 0, as for the variants."""
+    from lgd.tools.train_net import load_config
+
+    path = os.path.join(ROOT, DETECTORS[detector])
+    if not os.path.isfile(path):
+        raise ValueError(f"no config {DETECTORS[detector]}")
+    cfg = load_config(path, overrides)
+    cfg.lgd.method = method
+    cfg.train.device, cfg.train.output_dir, cfg.optimizer.lr = str(device), output_dir, 0.0
+    cfg.train.amp.enabled = MODES[mode]["amp_enabled"]
+    cfg.lgd.precision = MODES[mode].get("precision", cfg.lgd.get("precision", "bf16"))
+    return cfg
+
+
+def stage_runs(cfg, prefix=""):
+    """[(path, config)] of every stage run the method of cfg needs, in lgd-train's order: each stage after its
+    own stages (path "stage/its_stage"), each config with lgd-train's train.output_dir (OUTPUT/<stage>)."""
+    from lgd.methods import build_method
+    from lgd.tools.train_net import method_stages
+
+    runs = []
+    for stage, stage_cfg in method_stages(cfg, build_method(cfg)):
+        runs += stage_runs(stage_cfg, f"{prefix}{stage.name}/") + [(prefix + stage.name, stage_cfg)]
+    return runs
+
+
+def method_plan(detector, method, overrides=()):
+    """[(run, iterations)] of one method's training: its stage runs (stage_runs), then MAIN, each with its
+    config's train.max_iter. Raises (ValueError, UsageError) when the method or a stage cannot be configured."""
+    cfg = method_config(detector, method, "fp32", "cpu", overrides)
+    return [(path, int(c.train.max_iter)) for path, c in stage_runs(cfg)] + [(MAIN, int(cfg.train.max_iter))]
+
+
+def write_random_checkpoint(cfg):
+    """A freshly built (random-weight) model of the run cfg saved as its final checkpoint, in lgd-train's
+    checkpointer format (OUTPUT/model_final.pth, the student's EMA normalizer beside it): what a later run's
+    method.build loads in place of a trained stage. Speed and memory do not depend on the weights."""
+    from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState, student_module
+    from lgd.tools.train_net import build_model
+
+    model = build_model(cfg)
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    AtomicCheckpointer(model, cfg.train.output_dir, detector_ema=DetectorEMAState(student_module(model))).save(
+        "model_final")
+
+
+def held_bytes(model, optimizer):
+    """Bytes held between steps: parameters, buffers, gradients and optimizer state (what peak_mb leaves out)."""
+    tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def method_child(detector, method, run, device, batch, image, objects, iters, mode, overrides=()):
+    """Times one run of a method's training (a stage run's path, or MAIN) as lgd-train builds it
+    (lgd.tools.train_net.build_model and build_optimizer), after writing random-weight checkpoints of the
+    stage runs before it into a temporary OUTPUT. Returns its result dict (or {"skipped": reason})."""
+    from lgd.engine.checkpoint import student_module
+    from lgd.methods import build_method
+    from lgd.modeling.detector_adapters import build_detector_adapter
+    from lgd.tools.train_net import build_model, build_optimizer, fast_path
+
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:
+        try:
+            cfg = method_config(detector, method, mode, device, overrides, output_dir)
+            runs = stage_runs(cfg) + [(MAIN, cfg)]
+            index = [path for path, _ in runs].index(run)
+            for _, earlier in runs[:index]:
+                write_random_checkpoint(earlier)
+            cfg = runs[index][1]
+            torch.manual_seed(0)
+            model = build_model(cfg).train()
+            optimizer = build_optimizer(cfg, model, build_method(cfg))
+            num_classes = build_detector_adapter(student_module(model)).num_classes
+        except Exception as exc:  # the method does not support the detector, a stage fails, ...: skip, say why
+            return {"skipped": f"{type(exc).__name__}: {exc}"}
+    fast = fast_path(cfg, device)
+    step = train_step(model, optimizer, fast, make_batch(batch, image, objects, num_classes), device)
+    times = time_steps(step, iters, device)
+    held = held_bytes(model, optimizer)
+    peak = peak_step_bytes(step, device)  # last: on CPU it leaves glibc in its mmap-everything mode
+    return {"step_ms": percentiles(times), "peak_mb": max(peak, 0) / 2**20, "held_mb": held / 2**20,
+            "precision": fast.describe()}
+
+
+def run_child(child_args, args):
+    """Runs this script with child_args (["--child", detector, variant, mode] or ["--child-method", detector,
+    method, mode, run]) and the run's settings in a fresh process; returns its result dict."""
     env = dict(os.environ, **(STEADY_MALLOC if args.device == "cpu" else {}))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", detector, variant, mode, "--device", args.device,
+    cmd = [sys.executable, os.path.abspath(__file__), *child_args, "--device", args.device,
            "--batch", str(args.batch), "--image", *map(str, args.image), "--objects", str(args.objects),
            "--iters", str(args.iters), "--threads", str(args.threads)]
+    if args.overrides:
+        cmd += ["--overrides", *args.overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"skipped": f"child failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
@@ -265,7 +395,16 @@ def run_child(detector, variant, mode, args):
 def parse_args(argv=None, prog=None):
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                      help=f"the step comparison and its breakdown (default: {' '.join(VARIANTS)})")
+    runs.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                      help="training methods (lgd.method) as lgd-train builds them, their stages included: the cost "
+                           "table (step time, peak memory, total cost of the config's schedule; ratios to "
+                           "'baseline' when it is among them) instead of the variants")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="with --methods: lgd-train's key=value overrides of every detector's config, e.g. "
+                             "+lgd.ban.generations=3 +lgd.labelenc.step1_iters=120000")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="precision x memory format: fp32 (fp32 NCHW) and/or fast (lgd-train --fast: "
                              "train.amp.enabled with lgd.precision=bf16 and channels_last)")
@@ -278,7 +417,13 @@ def parse_args(argv=None, prog=None):
                         help="torch intra-op threads (0: torch's default); 1 is steadier on a shared machine")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--child", nargs=3, metavar=("DETECTOR", "VARIANT", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-method", nargs=4, metavar=("DETECTOR", "METHOD", "MODE", "RUN"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.overrides and args.methods is None and args.child_method is None:
+        parser.error("--overrides needs --methods (the variants are built from the configs as they are)")
+    if args.methods is None and args.variants is None:
+        args.variants = list(VARIANTS)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     for name in ("batch", "objects", "iters"):
@@ -386,25 +531,198 @@ def plot(results, path):
     return path
 
 
-def main(argv=None, prog=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        det, var, mode = args.child
-        print(json.dumps(child(det, var, args.device, args.batch, tuple(args.image), args.objects, args.iters, mode)))
-        return None
+def add_totals(methods):
+    """Adds each method's total_h (the sum of its runs' cost_h: stage runs and MAIN) and vs_baseline (total_h /
+    the baseline's, None without a measured baseline) to {method: entry} of one detector and mode."""
+    for entry in methods.values():
+        if "runs" in entry:
+            entry["total_h"] = sum(r["cost_h"] for r in entry["runs"].values())
+    base = methods.get("baseline", {}).get("total_h")
+    for entry in methods.values():
+        if "total_h" in entry:
+            entry["vs_baseline"] = entry["total_h"] / base if base else None
+
+
+def method_cases(args):
+    """({detector: {mode: {method: entry}}}, [(detector, mode, method, run, iterations)] to time): a method
+    whose stages cannot be configured is an entry {"skipped": why}; each method's MAIN run comes first, so a
+    method the detector does not support is found before its stages are timed."""
+    results, cases = {}, []
+    for det in args.detectors:
+        for method in args.methods:
+            try:
+                plan = method_plan(det, method, args.overrides)
+            except Exception as exc:  # a bad setting, a missing config: the row says why
+                plan, reason = None, f"{type(exc).__name__}: {exc}"
+            for mode in args.modes:
+                results.setdefault(det, {}).setdefault(mode, {})[method] = (
+                    {"runs": {}, "plan": dict(plan)} if plan else {"skipped": reason})
+                if plan:
+                    cases += [(det, mode, method, run, iters) for run, iters in plan[-1:] + plan[:-1]]
+    return results, cases
+
+
+def run_methods(args, stamp, device):
+    """The cost table of --methods (module docstring); writes methods_<device>.*."""
     from tqdm import tqdm
 
-    device = torch.device(args.device)
-    stamp = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
-             "commit": git_commit(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
-             "load": "/".join(f"{x:.2f}" for x in os.getloadavg())}
-    print(f"# LGD training-step benchmark: {stamp}", flush=True)
+    results, cases = method_cases(args)
+    for det, mode, method, run, iters in tqdm(cases, desc="bench_train methods", file=sys.stderr):
+        entry = results[det][mode][method]
+        if "skipped" in entry:  # an earlier run of this method could not be built
+            continue
+        r = run_child(["--child-method", det, method, mode, run], args)
+        if "skipped" in r:
+            reason = r["skipped"] if run == MAIN else f"stage run {run}: {r['skipped']}"
+            results[det][mode][method] = {"skipped": reason}
+            print(f"  {det} / {mode} / {method}: not built ({reason})", flush=True)
+            continue
+        entry["runs"][run] = dict(r, iterations=iters, cost_h=r["step_ms"][1] * iters / 3.6e6)
+        print(f"  {det} / {mode} / {method} / {run}: step {r['step_ms'][1]:.0f} ms, peak {r['peak_mb']:.0f} MB, "
+              f"held {r['held_mb']:.0f} MB ({r['precision']}), load {os.getloadavg()[0]:.2f}", flush=True)
+    for det in results.values():
+        for methods in det.values():
+            for entry in methods.values():
+                if "runs" in entry:  # stage runs in lgd-train's order, then the main run
+                    entry["runs"] = {run: entry["runs"][run] for run in entry.pop("plan")}
+            add_totals(methods)
+    stamp["load_end"] = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    table = method_tables(results, stamp, args)
+    print("\n" + table)
+    base = os.path.join(args.out, f"methods_{device.type}")
+    write_outputs(base, method_rows(results, stamp, args), {"stamp": stamp, "args": vars(args), "results": results},
+                  table)
+    png = plot_costs(results, base + ".png")
+    print(f"\nwrote {base}.csv, .json, .md" + (f", {os.path.basename(png)}" if png else ""))
+    return results
+
+
+def method_rows(results, stamp, args):
+    """The CSV rows (long format): per run step_ms (p20/p50/p80), peak_mb, held_mb and cost_h; per method
+    (run "total") cost_h and vs_baseline."""
+    rows = []
+    for det, modes in results.items():
+        for mode, methods in modes.items():
+            for method, entry in methods.items():
+                if "runs" not in entry:
+                    continue
+                key = dict(detector=det, method=method, mode=mode, batch=args.batch,
+                           image=f"{args.image[0]}x{args.image[1]}", objects=args.objects)
+                for run, r in entry["runs"].items():
+                    run_key = dict(key, run=run, precision=r["precision"], iterations=r["iterations"])
+                    rows.append(dict(run_key, metric="step_ms", p20=r["step_ms"][0], p50=r["step_ms"][1],
+                                     p80=r["step_ms"][2], **stamp))
+                    rows += [dict(run_key, metric=m, p20=r[m], p50=r[m], p80=r[m], **stamp)
+                             for m in ("peak_mb", "held_mb", "cost_h")]
+                total_key = dict(key, run="total", precision=entry["runs"][MAIN]["precision"],
+                                 iterations=sum(r["iterations"] for r in entry["runs"].values()))
+                rows += [dict(total_key, metric=m, p20=entry[m], p50=entry[m], p80=entry[m], **stamp)
+                         for m in ("total_h", "vs_baseline") if entry[m] is not None]
+    return rows
+
+
+def method_tables(results, stamp, args):
+    """The cost table (one row per detector, mode and method) and the runs table (every stage run), markdown."""
+    lines = [f"Training cost per method, {stamp['device']}, torch {stamp['torch']}, commit {stamp['commit']}, "
+             f"{stamp['date']}, {stamp['threads']} threads, load average {stamp['load']} at the start, "
+             f"{stamp.get('load_end', '-')} at the end: batch {args.batch} x {args.image[0]}x{args.image[1]}, "
+             f"{args.objects} objects/image, median of {args.iters} steps (p20-p80)"
+             + (f", overrides {' '.join(args.overrides)}" if args.overrides else "") + ".",
+             "Each run is built as lgd-train builds it; the stages' checkpoints are random weights (speed and "
+             "memory do not depend on them). Cost = step time x the run's train.max_iter, summed over the stage "
+             "runs and the main run: this machine's time for that many steps of this batch (compare the ratios). "
+             "Peak = memory one step needs beyond the held MB (weights, buffers, gradients, optimizer state).", "",
+             "| detector | mode | method | step ms (p20-p80) | vs baseline step | peak MB | held MB "
+             "| stages: step ms x iterations | total cost h | vs baseline total |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for det, modes in results.items():
+        for mode, methods in modes.items():
+            base = methods.get("baseline", {}).get("runs", {}).get(MAIN)
+            for method, entry in methods.items():
+                if "skipped" in entry:
+                    lines.append(f"| {det} | {mode} | {method} | not built: {entry['skipped']} | - | - | - | - "
+                                 "| - | - |")
+                    continue
+                main, stages = entry["runs"][MAIN], [(n, r) for n, r in entry["runs"].items() if n != MAIN]
+                lo, mid, hi = main["step_ms"]
+                ratio = f"{mid / base['step_ms'][1]:.2f}x" if base else "-"
+                stage_text = "; ".join(f"{n} {r['step_ms'][1]:.0f} x {r['iterations']}" for n, r in stages) or "-"
+                vs = f"{entry['vs_baseline']:.2f}x" if entry["vs_baseline"] is not None else "-"
+                lines.append(f"| {det} | {mode} | {method} | {mid:.0f} ({lo:.0f}-{hi:.0f}) | {ratio} | "
+                             f"{main['peak_mb']:.0f} | {main['held_mb']:.0f} | {stage_text} | "
+                             f"{entry['total_h']:.1f} | {vs} |")
+    lines += ["", "Every run (stage runs before the method's main run, in lgd-train's order):", "",
+              "| detector | mode | method | run | precision | step ms (p20-p80) | peak MB | held MB | iterations "
+              "| cost h |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for det, modes in results.items():
+        for mode, methods in modes.items():
+            for method, entry in methods.items():
+                for run, r in entry.get("runs", {}).items():
+                    lo, mid, hi = r["step_ms"]
+                    lines.append(f"| {det} | {mode} | {method} | {run} | {r['precision']} | {mid:.0f} ({lo:.0f}-"
+                                 f"{hi:.0f}) | {r['peak_mb']:.0f} | {r['held_mb']:.0f} | {r['iterations']} | "
+                                 f"{r['cost_h']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_costs(results, path):
+    """One bar per (detector, mode, method): its total cost in hours, stacked by run (stage runs, main run);
+    a method that was not built is marked "not built"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{det}\n{mode}\n{method}", entry.get("runs")) for det, modes in results.items()
+            for mode, methods in modes.items() for method, entry in methods.items()]
+    if not bars:
+        return None
+    names = [MAIN] + sorted({run for _, runs in bars if runs for run in runs} - {MAIN})
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(bars), 5))
+    labelled = set()
+    for i, (_, runs) in enumerate(bars):
+        if runs is None:
+            ax.text(i, 0, "not built", rotation=90, ha="center", va="bottom", fontsize=8)
+            continue
+        bottom = 0.0
+        for run, r in runs.items():
+            label = None if run in labelled else ("main run" if run == MAIN else f"stage {run}")
+            labelled.add(run)
+            ax.bar(i, r["cost_h"], bottom=bottom, color=colors[run], label=label)
+            bottom += r["cost_h"]
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    ax.set_ylabel("total training cost, h (step time x iterations)")
+    if labelled:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(base, rows, payload, table):
+    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    if rows:
+        with open(base + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(table + "\n")
+
+
+def run_variants(args, stamp, device):
+    """The variants' step comparison and breakdown (module docstring); writes train_<device>.*."""
+    from tqdm import tqdm
+
     results, rows = {}, []
     cases = [(d, v, m) for d in args.detectors for m in args.modes for v in args.variants]
     for det, var, mode in tqdm(cases, desc="bench_train", file=sys.stderr):
-        r = run_child(det, var, mode, args)
+        r = run_child(["--child", det, var, mode], args)
         case = _case(var, mode)
         results.setdefault(det, {})[case] = r
         if "skipped" in r:
@@ -422,20 +740,32 @@ def main(argv=None, prog=None):
             rows.append(dict(key, metric=metric, p20=r[metric], p50=r[metric], p80=r[metric], **stamp))
     table = tables(results, stamp, args)
     print("\n" + table)
-    os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"train_{device.type}")
-    if rows:
-        with open(base + ".csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump({"stamp": stamp, "args": vars(args), "results": results}, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table + "\n")
+    write_outputs(base, rows, {"stamp": stamp, "args": vars(args), "results": results}, table)
     png = plot(results, base + ".png")
     print(f"\nwrote {base}.csv, .json, .md" + (f", {os.path.basename(png)}" if png else ""))
     return results
+
+
+def main(argv=None, prog=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        det, var, mode = args.child
+        print(json.dumps(child(det, var, args.device, args.batch, tuple(args.image), args.objects, args.iters, mode)))
+        return None
+    if args.child_method:
+        det, method, mode, run = args.child_method
+        print(json.dumps(method_child(det, method, run, args.device, args.batch, tuple(args.image), args.objects,
+                                      args.iters, mode, args.overrides)))
+        return None
+    device = torch.device(args.device)
+    stamp = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+             "commit": git_commit(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+             "load": "/".join(f"{x:.2f}" for x in os.getloadavg())}
+    print(f"# LGD training-step benchmark: {stamp}", flush=True)
+    return run_methods(args, stamp, device) if args.methods else run_variants(args, stamp, device)
 
 
 if __name__ == "__main__":

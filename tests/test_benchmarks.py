@@ -74,6 +74,34 @@ def test_bench_train_tiny(tmp_path):
     assert (tmp_path / "train_cpu.png").stat().st_size > 0
 
 
+def test_bench_train_methods_cost_table(tmp_path):
+    """--methods: each run built as lgd-train builds it (LabelEnc's step 1 as its stage run, with its own
+    iteration count), tf-KD refused for RetinaNet with the reason; totals = stage runs + main run."""
+    out = run("train", "--detectors", "retinanet", "--methods", "baseline", "labelenc", "tfkd", "--image", "64", "64",
+              "--objects", "2", "--iters", "1", "--modes", "fp32", "--overrides", "+lgd.labelenc.step1_iters=500",
+              "--out", str(tmp_path))
+    assert "| retinanet | fp32 | labelenc | labelenc_step1 | fp32 on cpu, NCHW |" in out
+    assert "| retinanet | fp32 | tfkd | not built: ValueError: tf-KD_reg" in out and "random weights" in out
+    methods = json.loads((tmp_path / "methods_cpu.json").read_text())["results"]["retinanet"]["fp32"]
+    assert "softmax box classifiers" in methods["tfkd"]["skipped"]
+    base, labelenc = methods["baseline"], methods["labelenc"]
+    assert list(base["runs"]) == ["main"] and list(labelenc["runs"]) == ["labelenc_step1", "main"]
+    assert [r["iterations"] for r in labelenc["runs"].values()] == [500, 90000]  # step1_iters; the 1x schedule
+    for entry in (base, labelenc):
+        for r in entry["runs"].values():
+            assert r["cost_h"] == pytest.approx(r["step_ms"][1] * r["iterations"] / 3.6e6)
+            assert r["held_mb"] > 100 and r["peak_mb"] >= 0  # R50 weights + gradients + momentum
+        assert entry["total_h"] == pytest.approx(sum(r["cost_h"] for r in entry["runs"].values()))
+    assert labelenc["total_h"] > labelenc["runs"]["main"]["cost_h"] > 0
+    assert base["vs_baseline"] == 1.0
+    assert labelenc["vs_baseline"] == pytest.approx(labelenc["total_h"] / base["total_h"])
+    with open(tmp_path / "methods_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    totals = {r["method"]: float(r["p50"]) for r in rows if r["run"] == "total" and r["metric"] == "total_h"}
+    assert totals == pytest.approx({"baseline": base["total_h"], "labelenc": labelenc["total_h"]})
+    assert (tmp_path / "methods_cpu.png").stat().st_size > 0
+
+
 def test_lgd_bench_usage():
     for argv in ([], ["nope"]):
         with pytest.raises(SystemExit, match="usage: lgd-bench"):
@@ -90,14 +118,17 @@ def lgd_bench_process(*args):
 def test_help_names_the_command(command):
     proc = lgd_bench_process(command, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lgd-bench {command} "), proc.stdout[:200]
-    if command == "train":  # the fast path's switch
-        assert "--modes" in proc.stdout and "lgd-train --fast" in proc.stdout
+    if command == "train":  # the fast path's switch, the training methods
+        assert "--modes" in proc.stdout and "lgd-train --fast" in proc.stdout and "--methods" in proc.stdout
 
 
 @pytest.mark.parametrize("args,expected", [
     (["ops", "--backends", "bogus"], ["argument --backends", "'reference', 'cpu', 'cuda', 'triton'"]),
     (["ops", "--device", "cpu", "--backends", "cuda"], ["argument --backends", "'cuda'"]),
     (["train", "--detectors", "bogus"], ["argument --detectors", "'retinanet'"]),
+    (["train", "--methods", "bogus"], ["argument --methods", "'fgfi'"]),
+    (["train", "--variants", "baseline", "--methods", "lgd"], ["argument --methods", "--variants"]),
+    (["train", "--overrides", "lgd.distill_weight=2"], ["--overrides needs --methods"]),
 ])
 def test_bad_argument_is_one_line(args, expected):
     """Exit code 2 and one line naming the argument and the valid values, no traceback."""
