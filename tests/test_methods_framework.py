@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import shutil
 import statistics
 
@@ -185,6 +186,24 @@ def test_lgd_eval_and_export_read_the_wrapper_student(setup, toy_run, tmp_path):
     AtomicCheckpointer(wrapper).load_checked(checkpoint)  # a wrapper's checkpoint into a wrapper: keys kept
     saved = torch.load(checkpoint)["model"]
     assert all(torch.equal(wrapper.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_name_matched_weights_load_into_the_student_only(setup, toy_run, tmp_path):
+    """Weights detectron2 matches by name (an ImageNet .pkl: backbone keys without the model's prefixes) go into
+    the student only; matched against the whole wrapper, each key would match the frozen copy too (an error)."""
+    out, _ = toy_run
+    cfg = load_config(setup[1], overrides(out) + ["lgd.method=toy"])
+    wrapper = build_model(cfg)
+    frozen = {k: v.clone() for k, v in wrapper.teacher.state_dict().items()}
+    torch.manual_seed(7)
+    source = instantiate(cfg.model).backbone.bottom_up.state_dict()
+    with open(tmp_path / "imagenet.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in source.items()}, "__author__": "test",
+                     "matching_heuristics": True}, f)
+    AtomicCheckpointer(wrapper).load(str(tmp_path / "imagenet.pkl"))
+    assert all(torch.equal(wrapper.detector.backbone.bottom_up.state_dict()[k], v) for k, v in source.items())
+    assert all(torch.equal(wrapper.teacher.state_dict()[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(frozen["backbone.bottom_up." + k], v) for k, v in source.items())  # can fail
 
 
 @pytest.mark.parametrize("extra, message", [

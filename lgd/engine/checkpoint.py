@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_adapters import build_detector_adapter
 
@@ -136,7 +137,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
     last_checkpoint points to. Here local files go through atomic_write.
 
     Loading adapts the checkpoint's key layout to the model: a plain detectron2 checkpoint loads into a
-    wrapper's student (`detector.` prefixed), a wrapper's checkpoint into a plain detector (its student part)."""
+    wrapper's student (`detector.` prefixed), a wrapper's checkpoint into a plain detector (its student part),
+    and name-matched weights (detectron2's matching heuristics: ImageNet .pkl files) into a wrapper's student
+    only, never into its other parts (a teacher that is a copy of the detector would match every key too)."""
 
     def _is_local(self):
         return "://" not in str(self.save_dir)
@@ -195,9 +198,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
             raise CheckpointError(f"checkpoint {filename} cannot be read: {_reason(exc)}",
                                   hint="a truncated file (interrupted copy or save?) or not a checkpoint") from exc
         state = loaded.get("model")
-        if not isinstance(state, dict) or not state or loaded.get("matching_heuristics", False):
+        if not isinstance(state, dict) or not state:
             return loaded
         wrapper = student_module(self.model) is not self.model
+        if loaded.get("matching_heuristics", False):
+            if wrapper:  # e.g. ImageNet weights: matched to the student only (a teacher copy would match them too)
+                self._convert_ndarray_to_tensor(state)
+                state = align_and_update_state_dicts(student_module(self.model).state_dict(), state,
+                                                     c2_conversion=loaded.get("__author__", None) == "Caffe2")
+                loaded.update(model={STUDENT_PREFIX + k: v for k, v in state.items()}, matching_heuristics=False)
+            return loaded
         if wrapper and not is_wrapper_state_dict(state):
             loaded["model"] = {STUDENT_PREFIX + k: v for k, v in state.items()}  # a plain student checkpoint
         elif not wrapper and is_wrapper_state_dict(state):
