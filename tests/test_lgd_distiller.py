@@ -207,3 +207,37 @@ def test_wraps_a_yacs_built_retinanet():
     model = LGDDistiller(build_model(cfg), backend="reference").train()
     losses = train_losses(model, make_batch())
     assert set(losses) == ALL_KEYS and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recompute_teacher_gives_the_same_losses_and_gradients(autocast):
+    """lgd.recompute_teacher re-runs the teacher's forward in backward: same numbers, teacher activations freed."""
+    grads = []
+    for recompute in (False, True):
+        model = make_distiller(recompute_teacher=recompute)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            losses = train_losses(model, make_batch())
+        sum(losses.values()).backward()
+        grads.append(({k: v.detach() for k, v in losses.items()},
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert loss_a == loss_b
+    assert grad_a.keys() == grad_b.keys() and any(n.startswith("teacher.") for n in grad_a)
+    for name in grad_a:  # the same terms; only the order the FPN gradients accumulate in differs
+        scale = float(grad_a[name].abs().max())
+        torch.testing.assert_close(grad_b[name], grad_a[name], rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_recompute_teacher_keeps_no_teacher_activations():
+    saved = []
+    for recompute in (False, True):
+        model = make_distiller(recompute_teacher=recompute)
+        count = [0]
+
+        def pack(x):
+            count[0] += x.numel()
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            train_losses(model, make_batch())
+        saved.append(count[0])
+    assert saved[1] < saved[0]

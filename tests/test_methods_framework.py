@@ -227,3 +227,17 @@ def test_overwrite_removes_the_stage(setup, toy_run):
     run(toy_argv(setup, out, "--overwrite", "dataloader.evaluator=null", max_iter=2))
     assert [r["iteration"] for r in read_metrics(os.path.join(out, "teacher")) if "loss_cls" in r] == [0, 1]
     assert read_json(os.path.join(out, "cost.json"))["stages"]["teacher"]["iterations"] == 2
+
+
+def test_every_config_holds_each_methods_settings_as_checked_keys():
+    """lgd.<method>.<key> overrides are checked against the methods' DEFAULTS in every LGD config."""
+    from lgd.methods import METHODS, method_class
+    from lgd.tools.cli import UsageError
+    from lgd.tools.train_net import load_config
+
+    cfg = load_config("lgd/configs/retinanet_R_50_FPN_1x_lgd.py", ["lgd.fgfi.psi=0.6", "lgd.ban.generations=3"])
+    assert cfg.lgd.fgfi.psi == 0.6 and cfg.lgd.ban.generations == 3 and cfg.lgd.recompute_teacher is False
+    for name in METHODS:
+        assert dict(cfg.lgd.get(name, {})).keys() == method_class(name).DEFAULTS.keys()
+    with pytest.raises(UsageError, match="psy"):
+        load_config("lgd/configs/retinanet_R_50_FPN_1x_lgd.py", ["lgd.fgfi.psy=0.6"])

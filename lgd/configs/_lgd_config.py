@@ -20,6 +20,7 @@ layers included), gradient value clipping at 1.0, batch 16; no context object fo
 iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
 from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
 """
+import copy
 import dataclasses
 
 import detectron2.data.transforms as T
@@ -28,6 +29,7 @@ from detectron2.config import LazyCall as L
 
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.engine.schedule import PAPER_SCHEDULES
+from lgd.methods import METHODS, method_class
 
 # detector -> (stock model-zoo config, base LR at batch 16)
 DETECTORS = {
@@ -73,7 +75,20 @@ LGD_KEYS = dict(
                                 # GradScaler), "fp16" (CUDA: with a GradScaler; CPU: bf16) or "fp32" (no autocast)
     channels_last=None,         # model weights and input images in channels_last: None = on exactly when autocast
                                 # runs, True / False forces it (also for fp32 runs)
+    recompute_teacher=False,    # run the teacher's forward again in backward instead of keeping its activations
+                                # (same numbers; less memory, one more teacher forward: benchmarks/README.md)
 )
+
+
+def method_settings():
+    """{method: its DEFAULTS} for every lgd.methods method with settings: lgd.<method>.* in every config, so that
+    `lgd.fgfi.psi=0.6` is a checked override (docs/methods/<method>.md lists them)."""
+    settings = {}
+    for name in METHODS:
+        defaults = method_class(name).DEFAULTS
+        if defaults:
+            settings[name] = copy.deepcopy(defaults)
+    return settings
 
 
 def config_name(detector: str, depth: int, schedule: str, multiscale: bool) -> str:
@@ -109,7 +124,7 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
     optimizer = cfg.optimizer
     optimizer.lr, optimizer.momentum, optimizer.weight_decay = lr, 0.9, 1e-4
     optimizer.params.weight_decay_norm = 1e-4  # the authors decay norm layers too (detectron2's default: 0)
-    lgd = dict(LGD_KEYS, teacher_lr=lr, schedule=dataclasses.asdict(SCHEDULES[schedule]))
+    lgd = dict(LGD_KEYS, teacher_lr=lr, schedule=dataclasses.asdict(SCHEDULES[schedule]), **method_settings())
     if detector == "fcos" and depth == 50:
         lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
     train.max_iter = SCHEDULES[schedule].max_iter

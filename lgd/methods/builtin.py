@@ -3,7 +3,8 @@
 Baseline  lgd.method=baseline (or lgd.enabled=False): the detector alone, one SGD over its parameters
           (lgd.engine.optim.build_sgd), the shared LR schedule only.
 LGD       lgd.method=lgd (the default): LGDDistiller around the detector with the top-level lgd.* knobs
-          (distill_weight, use_context, stn_pool, rcnn_branch; lgd_ops backend lgd.backend or --ops), one SGD
+          (distill_weight, use_context, stn_pool, rcnn_branch, recompute_teacher; lgd_ops backend lgd.backend or
+          --ops), one SGD
           with the teacher's groups at lgd.teacher_lr (build_lgd_optimizer), the distillation warm-up and
           backbone-freeze hooks and the op report (lgd.op_report_period). docs/method.md has the method.
 
@@ -42,7 +43,8 @@ class LGD(TrainingMethod):
         return LGDDistiller(detector, backend=self.backend, distill_weight=float(lgd.get("distill_weight", 1.0)),
                             use_context=None if use_context is None else bool(use_context),
                             stn_pool=str(lgd.get("stn_pool", "object")),
-                            rcnn_branch=str(lgd.get("rcnn_branch", "detector")))
+                            rcnn_branch=str(lgd.get("rcnn_branch", "detector")),
+                            recompute_teacher=bool(lgd.get("recompute_teacher", False)))
 
     def build_optimizer(self, model: LGDDistiller, **sgd_kwargs):
         """One SGD: the student and adapter at lr, the teacher at lgd.teacher_lr (default lr)."""

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 
 import torch.nn as nn
 from detectron2.utils.events import get_event_storage
+from torch.utils.checkpoint import checkpoint
 
 from .detector_adapters import build_detector_adapter
 from .distillation_loss import DistillationLoss
@@ -52,12 +53,15 @@ class LGDDistiller(nn.Module):
     family's default, on for RetinaNet/FCOS, off for R-CNN; the authors' FCOS R50 configs turn it off).
     stn_pool: the label encoder's STN ("object", the method; "image", a variant). rcnn_branch: see RCNNAdapter.
     backend goes to every lgd_ops call ("auto", "reference", "cpu", ...). distill_enabled: see the property.
+    recompute_teacher: keep none of the teacher's activations for backward and run its forward again there
+    (torch.utils.checkpoint, RNG state preserved): the same losses and gradients for less peak memory and one
+    more teacher forward per step (benchmarks/README.md, "The fast path" has the measured trade).
     """
 
     def __init__(self, detector: nn.Module, *, teacher: Optional[LGDTeacher] = None,
                  distill_loss: Optional[DistillationLoss] = None, distill_weight: float = 1.0,
                  distill_enabled: bool = True, use_context: Optional[bool] = None, stn_pool: str = "object",
-                 rcnn_branch: str = "detector", backend: str = "auto"):
+                 rcnn_branch: str = "detector", backend: str = "auto", recompute_teacher: bool = False):
         super().__init__()
         self.detector = detector
         self.detector_adapter = build_detector_adapter(detector, rcnn_branch=rcnn_branch)
@@ -70,6 +74,7 @@ class LGDDistiller(nn.Module):
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
         self.distill_enabled = distill_enabled
+        self.recompute_teacher = bool(recompute_teacher)
         self._backbone_frozen = False
         # what the stock detector trains (detectron2's FREEZE_AT keeps the stem and res2 frozen for good)
         self._freezable = [p for p in self.detector_adapter.bottom_up.parameters() if p.requires_grad]
@@ -128,7 +133,12 @@ class LGDDistiller(nn.Module):
         losses.update(adapter.losses(images, features, gt_instances, targets))
 
         distilled = {f: features[f] for f in adapter.in_features}
-        instructive = self.teacher(distilled, gt_instances, tuple(images.tensor.shape[-2:]))
+        image_size = tuple(images.tensor.shape[-2:])
+        labels = self.teacher.pack(gt_instances, image_size)
+        if self.recompute_teacher:
+            instructive = checkpoint(self.teacher, distilled, labels, image_size, use_reentrant=False)
+        else:
+            instructive = self.teacher(distilled, labels, image_size)
         with get_event_storage().name_scope(TEACHER_SCOPE):  # the heads' own metrics, kept apart
             for name, value in adapter.losses(images, instructive, gt_instances, targets).items():
                 losses[name + TEACHER_SUFFIX] = value
