@@ -126,6 +126,25 @@ def test_dml_students_differ_at_init_and_peer_ema_is_checkpointed():
     assert torch.equal(restored.peer.head.cls_score.weight, model.peer.head.cls_score.weight)
 
 
+def test_dml_name_matched_init_weights_load_into_both_students(tmp_path):
+    """An ImageNet-style .pkl (detectron2's matching heuristics) initialises both students, nothing else."""
+    import pickle
+
+    from lgd.engine.checkpoint import AtomicCheckpointer
+
+    model = build(method_config("dml"))
+    source = build(method_config("dml"), seed=5).detector.backbone.bottom_up.state_dict()
+    adapters = {k: v.clone() for k, v in model.distill_loss.state_dict().items()}
+    with open(tmp_path / "init.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in source.items()}, "__author__": "test",
+                     "matching_heuristics": True}, f)
+    AtomicCheckpointer(model).load(str(tmp_path / "init.pkl"))
+    for student in (model.detector, model.peer):
+        loaded = student.backbone.bottom_up.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in source.items())
+    assert all(torch.equal(model.distill_loss.state_dict()[k], v) for k, v in adapters.items())
+
+
 def test_dml_eval_is_the_first_student():
     model = build(method_config("dml")).eval()
     batch = [{"image": make_batch()[0]["image"]}]

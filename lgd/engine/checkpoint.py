@@ -28,11 +28,14 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_adapters import build_detector_adapter
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "STUDENT_PREFIX", "atomic_write",
-           "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
+__all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
+           "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
            "student_state_dict"]
 
 STUDENT_PREFIX = "detector."
+# a wrapper attribute: the names of its detectors that a name-matched init checkpoint (ImageNet .pkl) initialises,
+# default ("detector",), the student only (DML: both students; never a teacher copy of the detector)
+INIT_MODULES = "init_checkpoint_modules"
 TMP_SUFFIX = ".lgd-tmp"
 _OLD_TMP = (".*.pth*.tmp", ".last_checkpoint*.tmp")  # what atomic_write left before it used TMP_SUFFIX
 _umask_lock = threading.Lock()
@@ -139,7 +142,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
     Loading adapts the checkpoint's key layout to the model: a plain detectron2 checkpoint loads into a
     wrapper's student (`detector.` prefixed), a wrapper's checkpoint into a plain detector (its student part),
     and name-matched weights (detectron2's matching heuristics: ImageNet .pkl files) into a wrapper's student
-    only, never into its other parts (a teacher that is a copy of the detector would match every key too)."""
+    only (or the detectors its `init_checkpoint_modules` names), never into its other parts: a teacher that is a
+    copy of the detector would match every key too."""
 
     def _is_local(self):
         return "://" not in str(self.save_dir)
@@ -202,11 +206,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return loaded
         wrapper = student_module(self.model) is not self.model
         if loaded.get("matching_heuristics", False):
-            if wrapper:  # e.g. ImageNet weights: matched to the student only (a teacher copy would match them too)
+            if wrapper:  # e.g. ImageNet weights: matched to each detector that starts from them, one at a time
                 self._convert_ndarray_to_tensor(state)
-                state = align_and_update_state_dicts(student_module(self.model).state_dict(), state,
-                                                     c2_conversion=loaded.get("__author__", None) == "Caffe2")
-                loaded.update(model={STUDENT_PREFIX + k: v for k, v in state.items()}, matching_heuristics=False)
+                matched = {}
+                for name in getattr(self.model, INIT_MODULES, ("detector",)):
+                    aligned = align_and_update_state_dicts(getattr(self.model, name).state_dict(), dict(state),
+                                                           c2_conversion=loaded.get("__author__", None) == "Caffe2")
+                    matched.update({f"{name}.{k}": v for k, v in aligned.items()})
+                loaded.update(model=matched, matching_heuristics=False)
             return loaded
         if wrapper and not is_wrapper_state_dict(state):
             loaded["model"] = {STUDENT_PREFIX + k: v for k, v in state.items()}  # a plain student checkpoint

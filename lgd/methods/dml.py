@@ -85,6 +85,7 @@ class MutualLearning(nn.Module):
             raise ValueError(f"MutualLearning: the two students must be the same detector, got "
                              f"{type(detector).__name__} and {type(peer).__name__}")
         self.detector, self.peer = detector, peer
+        self.init_checkpoint_modules = ("detector", "peer")  # both students start from train.init_checkpoint
         self.distill_loss, self.peer_distill_loss = distill_loss, peer_distill_loss
         self.adapters = (build_detector_adapter(detector), build_detector_adapter(peer))
         self._peer_ema = DetectorEMAState(peer)
