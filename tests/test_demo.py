@@ -260,3 +260,34 @@ def test_folds_rotate_over_the_seeds_on_the_demo_data(tmp_path):
     assert set(summary["datasets"]) == {"fold2", "fold3"}
     for name in ("lgd_seed0_fold2/run.json", "lgd_seed1_fold3/run.json", "curves_lgd_seed1_fold3.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def test_methods_compare_any_training_methods_with_their_costs(demo_argv):
+    """--methods runs each method on the same seeds and budget; stages train inside the run and count in its cost."""
+    from lgd.tools.demo import run
+
+    out, options, overrides = demo_argv
+    out = out + "_methods"
+    options = [out if o == demo_argv[0] else o for o in options]
+    summary = run(["--methods", "baseline", "fgfi", "labelenc"] + options + overrides)
+    assert [r["mode"] for r in summary["runs"]] == ["baseline", "fgfi", "labelenc"] * 3  # seeds 0 1 2
+    assert summary["method"] == "fgfi"  # no LGD run: the first other method is summarised
+    assert {"fgfi - baseline", "labelenc - baseline"} <= set(summary["compare"])
+    cost = summary["cost"]
+    assert cost["baseline"]["stages"] == [] and cost["baseline"]["vs_baseline"] == 1.0
+    assert cost["fgfi"]["stages"] == ["teacher"] and cost["labelenc"]["stages"] == ["labelenc_step1"]
+    for run_record in summary["runs"]:
+        stages = sum(run_record["stages_wall_s"].values())
+        assert run_record["total_wall_s"] >= stages > 0 or run_record["mode"] == "baseline"
+        assert os.path.isfile(os.path.join(run_record["run_dir"], "cost.json"))
+    assert os.path.isdir(os.path.join(out, "fgfi_seed0", "teacher"))
+    with open(os.path.join(out, "compare.json")) as f:
+        assert json.load(f)["methods"] == ["baseline", "fgfi", "labelenc"]
+
+
+def test_unknown_method_is_a_usage_error(tmp_path, capsys):
+    from lgd.tools.demo import main
+
+    assert main(["--methods", "lgd", "kd", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--methods: unknown ['kd']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

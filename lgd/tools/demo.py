@@ -16,17 +16,21 @@ a few times during training and at the end, and write into the output folder (de
     <mode>_seed<S>[_fold<F>]/  the run: checkpoints, metrics.json, run.json (its results and curves)
     summary.json             budget, wall time, s/iter, AP/AP50, final losses, the LGD op report
     curves.png               losses (student, instructive branch, distillation) and AP over iterations
-    compare.json, compare.png   (--compare) per-run and mean ± standard error AP/AP50 of baseline and LGD, and
-                             their paired difference (same seed and fold): does LGD clear 2 standard errors?
+    compare.json, compare.png   (--compare, --methods) per-run and mean ± standard error AP/AP50 of each method,
+                             the paired difference to the baseline (same seed and fold): does it clear 2
+                             standard errors? and each method's training cost (wall time, stages included)
     log.txt                  detectron2's log (the console shows progress bars and the results)
 
 Budget: on CPU 600 iterations of batch 4 at 400 px on the fast path (bf16 autocast + channels_last, lgd-train
 --fast; --fp32 for fp32 NCHW), about ten minutes for an LGD run on 2 cores, what 300 fp32 iterations took; on
 CUDA 2000 iterations of batch 16. --folds: 4-fold cross-validation by source image (lgd.data.DEMO_FOLDS), run i
-of --seeds holding out fold FOLDS[i % len(FOLDS)]: more validation data across the runs. lgd-demo restarts itself once with OMP_WAIT_POLICY=PASSIVE (unless an OpenMP wait
-policy is set): a machine where another process keeps a core busy then slows it in proportion, not 5-10x
-(passive_openmp). Measured times and AP
-are in benchmarks/README.md (demo section) and benchmarks/results/demo_cpu/.
+of --seeds holding out fold FOLDS[i % len(FOLDS)]: more validation data across the runs. --methods: the
+paper's comparison systems (lgd.methods, docs/methods/) on the same budget and seeds, e.g. `--methods baseline
+lgd fgfi labelenc`; a method's stages (FGFI's teacher, LabelEnc's step 1, BAN's earlier generations) train in
+its run's folder and count in its cost. lgd-demo restarts itself once with OMP_WAIT_POLICY=PASSIVE (unless an
+OpenMP wait policy is set): a machine where another process keeps a core busy then slows it in proportion, not
+5-10x (passive_openmp). Measured times and AP are in benchmarks/README.md (demo section) and
+benchmarks/results/demo_cpu*/.
 --iters / --batch-size / --image-size override the budget; the LGD schedule (distillation from 1/3 of the run,
 backbone frozen for the first 1/9, LR steps at 2/3 and 8/9) scales with --iters (lgd.tools.train_net).
 The op report (lgd.engine.op_report.OpReport: the three fused ops vs the reference on the run's own shapes) runs
@@ -57,6 +61,7 @@ from tqdm import tqdm
 from ..engine.op_report import OPS
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
+from ..methods import METHODS
 from .train_net import OPS_HELP, check_backend, fast_path, load_config, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
@@ -68,9 +73,11 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # (iterations, images per batch, data loader workers) by device
 BUDGETS = {"cpu": (600, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
-MODES = ("baseline", "lgd")
+MODES = ("baseline", "lgd")  # --compare's methods; --methods takes any of lgd.methods.METHODS
 STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
+# the comparison systems' own losses (docs/methods/): plotted with the rest when a run logs them
+METHOD_LOSS_KEYS = ("loss_imitation", "loss_labelenc", "loss_distill_peer", "loss_tfkd")
 AP_KEYS = ("AP", "AP50")
 
 
@@ -172,7 +179,8 @@ def _curves(rows):
     for row in rows:
         for key, value in row.items():
             name = key[len("bbox/"):] if key.startswith("bbox/") else key
-            if key in LOSS_KEYS or (key.startswith("bbox/") and name in AP_KEYS) or key.startswith("op_report/"):
+            if (key in LOSS_KEYS + METHOD_LOSS_KEYS or (key.startswith("bbox/") and name in AP_KEYS)
+                    or key.startswith("op_report/")):
                 curves.setdefault(name, []).append([row["iteration"], value])
     return curves
 
@@ -196,12 +204,13 @@ def _earlier_outputs(output_dir, runs):
 
 def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resume=False, overwrite=False,
             **budget):
-    """Trains and evaluates one run (mode "lgd" or "baseline") into output_dir/run_name(mode, seed, fold);
-    returns its record (also saved as run.json there): results, curves, wall time, budget. An earlier run there
-    is reused or continued with resume, started afresh with overwrite, else a UsageError. See the module
-    docstring."""
-    if mode not in MODES:
-        raise ValueError(f"run_one: mode must be one of {MODES}, got {mode!r}")
+    """Trains and evaluates one run of the training method `mode` (lgd.methods.METHODS: "lgd", "baseline",
+    "fgfi", ...; its stages inside the run's folder) into output_dir/run_name(mode, seed, fold); returns its
+    record (also saved as run.json there): results, curves, wall time, cost (stages included), budget. An
+    earlier run there is reused or continued with resume, started afresh with overwrite, else a UsageError.
+    See the module docstring."""
+    if mode not in METHODS:
+        raise ValueError(f"run_one: mode must be one of {sorted(METHODS)}, got {mode!r}")
     run_dir = os.path.join(output_dir, run_name(mode, seed, fold))
     record_path = os.path.join(run_dir, "run.json")
     if resume and os.path.isfile(record_path):
@@ -216,20 +225,24 @@ def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resu
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     cfg = build_config(run_dir, datasets, seed=seed, **budget)
-    lgd_enabled = mode == "lgd"
+    cfg.lgd.method = mode
     extra_hooks = [TqdmProgress(f"{mode} seed {seed}")]  # train() adds the op report (cfg.lgd.op_report_period)
     start = time.perf_counter()
-    results = train(cfg, lgd_enabled=lgd_enabled, backend=backend, resume=resume, extra_hooks=extra_hooks)
+    results = train(cfg, backend=backend, resume=resume, extra_hooks=extra_hooks)
     wall_s = time.perf_counter() - start
+    with open(os.path.join(run_dir, "cost.json")) as f:
+        cost = json.load(f)
     rows = _read_metrics(run_dir)
     times = [r["time"] for r in rows if "time" in r]
     record = {
         "mode": mode, "seed": seed, "fold": fold, "datasets": {k: datasets[k] for k in ("train", "val")},
-        "backend": backend if lgd_enabled else None, "precision": fast_path(cfg).describe(),
+        "backend": backend if mode != "baseline" else None, "precision": fast_path(cfg).describe(),
         "iterations": int(cfg.train.max_iter), "batch_size": int(cfg.dataloader.train.total_batch_size),
         "image_size": int(cfg.dataloader.train.mapper.augmentations[0].max_size),
         "device": str(cfg.train.device) if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(), "wall_s": wall_s,
+        "total_wall_s": cost["total_wall_s"],  # the run and its stages (teacher pretraining, LabelEnc step 1, ...)
+        "stages_wall_s": {k: (v or {}).get("total_wall_s") for k, v in (cost.get("stages") or {}).items()},
         "s_per_iter": statistics.median(times) if times else None,
         "results": {k: _number(results.get("bbox", {}).get(k)) for k in AP_KEYS + ("AP75",)},
         "curves": _curves(rows), "run_dir": run_dir,
@@ -253,7 +266,7 @@ def plot_run(record, path):
     plt = _plt()
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
     curves = record["curves"]
-    for key in LOSS_KEYS:
+    for key in LOSS_KEYS + METHOD_LOSS_KEYS:
         if key in curves:
             it, val = zip(*curves[key])
             ax_loss.plot(it, val, label=key, linestyle="--" if key.endswith("_tea") else "-")
@@ -297,24 +310,54 @@ def _run_key(record):
     return str(record["seed"]) + ("" if record.get("fold") is None else f"/fold{record['fold']}")
 
 
+def _methods(records):
+    """The methods of the records, in order of first appearance."""
+    return list(dict.fromkeys(r["mode"] for r in records))
+
+
 def compare_table(records):
-    """{mode: {metric: {"mean", "std", "se", "n", "per_seed": {run key: value}}}} for AP and AP50, and under
-    "lgd - baseline" the paired differences (same seed and fold) with "above_2se": mean > 2 standard errors."""
+    """{method: {metric: {"mean", "std", "se", "n", "per_seed": {run key: value}}}} for AP and AP50, and under
+    "<method> - baseline" the paired differences (same seed and fold) with "above_2se": mean > 2 standard
+    errors, for every method other than the baseline when baseline runs are there."""
     table = {}
-    for mode in MODES:
+    for mode in _methods(records):
         runs = [r for r in records if r["mode"] == mode]
         table[mode] = {m: dict(_stats([r["results"][m] for r in runs]),
                                per_seed={_run_key(r): r["results"][m] for r in runs}) for m in AP_KEYS}
-    pairs = {}
-    for metric in AP_KEYS:
-        base, lgd = table["baseline"][metric]["per_seed"], table["lgd"][metric]["per_seed"]
-        diffs = {k: lgd[k] - base[k] for k in lgd if base.get(k) is not None and lgd[k] is not None}
-        stats = _stats(list(diffs.values()))
-        pairs[metric] = dict(stats, per_seed=diffs,
-                             above_2se=bool(stats["n"] > 1 and stats["mean"] > 2 * stats["se"]))
-    if any(p["n"] for p in pairs.values()):
-        table["lgd - baseline"] = pairs
+    for mode in [m for m in table if m != "baseline" and "baseline" in table]:
+        pairs = {}
+        for metric in AP_KEYS:
+            base, other = table["baseline"][metric]["per_seed"], table[mode][metric]["per_seed"]
+            diffs = {k: other[k] - base[k] for k in other if base.get(k) is not None and other[k] is not None}
+            stats = _stats(list(diffs.values()))
+            pairs[metric] = dict(stats, per_seed=diffs,
+                                 above_2se=bool(stats["n"] > 1 and stats["mean"] > 2 * stats["se"]))
+        if any(p["n"] for p in pairs.values()):
+            table[f"{mode} - baseline"] = pairs
     return table
+
+
+def cost_table(records):
+    """{method: {"total_wall_s": mean over its runs (stages included), "stages": their names, "vs_baseline":
+    ratio of the means}}: the demo's training cost per method (the paper's Table 7 on this machine)."""
+    table = {}
+    for mode in _methods(records):
+        walls = [r["total_wall_s"] for r in records if r["mode"] == mode and r.get("total_wall_s") is not None]
+        stages = sorted({k for r in records if r["mode"] == mode for k in r.get("stages_wall_s", {})})
+        table[mode] = {"total_wall_s": statistics.mean(walls) if walls else None, "stages": stages}
+    base = table.get("baseline", {}).get("total_wall_s")
+    for row in table.values():
+        row["vs_baseline"] = row["total_wall_s"] / base if base and row["total_wall_s"] is not None else None
+    return table
+
+
+def format_cost(table):
+    lines = [f"{'':15s}{'wall s (stages incl.)':>24s}{'vs baseline':>14s}  stages"]
+    for mode, row in table.items():
+        wall = f"{row['total_wall_s']:.0f}" if row["total_wall_s"] is not None else "-"
+        ratio = f"{row['vs_baseline']:.2f}x" if row["vs_baseline"] is not None else "-"
+        lines.append(f"{mode:15s}{wall:>24s}{ratio:>14s}  {', '.join(row['stages']) or '-'}")
+    return "\n".join(lines)
 
 
 def format_table(table):
@@ -327,23 +370,24 @@ def format_table(table):
             sign = "+" if "above_2se" in s else ""
             cells.append(f"{s['mean']:{sign}7.2f} ± {s['se']:4.2f} (n={s['n']})" if s["n"] else "-")
         lines.append(f"{mode:15s}" + "".join(f"{c:>20s}" for c in cells))
-    pairs = table.get("lgd - baseline")
-    if pairs:
-        lines.append("(mean ± standard error over runs; the difference is paired by seed and fold: "
-                     + ", ".join(f"{m} {'above' if pairs[m]['above_2se'] else 'NOT above'} 2 SE" for m in AP_KEYS)
-                     + ")")
+    lines.append("(mean ± standard error over runs; a difference is paired by seed and fold)")
+    for mode, pairs in table.items():
+        if mode.endswith(" - baseline"):
+            lines.append(f"{mode}: " + ", ".join(f"{m} {'above' if pairs[m]['above_2se'] else 'NOT above'} 2 SE"
+                                                 for m in AP_KEYS))
     return "\n".join(lines)
 
 
 def plot_compare(records, path):
-    """Side by side, baseline vs LGD (mean over seeds): the student's detection loss, AP/AP50 over iterations,
-    and the final AP of each paired run (LGD - baseline, with the mean and its 2-standard-error band)."""
+    """Side by side, every method (mean over seeds): the student's detection loss, AP/AP50 over iterations,
+    and the final AP of each paired run against the baseline (bars per method, with the mean and its
+    2-standard-error band)."""
     plt = _plt()
     fig, (ax_loss, ax_ap, ax_diff) = plt.subplots(1, 3, figsize=(16, 4))
-    for mode, color in zip(MODES, ("tab:gray", "tab:green")):
+    colors = dict(zip(_methods(records), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    colors.update({m: c for m, c in (("baseline", "tab:gray"), ("lgd", "tab:green")) if m in colors})
+    for mode, color in colors.items():
         runs = [r for r in records if r["mode"] == mode]
-        if not runs:
-            continue
         it, val = _mean_curve(runs, STUDENT_LOSSES)
         ax_loss.plot(it, val, color=color, label=f"{mode} (n={len(runs)})")
         for key, style in zip(AP_KEYS, ("-o", "--s")):
@@ -353,17 +397,22 @@ def plot_compare(records, path):
     ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation (mean over seeds)")
     ax_loss.legend(fontsize=8)
     ax_ap.legend(fontsize=8)
-    pairs = compare_table(records).get("lgd - baseline", {}).get("AP")
-    if pairs:
-        keys = list(pairs["per_seed"])
-        ax_diff.bar(range(len(keys)), [pairs["per_seed"][k] for k in keys], color="tab:green")
-        ax_diff.axhline(pairs["mean"], color="k", label=f"mean {pairs['mean']:+.2f}")
-        ax_diff.axhspan(pairs["mean"] - 2 * pairs["se"], pairs["mean"] + 2 * pairs["se"], color="k", alpha=0.1,
-                        label="± 2 SE")
-        ax_diff.axhline(0, color="tab:gray", linewidth=0.8)
+    table = compare_table(records)
+    diffs = [(m, table[f"{m} - baseline"]["AP"]) for m in colors if f"{m} - baseline" in table]
+    width = 0.8 / max(len(diffs), 1)
+    keys = list(dict.fromkeys(k for _, pairs in diffs for k in pairs["per_seed"]))
+    for i, (mode, pairs) in enumerate(diffs):
+        xs = [keys.index(k) + (i - (len(diffs) - 1) / 2) * width for k in pairs["per_seed"]]
+        ax_diff.bar(xs, list(pairs["per_seed"].values()), width, color=colors[mode],
+                    label=f"{mode}: {pairs['mean']:+.2f} ± 2 SE")
+        ax_diff.axhline(pairs["mean"], color=colors[mode], linewidth=1)
+        ax_diff.axhspan(pairs["mean"] - 2 * pairs["se"], pairs["mean"] + 2 * pairs["se"], color=colors[mode],
+                        alpha=0.1)
+    if diffs:
+        ax_diff.axhline(0, color="k", linewidth=0.8)
         ax_diff.set_xticks(range(len(keys)), keys, rotation=45, fontsize=7)
         ax_diff.legend(fontsize=8)
-    ax_diff.set(xlabel="run (seed/fold)", ylabel="AP difference (points)", title="final AP, LGD - baseline")
+    ax_diff.set(xlabel="run (seed/fold)", ylabel="AP difference (points)", title="final AP, method - baseline")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -421,9 +470,15 @@ def build_parser():
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="./output/demo")
-    parser.add_argument("--compare", action="store_true", help="baseline vs LGD over --seeds")
+    parser.add_argument("--compare", action="store_true",
+                        help="baseline vs LGD over --seeds (= --methods baseline lgd)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="compare these training methods over --seeds, same budget and seeds: any of "
+                             f"{', '.join(sorted(METHODS))} (docs/methods/; tfkd needs an R-CNN, not the demo's "
+                             "RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's generations) run inside "
+                             "each run's folder and count in its cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="default: 0 (0 1 2 with --compare)")
+                        help="default: 0 (0 1 2 with --compare or --methods)")
     parser.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
                         help="cross-validation over the 4 source images: run i of --seeds validates on the held-out "
                              "source image K = FOLDS[i %% len(FOLDS)] and trains on the other three (0: the default "
@@ -460,6 +515,11 @@ def _check_arguments(args):
     if args.image_size is not None and args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
     check_backend(args.ops)
+    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    if unknown:
+        raise UsageError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    if args.methods and args.compare and set(args.methods) != set(MODES):
+        raise UsageError("--compare is --methods baseline lgd: give one of them")
     if args.folds is not None and args.data is not None:
         raise UsageError("--folds splits the demo's deepforest images; it cannot be used with --data")
     from ..data import DEMO_FOLDS
@@ -472,8 +532,8 @@ def _check_arguments(args):
 
 
 def run(argv=None):
-    """The demo as a function (argv without the program name). Returns summary.json's (or, with --compare,
-    compare.json's) content; raises on failure (module docstring)."""
+    """The demo as a function (argv without the program name). Returns summary.json's content (with
+    --compare / --methods, the AP table and the cost table too); raises on failure (module docstring)."""
     args = build_parser().parse_args(argv)
     _check_arguments(args)
     if args.threads is not None:
@@ -482,12 +542,13 @@ def run(argv=None):
     budget = dict(iters=args.iters or iters, batch_size=args.batch_size or batch, image_size=args.image_size,
                   workers=args.workers if args.workers is not None else workers,
                   pretrained=not args.no_pretrained, fast=not args.fp32, overrides=args.opts)
-    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.compare else [0])
+    methods = list(dict.fromkeys(args.methods)) if args.methods else list(MODES) if args.compare else ["lgd"]
+    comparing = len(methods) > 1 or args.compare
+    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if comparing else [0])
     folds = [None if args.folds is None else args.folds[i % len(args.folds)] for i in range(len(seeds))]
     out = args.output_dir
-    modes = MODES if args.compare else ("lgd",)
     build_config(out, {"train": "", "val": ""}, **budget)  # the overrides, before anything is written
-    earlier = _earlier_outputs(out, [(mode, seed, fold) for seed, fold in zip(seeds, folds) for mode in modes])
+    earlier = _earlier_outputs(out, [(mode, seed, fold) for seed, fold in zip(seeds, folds) for mode in methods])
     if earlier and not (args.resume or args.overwrite):
         raise UsageError(f"{out} holds an earlier demo ({', '.join(earlier[:2])}{', ...' if len(earlier) > 2 else ''})"
                          ": refusing to overwrite it", hint="--resume reuses or continues its runs, --overwrite "
@@ -500,41 +561,44 @@ def run(argv=None):
     split = {fold: datasets or prepare_data(None, args.cache_dir, fold) for fold in sorted(set(folds), key=str)}
     records = [run_one(mode, seed, out, split[fold], fold=fold, backend=args.ops, resume=args.resume,
                        overwrite=args.overwrite, **budget)
-               for seed, fold in zip(seeds, folds) for mode in modes]
+               for seed, fold in zip(seeds, folds) for mode in methods]
     for rec in records:
         plot_run(rec, os.path.join(out, f"curves_{run_name(rec['mode'], rec['seed'], rec.get('fold'))}.png"))
-    lgd_run = next(r for r in records if r["mode"] == "lgd")
-    shutil.copyfile(os.path.join(out, f"curves_{run_name('lgd', lgd_run['seed'], lgd_run.get('fold'))}.png"),
-                    os.path.join(out, "curves.png"))
-    op_report = _op_report(lgd_run)
+    # the run summarised: LGD's, else the first method's other than the baseline
+    main_run = next((r for r in records if r["mode"] == "lgd"), None) or next(
+        (r for r in records if r["mode"] != "baseline"), records[0])
+    main_name = run_name(main_run["mode"], main_run["seed"], main_run.get("fold"))
+    shutil.copyfile(os.path.join(out, f"curves_{main_name}.png"), os.path.join(out, "curves.png"))
+    op_report = _op_report(main_run)
     summary = {
         "command": "lgd-demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": DEMO_CONFIG,
         "datasets": next(iter(split.values())) if len(split) == 1 else {f"fold{k}": v for k, v in split.items()},
         "total_wall_s": time.perf_counter() - start,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in records],
-        "results": lgd_run["results"], "op_report": op_report,
-        "final_losses": {k: v[-1][1] for k, v in lgd_run["curves"].items() if k in LOSS_KEYS},
+        "method": main_run["mode"], "results": main_run["results"], "op_report": op_report,
+        "final_losses": {k: v[-1][1] for k, v in main_run["curves"].items() if k in LOSS_KEYS + METHOD_LOSS_KEYS},
     }
-    ap, ap50 = (_format_ap(lgd_run["results"][k]) for k in AP_KEYS)
-    print(f"\nLGD student on {lgd_run['datasets']['val']}: AP {ap}, AP50 {ap50} "
-          f"({lgd_run['iterations']} iterations of {lgd_run['batch_size']} images, {lgd_run['wall_s']:.0f} s, "
-          f"{lgd_run['s_per_iter'] or float('nan'):.2f} s/iter on {lgd_run['device']})")
+    ap, ap50 = (_format_ap(main_run["results"][k]) for k in AP_KEYS)
+    print(f"\n{main_run['mode']} student on {main_run['datasets']['val']}: AP {ap}, AP50 {ap50} "
+          f"({main_run['iterations']} iterations of {main_run['batch_size']} images, {main_run['wall_s']:.0f} s, "
+          f"{main_run['s_per_iter'] or float('nan'):.2f} s/iter on {main_run['device']})")
     if op_report:
         print("LGD op report (last, on the run's shapes):\n" + format_op_report(op_report))
-    if args.compare:
-        table = compare_table(records)
-        summary["compare"] = table
+    if comparing:
+        table, cost = compare_table(records), cost_table(records)
+        summary.update(compare=table, cost=cost)
         plot_compare(records, os.path.join(out, "compare.png"))
         with open(os.path.join(out, "compare.json"), "w") as f:
-            json.dump({"table": table, "seeds": seeds, "folds": folds,
+            json.dump({"table": table, "cost": cost, "methods": methods, "seeds": seeds, "folds": folds,
                        "budget": {k: v for k, v in budget.items() if k != "overrides"},
                        "runs": summary["runs"]}, f, indent=1)
-        print(f"\nbaseline vs LGD, seeds {seeds}" + (f", folds {folds}" if args.folds else "")
+        print(f"\n{' vs '.join(methods)}, seeds {seeds}" + (f", folds {folds}" if args.folds else "")
               + " (COCO AP %):\n" + format_table(table))
+        print("\ntraining cost per run (mean; stages included):\n" + format_cost(cost))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if args.compare else ""))
+    print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if comparing else ""))
     return summary
 
 
