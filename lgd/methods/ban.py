@@ -19,13 +19,14 @@ from detectron2.config import instantiate
 from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.detector_adapters import build_detector_adapter
 from ..modeling.distillation_loss import DistillationLoss
+from ..modeling.wrapper import DetectorWrapper, detection_step
 from . import Stage, TrainingMethod, stage_checkpoint
-from .dml import detection_step, distilled, feature_distillation
+from .dml import distilled, feature_distillation
 
 __all__ = ["BAN", "BornAgain"]
 
 
-class BornAgain(nn.Module):
+class BornAgain(DetectorWrapper):
     """A detector trained with its detection losses plus feature distillation (loss_distill) from a frozen
     teacher detector of the same kind, the previous generation. The teacher runs without gradient on the
     student's preprocessed images, has requires_grad False and stays in eval mode; eval: the student's outputs."""
@@ -38,19 +39,9 @@ class BornAgain(nn.Module):
         self.detector, self.teacher, self.distill_loss = detector, teacher.requires_grad_(False).eval(), distill_loss
         self.adapters = (build_detector_adapter(detector), build_detector_adapter(teacher))
 
-    @property
-    def device(self):
-        return self.detector.device
+    frozen = ("teacher",)
 
-    def train(self, mode: bool = True):
-        """As nn.Module.train, except that the teacher stays in eval mode (frozen norm statistics)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, batched_inputs: List[Dict]):
-        if not self.training:
-            return self.detector(batched_inputs)
+    def training_losses(self, batched_inputs: List[Dict]):
         adapter, teacher_adapter = self.adapters
         step = detection_step(adapter, batched_inputs)
         with torch.no_grad():

@@ -7,12 +7,10 @@ transfer the LGD paper compares with (its Table 2): DML's KL between the peers' 
 mimicry of the peer's intermediate features. The first student (`detector`) is the one evaluated and
 exported; the second (`peer`) is simply a trainable part of the model, trained by the same optimizer.
 
-detection_step (the detector's own training losses on a batch, through its lgd.modeling.detector_adapters
-adapter) is shared with lgd.methods.ban, tfkd and fgfi; feature_distillation (the distillation loss sized from
-that adapter) with ban.
+feature_distillation (the distillation loss sized from a detector's adapter) is shared with lgd.methods.ban.
 """
 import math
-from typing import Dict, List, NamedTuple
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -22,40 +20,13 @@ from detectron2.utils.events import get_event_storage
 from ..engine.checkpoint import DetectorEMAState
 from ..modeling.detector_adapters import DetectorAdapter, build_detector_adapter
 from ..modeling.distillation_loss import DistillationLoss
+from ..modeling.wrapper import DetectionStep, DetectorWrapper, detection_step
 from . import TrainingMethod
 
-__all__ = ["DML", "DetectionStep", "MutualLearning", "PEER_SCOPE", "PEER_SUFFIX", "detection_step",
-           "feature_distillation"]
+__all__ = ["DML", "MutualLearning", "PEER_SCOPE", "PEER_SUFFIX", "feature_distillation"]
 
 PEER_SUFFIX = "_peer"  # the second student's losses: the detector's names with this suffix
 PEER_SCOPE = "dml_peer"  # EventStorage prefix of the metrics the second student's heads log
-
-
-class DetectionStep(NamedTuple):
-    """One training pass of a detector: its padded images, backbone features (every level), the adapter's
-    targets and the detector's own loss dict."""
-
-    images: object
-    features: Dict[str, torch.Tensor]
-    targets: Dict
-    losses: Dict[str, torch.Tensor]
-
-
-def detection_step(adapter: DetectorAdapter, batched_inputs: List[Dict], images=None) -> DetectionStep:
-    """The detector's own training losses on batched_inputs, run through its adapter (the computation of
-    the stock detector's training forward), keeping the features for distillation. images: the batch
-    already preprocessed (ImageList) by a detector with the same pixel normalization, or None."""
-    detector = adapter.detector
-    if not batched_inputs or any("instances" not in x for x in batched_inputs):
-        raise ValueError(f"{type(detector).__name__}: training needs 'instances' in every input dict")
-    if images is None:
-        images = detector.preprocess_image(batched_inputs)
-    gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
-    features = adapter.features(images)
-    targets = adapter.targets(images, features, gt_instances)
-    losses = dict(targets.get("student_losses", {}))
-    losses.update(adapter.losses(images, features, gt_instances, targets))
-    return DetectionStep(images, features, targets, losses)
 
 
 def feature_distillation(adapter: DetectorAdapter, loss_weight: float, backend: str) -> DistillationLoss:
@@ -69,7 +40,7 @@ def distilled(step: DetectionStep, adapter: DetectorAdapter) -> Dict[str, torch.
     return {f: step.features[f] for f in adapter.in_features}
 
 
-class MutualLearning(nn.Module):
+class MutualLearning(DetectorWrapper):
     """Two detectors trained together, each mimicking the other's detached FPN features (module docstring).
 
     Training forward: the detector's losses, the peer's with the suffix PEER_SUFFIX (its heads' metrics
@@ -90,13 +61,7 @@ class MutualLearning(nn.Module):
         self.adapters = (build_detector_adapter(detector), build_detector_adapter(peer))
         self._peer_ema = DetectorEMAState(peer)
 
-    @property
-    def device(self):
-        return self.detector.device
-
-    def forward(self, batched_inputs: List[Dict]):
-        if not self.training:
-            return self.detector(batched_inputs)
+    def training_losses(self, batched_inputs: List[Dict]):
         adapter, peer_adapter = self.adapters
         first = detection_step(adapter, batched_inputs)
         with get_event_storage().name_scope(PEER_SCOPE):

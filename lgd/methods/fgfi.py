@@ -25,8 +25,8 @@ from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.detector_adapters import build_detector_adapter
 from ..tools.cli import UsageError
 from ..tools.overrides import apply_overrides_strict
+from ..modeling.wrapper import DetectorWrapper, detection_step
 from . import Stage, TrainingMethod
-from .dml import detection_step
 
 __all__ = ["FGFI", "FGFIDistiller", "anchor_levels", "imitation_masks"]
 
@@ -57,10 +57,12 @@ def imitation_masks(anchors: List[Boxes], grid_sizes: List[Tuple[int, int]], gt_
     return [(iou > threshold).any(dim=0).view(h, w, -1).any(dim=-1) for iou, (h, w) in zip(ious, grid_sizes)]
 
 
-class FGFIDistiller(nn.Module):
+class FGFIDistiller(DetectorWrapper):
     """The student `detector` trained with its own losses plus FGFI's loss_imitation towards a frozen `teacher`
     (module docstring). The teacher's weights are frozen and it stays in eval mode; in eval mode forward() is
     the student's. The adapter (a 3x3 conv, student channels -> teacher channels) is shared by the levels."""
+
+    frozen = ("teacher",)
 
     def __init__(self, detector: nn.Module, teacher: nn.Module, *, psi: float = 0.5, loss_weight: float = 0.01):
         super().__init__()
@@ -87,19 +89,7 @@ class FGFIDistiller(nn.Module):
                              f"(one adapter for all levels), got {sorted(channels)}")
         return channels.pop()
 
-    def train(self, mode: bool = True):
-        """As nn.Module.train, except that the teacher stays in eval mode (frozen BN statistics, no dropout)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    @property
-    def device(self):
-        return self.detector.device
-
-    def forward(self, batched_inputs: List[Dict]):
-        if not self.training:
-            return self.detector(batched_inputs)
+    def training_losses(self, batched_inputs: List[Dict]):
         step = detection_step(self.detector_adapter, batched_inputs)
         with torch.no_grad():  # the teacher's own pixel normalization
             teacher_features = self.teacher.backbone(self.teacher.preprocess_image(batched_inputs).tensor)

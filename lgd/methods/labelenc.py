@@ -16,13 +16,14 @@ import torch.nn as nn
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
-from . import Stage, TrainingMethod
 from ..engine.checkpoint import read_checkpoint
 from ..engine.hooks import unwrap_model
 from ..modeling.detector_adapters import (FCOSAdapter, RCNNAdapter, RetinaNetAdapter,
                                           build_detector_adapter)
 from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
                                                feature_distance, render_colour_maps)
+from ..modeling.wrapper import DetectorWrapper, detection_step
+from . import Stage, TrainingMethod
 
 __all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
 
@@ -32,7 +33,7 @@ AE_SCOPE = "labelenc_ae"  # EventStorage scope of the metrics the head logs on t
 SUPPORTED = (RetinaNetAdapter, FCOSAdapter, RCNNAdapter)
 
 
-class _LabelEncModel(nn.Module):
+class _LabelEncModel(DetectorWrapper):
     """What both steps share: the detector, its adapter, the label-encoding network, the feature adapter and
     the distance loss (on while loss_enabled; LossWindow sets it per iteration)."""
 
@@ -54,13 +55,6 @@ class _LabelEncModel(nn.Module):
         self.loss_weight = float(settings["loss_weight"])
         self.loss_enabled = True
 
-    def _inputs(self, batched_inputs):
-        if not batched_inputs or any("instances" not in x for x in batched_inputs):
-            raise ValueError("LabelEnc: training needs 'instances' in every input dict")
-        images = self.detector.preprocess_image(batched_inputs)
-        gt = [x["instances"].to(self.detector.device) for x in batched_inputs]
-        return images, gt
-
     def _label_features(self, images, gt, jitter):
         maps = render_colour_maps(gt, self.num_classes, tuple(images.tensor.shape[-2:]), jitter=jitter)
         return self.label_net(maps.to(images.tensor.dtype))
@@ -76,14 +70,10 @@ class LabelEncStep1(_LabelEncModel):
     head), plus loss_labelenc (detector features -> detached label features) while loss_enabled. The colour
     maps are jittered (the authors' step-1 augmentation). Everything here trains."""
 
-    def forward(self, batched_inputs):
-        if not self.training:
-            return self.detector(batched_inputs)
+    def training_losses(self, batched_inputs):
         adapter = self.detector_adapter
-        images, gt = self._inputs(batched_inputs)
-        features = adapter.features(images)
-        targets = adapter.targets(images, features, gt)  # the label features have the same sizes: reused
-        losses = adapter.losses(images, features, gt, targets)
+        # the targets are reused on the label features: they have the same sizes
+        images, gt, features, targets, losses = detection_step(adapter, batched_inputs)
         label_features = self._label_features(images, gt, jitter=True)
         with get_event_storage().name_scope(AE_SCOPE):
             for name, value in adapter.losses(images, label_features, gt, targets).items():
@@ -112,18 +102,10 @@ class LabelEncStep2(_LabelEncModel):
             raise ValueError(f"LabelEnc: the step-1 checkpoint does not fit the student: missing "
                              f"{sorted(expected & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}")
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.label_net.eval()  # frozen
-        return self
+    frozen = ("label_net",)
 
-    def forward(self, batched_inputs):
-        if not self.training:
-            return self.detector(batched_inputs)
-        adapter = self.detector_adapter
-        images, gt = self._inputs(batched_inputs)
-        features = adapter.features(images)
-        losses = adapter.losses(images, features, gt, adapter.targets(images, features, gt))
+    def training_losses(self, batched_inputs):
+        images, gt, features, _, losses = detection_step(self.detector_adapter, batched_inputs)
         if self.loss_enabled:
             with torch.no_grad():
                 label_features = self._label_features(images, gt, jitter=False)

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modeling.detector_adapters import RCNNAdapter, build_detector_adapter
+from ..modeling.wrapper import DetectorWrapper, detection_step
 from . import TrainingMethod
-from .dml import detection_step
 
 __all__ = ["TfKD", "TfKDRegularized", "tfkd_reg_loss", "virtual_teacher"]
 
@@ -48,7 +48,7 @@ def tfkd_reg_loss(logits: torch.Tensor, labels: torch.Tensor, correct_prob: floa
     return F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
 
 
-class TfKDRegularized(nn.Module):
+class TfKDRegularized(DetectorWrapper):
     """A Faster / Mask R-CNN trained with tf-KD_reg on its box classifier (module docstring).
 
     Training forward: the detector's losses with loss_cls scaled by (1 - alpha), and loss_tfkd (alpha times
@@ -74,13 +74,7 @@ class TfKDRegularized(nn.Module):
         self.detector, self.adapter = detector, adapter
         self.alpha, self.correct_prob, self.temperature = float(alpha), float(correct_prob), float(temperature)
 
-    @property
-    def device(self):
-        return self.detector.device
-
-    def forward(self, batched_inputs: List[Dict]):
-        if not self.training:
-            return self.detector(batched_inputs)
+    def training_losses(self, batched_inputs: List[Dict]):
         scores = []
         hook = self.detector.roi_heads.box_predictor.register_forward_hook(
             lambda module, inputs, outputs: scores.append(outputs[0]))

@@ -39,12 +39,13 @@ from torch.utils.checkpoint import checkpoint
 from .detector_adapters import build_detector_adapter
 from .distillation_loss import DistillationLoss
 from .teacher import LGDTeacher
+from .wrapper import DetectorWrapper, detection_step
 
 TEACHER_SUFFIX = "_tea"
 TEACHER_SCOPE = "lgd_teacher"  # EventStorage prefix of the metrics the heads log on the instructive branch
 
 
-class LGDDistiller(nn.Module):
+class LGDDistiller(DetectorWrapper):
     """A detectron2 detector (the student) plus LGD's teacher and distillation loss (see the module docstring).
 
     detector: a built detectron2 RetinaNet, FCOS or (Faster/Mask) R-CNN. num_classes and the feature channels
@@ -115,23 +116,9 @@ class LGDDistiller(nn.Module):
         """The LGD teacher (label/appearance encoders, relation adapter, knowledge mapper)."""
         return list(self.teacher.parameters())
 
-    @property
-    def device(self):
-        return self.detector.device
-
-    def forward(self, batched_inputs: List[Dict]):
-        if not self.training:
-            return self.detector(batched_inputs)
-        if not batched_inputs or any("instances" not in x for x in batched_inputs):
-            raise ValueError("LGDDistiller: training needs 'instances' in every input dict")
+    def training_losses(self, batched_inputs: List[Dict]):
         adapter = self.detector_adapter
-        images = self.detector.preprocess_image(batched_inputs)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        features = adapter.features(images)
-        targets = adapter.targets(images, features, gt_instances)
-        losses = dict(targets.get("student_losses", {}))
-        losses.update(adapter.losses(images, features, gt_instances, targets))
-
+        images, gt_instances, features, targets, losses = detection_step(adapter, batched_inputs)
         distilled = {f: features[f] for f in adapter.in_features}
         image_size = tuple(images.tensor.shape[-2:])
         labels = self.teacher.pack(gt_instances, image_size)
