@@ -484,6 +484,18 @@ def shrink_detector_config(model, num_classes):
     return model
 
 
+def detectron2_input(boxes, classes, seed, image_size):
+    """One detectron2 training input: a random image of image_size (H, W) drawn from `seed`, and ground truth
+    Instances with `boxes` (XYXY pixels) and `classes`."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    inst = Instances(image_size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return {"image": torch.rand(3, *image_size, generator=g) * 255, "instances": inst}
+
+
 def tiny_yacs_config(config_file):
     """detectron2's yacs model-zoo config `config_file` shrunk like shrink_detector_config: CPU, no weights,
     ResNet-18 with BN, a 32-channel FPN."""

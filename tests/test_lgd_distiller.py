@@ -12,11 +12,11 @@ pytest.importorskip("detectron2")
 import torch
 from detectron2 import model_zoo
 from detectron2.config import instantiate
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from detectron2.utils.events import EventStorage
 
 import lgd_ops
-from conftest import sgd_loss_totals, shrink_retinanet_config, tiny_yacs_config
+from conftest import detectron2_input, sgd_loss_totals, shrink_retinanet_config, tiny_yacs_config
 from lgd import LGDDistiller, LGDTeacher
 from lgd.modeling.distiller import TEACHER_SUFFIX
 
@@ -38,11 +38,7 @@ def make_distiller(backend="reference", seed=0, **kwargs):
 
 
 def make_input(boxes, classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    inst = Instances(IMAGE)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
+    return detectron2_input(boxes, classes, seed, IMAGE)
 
 
 def make_batch():

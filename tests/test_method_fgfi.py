@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes
 from detectron2.utils.events import EventStorage
 
-from conftest import shrink_detector_config
+from conftest import detectron2_input, shrink_detector_config
 from lgd.engine.checkpoint import CheckpointError
 from lgd.methods import build_method
 from lgd.methods.fgfi import FGFI, FGFIDistiller, imitation_masks
@@ -177,11 +177,7 @@ def make_model(tmp_path, detector="retinanet", **settings):
 
 
 def make_input(boxes, classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    inst = Instances(IMAGE)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
+    return detectron2_input(boxes, classes, seed, IMAGE)
 
 
 def make_batch():

@@ -13,10 +13,9 @@ pytest.importorskip("detectron2")
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from conftest import shrink_detector_config
+from conftest import detectron2_input, shrink_detector_config
 from lgd.methods import build_method, stage_checkpoint
 from lgd.methods.ban import BornAgain
 from lgd.methods.dml import PEER_SUFFIX
@@ -54,11 +53,7 @@ def build(cfg, checkpoints=None, seed=0):
 
 
 def make_input(boxes, classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    inst = Instances(IMAGE)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
+    return detectron2_input(boxes, classes, seed, IMAGE)
 
 
 def make_batch():
