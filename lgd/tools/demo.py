@@ -342,7 +342,8 @@ def cost_table(records):
     ratio of the means}}: the demo's training cost per method (the paper's Table 7 on this machine)."""
     table = {}
     for mode in _methods(records):
-        walls = [r["total_wall_s"] for r in records if r["mode"] == mode and r.get("total_wall_s") is not None]
+        # a run.json written before cost.json existed holds only its own wall_s (such runs had no stages)
+        walls = [r.get("total_wall_s", r["wall_s"]) for r in records if r["mode"] == mode]
         stages = sorted({k for r in records if r["mode"] == mode for k in r.get("stages_wall_s", {})})
         table[mode] = {"total_wall_s": statistics.mean(walls) if walls else None, "stages": stages}
     base = table.get("baseline", {}).get("total_wall_s")
