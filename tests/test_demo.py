@@ -290,4 +290,6 @@ def test_unknown_method_is_a_usage_error(tmp_path, capsys):
 
     assert main(["--methods", "lgd", "kd", "--output-dir", str(tmp_path / "out")]) == 2
     assert "--methods: unknown ['kd']" in capsys.readouterr().err
+    assert main(["--methods", "baseline", "tfkd", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "tfkd (tf-KD_reg) is defined for R-CNN" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

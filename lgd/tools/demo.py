@@ -475,8 +475,8 @@ def build_parser():
                         help="baseline vs LGD over --seeds (= --methods baseline lgd)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="compare these training methods over --seeds, same budget and seeds: any of "
-                             f"{', '.join(sorted(METHODS))} (docs/methods/; tfkd needs an R-CNN, not the demo's "
-                             "RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's generations) run inside "
+                             f"{', '.join(sorted(METHODS))} (docs/methods/; not tfkd: it needs an R-CNN, the "
+                             "demo's detector is a RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's generations) run inside "
                              "each run's folder and count in its cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default: 0 (0 1 2 with --compare or --methods)")
@@ -519,6 +519,10 @@ def _check_arguments(args):
     unknown = sorted(set(args.methods or ()) - set(METHODS))
     if unknown:
         raise UsageError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    if "tfkd" in (args.methods or ()):  # checked here so that no earlier run trains before it fails
+        raise UsageError("--methods: tfkd (tf-KD_reg) is defined for R-CNN's softmax box classifier; the demo's "
+                         "detector is a RetinaNet",
+                         hint="lgd-train --config-file lgd/configs/faster_rcnn_R_50_FPN_1x_lgd.py lgd.method=tfkd")
     if args.methods and args.compare and set(args.methods) != set(MODES):
         raise UsageError("--compare is --methods baseline lgd: give one of them")
     if args.folds is not None and args.data is not None:

@@ -1,4 +1,5 @@
-"""lgd-export: the student of an LGD checkpoint as a stock detectron2 checkpoint (LGD adds no inference cost).
+"""lgd-export: the student of an lgd-train checkpoint (LGD or any lgd.methods method) as a stock detectron2
+checkpoint (the methods add no inference cost).
 
     lgd-export --config-file CFG --checkpoint IN.pth --output OUT.pth [--overwrite] [--debug] [key=value ...]
 
