@@ -298,3 +298,39 @@ def test_unsupported_detector_is_refused():
 
     with pytest.raises(ValueError, match="LabelEnc: unsupported detector Plain"):
         LabelEnc(run_cfg(step=1)).build(Plain(), {})
+
+
+FAST_STEP = """
+import torch
+from detectron2.config import instantiate
+from detectron2.utils.events import EventStorage
+from lgd.engine.trainer import use_channels_last
+from lgd.methods import build_method
+from lgd.tools.demo import DEMO_CONFIG
+from lgd.tools.train_net import load_config
+
+torch.set_num_threads(1)
+cfg = load_config(DEMO_CONFIG, ["lgd.method=labelenc", "lgd.labelenc.step=1", "model.backbone.weights=null"])
+model = use_channels_last(build_method(cfg).build(instantiate(cfg.model), {}).train())
+assert all(p.is_contiguous() for p in model.label_net.parameters())
+assert model.detector.backbone.fpn_lateral3.weight.is_contiguous(memory_format=torch.channels_last)
+g = torch.Generator().manual_seed(0)
+batch = [{"image": torch.rand(3, 256, 256, generator=g) * 255, "instances": inst}
+         for inst in [__import__("conftest").detectron2_input([[10, 20, 90, 120]], [0], 1, (256, 256))["instances"]] * 2]
+with EventStorage(0), torch.autocast("cpu", torch.bfloat16):
+    losses = model(batch)
+sum(losses.values()).backward()
+print("step ok")
+"""
+
+
+def test_fast_path_keeps_the_label_network_nchw_and_trains_the_demo_step1():
+    """On the fast path the label network stays NCHW: the demo's label network has a 1x1 stride-2 conv on 8
+    channels whose channels_last CPU backward corrupts the heap in torch 2.14 (a crash, hence a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
+    result = subprocess.run([sys.executable, "-c", FAST_STEP], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and "step ok" in result.stdout, result.stderr[-2000:]

@@ -141,8 +141,11 @@ def _channels_last_input(module, args):
 
 def use_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """model in channels_last: its 4-D weights, and the image batch entering its detector's backbone
-    (a forward pre-hook on `detector.backbone`, or on `model.backbone` for a plain detector). Returns model."""
+    (a forward pre-hook on `detector.backbone`, or on `model.backbone` for a plain detector), except the
+    submodules a wrapper names in `nchw_modules` (kept contiguous: LabelEnc's label network). Returns model."""
     model.to(memory_format=torch.channels_last)
+    for name in getattr(model, "nchw_modules", ()):
+        getattr(model, name).to(memory_format=torch.contiguous_format)
     detector = getattr(model, "detector", model)
     backbone = getattr(detector, "backbone", None)
     if backbone is not None and not getattr(backbone, "_lgd_channels_last", False):

@@ -37,6 +37,10 @@ class _LabelEncModel(DetectorWrapper):
     """What both steps share: the detector, its adapter, the label-encoding network, the feature adapter and
     the distance loss (on while loss_enabled; LossWindow sets it per iteration)."""
 
+    # the label-encoding network stays NCHW on the fast path: torch 2.14's CPU backward of a 1x1 stride-2 conv
+    # with 8 input channels in channels_last corrupts the heap (the demo's stage-1 shortcut; benchmarks/README.md)
+    nchw_modules = ("label_net",)
+
     def __init__(self, detector: nn.Module, settings: Dict):
         super().__init__()
         self.detector = detector
