@@ -14,9 +14,12 @@ Contract of the model build() returns: an nn.Module with attribute `detector` (t
 detector); in training mode forward(batched_inputs) returns a dict of scalar losses; in eval mode it returns
 the student's outputs. Every parameter with requires_grad=True when the model is built is trained by one SGD at
 optimizer.lr (lgd.engine.optim.build_sgd), unless the method overrides build_optimizer; frozen parts (a
-pretrained teacher) have requires_grad=False and stay in eval mode (override train()). The method's settings
-live under cfg.lgd.<name> (its DEFAULTS; lgd/configs/_lgd_config.py adds every method's DEFAULTS to the configs).
-A method that runs lgd_ops reads its backend from `self.backend` (cfg.lgd.backend, or lgd-train --ops).
+pretrained teacher) have requires_grad=False and stay in eval mode. lgd.modeling.wrapper.DetectorWrapper gives
+all of this (subclasses write training_losses; `frozen` names the eval-mode parts) and detection_step the
+student's own losses; a wrapper may also name `init_checkpoint_modules` (detectors a name-matched
+train.init_checkpoint initialises; default the student) and `nchw_modules` (kept NCHW on the fast path).
+The method's settings live under cfg.lgd.<name> (its DEFAULTS; lgd/configs/_lgd_config.py adds every
+method's DEFAULTS to the configs). A method that runs lgd_ops reads its backend from `self.backend` (cfg.lgd.backend, or lgd-train --ops).
 The baseline's build() returns the detector itself: lgd-train takes a model without a `detector` attribute as
 its own student (lgd.engine.checkpoint.student_module), and a wrapper's checkpoint keeps the student's weights
 under `detector.` (lgd-eval and lgd-export read any wrapper's student from there).
