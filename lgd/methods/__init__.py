@@ -19,7 +19,8 @@ all of this (subclasses write training_losses; `frozen` names the eval-mode part
 student's own losses; a wrapper may also name `init_checkpoint_modules` (detectors a name-matched
 train.init_checkpoint initialises; default the student) and `nchw_modules` (kept NCHW on the fast path).
 The method's settings live under cfg.lgd.<name> (its DEFAULTS; lgd/configs/_lgd_config.py adds every
-method's DEFAULTS to the configs). A method that runs lgd_ops reads its backend from `self.backend` (cfg.lgd.backend, or lgd-train --ops).
+method's DEFAULTS to the configs). A method that runs lgd_ops reads its backend from `self.backend`
+(cfg.lgd.backend, or lgd-train --ops).
 The baseline's build() returns the detector itself: lgd-train takes a model without a `detector` attribute as
 its own student (lgd.engine.checkpoint.student_module), and a wrapper's checkpoint keeps the student's weights
 under `detector.` (lgd-eval and lgd-export read any wrapper's student from there).
