@@ -334,3 +334,24 @@ def test_fast_path_keeps_the_label_network_nchw_and_trains_the_demo_step1():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
     result = subprocess.run([sys.executable, "-c", FAST_STEP], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "step ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_step2_keeps_the_students_frozen_batchnorm_statistics():
+    """Step 2's initialisation must not touch the student's bottom-up: a partial load_state_dict makes
+    detectron2's FrozenBatchNorm2d reset missing running statistics to 0 / 1 (it did, wiping ImageNet's)."""
+    from lgd.tools.demo import DEMO_CONFIG
+    from lgd.tools.train_net import load_config
+
+    cfg = load_config(DEMO_CONFIG, ["lgd.method=labelenc", "lgd.labelenc.step=1", "model.backbone.weights=null"])
+    step1 = build_method(cfg).build(instantiate(cfg.model), {})
+    student = instantiate(cfg.model)
+    g = torch.Generator().manual_seed(0)
+    stats = {k: torch.rand(v.shape, generator=g) + 0.5 for k, v in student.state_dict().items()
+             if k.startswith("backbone.bottom_up.") and ("running_var" in k or "running_mean" in k)}
+    assert stats  # the demo's MobileNetV2 has FrozenBN layers
+    student.load_state_dict({**student.state_dict(), **stats})
+    cfg.lgd.labelenc.step = 2
+    model = LabelEncStep2(student, build_method(cfg).settings, step1.state_dict())
+    after = model.detector.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
+    assert torch.equal(after["head.cls_score.weight"], step1.detector.state_dict()["head.cls_score.weight"])

@@ -100,11 +100,15 @@ class LabelEncStep2(_LabelEncModel):
         self.label_net.requires_grad_(False).eval()
         head = {k: v for k, v in _under(step1_state, "detector.").items() if not k.startswith("backbone.")}
         fpn = {"backbone." + k: v for k, v in self.label_net.state_dict().items() if not k.startswith("bottom_up.")}
-        missing, unexpected = detector.load_state_dict({**head, **fpn}, strict=False)
-        expected = {k for k in detector.state_dict() if not k.startswith("backbone.bottom_up.")}
-        if unexpected or expected & set(missing):
+        current = detector.state_dict()
+        unexpected = sorted((set(head) | set(fpn)) - set(current))
+        missing = sorted(k for k in current if not k.startswith("backbone.bottom_up.") and k not in {**head, **fpn})
+        if unexpected or missing:
             raise ValueError(f"LabelEnc: the step-1 checkpoint does not fit the student: missing "
-                             f"{sorted(expected & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}")
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+        # a complete state_dict: a partial one (strict=False) makes detectron2's FrozenBatchNorm2d fill the
+        # bottom-up's missing running_mean / running_var with 0 / 1, wiping the backbone's ImageNet statistics
+        detector.load_state_dict({**current, **head, **fpn})
 
     frozen = ("label_net",)
 
