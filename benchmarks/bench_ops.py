@@ -317,6 +317,20 @@ def plot(rows, base):
     return written
 
 
+def write_outputs(base, rows, payload, table):
+    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    if rows:
+        with open(base + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(table + "\n")
+
+
 def main(argv=None, prog=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)  # before the re-exec, so that --help and errors name the command as typed
@@ -339,16 +353,8 @@ def main(argv=None, prog=None):
     table = markdown(rows, stamp, args.modes)
     print("\n" + table)
 
-    os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"ops_{device.type}_{'-'.join(args.shape)}_{'-'.join(args.dtype)}")
-    with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table + "\n")
+    write_outputs(base, rows, rows, table)
     plots = plot(rows, base)
     print(f"\nwrote {base}.csv, .json, .md" + "".join(f", {os.path.basename(p)}" for p in plots))
 

@@ -56,7 +56,6 @@ run).
   lgd-bench train --detectors retinanet faster_rcnn --methods baseline lgd fgfi labelenc dml ban tfkd --modes fast
 """
 import argparse
-import csv
 import ctypes
 import json
 import os
@@ -70,7 +69,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ops import STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version  # noqa: E402
+from bench_ops import (STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version,  # noqa: E402
+                       write_outputs)
 
 from lgd.methods import METHODS  # noqa: E402
 
@@ -699,20 +699,6 @@ def plot_costs(results, path):
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def write_outputs(base, rows, payload, table):
-    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    if rows:
-        with open(base + ".csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table + "\n")
 
 
 def run_variants(args, stamp, device):
