@@ -73,6 +73,7 @@ from bench_ops import (STEADY_MALLOC, ArgumentParser, device_name, git_commit, t
                        write_outputs)
 
 from lgd.methods import METHODS  # noqa: E402
+from lgd_ops.benchmark import proc_status_kib, reset_peak_rss  # noqa: E402
 
 DETECTORS = {
     "retinanet": "lgd/configs/retinanet_R_50_FPN_1x_lgd.py",
@@ -172,11 +173,6 @@ def build(detector, variant, device, mode="fp32"):
     return model, optimizer, lgd_model.teacher.label_encoder.num_classes, fast
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
-
-
 def peak_step_bytes(step, device):
     """Peak memory one step() allocates beyond what is held between steps (module docstring)."""
     if device.type == "cuda":
@@ -190,11 +186,10 @@ def peak_step_bytes(step, device):
     libc.mallopt(M_MMAP_THRESHOLD, 65536)
     libc.mallopt(M_TRIM_THRESHOLD, 0)
     libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    base = _rss_kib("VmRSS")
+    reset_peak_rss()
+    base = proc_status_kib("VmRSS")
     step()
-    return (_rss_kib("VmHWM") - base) * 1024
+    return (proc_status_kib("VmHWM") - base) * 1024
 
 
 def teacher_copies(prof):

@@ -212,9 +212,16 @@ def peak_memories(cases: Sequence[OpCase], mode: str, backends: Sequence[str]) -
     return [values[i * len(backends):(i + 1) * len(backends)] for i in range(len(cases))]
 
 
-def _proc_status_kib(field):
+def proc_status_kib(field):
+    """A KiB field of /proc/self/status (Linux): "VmRSS" (resident size) or "VmHWM" (its high-water mark)."""
     with open("/proc/self/status") as f:
         return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def reset_peak_rss():
+    """Resets this process's VmHWM to its current resident size (Linux /proc/self/clear_refs, proc(5))."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _peak_child(path):
@@ -231,12 +238,11 @@ def _peak_child(path):
             mode_fn(tiny, spec["mode"], backend)()
             fn = mode_fn(case, spec["mode"], backend)
             gc.collect()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
-            base = _proc_status_kib("VmRSS")
+            reset_peak_rss()
+            base = proc_status_kib("VmRSS")
             fn()
             # RSS counters are synced lazily per thread (tens of KiB): a tiny case can read slightly negative
-            print(max(0, _proc_status_kib("VmHWM") - base) * 1024, flush=True)
+            print(max(0, proc_status_kib("VmHWM") - base) * 1024, flush=True)
             del fn
             gc.collect()
 

@@ -62,7 +62,7 @@ from ..engine.op_report import OPS
 from .cli import DEBUG_HELP, UsageError, run_command
 from .overrides import apply_overrides_strict
 from ..methods import METHODS
-from .train_net import OPS_HELP, check_backend, fast_path, load_config, train
+from .train_net import OPS_HELP, check_backend, fast_path, load_config, read_cost, read_metrics, train
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
            "run", "run_one"]
@@ -160,19 +160,6 @@ def build_config(output_dir, datasets, *, iters, batch_size, image_size=None, wo
     return apply_overrides_strict(cfg, overrides)
 
 
-def _read_metrics(output_dir):
-    """metrics.json rows by iteration (a resumed run appends: the last row of an iteration wins)."""
-    path = os.path.join(output_dir, "metrics.json")
-    rows = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    rows.setdefault(row["iteration"], {}).update(row)
-    return [rows[i] for i in sorted(rows)]
-
-
 def _curves(rows):
     """{key: [[iteration, value], ...]} for the losses, bbox AP/AP50 and the op report."""
     curves = {}
@@ -230,10 +217,7 @@ def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resu
     start = time.perf_counter()
     results = train(cfg, backend=backend, resume=resume, extra_hooks=extra_hooks)
     wall_s = time.perf_counter() - start
-    with open(os.path.join(run_dir, "cost.json")) as f:
-        cost = json.load(f)
-    rows = _read_metrics(run_dir)
-    times = [r["time"] for r in rows if "time" in r]
+    cost, rows = read_cost(run_dir), read_metrics(run_dir)
     record = {
         "mode": mode, "seed": seed, "fold": fold, "datasets": {k: datasets[k] for k in ("train", "val")},
         "backend": backend if mode != "baseline" else None, "precision": fast_path(cfg).describe(),
@@ -243,7 +227,7 @@ def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resu
         "threads": torch.get_num_threads(), "wall_s": wall_s,
         "total_wall_s": cost["total_wall_s"],  # the run and its stages (teacher pretraining, LabelEnc step 1, ...)
         "stages_wall_s": {k: (v or {}).get("total_wall_s") for k, v in (cost.get("stages") or {}).items()},
-        "s_per_iter": statistics.median(times) if times else None,
+        "s_per_iter": cost["s_per_iter"],
         "results": {k: _number(results.get("bbox", {}).get(k)) for k in AP_KEYS + ("AP75",)},
         "curves": _curves(rows), "run_dir": run_dir,
     }

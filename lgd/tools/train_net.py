@@ -125,6 +125,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 import lgd_ops
+from lgd_ops.benchmark import proc_status_kib, reset_peak_rss
 
 from ..data.register import (DatasetError, drop_degenerate_boxes, parse_coco_spec, register_coco_by_path,
                              validate_coco_json, validate_dataset)
@@ -141,7 +142,7 @@ from .cli import DEBUG_HELP, CommandError, UsageError, run_command
 __all__ = ["AtomicCheckpointer", "apply_dataset_arguments", "build_model", "build_optimizer", "build_parser",
            "build_schedule", "build_train_loader", "check_backend", "check_output_dir", "check_run_inputs", "do_test",
            "eval_main", "eval_run", "evaluate", "fast_path", "launch_cpu", "load_config", "main", "method_stages",
-           "read_cost", "run", "set_num_classes", "train", "train_stages", "write_cost"]
+           "read_cost", "read_metrics", "run", "set_num_classes", "train", "train_stages", "write_cost"]
 
 logger = logging.getLogger("lgd.tools.train_net")
 OPS_HELP = ("lgd_ops backend: auto (compiled kernels when built), reference (pure PyTorch), cpu, cuda or triton "
@@ -380,12 +381,11 @@ def _reset_peak_memory(device):
     """Restarts the peak that _peak_memory_mb reads: CUDA's allocator peak, or the process's peak RSS (Linux)."""
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
+    else:
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (proc(5))
+            reset_peak_rss()
         except OSError:
-            pass  # the peak then covers the process's lifetime
+            pass  # no /proc/self/clear_refs: the peak then covers the process's lifetime
 
 
 def _peak_memory_mb(device):
@@ -394,11 +394,9 @@ def _peak_memory_mb(device):
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     try:
-        with open("/proc/self/status") as f:
-            peak = next(line for line in f if line.startswith("VmHWM:"))
+        return proc_status_kib("VmHWM") / 1024, "cpu_peak_rss"
     except (OSError, StopIteration):
         return None, None
-    return int(peak.split()[1]) / 1024, "cpu_peak_rss"
 
 
 def read_cost(output_dir):
@@ -410,14 +408,21 @@ def read_cost(output_dir):
         return json.load(f)
 
 
+def read_metrics(output_dir):
+    """The rows of OUTPUT/metrics.json by iteration (a resumed run appends: the last row of an iteration wins)."""
+    path = os.path.join(output_dir, "metrics.json")
+    rows = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for row in map(json.loads, filter(str.strip, f)):
+                rows.setdefault(row["iteration"], {}).update(row)
+    return [rows[i] for i in sorted(rows)]
+
+
 def _median_step_seconds(output_dir):
     """Median of metrics.json's "time" (detectron2's IterationTimer: seconds per iteration after its warm-up),
     None when no row has one."""
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        times = [row["time"] for row in map(json.loads, filter(str.strip, f)) if "time" in row]
+    times = [row["time"] for row in read_metrics(output_dir) if "time" in row]
     return statistics.median(times) if times else None
 
 
