@@ -13,7 +13,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
-from conftest import shrink_detector_config
+from conftest import detectron2_input, shrink_detector_config
 from lgd.methods import build_method, stage_checkpoint
 from lgd.methods.labelenc import LabelEnc, LabelEncStep1, LabelEncStep2, LossWindow
 from lgd.modeling.fcos_head import FCOSHead
@@ -50,15 +50,12 @@ def settings(**kwargs):
 
 
 def make_input(boxes, classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    inst = Instances(IMAGE)
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    item = detectron2_input(boxes, classes, seed, IMAGE)
     masks = torch.zeros(len(boxes), *IMAGE, dtype=torch.bool)  # the boxes as masks (Mask R-CNN)
     for mask, (x0, y0, x1, y1) in zip(masks, boxes):
         mask[y0:y1, x0:x1] = True
-    inst.gt_masks = BitMasks(masks)
-    return {"image": torch.rand(3, *IMAGE, generator=g) * 255, "instances": inst}
+    item["instances"].gt_masks = BitMasks(masks)
+    return item
 
 
 def make_batch():

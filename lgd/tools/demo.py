@@ -460,8 +460,8 @@ def build_parser():
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="compare these training methods over --seeds, same budget and seeds: any of "
                              f"{', '.join(sorted(METHODS))} (docs/methods/; not tfkd: it needs an R-CNN, the "
-                             "demo's detector is a RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's generations) run inside "
-                             "each run's folder and count in its cost")
+                             "demo's detector is a RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's "
+                             "generations) run inside each run's folder and count in its cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default: 0 (0 1 2 with --compare or --methods)")
     parser.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
