@@ -11,8 +11,10 @@ from box_op_base import BoxOpTests
 from conftest import (
     box_case,
     DEVICE_BACKEND,
+    KERNELS,
     make_features,
     oracle_box_pool,
+    random_batch_idx,
     random_boxes,
 )
 
@@ -147,3 +149,26 @@ def test_empty_feature_map_gives_zero_rows(device, backend, shape):
     got = lgd_ops.box_pool(torch.randn(shape, device=device), boxes, batch_idx, (32, 32), backend=backend)
     assert got.shape == (n, shape[1])
     assert not got.any()
+
+
+@KERNELS
+def test_in_place_edit_of_boxes_between_calls_is_seen(device, backend):
+    """The compiled kernels cache each level's plan per (boxes, batch_idx) tensor (csrc/common/plan_cache.h):
+    after an in-place edit of either, forward and backward follow the edited values, as the reference does."""
+    boxes, batch_idx, b, c, image_size, level = box_case("mixed")
+    boxes, batch_idx = boxes.to(device), batch_idx.to(device)
+    features = make_features((b, c, *level), torch.float64, device, requires_grad=True)
+
+    def run(name):
+        out = lgd_ops.box_pool(features, boxes, batch_idx, image_size, backend=name)
+        (grad,) = torch.autograd.grad((out * out).sum(), features)
+        return out, grad
+
+    first = run(backend)  # caches the plans of (boxes, batch_idx) on this level
+    torch.testing.assert_close(first, run("reference"))
+    with torch.no_grad():
+        boxes.copy_(random_boxes(len(boxes), image_size, level))
+        batch_idx.copy_(random_batch_idx(len(batch_idx), b))
+    edited = run(backend)
+    torch.testing.assert_close(edited, run("reference"))
+    assert not torch.allclose(edited[0], first[0])

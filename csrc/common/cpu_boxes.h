@@ -3,18 +3,19 @@
 // for the kernels' top-to-bottom sweep (csrc/common/cpu_box_sweep.inc), grouped by row.
 // A plan depends only on the boxes and the level size, so it is built once per (boxes, level) and
 // reused by every call on them (box_pool's forward and its box_fill backward, each level's call):
-// plan_cache() keys it on the boxes/batch_idx tensors' identity and version.
+// plan_boxes_cpu caches the BoxPlan in PlanCache<BoxPlan, 5> (plan_cache.h; the CUDA plans have their own
+// caches, cuda_boxes.cuh), keyed on the boxes/batch_idx tensors' identity and version and the sizes.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #include "box_checks.h"
 #include "box_math.h"
+#include "plan_cache.h"
 
 namespace lgd_ops {
 
@@ -101,52 +102,13 @@ inline BoxPlan build_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, 
   return out;
 }
 
-// The plan of (boxes, batch_idx) on an h x w level, from a small cache: the ops run on the same boxes
-// for every level, forward and backward. An entry is reused only while both tensors are alive, unchanged
-// (same TensorImpl, data pointer and version counter: an in-place edit or a new tensor at a recycled
-// address misses) and the sizes match. Inference tensors (no version counter) are never cached.
+// The plan of (boxes, batch_idx) on an h x w level, from PlanCache<BoxPlan, 5> (plan_cache.h): keyed on both
+// tensors' identity, data pointer and version and on (batch, in_h, in_w, h, w).
 inline std::shared_ptr<const BoxPlan> plan_boxes_cpu(const at::Tensor& boxes, const at::Tensor& batch_idx,
                                                      int64_t batch, int64_t in_h, int64_t in_w, int64_t h,
                                                      int64_t w) {
-  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Entry {
-    Weak boxes, batch_idx;
-    const void *boxes_data, *batch_data;
-    int64_t boxes_version, batch_version;
-    int64_t dims[5];
-    std::shared_ptr<const BoxPlan> plan;
-  };
-  static std::mutex mutex;
-  static std::vector<Entry> cache;  // most recent last
-  constexpr size_t kEntries = 32;
-  const bool cacheable = !boxes.is_inference() && !batch_idx.is_inference();
-  const int64_t dims[5] = {batch, in_h, in_w, h, w};
-  if (cacheable) {
-    const int64_t bv = boxes._version(), iv = batch_idx._version();
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto it = cache.begin(); it != cache.end();) {
-      if (it->boxes.expired() || it->batch_idx.expired()) {
-        it = cache.erase(it);
-        continue;
-      }
-      const auto b = it->boxes.lock(), i = it->batch_idx.lock();
-      if (b.get() == boxes.unsafeGetTensorImpl() && i.get() == batch_idx.unsafeGetTensorImpl() &&
-          it->boxes_data == boxes.data_ptr() && it->batch_data == batch_idx.data_ptr() &&
-          it->boxes_version == bv && it->batch_version == iv && std::equal(dims, dims + 5, it->dims))
-        return it->plan;
-      ++it;
-    }
-  }
-  auto plan = std::make_shared<const BoxPlan>(build_plan(boxes, batch_idx, batch, in_h, in_w, h, w));
-  if (cacheable) {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (cache.size() >= kEntries) cache.erase(cache.begin());
-    Entry e{Weak(boxes.getIntrusivePtr()), Weak(batch_idx.getIntrusivePtr()), boxes.data_ptr(),
-            batch_idx.data_ptr(), boxes._version(), batch_idx._version(), {}, plan};
-    std::copy(dims, dims + 5, e.dims);
-    cache.push_back(std::move(e));
-  }
-  return plan;
+  return cached_plan<BoxPlan>(boxes, batch_idx, {batch, in_h, in_w, h, w},
+                              [&] { return build_plan(boxes, batch_idx, batch, in_h, in_w, h, w); });
 }
 
 // Where element (b, c, j, i) of a [B, C, H, W] map lives: b * sb + c * sc + j * sh + i * sw.

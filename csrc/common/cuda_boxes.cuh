@@ -2,6 +2,11 @@
 // (box_cells, the same arithmetic as the CPU kernels), the boxes grouped by image (the direct kernels), and
 // the boxes' top/bottom events sorted by (image, row) with the warp scan of the row sweeps
 // (box_sweep_math.h holds their arithmetic). Nothing here syncs with the host.
+// Both plans depend only on the boxes and the level, so each is built once per (boxes, level, stream) and
+// reused by every call on them (box_pool's forward and its box_fill backward, each level's call):
+// cached_box_plan and cached_event_plan keep them in PlanCache<CudaBoxPlan, 7> and
+// PlanCache<CudaEventPlan, 7> (plan_cache.h; the CPU plans have their own, cpu_boxes.h), keyed on the
+// boxes/batch_idx tensors' identity and version, the sizes, the device and the stream.
 #pragma once
 
 #include <type_traits>
@@ -9,10 +14,12 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "box_math.h"
 #include "box_sweep_math.h"
+#include "plan_cache.h"
 
 namespace lgd_ops {
 
@@ -130,6 +137,37 @@ inline CudaBoxPlan plan_boxes(const at::Tensor& boxes, const at::Tensor& batch_i
   plan.order = std::get<1>(sorted);
   plan.start = at::searchsorted(std::get<0>(sorted), at::arange(batch + 1, keys.options()));
   return plan;
+}
+
+// A cached plan of (boxes, batch_idx) on an h x w level, made by build() on a miss. The key holds the current
+// stream (rather than record_stream on a shared plan): a plan's tensors are written on the stream that built
+// it, so a call on another stream would also need an event to wait for them; with one plan per stream every
+// read is ordered after the writes, and the caching allocator hands the plan's memory, once freed, only to
+// later work on that stream. Under CUDA graph capture the cache is bypassed: a plan built there is written
+// only when the graph replays, and a cached plan read by the graph could be freed before a replay.
+template <typename Plan, typename Build>
+std::shared_ptr<const Plan> cached_cuda_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch,
+                                             int64_t in_h, int64_t in_w, int64_t h, int64_t w, Build&& build) {
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None)
+    return std::make_shared<const Plan>(build());
+  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  return cached_plan<Plan>(boxes, batch_idx, {batch, in_h, in_w, h, w, stream.device_index(), stream.id()},
+                           std::forward<Build>(build));
+}
+
+inline std::shared_ptr<const CudaBoxPlan> cached_box_plan(const at::Tensor& boxes, const at::Tensor& batch_idx,
+                                                          int64_t batch, int64_t in_h, int64_t in_w, int64_t h,
+                                                          int64_t w) {
+  return cached_cuda_plan<CudaBoxPlan>(boxes, batch_idx, batch, in_h, in_w, h, w,
+                                       [&] { return plan_boxes(boxes, batch_idx, batch, in_h, in_w, h, w); });
+}
+
+// The events of plan = cached_box_plan(boxes, batch_idx, batch, in_h, in_w, h, w) (the same key).
+inline std::shared_ptr<const CudaEventPlan> cached_event_plan(const at::Tensor& boxes, const at::Tensor& batch_idx,
+                                                              int64_t batch, int64_t in_h, int64_t in_w,
+                                                              int64_t h, int64_t w, const CudaBoxPlan& plan) {
+  return cached_cuda_plan<CudaEventPlan>(boxes, batch_idx, batch, in_h, in_w, h, w,
+                                         [&] { return plan_events(plan.cells, batch_idx, batch, h); });
 }
 
 }  // namespace lgd_ops

@@ -136,28 +136,28 @@ at::Tensor box_fill_cuda(const at::Tensor& values, const at::Tensor& boxes, cons
   at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options().memory_format(
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  const CudaBoxPlan plan = plan_boxes(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
+  const auto plan = cached_box_plan(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cuda", [&] {
     using acc_t = sweep_acc_t<scalar_t>;
     const int cb = sweep_channels(C, out_h, out_w, sizeof(acc_t));
     if (cb > 0) {
-      const CudaEventPlan ev = plan_events(plan.cells, batch_idx, batch, out_h);
+      const auto ev = cached_event_plan(boxes, batch_idx, batch, in_h, in_w, out_h, out_w, *plan);
       const dim3 grid((C + cb - 1) / cb, batch);
       const size_t shared = size_t(cb) * size_t(2 * out_w + 1) * sizeof(acc_t);
       auto kernel = channels_last ? box_fill_sweep_kernel<scalar_t, acc_t, true>
                                   : box_fill_sweep_kernel<scalar_t, acc_t, false>;
       kernel<<<grid, kSweepThreads, shared, at::cuda::getCurrentCUDAStream()>>>(
-          vals.data_ptr<scalar_t>(), C, out_h, out_w, cb, ev.key.data_ptr<int64_t>(), ev.id.data_ptr<int64_t>(),
-          ev.start.data_ptr<int64_t>(), plan.cells.data_ptr<int32_t>(), average, out.data_ptr<scalar_t>(),
+          vals.data_ptr<scalar_t>(), C, out_h, out_w, cb, ev->key.data_ptr<int64_t>(), ev->id.data_ptr<int64_t>(),
+          ev->start.data_ptr<int64_t>(), plan->cells.data_ptr<int32_t>(), average, out.data_ptr<scalar_t>(),
           out.stride(0), out.stride(1), out.stride(2), out.stride(3));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     const dim3 grid((out_h * out_w + kThreads - 1) / kThreads, (C + kChannels - 1) / kChannels, batch);
     box_fill_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        vals.data_ptr<scalar_t>(), plan.cells.data_ptr<int32_t>(), plan.order.data_ptr<int64_t>(),
-        plan.start.data_ptr<int64_t>(), C, out_h, out_w, average, channels_last, out.data_ptr<scalar_t>());
+        vals.data_ptr<scalar_t>(), plan->cells.data_ptr<int32_t>(), plan->order.data_ptr<int64_t>(),
+        plan->start.data_ptr<int64_t>(), C, out_h, out_w, average, channels_last, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -109,7 +109,7 @@ at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, co
   const int64_t n = boxes.size(0);
   if (n == 0 || C == 0 || H == 0 || W == 0) return at::zeros({n, C}, features.options());
   at::Tensor out = at::empty({n, C}, features.options());
-  const CudaBoxPlan plan = plan_boxes(boxes, batch_idx, B, in_h, in_w, H, W);
+  const auto plan = cached_box_plan(boxes, batch_idx, B, in_h, in_w, H, W);
   // NCHW and channels_last maps are read in place (strides); other views are made contiguous first.
   const at::Tensor feat = features.is_contiguous() || features.is_contiguous(at::MemoryFormat::ChannelsLast)
                               ? features : features.contiguous();
@@ -119,7 +119,7 @@ at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, co
     using acc_t = sweep_acc_t<scalar_t>;
     const int cb = B <= 65535 ? sweep_channels(C, H, W, sizeof(acc_t)) : 0;
     if (cb > 0) {
-      const CudaEventPlan ev = plan_events(plan.cells, bi, B, H);
+      const auto ev = cached_event_plan(boxes, batch_idx, B, in_h, in_w, H, W, *plan);
       at::Tensor partial = at::empty({n, C}, features.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       out.zero_();  // boxes covering nothing
       const dim3 grid((C + cb - 1) / cb, B);
@@ -128,14 +128,14 @@ at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, co
                                   : box_pool_sweep_kernel<scalar_t, acc_t, false>;
       kernel<<<grid, kSweepThreads, shared, at::cuda::getCurrentCUDAStream()>>>(
           feat.data_ptr<scalar_t>(), feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3), C, H, W, cb,
-          ev.key.data_ptr<int64_t>(), ev.id.data_ptr<int64_t>(), ev.start.data_ptr<int64_t>(),
-          plan.cells.data_ptr<int32_t>(), average, partial.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+          ev->key.data_ptr<int64_t>(), ev->id.data_ptr<int64_t>(), ev->start.data_ptr<int64_t>(),
+          plan->cells.data_ptr<int32_t>(), average, partial.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     const dim3 grid(n, (C + kWarpsPerBlock - 1) / kWarpsPerBlock);
     box_pool_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        feat.data_ptr<scalar_t>(), plan.cells.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, feat.stride(0),
+        feat.data_ptr<scalar_t>(), plan->cells.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, feat.stride(0),
         feat.stride(1), feat.stride(2), feat.stride(3), average, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
