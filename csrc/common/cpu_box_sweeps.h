@@ -6,9 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "cpu_boxes.h"
 #include "cpu_isa.h"
+
+#if LGD_OPS_HAVE_AVX2_COPY
+#include <immintrin.h>
+#endif
 
 namespace lgd_ops {
 namespace isa_base {
@@ -17,7 +22,9 @@ namespace isa_base {
 #if LGD_OPS_HAVE_AVX2_COPY
 LGD_OPS_AVX2_BEGIN
 namespace isa_avx2 {
+#define LGD_SWEEP_AVX2
 #include "cpu_box_sweep.inc"
+#undef LGD_SWEEP_AVX2
 }  // namespace isa_avx2
 LGD_OPS_AVX2_END
 #endif
