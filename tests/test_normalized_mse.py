@@ -1,4 +1,8 @@
 """normalized_mse (docs/method.md §4): every backend against the float64 oracle, loss and student gradient."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -385,3 +389,31 @@ def test_compile_public_api(device, backend):
         return lgd_ops.normalized_mse([s0 * 2.0, s1], teachers, backend=backend) * 3.0
 
     assert_compiled_matches_eager(fn, students)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cpu_instruction_sets_agree(layout, dtype):
+    """The CPU kernel's AVX2 and baseline copies (LGD_OPS_CPU_ISA=base) give the same bits: loss, statistics and
+    gradient, with 43 channels (channels_last: a 32-channel block, then 11 = two groups of 4 + 3 single channels)
+    and planes of 77 and 3 elements (tails past the 8-lane loops)."""
+    if "cpu" not in lgd_ops.available_backends():
+        pytest.skip("no CPU kernels")
+    script = (
+        "import sys, torch, lgd_ops\n"
+        "torch.manual_seed(0)\n"
+        f"fmt = torch.{'channels_last' if layout == 'channels_last' else 'contiguous_format'}\n"
+        f"maps = [torch.randn(2, 43, h, w).to(torch.{dtype}).contiguous(memory_format=fmt)"
+        " for h, w in ((7, 11), (1, 3)) for _ in range(2)]\n"
+        "s, t = maps[0::2], maps[1::2]\n"
+        "loss, stats = torch.ops.lgd_ops.normalized_mse(s, t, 1e-5)\n"
+        "grads = torch.ops.lgd_ops.normalized_mse_backward(torch.ones((), dtype=loss.dtype), s, t, stats)\n"
+        "torch.save([loss, stats, *grads], sys.argv[1])\n")
+    results = []
+    for isa in ("", "base"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lgd_nmse_isa_{os.getpid()}_{isa or 'default'}.pt")
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=dict(os.environ, LGD_OPS_CPU_ISA=isa))
+        results.append(torch.load(path))
+        os.remove(path)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -1,5 +1,5 @@
 // The CPU box sweeps (cpu_box_sweep.inc) in two copies: namespace isa_base (baseline instruction set) and, on
-// x86-64 with GCC/Clang, isa_avx2 (compiled for AVX2 + FMA; cpu_isa.h picks one per call). A kernel file
+// x86-64 with GCC/Clang, isa_avx2 (compiled for AVX2; cpu_isa.h picks one per call). A kernel file
 // defines LGD_SWEEP_POOL or LGD_SWEEP_FILL before including this, to compile only the sweep it runs.
 #pragma once
 
