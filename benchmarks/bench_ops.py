@@ -30,6 +30,7 @@ backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torc
   python benchmarks/bench_ops.py                       # COCO RetinaNet shape, B=2, fp32, 7/50/300 objects + context
   python benchmarks/bench_ops.py --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
   python benchmarks/bench_ops.py --shape faster_rcnn --dtype bfloat16 --batch 1 8 --objects 1 300
+  python benchmarks/bench_ops.py --dtype bfloat16 --layout channels_last   # the fast training path's maps
   python benchmarks/bench_ops.py --shape tiny --repeats 2 --out /tmp/bench   # smoke run
 """
 import argparse
@@ -126,18 +127,22 @@ def min_bytes(op, mode, shape, batch, objects, dtype):
     return s * {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def make_case(op, shape, objects, dtype, device, batch=None, seed=0):
-    """The lgd_ops.benchmark case of one op over all levels of a named shape, with random_boxes."""
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_case(op, shape, objects, dtype, device, batch=None, seed=0, layout="contiguous"):
+    """The lgd_ops.benchmark case of one op over all levels of a named shape, with random_boxes; the maps in
+    `layout` (a LAYOUTS key: the fast training path runs channels_last)."""
     g = torch.Generator().manual_seed(seed)
     n_img, channels, in_h, in_w, levels = shape_dims(shape, batch)
     boxes, batch_idx = random_boxes(objects, n_img, in_h, in_w, "cpu", g)
     return benchmark.make_case(op, [(n_img, channels, h, w) for h, w in levels], boxes, batch_idx, (in_h, in_w),
-                               dtype, device, seed=seed)
+                               dtype, device, memory_format=LAYOUTS[layout], seed=seed)
 
 
-def mode_fn(op, shape, objects, dtype, device, batch, mode, backend):
+def mode_fn(op, shape, objects, dtype, device, batch, mode, backend, layout="contiguous"):
     """A no-argument function running one `mode` call of the case (lgd_ops.benchmark.mode_fn)."""
-    return benchmark.mode_fn(make_case(op, shape, objects, dtype, device, batch), mode, backend)
+    return benchmark.mode_fn(make_case(op, shape, objects, dtype, device, batch, layout=layout), mode, backend)
 
 
 def time_it(fn, device, repeats):
@@ -153,9 +158,9 @@ def copy_bandwidth(device, nbytes=256 * 2**20, repeats=5):
     return 2 * nbytes / (median_ms * 1e-3) / 1e9
 
 
-def peak_memory(op, shape, objects, dtype, device, backend, batch, mode="full"):
+def peak_memory(op, shape, objects, dtype, device, backend, batch, mode="full", layout="contiguous"):
     """Peak bytes one `mode` call allocates beyond its inputs (lgd_ops.benchmark.peak_memory)."""
-    return benchmark.peak_memory(make_case(op, shape, objects, dtype, device, batch), mode, backend)
+    return benchmark.peak_memory(make_case(op, shape, objects, dtype, device, batch, layout=layout), mode, backend)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -170,6 +175,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["retinanet"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16", "float16"], default=["float32"])
+    parser.add_argument("--layout", nargs="+", choices=sorted(LAYOUTS), default=["contiguous"],
+                        help="memory format of the maps (the fast training path: bfloat16 channels_last)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--objects", type=int, nargs="+", default=[7, 50, 300],
@@ -210,19 +217,19 @@ def run_sweep(args, device, backends, stamp):
     """One CSV row per (case, metric): time_ms, gbps, bw_fraction, vs_ref (time), peak_mb, peak_vs_ref."""
     from tqdm import tqdm
 
-    cases = [(op, shape, batch, dtype, objects) for shape in args.shape for batch in args.batch
-             for dtype in args.dtype for op in args.ops
+    cases = [(op, shape, batch, dtype, layout, objects) for shape in args.shape for batch in args.batch
+             for dtype in args.dtype for layout in args.layout for op in args.ops
              for objects in ([0] if op == "normalized_mse" else args.objects)]
     rows, ref = [], {}
     with tqdm(total=len(cases) * len(backends) * len(args.modes), desc="bench_ops", file=sys.stderr) as bar:
-        for op, shape, batch, dtype_name, objects in cases:
+        for op, shape, batch, dtype_name, layout, objects in cases:
             dtype = getattr(torch, dtype_name)
             n_img = shape_dims(shape, batch)[0]
             for backend in backends:
                 for mode in args.modes:
                     key = dict(op=op, backend=backend, mode=mode, shape=shape, batch=n_img, objects=objects,
-                               dtype=dtype_name)
-                    fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend)
+                               dtype=dtype_name, layout=layout)
+                    fn = mode_fn(op, shape, objects, dtype, device, batch, mode, backend, layout)
                     p20, p50, p80 = time_it(fn, device, args.repeats)
                     del fn
                     moved = min_bytes(op, mode, shape, batch, objects, dtype)
@@ -230,7 +237,7 @@ def run_sweep(args, device, backends, stamp):
                     metrics = {"time_ms": (p20, p50, p80), "gbps": tuple(gbps),
                                "bw_fraction": tuple(x / stamp["copy_gbps"] for x in gbps)}
                     if not args.no_memory and (device.type == "cuda" or mode == "full"):
-                        mb = peak_memory(op, shape, objects, dtype, device, backend, batch, mode) / 2**20
+                        mb = peak_memory(op, shape, objects, dtype, device, backend, batch, mode, layout) / 2**20
                         metrics["peak_mb"] = (mb, mb, mb)
                     case = tuple(key.items())
                     if backend == "reference":
@@ -242,7 +249,7 @@ def run_sweep(args, device, backends, stamp):
                             metrics["peak_vs_ref"] = tuple(m / base["peak_mb"][0] for m in metrics["peak_mb"])
                     for metric, (lo, mid, hi) in metrics.items():
                         rows.append(dict(key, metric=metric, p20=lo, p50=mid, p80=hi, **stamp))
-                    bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {objects} obj {backend} {mode}: "
+                    bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {layout} {objects} obj {backend} {mode}: "
                                         f"{p50:.2f} ms")
                     bar.update()
     return rows
@@ -253,7 +260,8 @@ def markdown(rows, stamp, modes):
     full vs reference, achieved GB/s of full (% of the copy bandwidth), peak MB of full."""
     cells = {}
     for r in rows:
-        case = (r["shape"], r["batch"], r["dtype"], r["op"], r["objects"], r["backend"])
+        dtype = r["dtype"] if r["layout"] == "contiguous" else f"{r['dtype']}, {r['layout']}"
+        case = (r["shape"], r["batch"], dtype, r["op"], r["objects"], r["backend"])
         cells.setdefault(case, {})[(r["mode"], r["metric"])] = r
     lines = [f"lgd_ops benchmark, {stamp['device']}, torch {stamp['torch']}, triton {stamp['triton']}, commit "
              f"{stamp['commit']}, {stamp['date']}; copy bandwidth {stamp['copy_gbps']:.1f} GB/s. Times over all "
@@ -280,7 +288,7 @@ def markdown(rows, stamp, modes):
 
 def plot(rows, base):
     """base_time.png / base_memory.png: median full time and peak memory vs objects per image, one panel per
-    (shape, batch, dtype) x op, one line per backend. Returns the files written."""
+    (shape, batch, dtype, layout) x op, one line per backend. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +298,7 @@ def plot(rows, base):
     for metric, ylabel, suffix in (("time_ms", "full fwd+bwd time (ms)", "time"),
                                    ("peak_mb", "peak memory (MB)", "memory")):
         data = [r for r in rows if r["mode"] == "full" and r["metric"] == metric and r["op"] != "normalized_mse"]
-        panels = sorted({(r["shape"], r["batch"], r["dtype"], r["op"]) for r in data})
+        panels = sorted({(r["shape"], r["batch"], r["dtype"], r["layout"], r["op"]) for r in data})
         if not panels:
             continue
         cols = min(len(panels), 4)
@@ -299,13 +307,14 @@ def plot(rows, base):
         for ax, panel in zip(axes.flat, panels):
             for backend in sorted({r["backend"] for r in data}):
                 pts = sorted((r["objects"], r["p50"], r["p20"], r["p80"]) for r in data if r["p50"] > 0  # log axes
-                             and (r["shape"], r["batch"], r["dtype"], r["op"]) == panel and r["backend"] == backend)
+                             and (r["shape"], r["batch"], r["dtype"], r["layout"], r["op"]) == panel
+                             and r["backend"] == backend)
                 if pts:
                     x, y, lo, hi = zip(*pts)
                     ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
                                 marker="o", capsize=2, label=backend)
             ax.set(xscale="log", yscale="log", xlabel="objects per image", ylabel=ylabel,
-                   title="{} B={} {}\n{}".format(*panel))
+                   title="{} B={} {} {}\n{}".format(*panel))
             ax.legend(fontsize=7)
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
@@ -353,7 +362,8 @@ def main(argv=None, prog=None):
     table = markdown(rows, stamp, args.modes)
     print("\n" + table)
 
-    base = os.path.join(args.out, f"ops_{device.type}_{'-'.join(args.shape)}_{'-'.join(args.dtype)}")
+    layouts = "" if args.layout == ["contiguous"] else "_" + "-".join(args.layout)
+    base = os.path.join(args.out, f"ops_{device.type}_{'-'.join(args.shape)}_{'-'.join(args.dtype)}{layouts}")
     write_outputs(base, rows, rows, table)
     plots = plot(rows, base)
     print(f"\nwrote {base}.csv, .json, .md" + "".join(f", {os.path.basename(p)}" for p in plots))

@@ -49,6 +49,19 @@ def test_bench_ops_tiny(tmp_path):
     assert (tmp_path / "ops_cpu_tiny_float32_time.png").stat().st_size > 0
 
 
+def test_bench_ops_channels_last(tmp_path):
+    """--layout channels_last: the maps (and so box_fill's output) in the fast path's memory format, named in the
+    table, the rows and the file name."""
+    out = run("ops", "--shape", "tiny", "--repeats", "1", "--objects", "2", "--ops", "box_fill", "--modes", "full",
+              "--backends", "cpu", "--layout", "channels_last", "--no-memory", "--out", str(tmp_path))
+    assert "| tiny | 2 | float32, channels_last | box_fill | 2 | cpu |" in out
+    with open(tmp_path / "ops_cpu_tiny_float32_channels_last.csv") as f:
+        assert {r["layout"] for r in csv.DictReader(f)} == {"channels_last"}
+    bench = load_bench_ops()
+    case = bench.make_case("box_pool", "tiny", 2, torch.float32, "cpu", layout="channels_last")
+    assert case.memory_format == torch.channels_last
+
+
 def test_bench_ops_peak_memory_and_bytes(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the peak-memory child imports lgd_ops
     bench = load_bench_ops()
