@@ -377,6 +377,31 @@ class BoxOpTests:
         assert not expected.isfinite().all()
         self.assert_non_finite_close(out, expected)
 
+    @pytest.mark.parametrize("threads", [1, 8])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+    def test_wide_channels_last_blocks_match_oracle(self, threads, dtype):
+        """139 channels_last channels: one 128-channel CPU block and 11 single channels on 1 thread (the wide
+        blocks), 32-channel blocks when the threads outnumber the wide blocks; both against the oracle."""
+        import lgd_ops
+
+        if "cpu" not in lgd_ops.available_backends():
+            pytest.skip("no CPU kernels")
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            boxes, batch_idx, b, image_size, level, x = self.case_on("many", dtype, "cpu", 139, "channels_last", True)
+            out = self.call(x, boxes, batch_idx, image_size, b, level, "channels_last", "cpu")
+            ref_x = self.as_reference(x)
+            expected = self.oracle(ref_x, boxes, batch_idx, image_size, b, level)
+            assert_close_to_oracle(out, expected, dtype, value_scale(expected), f"{threads} threads")
+            upstream = torch.randn(out.shape, dtype=torch.float64)
+            out.backward(upstream.to(dtype).contiguous(memory_format=torch.channels_last if out.dim() == 4 else
+                                                       torch.contiguous_format))
+            (expected * upstream).sum().backward()
+            assert_close_to_oracle(x.grad, ref_x.grad, dtype, value_scale(ref_x.grad), f"{threads} threads grad")
+        finally:
+            torch.set_num_threads(before)
+
     @pytest.mark.parametrize("layout", LAYOUTS)
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_cpu_instruction_sets_agree(self, layout, dtype):

@@ -131,23 +131,34 @@ inline MapLayout layout_of(const at::Tensor& x) {
 // O(1) per event) rather than each event's own columns (cost ~kEventCost + width per event and channel).
 constexpr int64_t kEventCost = 12;
 
-constexpr int kBlockCL = 32;   // channels per block of a channels_last map
+constexpr int kBlockCL = 32;       // channels per block of a channels_last map
+constexpr int kBlockCLWide = 128;  // ... while the images have enough of them for every thread
 constexpr int kBlockNCHW = 8;  // planes per block of an NCHW map with many events for its size
 constexpr int64_t kCellsPerEvent = 512;
 
 // The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
-// channels_last: cb = kBlockCL. NCHW: kBlockNCHW planes per block (transposed into the [i][c] state, so event
-// rows run across channels) once an image has more than one event per kCellsPerEvent cells of the level, else
-// one plane per block (a contiguous stream, ~10-30 % faster with no events). Measured 2026-11-30, RetinaNet
-// P3-P7, B=2, C=256, 1 thread: 8 planes win at every level from ~15 boxes per image on P3 (100 x 152) and from
-// 1 box on P5-P7; 300 boxes per image: P3 fp32 pool 2.7 -> 1.6 ms, fill 4.3 -> 2.0 ms.
+// channels_last: cb = kBlockCLWide while B * C / kBlockCLWide blocks keep `threads` threads busy, else kBlockCL:
+// a block reads cb channels of each position at a stride of C, and 128 fp32 channels (512 contiguous bytes) suit
+// the prefetchers better than 32 (measured 2026-11-30, 1 thread, C = 256, P3 100 x 152, 7 boxes per image, A/B
+// runs alternated: fp32 box_pool 1.9-2.1 -> 1.5-1.7 ms, box_fill 1.4-1.6 -> 1.0-1.1 ms; bfloat16 within the
+// noise). The block's state, 2 W cb accumulators, stays in L2.
+// NCHW: kBlockNCHW planes per block (transposed into the [i][c] state, so event rows run across channels) once
+// an image has more than one event per kCellsPerEvent cells of the level, else one plane per block (a
+// contiguous stream, ~10-30 % faster with no events). Measured 2026-11-30, RetinaNet P3-P7, B=2, C=256, 1
+// thread: 8 planes win at every level from ~15 boxes per image on P3 (100 x 152) and from 1 box on P5-P7; 300
+// boxes per image: P3 fp32 pool 2.7 -> 1.6 ms, fill 4.3 -> 2.0 ms.
 struct Blocks {
   int64_t C, full, per_image;
   int cb;
-  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W) : C(channels) {
+  Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W, int threads)
+      : C(channels) {
+    const int64_t images = int64_t(plan.start.size()) - 1;
     int64_t most = 0;
-    for (size_t b = 0; b + 1 < plan.start.size(); ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
-    cb = channels_last ? kBlockCL : (2 * most * kCellsPerEvent > H * W ? kBlockNCHW : 1);
+    for (int64_t b = 0; b < images; ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
+    if (channels_last)
+      cb = images * (channels / kBlockCLWide) >= threads && channels >= kBlockCLWide ? kBlockCLWide : kBlockCL;
+    else
+      cb = 2 * most * kCellsPerEvent > H * W ? kBlockNCHW : 1;
     full = channels / cb;
     per_image = full + channels % cb;
   }

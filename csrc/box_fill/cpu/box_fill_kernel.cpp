@@ -49,7 +49,8 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
     scalar_t* o = out + b * m.sb + c0 * m.sc;
     const scalar_t* v = values + c0;
     if (m.channels_last) {
-      if (wide) fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      if (wide && blocks.cb == kBlockCLWide) fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else if (wide) fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
       else fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
     } else {
       if (wide && blocks.cb == kBlockNCHW) fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
@@ -72,7 +73,7 @@ at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes, const
   const auto plan = plan_boxes_cpu(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();
   const MapLayout m = layout_of(out);
-  const Blocks blocks(C, m.channels_last, *plan, out_h, out_w);
+  const Blocks blocks(C, m.channels_last, *plan, out_h, out_w, at::get_num_threads());
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
     const scalar_t* v = vals.const_data_ptr<scalar_t>();

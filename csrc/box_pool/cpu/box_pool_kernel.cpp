@@ -53,7 +53,8 @@ void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks,
     if (count == 0) continue;
     const scalar_t* x = feat + b * m.sb + c0 * m.sc;
     if (m.channels_last) {
-      if (wide) pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      if (wide && blocks.cb == kBlockCLWide) pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else if (wide) pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
       else pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
     } else {
       if (wide && blocks.cb == kBlockNCHW) pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
@@ -79,7 +80,7 @@ at::Tensor box_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, con
   const auto plan = plan_boxes_cpu(boxes, batch_idx, B, in_h, in_w, H, W);
   const at::Tensor feat = kernel_layout(features) ? features : features.contiguous();
   const MapLayout m = layout_of(feat);
-  const Blocks blocks(C, m.channels_last, *plan, H, W);
+  const Blocks blocks(C, m.channels_last, *plan, H, W, at::get_num_threads());
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cpu", [&] {
     const scalar_t* f = feat.const_data_ptr<scalar_t>();
