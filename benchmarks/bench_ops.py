@@ -79,11 +79,16 @@ def device_name(device):
 
 
 def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit of the lgd_ops checkout being measured (PYTHONPATH may point at another one than this
+    script's), else of this script's checkout, else "unknown"."""
+    for where in (os.path.dirname(os.path.dirname(os.path.abspath(lgd_ops.__file__))),
+                  os.path.dirname(os.path.abspath(__file__))):
+        try:
+            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  check=True, cwd=where).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    return "unknown"
 
 
 def triton_version():
