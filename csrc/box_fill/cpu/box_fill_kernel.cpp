@@ -49,12 +49,17 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
     scalar_t* o = out + b * m.sb + c0 * m.sc;
     const scalar_t* v = values + c0;
     if (m.channels_last) {
-      if (wide && blocks.cb == kBlockCLWide) fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
-      else if (wide) fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
-      else fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      if (wide && blocks.cb == kBlockCLWide)
+        fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else if (wide)
+        fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else
+        fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
     } else {
-      if (wide && blocks.cb == kBlockNCHW) fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
-      else fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      if (wide && blocks.cb == kBlockNCHW)
+        fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+      else
+        fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
     }
   }
 }

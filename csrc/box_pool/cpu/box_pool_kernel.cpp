@@ -53,12 +53,17 @@ void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks,
     if (count == 0) continue;
     const scalar_t* x = feat + b * m.sb + c0 * m.sc;
     if (m.channels_last) {
-      if (wide && blocks.cb == kBlockCLWide) pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
-      else if (wide) pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
-      else pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      if (wide && blocks.cb == kBlockCLWide)
+        pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else if (wide)
+        pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else
+        pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
     } else {
-      if (wide && blocks.cb == kBlockNCHW) pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
-      else pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      if (wide && blocks.cb == kBlockNCHW)
+        pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+      else
+        pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
     }
     const int cb = wide ? blocks.cb : 1;  // channels of this block
     for (int64_t k = 0; k < count; ++k) {
