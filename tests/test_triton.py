@@ -244,6 +244,100 @@ def test_box_ops_average_backward_is_box_fill_average():
     _assert_close(got, ref, torch.float64, "box_fill average")
 
 
+@pytest.fixture
+def plan_cache(monkeypatch):
+    """lgd_ops.triton._common with an empty plan cache for the test, and the list of the plans it builds
+    (their (batch, in_h, in_w, height, width))."""
+    from lgd_ops.triton import _common
+
+    built = []
+    build = _common._build_plan
+
+    def counted(boxes, batch_idx, *sizes):
+        built.append(sizes)
+        return build(boxes, batch_idx, *sizes)
+
+    monkeypatch.setattr(_common, "_plans", [])
+    monkeypatch.setattr(_common, "_build_plan", counted)
+    return _common, built
+
+
+@needs_kernels
+def test_plan_cache_sees_in_place_edits(plan_cache):
+    """An in-place edit of boxes or batch_idx between two calls gives a new plan and the reference's result;
+    box_pool and box_fill on the same boxes and level share one plan."""
+    _, built = plan_cache
+    boxes, batch_idx, b, c, image_size, (h, w) = _case("mixed", DEVICE)
+    feats = torch.randn(b, c, h, w, dtype=torch.float64, device=DEVICE)
+    emb = torch.randn(boxes.shape[0], c, dtype=torch.float64, device=DEVICE)
+
+    def check(what):
+        pooled = lgd_ops.box_pool(feats, boxes, batch_idx, image_size, backend="triton")
+        filled = lgd_ops.box_fill(emb, boxes, batch_idx, image_size, (b, h, w), backend="triton")
+        ref_args = (boxes.cpu(), batch_idx.cpu(), image_size)
+        _assert_close(pooled, lgd_ops.box_pool(feats.cpu(), *ref_args, backend="reference"), torch.float64,
+                      f"box_pool, {what}")
+        _assert_close(filled, lgd_ops.box_fill(emb.cpu(), *ref_args, (b, h, w), backend="reference"),
+                      torch.float64, f"box_fill, {what}")
+
+    check("first call")
+    boxes[:, 2:] = boxes[:, :2] + (boxes[:, 2:] - boxes[:, :2]) * 0.5  # every box halved in place
+    check("boxes edited")
+    batch_idx.copy_(1 - batch_idx)  # the boxes swap images
+    check("batch_idx edited")
+    assert len(built) == 3
+
+
+@needs_kernels
+def test_plan_cache_hits_on_the_same_boxes(plan_cache):
+    """Forward, backward and a second call on the same boxes and level build one plan; another level or other
+    boxes build their own; dead tensors' entries are dropped and the oldest entry is evicted."""
+    _common, built = plan_cache
+    boxes, batch_idx, b, c, image_size, (h, w) = _case("mixed", DEVICE)
+    feats = torch.randn(b, c, h, w, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    first = lgd_ops.box_pool(feats, boxes, batch_idx, image_size, backend="triton")
+    first.sum().backward()  # box_fill_triton on the same boxes and level
+    assert len(built) == 1 and len(_common._plans) == 1
+    again = lgd_ops.box_pool(feats, boxes, batch_idx, image_size, backend="triton")
+    assert len(built) == 1 and torch.equal(again, first)
+    _assert_close(first, lgd_ops.box_pool(feats.detach().cpu(), boxes.cpu(), batch_idx.cpu(), image_size,
+                                          backend="reference"), torch.float64, "box_pool, cached plan")
+    lgd_ops.box_pool(feats.detach()[:, :, ::2, ::2], boxes, batch_idx, image_size, backend="triton")
+    assert built[-1] == (b, *image_size, (h + 1) // 2, (w + 1) // 2) and len(_common._plans) == 2
+    other = boxes.clone()  # equal values, another tensor
+    _common.sweep_plan(other, batch_idx, b, *image_size, h, w)
+    assert len(built) == 3 and len(_common._plans) == 3
+    del other
+    _common.sweep_plan(boxes, batch_idx, b, *image_size, h, w)
+    assert len(built) == 3 and len(_common._plans) == 2
+    for height in range(1, _common.PLAN_CACHE_ENTRIES + 1):
+        _common.sweep_plan(boxes, batch_idx, b, *image_size, height, w)
+    assert len(_common._plans) == _common.PLAN_CACHE_ENTRIES
+    count = len(built)
+    _common.sweep_plan(boxes, batch_idx, b, *image_size, 1, w)  # the newest entries are kept
+    _common.sweep_plan(boxes, batch_idx, b, *image_size, h, w)  # the first one was evicted
+    assert len(built) == count + 1
+
+
+@needs_kernels
+def test_plan_cache_bypassed(plan_cache, monkeypatch):
+    """Inference tensors (no version counter) and calls while compiling build their plan every time."""
+    _common, built = plan_cache
+    boxes, batch_idx, b, c, image_size, (h, w) = _case("mixed", DEVICE)
+    with torch.inference_mode():
+        frozen = boxes.clone()
+    feats = torch.randn(b, c, h, w, dtype=torch.float64, device=DEVICE)
+    ref = lgd_ops.box_pool(feats.cpu(), boxes.cpu(), batch_idx.cpu(), image_size, backend="reference")
+    for _ in range(2):
+        _assert_close(lgd_ops.box_pool(feats, frozen, batch_idx, image_size, backend="triton"), ref,
+                      torch.float64, "box_pool, inference boxes")
+    assert len(built) == 2 and not _common._plans
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for _ in range(2):
+        _common.sweep_plan(boxes, batch_idx, b, *image_size, h, w)
+    assert len(built) == 4 and not _common._plans
+
+
 LEVELS = [(2, 3, 6, 5), (2, 3, 3, 2), (2, 3, 1, 1)]  # including 1x1 maps (every plane constant)
 
 
@@ -405,6 +499,38 @@ def test_aot_decomposes_into_triton_kernels(triton_target):
         # written: the outputs, and box_pool's [N, C] scratch of the boxes' top parts
         assert set(node.kwargs["tensors_to_clone"]) <= {"out_ptr", "stats_ptr", "loss_ptr", "g_ptr",
                                                         "partial_ptr"}, node.kwargs
+
+
+@needs_tracing
+def test_compile_bypasses_the_plan_cache(plan_cache, triton_target):
+    """Under torch.compile (dynamo's fake tensors, then AOT autograd's functional ones) every plan is built
+    into the graph: none is taken from the cache or put in it. The compiled forward is not run (no GPU)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    _common, built = plan_cache
+    graphs = []
+
+    class Compiled(Exception):
+        pass
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            raise Compiled
+
+        return run
+
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Compiled):
+            torch.compile(_all_ops, backend=aot_autograd(fw_compiler=compiler), fullgraph=True)(*_traced_inputs())
+    finally:
+        torch._dynamo.reset()
+    assert built and not _common._plans
+    kernels = [n for n in graphs[0].graph.nodes if n.target is tkw.triton_kernel_wrapper_functional]
+    assert len(kernels) == 3
 
 
 # normalized_mse's channel count and (sb, sc, se) strides of the student and the teacher

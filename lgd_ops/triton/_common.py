@@ -3,13 +3,21 @@
 The per-box cell ranges come from lgd_ops._boxes.box_cells (a few float64 torch ops on N boxes, with
 exactly the arithmetic of csrc/common/box_math.h), so the Triton backend covers bit-for-bit the cells of
 the C++ kernels and the reference; the kernels take the resulting int32 ranges.
+
+The plan of a call (the cells and the sorted row events, sweep_plan) depends only on the boxes, batch_idx
+and a few sizes, and the box ops run on the same boxes at every level, forward and backward; so the plans
+are kept here, in one process-wide cache shared by box_pool_triton and box_fill_triton, keyed as the C++
+kernels' csrc/common/plan_cache.h: an in-place edit, a dead tensor or a recycled id() misses. Nothing is
+cached while compiling, for inference tensors, or during CUDA graph capture (_cacheable).
 """
 import contextlib
+import threading
+import weakref
 
 import torch
 import triton
 
-from .._boxes import box_cells  # noqa: F401  (re-exported for the kernels' modules)
+from .._boxes import box_cells
 
 
 MAX_SWEEP_WIDTH = 8192  # the sweeps hold a whole row of a plane per program
@@ -29,6 +37,56 @@ def sweep_events(cells, covers, batch_idx, batch, height):
     keys, ids = torch.sort(keys, stable=True)
     start = torch.searchsorted(keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device) * (height + 2))
     return keys.contiguous(), ids.contiguous(), start.contiguous()
+
+
+PLAN_CACHE_ENTRIES = 32
+_plans = []  # (weak boxes, weak batch_idx, key, plan), oldest first
+_plans_lock = threading.Lock()
+
+
+def _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width):
+    cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, height, width)
+    return (cells, covers, *sweep_events(cells, covers, batch_idx, batch, height))
+
+
+def _cacheable(boxes, batch_idx):
+    """Plain eager tensors outside torch.compile and CUDA graph capture: traced code must not see Python-side
+    state (fake and functional tensors have no data either), inference tensors have no version counter, and
+    a captured graph must not read tensors the cache may free."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(type(t) is not torch.Tensor or t.is_inference() for t in (boxes, batch_idx)):
+        return False
+    return boxes.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _tensor_key(t):
+    return t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()
+
+
+def sweep_plan(boxes, batch_idx, batch, in_h, in_w, height, width):
+    """(cells, covers, keys, ids, start) of box_cells and sweep_events for a height x width map of `batch`
+    images, from the plan cache: reused while boxes and batch_idx are the same live tensors, unedited (data
+    pointer and version counter), with the same sizes, device and (on CUDA) current stream, since the plan's
+    tensors are ordered on the stream that built them. PLAN_CACHE_ENTRIES entries, the oldest evicted first;
+    entries of dead tensors are dropped at the next lookup."""
+    if not _cacheable(boxes, batch_idx):
+        return _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width)
+    device = boxes.device
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (_tensor_key(boxes), _tensor_key(batch_idx), batch, in_h, in_w, height, width, device, stream)
+    with _plans_lock:
+        _plans[:] = [e for e in _plans if e[0]() is not None and e[1]() is not None]
+        for weak_boxes, weak_idx, entry_key, plan in _plans:
+            if weak_boxes() is boxes and weak_idx() is batch_idx and entry_key == key:
+                return plan
+    # Built outside the lock; the key (versions included) was read first, so an edit made meanwhile misses.
+    plan = _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width)
+    with _plans_lock:
+        if len(_plans) >= PLAN_CACHE_ENTRIES:
+            del _plans[0]
+        _plans.append((weakref.ref(boxes), weakref.ref(batch_idx), key, plan))
+    return plan
 
 
 def sweep_blocks(op, channels, width):

@@ -2,11 +2,12 @@
 
 A row sweep, as the CUDA kernel (csrc/common/box_sweep_math.h): one program per (block of channels, image)
 walks the output top to bottom holding the current row as a [channels, row] block. The boxes are top/bottom
-events sorted by (image, row) (_common.sweep_events); on an event row each event puts +-v at x0 and -+v at
-x1 + 1 of a difference row (events in a fixed order) and tl.cumsum of it is added to the row (a difference
-map and its 2-D prefix sum, one row at a time); every row is then written once. Cost: the output written
-once plus one pass over the row per event, whatever the boxes' sizes; fp64 accumulation for fp32/fp64
-values, fp32 for half; no atomics: deterministic. Non-finite values are left out of the sweep and added to
+events sorted by (image, row) (_common.sweep_events; the cells and events come from _common.sweep_plan's
+cache, built once per boxes and level); on an event row each event puts +-v at x0 and -+v at x1 + 1 of a
+difference row (events in a fixed order) and tl.cumsum of it is added to the row (a difference map and its
+2-D prefix sum, one row at a time); every row is then written once. Cost: the output written once plus one
+pass over the row per event, whatever the boxes' sizes; fp64 accumulation for fp32/fp64 values, fp32 for
+half; no atomics: deterministic. Non-finite values are left out of the sweep and added to
 their own box's cells afterwards. The backward is box_pool_triton with sums (its adjoint), as for the C++ op.
 """
 import torch
@@ -15,7 +16,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_fill import register_autograd
-from ._common import box_cells, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_events
+from ._common import check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the image)
 
@@ -109,8 +110,7 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # all written
     if batch == 0 or channels == 0 or out_h == 0 or out_w == 0:
         return out
-    cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
-    keys, ids, start = sweep_events(cells, covers, batch_idx, batch, out_h)
+    cells, _, keys, ids, start = sweep_plan(boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
     block_c, block_w = sweep_blocks("lgd_ops.box_fill_triton", channels, out_w)
     with device_guard(values):
         wrap_triton(_box_fill_kernel)[(triton.cdiv(channels, block_c), batch)](

@@ -3,10 +3,11 @@
 A row sweep, as the CUDA kernel (csrc/common/box_sweep_math.h): one program per (block of channels, image)
 walks the map top to bottom holding the column sums of the rows above as a [channels, row] block (an
 integral image built a row at a time, no scratch map). The boxes are top/bottom events sorted by (image,
-row) (_common.sweep_events); on an event row, tl.cumsum gives the row prefix and each event reads its part
-pre[x1] - pre[x0 - 1] (a top event stores minus it, the bottom event adds it: the box sum). Cost: the map
-read once plus one pass over the row per event, whatever the boxes' sizes; fp64 accumulation for
-fp32/fp64 maps (fp32 prefix sums drift), fp32 for half maps; fixed-order adds, no atomics: deterministic.
+row) (_common.sweep_events; the cells and events come from _common.sweep_plan's cache, built once per boxes
+and level); on an event row, tl.cumsum gives the row prefix and each event reads its part pre[x1] - pre[x0 - 1]
+(a top event stores minus it, the bottom event adds it: the box sum). Cost: the map read once plus one pass
+over the row per event, whatever the boxes' sizes; fp64 accumulation for fp32/fp64 maps (fp32 prefix sums
+drift), fp32 for half maps; fixed-order adds, no atomics: deterministic.
 A box whose sum is not finite is summed again over its own cells, so a NaN or inf stays with the boxes
 covering it. The backward is box_fill_triton with average (its adjoint), as for the C++ op.
 """
@@ -16,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_pool import register_autograd
-from ._common import box_cells, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_events
+from ._common import check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
 
 
 @triton.jit
@@ -92,8 +93,7 @@ def box_pool_triton(features: torch.Tensor, boxes: torch.Tensor, batch_idx: torc
     out = features.new_zeros(n, channels)  # boxes covering nothing stay zero
     fp64 = sweep_acc_fp64(features.dtype)
     partial = features.new_empty(n, channels, dtype=torch.float64 if fp64 else torch.float32)
-    cells, covers = box_cells(boxes, batch_idx, n_img, in_h, in_w, height, width)
-    keys, ids, start = sweep_events(cells, covers, batch_idx, n_img, height)
+    cells, _, keys, ids, start = sweep_plan(boxes, batch_idx, n_img, in_h, in_w, height, width)
     block_c, block_w = sweep_blocks(op, channels, width)
     with device_guard(features):
         wrap_triton(_box_pool_kernel)[(triton.cdiv(channels, block_c), n_img)](
