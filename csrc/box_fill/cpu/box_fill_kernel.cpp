@@ -23,15 +23,21 @@ namespace {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
 
+// A thread's scratch for fill_sweep, sized for the widest block.
+template <typename acc_t>
+struct Scratch {
+  acc_t *col, *diff, *scaled;
+};
+
 template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
 void fill_one(const scalar_t* v, int64_t C, scalar_t* o, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan,
-              int64_t b, bool average, acc_t* col, acc_t* diff) {
+              int64_t b, bool average, const Scratch<acc_t>& s) {
   if constexpr (kAvx2) {
 #if LGD_OPS_HAVE_AVX2_COPY
-    isa_avx2::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, col, diff);
+    isa_avx2::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
 #endif
   } else {
-    isa_base::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, col, diff);
+    isa_base::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
   }
 }
 
@@ -40,7 +46,10 @@ template <typename scalar_t, bool kAvx2>
 void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, const Blocks& blocks, int64_t H,
                  int64_t W, const BoxPlan& plan, bool average, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb);
+  int64_t max_boxes = 1;
+  for (size_t b = 0; b + 1 < plan.start.size(); ++b) max_boxes = std::max(max_boxes, plan.start[b + 1] - plan.start[b]);
+  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb), scaled(max_boxes * blocks.cb);
+  const Scratch<acc_t> s{col.data(), diff.data(), scaled.data()};
   const int64_t C = blocks.C;
   for (int64_t blk = begin; blk < end; ++blk) {
     int64_t b, c0;
@@ -50,16 +59,16 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
     const scalar_t* v = values + c0;
     if (m.channels_last) {
       if (wide && blocks.cb == kBlockCLWide)
-        fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+        fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else if (wide)
-        fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+        fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else
-        fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+        fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
     } else {
       if (wide && blocks.cb == kBlockNCHW)
-        fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+        fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else
-        fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, col.data(), diff.data());
+        fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
     }
   }
 }
