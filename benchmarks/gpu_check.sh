@@ -5,7 +5,7 @@
 #   tests        the test suite, CUDA and Triton parametrizations included (pytest-xdist when available)
 #   memcheck     compute-sanitizer memcheck on a few CUDA and Triton forward/backward tests
 #   racecheck    compute-sanitizer racecheck on the normalized_mse CUDA tests (its kernel uses shared memory)
-#   bench_ops_*  the op benchmarks at the RetinaNet and Faster R-CNN shapes, fp32 then bf16
+#   bench_ops_*  the op benchmarks at the RetinaNet and Faster R-CNN shapes, fp32 NCHW then bf16 channels_last
 #   bench_train  the training-step benchmark, only where lgd (so detectron2) imports
 # Every command runs under `timeout`; a step's limit is its budget, capped by what is left of GPU_CHECK_SECONDS
 # (default 440) counted from the start, so that with the final packing the script ends within 8 minutes.
@@ -72,9 +72,11 @@ and (mixed or empty_image or levels)"
 step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_normalized_mse.py -k "cuda-cuda and f32 and test_matches_oracle and (levels or big_plane)"
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
-for dtype in float32 bfloat16; do
-  step "bench_ops_$dtype" 80 "$PY" benchmarks/bench_ops.py --device cuda --shape retinanet faster_rcnn \
-    --dtype "$dtype" --objects 7 100 --out "$WORK"
+# fp32 NCHW (the default path) and bf16 channels_last (the fast training path's maps)
+for case in "float32 contiguous" "bfloat16 channels_last"; do
+  set -- $case
+  step "bench_ops_$1" 80 "$PY" benchmarks/bench_ops.py --device cuda --shape retinanet faster_rcnn \
+    --dtype "$1" --layout "$2" --objects 7 100 --out "$WORK"
 done
 if [ "$has_lgd" -eq 1 ]; then
   step bench_train 120 "$PY" benchmarks/bench_train.py --device cuda --image 800 1216 --iters 5 --out "$WORK"

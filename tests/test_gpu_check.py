@@ -72,8 +72,8 @@ def test_every_step_under_timeout_and_few_files(tmp_path, has_lgd):
     assert logged and all(line.startswith("1 ") for line in logged), "\n".join(logged)
     ran = " ".join(logged)
     for expected in ("setup.py build_ext --inplace", "-m pytest", "--tool memcheck", "--tool racecheck",
-                     "bench_ops.py --device cuda --shape retinanet faster_rcnn --dtype float32",
-                     "--dtype bfloat16"):
+                     "bench_ops.py --device cuda --shape retinanet faster_rcnn --dtype float32 --layout contiguous",
+                     "--dtype bfloat16 --layout channels_last"):
         assert expected in ran, expected
     assert ("bench_train.py" in ran) == has_lgd
     assert ("skipped bench_train" in run.stdout) != has_lgd
