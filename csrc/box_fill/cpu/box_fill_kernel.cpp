@@ -2,8 +2,8 @@
 // (a running row of float64 values; on event rows a box's value is added to / removed from its columns
 // directly, or through a difference row and one prefix sum when the row's boxes are wide: cost
 // O(H*W + boxes) whatever the boxes' sizes, no scratch map). Writes an NCHW map one (b, c) plane (or 8,
-// struct Blocks) per block, or a channels_last map (channels_last=true) 32 channels per block. One thread
-// owns a block and adds in a fixed order, so the output is deterministic (no atomics).
+// transposed: struct Blocks) per block, or a channels_last map (channels_last=true) 128 or 32 channels per
+// block. One thread owns a block and adds in a fixed order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

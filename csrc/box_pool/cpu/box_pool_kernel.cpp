@@ -1,9 +1,9 @@
 // CPU box_pool: per block of channels of one image, the top-to-bottom sweep of csrc/common/cpu_box_sweep.inc
 // (column sums + integral-image rows on event rows: cost O(H*W + boxes) whatever the boxes' sizes, one row of
 // float64 state, no scratch map), or for boxes covering under a quarter of the plane in total, their cells
-// summed directly. Reads NCHW-contiguous maps one (b, c) plane per block (8 planes where the boxes are many
-// for the level's size: struct Blocks) and channels_last maps 32 channels per block (vectorized across
-// channels), with no copy; other strides are made contiguous first.
+// summed directly. Reads NCHW-contiguous maps one (b, c) plane per block (8 planes, transposed, where the boxes
+// are many for the level's size: struct Blocks) and channels_last maps 128 or 32 channels per block (vectorized
+// across channels), with no copy; other strides are made contiguous first.
 // One thread owns a block and adds in a fixed order, so results are identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
