@@ -149,11 +149,12 @@ constexpr int64_t kCellsPerEvent = 512;
 // boxes per image: P3 fp32 pool 2.7 -> 1.6 ms, fill 4.3 -> 2.0 ms.
 struct Blocks {
   int64_t C, full, per_image;
+  int64_t most;  // boxes of the image with the most (sizes the kernels' per-box scratch)
   int cb;
   Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W, int threads)
       : C(channels) {
     const int64_t images = int64_t(plan.start.size()) - 1;
-    int64_t most = 0;
+    most = 0;
     for (int64_t b = 0; b < images; ++b) most = std::max(most, plan.start[b + 1] - plan.start[b]);
     if (channels_last)
       cb = images * (channels / kBlockCLWide) >= threads && channels >= kBlockCLWide ? kBlockCLWide : kBlockCL;

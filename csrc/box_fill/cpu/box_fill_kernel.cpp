@@ -46,9 +46,7 @@ template <typename scalar_t, bool kAvx2>
 void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, const Blocks& blocks, int64_t H,
                  int64_t W, const BoxPlan& plan, bool average, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  int64_t max_boxes = 1;
-  for (size_t b = 0; b + 1 < plan.start.size(); ++b) max_boxes = std::max(max_boxes, plan.start[b + 1] - plan.start[b]);
-  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb), scaled(max_boxes * blocks.cb);
+  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb), scaled(std::max<int64_t>(blocks.most, 1) * blocks.cb);
   const Scratch<acc_t> s{col.data(), diff.data(), scaled.data()};
   const int64_t C = blocks.C;
   for (int64_t blk = begin; blk < end; ++blk) {

@@ -41,10 +41,8 @@ template <typename scalar_t, bool kAvx2>
 void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks, int64_t H, int64_t W,
                  const BoxPlan& plan, bool average, scalar_t* out, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  int64_t max_boxes = 1;
-  for (size_t b = 0; b + 1 < plan.start.size(); ++b) max_boxes = std::max(max_boxes, plan.start[b + 1] - plan.start[b]);
   const int64_t C = blocks.C;
-  std::vector<acc_t> col(W * blocks.cb), pre((W + 1) * blocks.cb), sums(max_boxes * blocks.cb);
+  std::vector<acc_t> col(W * blocks.cb), pre((W + 1) * blocks.cb), sums(std::max<int64_t>(blocks.most, 1) * blocks.cb);
   for (int64_t blk = begin; blk < end; ++blk) {
     int64_t b, c0;
     bool wide;
