@@ -11,10 +11,6 @@ hypothesis fuzzing of every backend, torch.compile, maps wide enough for the ker
 channels: NCHW blocks of 8 planes, channels_last blocks of 32 channels plus single channels) in both layouts,
 non-finite values, the CPU kernels' AVX2 and baseline copies, and validate=False.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -36,6 +32,7 @@ from conftest import (
     random_boxes,
     raw_op,
     same_bits_across_runs_and_threads,
+    same_bits_in_both_cpu_isas,
     value_scale,
 )
 
@@ -407,11 +404,7 @@ class BoxOpTests:
     def test_cpu_instruction_sets_agree(self, layout, dtype):
         """The CPU kernels' AVX2 and baseline copies (LGD_OPS_CPU_ISA=base) give the same bits (the AVX2 copy
         transposes 8-plane NCHW blocks with intrinsics, rounding float -> bfloat16 itself)."""
-        import lgd_ops
-
-        if "cpu" not in lgd_ops.available_backends():
-            pytest.skip("no CPU kernels")
-        script = (
+        same_bits_in_both_cpu_isas(
             "import sys, torch, lgd_ops; sys.path.insert(0, 'tests'); from conftest import box_case, make_features\n"
             "torch.manual_seed(0); boxes, idx, b, _, size, level = box_case('many')\n"
             f"x = make_features((b, {WIDE}, *level), torch.{dtype}, 'cpu', layout='{layout}')\n"
@@ -419,16 +412,6 @@ class BoxOpTests:
             "pooled = lgd_ops.box_pool(x, boxes, idx, size, backend='cpu')\n"
             "filled = lgd_ops.box_fill(e, boxes, idx, size, (b, *level), backend='cpu')\n"
             "torch.save([pooled, filled], sys.argv[1])\n")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        results = []
-        for isa, name in (("", "default"), ("base", "base")):
-            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lgd_isa_{os.getpid()}_{name}.pt")
-            env = dict(os.environ, LGD_OPS_CPU_ISA=isa)
-            subprocess.run([sys.executable, "-c", script, path], check=True, cwd=root, env=env)
-            results.append(torch.load(path))
-            os.remove(path)
-        for a, b in zip(*results):
-            assert torch.equal(a, b)
 
     @KERNELS
     def test_validate_false_gives_the_same_result(self, device, backend):

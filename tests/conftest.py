@@ -6,6 +6,8 @@ of lgd_ops._boxes and the reference ops, so a bug shared by the reference and th
 import math
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -116,6 +118,25 @@ def same_bits_across_runs_and_threads(run):
     for a, b, s in zip(first, second, single):
         assert torch.equal(a, b) and torch.equal(a, s)
     return first
+
+
+def same_bits_in_both_cpu_isas(script):
+    """Runs `script` (python source that torch.saves a list of tensors to sys.argv[1]) from the repository root
+    with the CPU kernels' default instruction set and with the baseline copy (LGD_OPS_CPU_ISA=base), and asserts
+    the two lists agree bit for bit."""
+    if "cpu" not in lgd_ops.available_backends():
+        pytest.skip("no CPU kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for isa in ("", "base"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lgd_isa_{os.getpid()}_{isa or 'default'}.pt")
+        subprocess.run([sys.executable, "-c", script, path], check=True, cwd=root,
+                       env=dict(os.environ, LGD_OPS_CPU_ISA=isa))
+        results.append(torch.load(path))
+        os.remove(path)
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def value_scale(x):

@@ -1,8 +1,4 @@
 """normalized_mse (docs/method.md §4): every backend against the float64 oracle, loss and student gradient."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,6 +16,7 @@ from conftest import (
     oracle_params,
     raw_op,
     same_bits_across_runs_and_threads,
+    same_bits_in_both_cpu_isas,
     TOL,
 )
 
@@ -395,11 +392,9 @@ def test_compile_public_api(device, backend):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_cpu_instruction_sets_agree(layout, dtype):
     """The CPU kernel's AVX2 and baseline copies (LGD_OPS_CPU_ISA=base) give the same bits: loss, statistics and
-    gradient, with 43 channels (channels_last: a 32-channel block, then 11 = two groups of 4 + 3 single channels)
-    and planes of 77 and 3 elements (tails past the 8-lane loops)."""
-    if "cpu" not in lgd_ops.available_backends():
-        pytest.skip("no CPU kernels")
-    script = (
+    gradient, with 43 channels (channels_last: a 32-channel block, then 11 = vectors of 4 float64 or 8 float32
+    lanes + single channels) and planes of 77 and 3 elements (tails past the vector loops)."""
+    same_bits_in_both_cpu_isas(
         "import sys, torch, lgd_ops\n"
         "torch.manual_seed(0)\n"
         f"fmt = torch.{'channels_last' if layout == 'channels_last' else 'contiguous_format'}\n"
@@ -409,11 +404,3 @@ def test_cpu_instruction_sets_agree(layout, dtype):
         "loss, stats = torch.ops.lgd_ops.normalized_mse(s, t, 1e-5)\n"
         "grads = torch.ops.lgd_ops.normalized_mse_backward(torch.ones((), dtype=loss.dtype), s, t, stats)\n"
         "torch.save([loss, stats, *grads], sys.argv[1])\n")
-    results = []
-    for isa in ("", "base"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lgd_nmse_isa_{os.getpid()}_{isa or 'default'}.pt")
-        subprocess.run([sys.executable, "-c", script, path], check=True, env=dict(os.environ, LGD_OPS_CPU_ISA=isa))
-        results.append(torch.load(path))
-        os.remove(path)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
