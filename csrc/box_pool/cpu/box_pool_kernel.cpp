@@ -24,15 +24,18 @@ namespace {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
 
+// One block: the sweep's box sums of image b -> out (the block's first channel of row 0 of the [N, C] output).
 template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
 void pool_one(const scalar_t* x, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan, int64_t b,
-              acc_t* col, acc_t* pre, acc_t* sums) {
+              acc_t* col, acc_t* pre, acc_t* sums, bool average, scalar_t* out, int64_t C) {
   if constexpr (kAvx2) {
 #if LGD_OPS_HAVE_AVX2_COPY
     isa_avx2::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+    isa_avx2::store_box_sums<CB>(sums, plan, b, average, out, C);
 #endif
   } else {
     isa_base::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+    isa_base::store_box_sums<CB>(sums, plan, b, average, out, C);
   }
 }
 
@@ -47,27 +50,22 @@ void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks,
     int64_t b, c0;
     bool wide;
     blocks.at(blk, &b, &c0, &wide);
-    const int64_t first = plan.start[b], count = plan.start[b + 1] - first;
-    if (count == 0) continue;
+    if (plan.start[b + 1] == plan.start[b]) continue;
     const scalar_t* x = feat + b * m.sb + c0 * m.sc;
+    acc_t *c = col.data(), *p = pre.data(), *s = sums.data();
+    scalar_t* o = out + c0;
     if (m.channels_last) {
       if (wide && blocks.cb == kBlockCLWide)
-        pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+        pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else if (wide)
-        pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+        pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else
-        pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+        pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
     } else {
       if (wide && blocks.cb == kBlockNCHW)
-        pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
+        pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else
-        pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, col.data(), pre.data(), sums.data());
-    }
-    const int cb = wide ? blocks.cb : 1;  // channels of this block
-    for (int64_t k = 0; k < count; ++k) {
-      const int64_t n = plan.order[first + k];
-      const acc_t scale = average ? acc_t(plan.cells[n].count()) : acc_t(1);
-      for (int c = 0; c < cb; ++c) out[n * C + c0 + c] = static_cast<scalar_t>(sums[k * cb + c] / scale);
+        pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
     }
   }
 }
