@@ -400,6 +400,29 @@ class BoxOpTests:
             torch.set_num_threads(before)
 
     @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+    def test_few_events_for_the_size_match_oracle(self, layout, dtype):
+        """A 48 x 40 level with one box per image: under one event per 512 cells, where the CPU kernels keep
+        column sums (one plane per NCHW block; channels_last blocks without integral rows) instead of the
+        paths the small BOX_CASES levels take; forward and backward against the oracle."""
+        import lgd_ops
+
+        if "cpu" not in lgd_ops.available_backends():
+            pytest.skip("no CPU kernels")
+        boxes = torch.tensor([[10.0, 20.0, 300.0, 350.0], [33.0, 5.0, 190.0, 370.0]], dtype=box_dtype_for(dtype))
+        batch_idx, image_size, level = torch.tensor([0, 1]), (384, 320), (48, 40)
+        x = self.make_input(2, WIDE, level, 2, dtype, "cpu", layout, True)
+        out = self.call(x, boxes, batch_idx, image_size, 2, level, layout, "cpu")
+        ref_x = self.as_reference(x)
+        expected = self.oracle(ref_x, boxes, batch_idx, image_size, 2, level)
+        assert_close_to_oracle(out, expected, dtype, value_scale(expected), layout)
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(upstream.to(dtype).contiguous(memory_format=MEMORY_FORMAT[layout] if out.dim() == 4 else
+                                                   torch.contiguous_format))
+        (expected * upstream).sum().backward()
+        assert_close_to_oracle(x.grad, ref_x.grad, dtype, value_scale(ref_x.grad), f"{layout} grad")
+
+    @pytest.mark.parametrize("layout", LAYOUTS)
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_cpu_instruction_sets_agree(self, layout, dtype):
         """The CPU kernels' AVX2 and baseline copies (LGD_OPS_CPU_ISA=base) give the same bits (the AVX2 copy

@@ -147,10 +147,15 @@ constexpr int64_t kCellsPerEvent = 512;
 // contiguous stream, ~10-30 % faster with no events). Measured 2026-11-30, RetinaNet P3-P7, B=2, C=256, 1
 // thread: 8 planes win at every level from ~15 boxes per image on P3 (100 x 152) and from 1 box on P5-P7; 300
 // boxes per image: P3 fp32 pool 2.7 -> 1.6 ms, fill 4.3 -> 2.0 ms.
+// channels_last blocks with more than one event per kCellsPerEvent cells keep integral rows (cpu_box_sweep.inc:
+// IR): measured 2026-11-30, RetinaNet P3-P7, 1 thread, 300 boxes per image: fp32 pool 3.0-3.2 -> 2.1-2.2 ms,
+// fill 2.9 -> 2.1 ms, bfloat16 pool 1.3 -> 0.9 ms; with under one event per 512 cells (P3 at 7 boxes) the
+// column sums' row pass is cheaper (fp32 pool 1.6 -> 1.75 ms on P3-P7 with integral rows everywhere).
 struct Blocks {
   int64_t C, full, per_image;
   int64_t most;  // boxes of the image with the most (sizes the kernels' per-box scratch)
   int cb;
+  bool integral_rows;  // channels_last blocks sweep with integral rows (cpu_box_sweep.inc: IR)
   Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W, int threads)
       : C(channels) {
     const int64_t images = int64_t(plan.start.size()) - 1;
@@ -160,6 +165,7 @@ struct Blocks {
       cb = images * (channels / kBlockCLWide) >= threads && channels >= kBlockCLWide ? kBlockCLWide : kBlockCL;
     else
       cb = 2 * most * kCellsPerEvent > H * W ? kBlockNCHW : 1;
+    integral_rows = channels_last && cb > 1 && 2 * most * kCellsPerEvent > H * W;
     full = channels / cb;
     per_image = full + channels % cb;
   }

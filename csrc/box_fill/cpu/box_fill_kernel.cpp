@@ -3,7 +3,8 @@
 // directly, or through a difference row and one prefix sum when the row's boxes are wide: cost
 // O(H*W + boxes) whatever the boxes' sizes, no scratch map). Writes an NCHW map one (b, c) plane (or 8,
 // transposed: struct Blocks) per block, or a channels_last map (channels_last=true) 128 or 32 channels per
-// block. One thread owns a block and adds in a fixed order, so the output is deterministic (no atomics).
+// block (float/double maps with many events: the difference map's column sums, each row's prefix taken as it is
+// written). One thread owns a block and adds in a fixed order, so the output is deterministic (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,15 +30,15 @@ struct Scratch {
   acc_t *col, *diff, *scaled;
 };
 
-template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
+template <bool CL, int CB, bool IR, bool kAvx2, typename scalar_t, typename acc_t>
 void fill_one(const scalar_t* v, int64_t C, scalar_t* o, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan,
               int64_t b, bool average, const Scratch<acc_t>& s) {
   if constexpr (kAvx2) {
 #if LGD_OPS_HAVE_AVX2_COPY
-    isa_avx2::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
+    isa_avx2::fill_sweep<CL, CB, IR>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
 #endif
   } else {
-    isa_base::fill_sweep<CL, CB>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
+    isa_base::fill_sweep<CL, CB, IR>(v, C, o, m.sc, m.sh, m.sw, H, W, plan, b, average, s.col, s.diff, s.scaled);
   }
 }
 
@@ -46,7 +47,8 @@ template <typename scalar_t, bool kAvx2>
 void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, const Blocks& blocks, int64_t H,
                  int64_t W, const BoxPlan& plan, bool average, int64_t begin, int64_t end) {
   using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb), scaled(std::max<int64_t>(blocks.most, 1) * blocks.cb);
+  std::vector<acc_t> col(W * blocks.cb), diff((W + 1) * blocks.cb);
+  std::vector<acc_t> scaled(std::max<int64_t>(blocks.most, 1) * blocks.cb);
   const Scratch<acc_t> s{col.data(), diff.data(), scaled.data()};
   const int64_t C = blocks.C;
   for (int64_t blk = begin; blk < end; ++blk) {
@@ -56,17 +58,21 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
     scalar_t* o = out + b * m.sb + c0 * m.sc;
     const scalar_t* v = values + c0;
     if (m.channels_last) {
-      if (wide && blocks.cb == kBlockCLWide)
-        fill_one<true, kBlockCLWide, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+      if (wide && blocks.cb == kBlockCLWide && blocks.integral_rows)
+        fill_one<true, kBlockCLWide, true, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+      else if (wide && blocks.cb == kBlockCLWide)
+        fill_one<true, kBlockCLWide, false, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+      else if (wide && blocks.integral_rows)
+        fill_one<true, kBlockCL, true, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else if (wide)
-        fill_one<true, kBlockCL, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+        fill_one<true, kBlockCL, false, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else
-        fill_one<true, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+        fill_one<true, 1, false, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
     } else {
       if (wide && blocks.cb == kBlockNCHW)
-        fill_one<false, kBlockNCHW, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+        fill_one<false, kBlockNCHW, false, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
       else
-        fill_one<false, 1, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
+        fill_one<false, 1, false, kAvx2>(v, C, o, m, H, W, plan, b, average, s);
     }
   }
 }

@@ -3,7 +3,8 @@
 // float64 state, no scratch map), or for boxes covering under a quarter of the plane in total, their cells
 // summed directly. Reads NCHW-contiguous maps one (b, c) plane per block (8 planes, transposed, where the boxes
 // are many for the level's size: struct Blocks) and channels_last maps 128 or 32 channels per block (vectorized
-// across channels), with no copy; other strides are made contiguous first.
+// across channels; integral rows where the boxes are many), with no copy; other strides are made contiguous
+// first.
 // One thread owns a block and adds in a fixed order, so results are identical run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,16 +26,16 @@ template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>, double, float>;
 
 // One block: the sweep's box sums of image b -> out (the block's first channel of row 0 of the [N, C] output).
-template <bool CL, int CB, bool kAvx2, typename scalar_t, typename acc_t>
+template <bool CL, int CB, bool IR, bool kAvx2, typename scalar_t, typename acc_t>
 void pool_one(const scalar_t* x, const MapLayout& m, int64_t H, int64_t W, const BoxPlan& plan, int64_t b,
               acc_t* col, acc_t* pre, acc_t* sums, bool average, scalar_t* out, int64_t C) {
   if constexpr (kAvx2) {
 #if LGD_OPS_HAVE_AVX2_COPY
-    isa_avx2::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+    isa_avx2::pool_sweep<CL, CB, IR>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
     isa_avx2::store_box_sums<CB>(sums, plan, b, average, out, C);
 #endif
   } else {
-    isa_base::pool_sweep<CL, CB>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
+    isa_base::pool_sweep<CL, CB, IR>(x, m.sc, m.sh, m.sw, H, W, plan, b, col, pre, sums);
     isa_base::store_box_sums<CB>(sums, plan, b, average, out, C);
   }
 }
@@ -55,17 +56,21 @@ void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks,
     acc_t *c = col.data(), *p = pre.data(), *s = sums.data();
     scalar_t* o = out + c0;
     if (m.channels_last) {
-      if (wide && blocks.cb == kBlockCLWide)
-        pool_one<true, kBlockCLWide, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+      if (wide && blocks.cb == kBlockCLWide && blocks.integral_rows)
+        pool_one<true, kBlockCLWide, true, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+      else if (wide && blocks.cb == kBlockCLWide)
+        pool_one<true, kBlockCLWide, false, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+      else if (wide && blocks.integral_rows)
+        pool_one<true, kBlockCL, true, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else if (wide)
-        pool_one<true, kBlockCL, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+        pool_one<true, kBlockCL, false, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else
-        pool_one<true, 1, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+        pool_one<true, 1, false, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
     } else {
       if (wide && blocks.cb == kBlockNCHW)
-        pool_one<false, kBlockNCHW, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+        pool_one<false, kBlockNCHW, false, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
       else
-        pool_one<false, 1, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
+        pool_one<false, 1, false, kAvx2>(x, m, H, W, plan, b, c, p, s, average, o, C);
     }
   }
 }
