@@ -2,11 +2,14 @@
 # One-shot GPU check for the GPU machine (python3 with torch, triton and nvcc preinstalled; no network; maybe no
 # detectron2 or pycocotools: the tests needing them skip themselves, and the training benchmark is skipped):
 #   build        lgd_ops._C in place for sm_90 (setup.py build_ext --inplace: no pip, no network)
-#   tests        the test suite, CUDA and Triton parametrizations included (pytest-xdist when available)
+#   tests        the tests of the CUDA and Triton parametrizations (-k "cuda or triton"; CI runs the rest on CPU),
+#                with pytest-xdist when available
+#   bench_ops_*  the op benchmarks at the RetinaNet and Faster R-CNN shapes, fp32 NCHW then bf16 channels_last
 #   memcheck     compute-sanitizer memcheck on a few CUDA and Triton forward/backward tests
 #   racecheck    compute-sanitizer racecheck on the normalized_mse CUDA tests (its kernel uses shared memory)
-#   bench_ops_*  the op benchmarks at the RetinaNet and Faster R-CNN shapes, fp32 NCHW then bf16 channels_last
 #   bench_train  the training-step benchmark, only where lgd (so detectron2) imports
+# The steps run in that order, the numbers the issue needs (tests, benchmarks) before the sanitizers, since a
+# slow build or test step leaves the last steps no time.
 # Every command runs under `timeout`; a step's limit is its budget, capped by what is left of GPU_CHECK_SECONDS
 # (default 440) counted from the start, so that with the final packing the script ends within 8 minutes.
 # Results: $OUT if set (the device tool's output folder, which returns at most 8 files), else
@@ -61,7 +64,13 @@ step device 30 bash -c 'nvidia-smi; nvcc --version; "$0" -c "$1"' "$PY" "$versio
 tail -n 1 "$WORK/device.log" 2>/dev/null | tee -a "$WORK/summary.txt"
 step build 180 "$PY" setup.py build_ext --inplace
 step backends 30 "$PY" -c "import lgd_ops; b = lgd_ops.available_backends(); print(b); assert 'cuda' in b"
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "cuda or triton" tests
+# fp32 NCHW (the default path) and bf16 channels_last (the fast training path's maps)
+for case in "float32 contiguous" "bfloat16 channels_last"; do
+  set -- $case
+  step "bench_ops_$1" 80 "$PY" benchmarks/bench_ops.py --device cuda --shape retinanet faster_rcnn \
+    --dtype "$1" --layout "$2" --objects 7 100 --out "$WORK"
+done
 # Under the sanitizer everything runs ~10-100x slower: a few cases only, and no caching allocator, so that every
 # tensor is an allocation of its own.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -72,12 +81,6 @@ and (mixed or empty_image or levels)"
 step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/test_normalized_mse.py -k "cuda-cuda and f32 and test_matches_oracle and (levels or big_plane)"
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
-# fp32 NCHW (the default path) and bf16 channels_last (the fast training path's maps)
-for case in "float32 contiguous" "bfloat16 channels_last"; do
-  set -- $case
-  step "bench_ops_$1" 80 "$PY" benchmarks/bench_ops.py --device cuda --shape retinanet faster_rcnn \
-    --dtype "$1" --layout "$2" --objects 7 100 --out "$WORK"
-done
 if [ "$has_lgd" -eq 1 ]; then
   step bench_train 120 "$PY" benchmarks/bench_train.py --device cuda --image 800 1216 --iters 5 --out "$WORK"
 else

@@ -75,6 +75,8 @@ def test_every_step_under_timeout_and_few_files(tmp_path, has_lgd):
                      "bench_ops.py --device cuda --shape retinanet faster_rcnn --dtype float32 --layout contiguous",
                      "--dtype bfloat16 --layout channels_last"):
         assert expected in ran, expected
+    assert ran.index("bench_ops.py") < ran.index("--tool memcheck"), "benchmarks after the sanitizers"
+    assert '-k cuda or triton tests' in ran, "the test step selects the GPU parametrizations"
     assert ("bench_train.py" in ran) == has_lgd
     assert ("skipped bench_train" in run.stdout) != has_lgd
     assert len(files) <= 8 and all(f.count(os.sep) <= 2 for f in files), files
