@@ -155,7 +155,7 @@ struct Blocks {
   int64_t C, full, per_image;
   int64_t most;  // boxes of the image with the most (sizes the kernels' per-box scratch)
   int cb;
-  bool integral_rows;  // channels_last blocks sweep with integral rows (cpu_box_sweep.inc: IR)
+  bool integral_rows;  // channels_last blocks sweep with integral rows (cpu_box_sweep.inc: IR; box_fill: float maps)
   Blocks(int64_t channels, bool channels_last, const BoxPlan& plan, int64_t H, int64_t W, int threads)
       : C(channels) {
     const int64_t images = int64_t(plan.start.size()) - 1;
