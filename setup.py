@@ -96,7 +96,7 @@ setup(
     python_requires=">=3.10",
     entry_points={"console_scripts": [
         "lgd-train=lgd.tools.train_net:main",
-        "lgd-eval=lgd.tools.train_net:eval_main",
+        "lgd-eval=lgd.tools.eval_net:main",
         "lgd-export=lgd.tools.export:main",
         "lgd-demo=lgd.tools.demo:main",
         "lgd-bench=lgd.tools.bench:main",

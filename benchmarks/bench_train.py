@@ -286,7 +286,7 @@ def method_config(detector, method, mode, device, overrides=(), output_dir="benc
     """The detector's LGD config as lgd-train runs it with lgd.method=method (after `overrides`, lgd-train's
     key=value syntax) in `mode` on `device`, writing into output_dir (where its stages' checkpoints are looked
     for); optimizer.lr 0, as for the variants."""
-    from lgd.tools.train_net import load_config
+    from lgd.config import load_config
 
     path = os.path.join(ROOT, DETECTORS[detector])
     if not os.path.isfile(path):
@@ -303,7 +303,7 @@ def stage_runs(cfg, prefix=""):
     """[(path, config)] of every stage run the method of cfg needs, in lgd-train's order: each stage after its
     own stages (path "stage/its_stage"), each config with lgd-train's train.output_dir (OUTPUT/<stage>)."""
     from lgd.methods import build_method
-    from lgd.tools.train_net import method_stages
+    from lgd.runner import method_stages
 
     runs = []
     for stage, stage_cfg in method_stages(cfg, build_method(cfg)):
@@ -323,7 +323,7 @@ def write_random_checkpoint(cfg):
     checkpointer format (OUTPUT/model_final.pth, the student's EMA normalizer beside it): what a later run's
     method.build loads in place of a trained stage. Speed and memory do not depend on the weights."""
     from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState, student_module
-    from lgd.tools.train_net import build_model
+    from lgd.runner import build_model
 
     model = build_model(cfg)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
@@ -345,7 +345,7 @@ def method_child(detector, method, run, device, batch, image, objects, iters, mo
     from lgd.engine.checkpoint import student_module
     from lgd.methods import build_method
     from lgd.modeling.detector_adapters import build_detector_adapter
-    from lgd.tools.train_net import build_model, build_optimizer, fast_path
+    from lgd.runner import build_model, build_optimizer, fast_path
 
     device = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as output_dir:

@@ -11,21 +11,12 @@ student-side adapter. Every module that calls lgd_ops takes backend= (mask ops: 
     loss_distill = loss_fn(fpn_features, instructive, warmup=iteration < 30000)
     # the detection head also runs on `instructive` with the same targets (docs/method.md §8)
 
-Layout: lgd.modeling holds the paper's modules, the label structures, the teacher, LGDDistiller (a built
-detectron2 RetinaNet, FCOS, Faster or Mask R-CNN with all of the above) and its detector adapters;
-lgd.engine trains it on detectron2's engine (schedule, hooks, one optimizer with the student's and the
-teacher's parameter groups, checkpoints, the op report); lgd.data and lgd.evaluation the datasets and mMR;
-lgd.tools the commands (lgd-train, lgd-eval, lgd-export, lgd-demo, lgd-bench; not imported here, so that
-`python -m lgd.tools.train_net` runs cleanly); lgd/configs the LazyConfigs.
+Layers, each importing only those before it: lgd.modeling (the paper's modules, LGDDistiller) < lgd.engine
+(trainer, hooks, optimizer, checkpoints) < lgd.methods (LGD, the baseline, the comparison systems) < lgd.runner
+(builds and runs a run from its config) < lgd.tools (the commands); lgd.errors, lgd.config, lgd.data and
+lgd.evaluation sit below them all. lgd.demo, the bundled demo, is imported by nothing in the library.
 """
-import warnings
-
-# two deprecation notices our pinned dependencies print at import (fvcore/detectron2 call torch.jit.script;
-# detectron2 v0.6's model zoo imports pkg_resources): noise on every command's stderr, nothing a user can act on
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated", category=UserWarning)
-
-from .modeling.appearance_encoder import AppearanceEncoder  # noqa: E402
+from .modeling.appearance_encoder import AppearanceEncoder
 from .modeling.distillation_loss import DistillationLoss
 from .modeling.distiller import LGDDistiller
 from .modeling.knowledge_mapper import KnowledgeMapper, StudentAdapter

@@ -51,11 +51,11 @@ def _has_triton():
 
 
 def available_backends():
-    """Backends usable in this process, fastest-first per device ("cuda" means compiled in)."""
+    """Backends that can run in this process, fastest-first per device ("cuda": compiled in and a GPU seen)."""
     names = ["reference"]
     if _has_kernel("CPU"):
         names.append("cpu")
-    if _has_kernel("CUDA"):
+    if _has_kernel("CUDA") and torch.cuda.is_available():
         names.append("cuda")
     if _has_triton():
         names.append("triton")
@@ -98,6 +98,8 @@ def resolve(backend, device):
         return backend
     if backend not in available:
         why = f" (extension failed to load: {EXTENSION_ERROR})" if not HAS_EXTENSION else ""
+        if backend == "cuda" and HAS_EXTENSION:
+            why = " (no GPU)" if _has_kernel("CUDA") else " (built without CUDA)"
         if backend == "triton":
             error = _triton_import_error() if (_triton_interpret() or torch.cuda.is_available()) else None
             why = f" (triton failed to import: {error})" if error else " (it needs a GPU, or TRITON_INTERPRET=1)"

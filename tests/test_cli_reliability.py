@@ -20,11 +20,12 @@ import torch
 pytest.importorskip("detectron2")
 pytest.importorskip("pycocotools")
 
-from lgd.tools.cli import UsageError, run_command  # noqa: E402
+from lgd.errors import UsageError  # noqa: E402
+from lgd.tools.cli import run_command  # noqa: E402
 from test_lgd_train_net import DATASET, ROOT, argv, make_setup, overrides, read_metrics  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ENTRY_POINTS = {"lgd-train": "lgd.tools.train_net:main", "lgd-eval": "lgd.tools.train_net:eval_main",
+ENTRY_POINTS = {"lgd-train": "lgd.tools.train_net:main", "lgd-eval": "lgd.tools.eval_net:main",
                 "lgd-export": "lgd.tools.export:main", "lgd-demo": "lgd.tools.demo:main"}
 
 
@@ -218,7 +219,7 @@ def test_run_command_statuses(capsys):
 
 
 def test_strict_overrides(setup):
-    from lgd.tools.train_net import load_config
+    from lgd.config import load_config
 
     _, cfg_file, _, _ = setup
     with pytest.raises(UsageError, match="'lgd.enabld'") as info:
@@ -309,7 +310,8 @@ def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path):
     assert (boxes, dropped_images) == (2, 1) and len(kept) == 1 and len(kept[0]["annotations"]) == 1
 
     from lgd.data import register_coco_once
-    from lgd.tools.train_net import build_train_loader, load_config
+    from lgd.config import load_config
+    from lgd.runner import build_train_loader
 
     _, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["dataloader.train.dataset.names=lgd_cli_negative"])
@@ -342,7 +344,7 @@ def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
 
 
 def test_overwrite_removes_the_earlier_runs_files(tmp_path):
-    from lgd.tools.train_net import check_output_dir
+    from lgd.runner import check_output_dir
 
     for name in ("model_0000099.pth", "metrics.json", "last_checkpoint", "config.yaml", "notes.txt",
                  ".model_0000001.pth.abc.lgd-tmp"):
@@ -360,11 +362,13 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
 def lgd_checkpoint(setup):
     """An LGD checkpoint of the tiny config (the untrained model), and the config."""
     from lgd.engine.checkpoint import AtomicCheckpointer
-    from lgd.tools.train_net import build_model, load_config
+    from lgd.config import load_config
+    from lgd.methods import build_method
+    from lgd.runner import build_model
 
     root, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["train.device=cpu"])
-    AtomicCheckpointer(build_model(cfg, lgd_enabled=True, backend="reference"), str(root)).save("init")
+    AtomicCheckpointer(build_model(cfg, build_method(cfg, "lgd", backend="reference")), str(root)).save("init")
     return str(root / "init.pth"), cfg_file
 
 
@@ -375,7 +379,7 @@ def eval_args(setup, checkpoint, *extra):
 
 
 def test_eval_refuses_checkpoints_that_do_not_fit(setup, lgd_checkpoint, tmp_path, capsys):
-    from lgd.tools.train_net import eval_main, eval_run
+    from lgd.tools.eval_net import main as eval_main, run as eval_run
 
     path, _ = lgd_checkpoint
     foo = tmp_path / "foo.pth"
@@ -416,7 +420,7 @@ def test_atomic_write_mode_and_stale_temporaries(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.pth").st_mode) == 0o644
-    stale = [".model_0000004.pth.k2j3.lgd-tmp", ".model_0000009.pthx8f_0a.tmp", ".last_checkpointq1.tmp"]
+    stale = [".model_0000004.pth.k2j3.lgd-tmp", ".last_checkpoint.q1.lgd-tmp"]
     for name in stale:
         (tmp_path / name).write_bytes(b"half")
     (tmp_path / "keep.tmp").write_bytes(b"not ours")
@@ -427,7 +431,8 @@ def test_atomic_write_mode_and_stale_temporaries(tmp_path):
 def test_resume_removes_stale_temporaries_and_same_seed_same_start(setup, tmp_path):
     """train() removes an interrupted write's temporary at its start; two runs without train.seed (default 0)
     start from the same weights: the same losses at iteration 0."""
-    from lgd.tools.train_net import load_config, train
+    from lgd.config import load_config
+    from lgd.runner import train
 
     root, cfg_file, ann, images = setup
     from lgd.data import register_coco_once

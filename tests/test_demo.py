@@ -65,7 +65,7 @@ def test_demo_head_is_group_normalized():
     from detectron2.config import instantiate
 
     from lgd.tools.demo import DEMO_CONFIG
-    from lgd.tools.train_net import load_config
+    from lgd.config import load_config
 
     assert group_norm(64).num_groups == 32 and group_norm(1).num_groups == 1
     cfg = load_config(DEMO_CONFIG)

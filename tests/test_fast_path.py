@@ -20,6 +20,9 @@ from detectron2.engine.train_loop import HookBase
 from lgd.engine import trainer as fast_mod
 from lgd.engine.optim import build_lgd_optimizer
 from lgd.engine.trainer import AMPTrainer, resolve_fast_path, use_channels_last
+from lgd import runner
+from lgd.config import load_config
+from lgd.methods import build_method
 from lgd.tools import train_net
 from test_lgd_distiller import make_batch, make_distiller
 
@@ -75,7 +78,7 @@ def test_bad_values_name_the_key(kwargs, message):
 def _tiny_cfg(*overrides):
     from conftest import shrink_retinanet_config
 
-    cfg = train_net.load_config(os.path.join(train_net.__file__.rsplit("/lgd/", 1)[0], "lgd", "configs",
+    cfg = load_config(os.path.join(train_net.__file__.rsplit("/lgd/", 1)[0], "lgd", "configs",
                                              "retinanet_R_50_FPN_1x_lgd.py"), ["train.device=cpu", *overrides])
     shrink_retinanet_config(cfg.model, num_classes=3)
     return cfg
@@ -83,19 +86,19 @@ def _tiny_cfg(*overrides):
 
 def test_config_builds_the_right_trainer_dtype_and_format(bf16_cpu):
     fast_cfg = _tiny_cfg("train.amp.enabled=True")
-    model = train_net.build_model(fast_cfg, backend="reference")
+    model = runner.build_model(fast_cfg, build_method(fast_cfg, backend="reference"))
     conv = model.detector.backbone.bottom_up.stem.conv1.weight
     assert conv.is_contiguous(memory_format=CL) and not conv.is_contiguous() and conv.dtype == torch.float32
-    trainer = train_net._build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
-                                       train_net.fast_path(fast_cfg, "cpu"))
+    trainer = runner.build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
+                                       runner.fast_path(fast_cfg, "cpu"))
     assert isinstance(trainer, AMPTrainer) and trainer.dtype == torch.bfloat16
     assert not trainer.grad_scaler.is_enabled()
 
     fp32_cfg = _tiny_cfg()
-    model = train_net.build_model(fp32_cfg, backend="reference")
+    model = runner.build_model(fp32_cfg, build_method(fp32_cfg, backend="reference"))
     assert model.detector.backbone.bottom_up.stem.conv1.weight.is_contiguous()
-    trainer = train_net._build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
-                                       train_net.fast_path(fp32_cfg, "cpu"))
+    trainer = runner.build_trainer(model, iter([]), build_lgd_optimizer(model, lr=0.0),
+                                       runner.fast_path(fp32_cfg, "cpu"))
     assert type(trainer) is SimpleTrainer
 
 

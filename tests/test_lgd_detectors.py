@@ -28,7 +28,7 @@ from lgd.engine.checkpoint import AtomicCheckpointer, DetectorEMAState
 from lgd.modeling.distiller import TEACHER_SUFFIX
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.modeling.norm import group_norm
-from lgd.tools.train_net import build_model, build_schedule
+from lgd.runner import build_model, build_schedule
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 NUM_CLASSES = 3

@@ -23,7 +23,9 @@ from detectron2.utils import comm
 pytest.importorskip("pycocotools")
 
 from lgd.data import register_coco_once  # noqa: E402
-from lgd.tools.train_net import launch_cpu, load_config, train  # noqa: E402
+from lgd.config import load_config  # noqa: E402
+from lgd.methods import build_method  # noqa: E402
+from lgd.runner import launch_cpu, train  # noqa: E402
 from test_lgd_train_net import DATASET, make_setup, overrides  # noqa: E402
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
@@ -70,7 +72,8 @@ def tiny_config(cfg_file, out, max_iter=4):
 def run(cfg_file, out, lgd_enabled, *hooks, resume=False):
     cfg = tiny_config(cfg_file, out)
     torch.manual_seed(0)  # same initial weights in every run
-    train(cfg, lgd_enabled=lgd_enabled, backend="reference", resume=resume, extra_hooks=hooks)
+    method = build_method(cfg, "lgd" if lgd_enabled else "baseline", backend="reference")
+    train(cfg, method=method, resume=resume, extra_hooks=hooks)
 
 
 @pytest.mark.parametrize("lgd_enabled", [True, False], ids=["lgd", "baseline"])

@@ -19,8 +19,11 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from lgd.tools.train_net import (apply_dataset_arguments, build_parser, build_schedule, eval_run, load_config,  # noqa: E402
-                           run, set_num_classes)
+from lgd.config import load_config  # noqa: E402
+from lgd.methods import build_method  # noqa: E402
+from lgd.runner import apply_dataset_arguments, build_schedule, set_num_classes  # noqa: E402
+from lgd.tools.eval_net import run as eval_run  # noqa: E402
+from lgd.tools.train_net import build_parser, run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LGD_CONFIG = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
@@ -182,7 +185,7 @@ def test_schedule_rule():
 def test_atomic_checkpointer_loads_plain_student_checkpoint(tmp_path):
     import torch
 
-    from lgd.tools.train_net import AtomicCheckpointer
+    from lgd.engine.checkpoint import AtomicCheckpointer
     from test_lgd_distiller import make_distiller
 
     src, dst = make_distiller(seed=0), make_distiller(seed=1)
@@ -274,7 +277,7 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
     from omegaconf import OmegaConf
 
     from lgd.engine.checkpoint import AtomicCheckpointer
-    from lgd.tools.train_net import build_model
+    from lgd.runner import build_model
 
     _, cfg_file, _, _ = setup
     cfg = load_config(cfg_file, ["model.test_score_thresh=0.0", "train.device=cpu"])
@@ -288,7 +291,7 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
                    check=True, cwd=str(tmp_path))
     stock = torch.load(tmp_path / "outputs.pt")
 
-    model = build_model(cfg, lgd_enabled=True, backend="reference")
+    model = build_model(cfg, build_method(cfg, "lgd", backend="reference"))
     AtomicCheckpointer(model).load(os.path.join(trained[0], "model_final.pth"))
     with torch.no_grad():
         ours = [o["instances"].get_fields() for o in model.eval()(inputs)]
@@ -301,7 +304,7 @@ def test_export_round_trip_in_stock_detectron2(setup, trained, exported, tmp_pat
 
 def test_checkpointer_loads_lgd_checkpoint_into_plain_detector(tmp_path):
     from lgd.engine.checkpoint import AtomicCheckpointer, student_state_dict
-    from lgd.tools.train_net import evaluate
+    from lgd.runner import evaluate
     from test_lgd_distiller import make_distiller, tiny_retinanet
 
     src = make_distiller(seed=0)

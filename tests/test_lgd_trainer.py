@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 
 from lgd.data.samplers import ResumableTrainingSampler
 from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LRScheduler, build_lgd_hooks
-from lgd.engine.optim import GROUP_KEY, GradientClip, build_lgd_optimizer, build_sgd, upgrade_trainer_state
+from lgd.engine.optim import GROUP_KEY, GradientClip, build_lgd_optimizer, build_sgd
 from lgd.engine.schedule import PAPER_SCHEDULES, LGDSchedule
 from lgd.engine.trainer import AMPTrainer
 from test_lgd_distiller import make_batch, make_distiller, tiny_retinanet
@@ -213,26 +213,6 @@ def test_one_optimizer_equals_the_authors_two():
                 opt.step()
     for (name, a), b in zip(one.named_parameters(), two.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_two_optimizer_trainer_state_upgrades():
-    trainer, _ = run(2, 3)
-    state = trainer.optimizer.state_dict()
-    split = sum(len(g["params"]) for g in state["param_groups"] if g[GROUP_KEY] == "student")
-    old = {"iteration": 3, "optimizers": [
-        {"state": {i: v for i, v in state["state"].items() if i < split},
-         "param_groups": [dict(g) for g in state["param_groups"] if g[GROUP_KEY] == "student"]},
-        {"state": {i - split: v for i, v in state["state"].items() if i >= split},
-         "param_groups": [dict(g, params=[i - split for i in g["params"]])
-                          for g in state["param_groups"] if g[GROUP_KEY] == "teacher"]}]}
-    for part in old["optimizers"]:
-        for g in part["param_groups"]:
-            del g[GROUP_KEY]
-    upgraded = upgrade_trainer_state(old)
-    assert upgraded["iteration"] == 3 and "optimizers" not in upgraded
-    assert upgraded["optimizer"]["param_groups"] == state["param_groups"]
-    assert upgraded["optimizer"]["state"].keys() == state["state"].keys()
-    assert upgrade_trainer_state({"iteration": 1}) == {"iteration": 1}
 
 
 def test_paper_schedules_and_scaling():

@@ -26,7 +26,7 @@ from conftest import detectron2_input, shrink_detector_config
 from lgd.engine.checkpoint import CheckpointError
 from lgd.methods import build_method
 from lgd.methods.fgfi import FGFI, FGFIDistiller, imitation_masks
-from lgd.tools.cli import UsageError
+from lgd.errors import UsageError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 NUM_CLASSES = 3

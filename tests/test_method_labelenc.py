@@ -304,7 +304,7 @@ from detectron2.utils.events import EventStorage
 from lgd.engine.trainer import use_channels_last
 from lgd.methods import build_method
 from lgd.tools.demo import DEMO_CONFIG
-from lgd.tools.train_net import load_config
+from lgd.config import load_config
 
 torch.set_num_threads(1)
 cfg = load_config(DEMO_CONFIG, ["lgd.method=labelenc", "lgd.labelenc.step=1", "model.backbone.weights=null"])
@@ -337,7 +337,7 @@ def test_step2_keeps_the_students_frozen_batchnorm_statistics():
     """Step 2's initialisation must not touch the student's bottom-up: a partial load_state_dict makes
     detectron2's FrozenBatchNorm2d reset missing running statistics to 0 / 1 (it did, wiping ImageNet's)."""
     from lgd.tools.demo import DEMO_CONFIG
-    from lgd.tools.train_net import load_config
+    from lgd.config import load_config
 
     cfg = load_config(DEMO_CONFIG, ["lgd.method=labelenc", "lgd.labelenc.step=1", "model.backbone.weights=null"])
     step1 = build_method(cfg).build(instantiate(cfg.model), {})

@@ -23,7 +23,11 @@ from detectron2.config import instantiate  # noqa: E402
 
 from lgd.engine.checkpoint import AtomicCheckpointer, student_state_dict  # noqa: E402
 from lgd.methods import METHODS, Stage, TrainingMethod  # noqa: E402
-from lgd.tools.train_net import build_model, eval_run, load_config, main, run  # noqa: E402
+from lgd.config import load_config  # noqa: E402
+from lgd.methods import build_method  # noqa: E402
+from lgd.runner import build_model  # noqa: E402
+from lgd.tools.eval_net import run as eval_run  # noqa: E402
+from lgd.tools.train_net import main, run  # noqa: E402
 from test_lgd_train_net import DATASET, argv, make_setup, overrides, read_metrics  # noqa: E402
 
 
@@ -178,7 +182,7 @@ def test_lgd_eval_and_export_read_the_wrapper_student(setup, toy_run, tmp_path):
     exported = export_run(["--config-file", cfg_file, "--checkpoint", checkpoint, "--output", str(tmp_path / "s.pth")])
     assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
     cfg = load_config(cfg_file, overrides(out) + ["lgd.method=toy"])
-    detector = build_model(cfg, lgd_enabled=False)
+    detector = build_model(cfg, build_method(cfg, "baseline"))
     AtomicCheckpointer(detector).load_checked(checkpoint)
     assert all(torch.equal(detector.state_dict()[k], v) for k, v in want.items())
     wrapper = build_model(cfg)  # the stage's checkpoint under OUTPUT/teacher
@@ -232,8 +236,7 @@ def test_overwrite_removes_the_stage(setup, toy_run):
 def test_every_config_holds_each_methods_settings_as_checked_keys():
     """lgd.<method>.<key> overrides are checked against the methods' DEFAULTS in every LGD config."""
     from lgd.methods import METHODS, method_class
-    from lgd.tools.cli import UsageError
-    from lgd.tools.train_net import load_config
+    from lgd.errors import UsageError
 
     cfg = load_config("lgd/configs/retinanet_R_50_FPN_1x_lgd.py", ["lgd.fgfi.psi=0.6", "lgd.ban.generations=3"])
     assert cfg.lgd.fgfi.psi == 0.6 and cfg.lgd.ban.generations == 3 and cfg.lgd.recompute_teacher is False

@@ -28,7 +28,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_adapters import build_detector_adapter
 
-__all__ = ["AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
+__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
            "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
            "student_state_dict"]
 
@@ -37,7 +37,8 @@ STUDENT_PREFIX = "detector."
 # default ("detector",), the student only (DML: both students; never a teacher copy of the detector)
 INIT_MODULES = "init_checkpoint_modules"
 TMP_SUFFIX = ".lgd-tmp"
-_OLD_TMP = (".*.pth*.tmp", ".last_checkpoint*.tmp")  # what atomic_write left before it used TMP_SUFFIX
+# what a command says when a checkpoint does not fit its config: the run's own config holds its overrides
+CONFIG_HINT = "pass the run's own config, --config-file OUTPUT/config.yaml (train.output_dir of the run that wrote it)"
 _umask_lock = threading.Lock()
 
 
@@ -79,9 +80,7 @@ def remove_stale_temporaries(directory: str) -> list:
     no other process writes there: at the start of a run). Returns the removed paths."""
     if not directory or "://" in str(directory) or not os.path.isdir(directory):
         return []
-    stale = []
-    for pattern in (".*" + TMP_SUFFIX,) + _OLD_TMP:
-        stale += glob.glob(os.path.join(glob.escape(directory), pattern))
+    stale = glob.glob(os.path.join(glob.escape(directory), ".*" + TMP_SUFFIX))
     for path in stale:
         os.remove(path)
     return stale
@@ -190,8 +189,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 parts.append(f"{len(shapes)} have another shape (" + _first(
                     [f"{k}: {tuple(c)} in the checkpoint, {tuple(m)} in the model" for k, c, m in shapes]) + ")")
             raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts),
-                                  hint="use the config (and overrides) of the run that wrote it; "
-                                       "--allow-partial evaluates anyway with the missing weights left random")
+                                  hint=CONFIG_HINT + "; --allow-partial evaluates anyway with the missing "
+                                       "weights left random")
         self._log_incompatible_keys(incompatible)
         return loaded
 

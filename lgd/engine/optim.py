@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from detectron2.solver.build import get_default_optimizer_params
 
-__all__ = ["GROUP_KEY", "ClippedSGD", "GradientClip", "build_lgd_optimizer", "build_sgd", "upgrade_trainer_state"]
+__all__ = ["GROUP_KEY", "ClippedSGD", "GradientClip", "build_lgd_optimizer", "build_sgd"]
 
 GROUP_KEY = "lgd_part"  # param-group key: "student" (detector + adapter F_adapt) or "teacher"
 
@@ -97,19 +97,3 @@ def build_lgd_optimizer(model: nn.Module, lr: float, teacher_lr: Optional[float]
     groups = (_groups(student, "student", lr, weight_decay, weight_decay_norm)
               + _groups(model.teacher, "teacher", teacher_lr, weight_decay, weight_decay_norm))
     return ClippedSGD(groups, clip=clip, lr=lr, momentum=momentum)
-
-
-def upgrade_trainer_state(state: dict) -> dict:
-    """A trainer state saved by lgd's earlier two-optimizer trainer ("optimizers": [student, teacher]) in the
-    one-optimizer layout (the teacher's parameter indices follow the student's); other states unchanged."""
-    if "optimizers" not in state:
-        return state
-    state = dict(state)
-    groups, per_param, offset = [], {}, 0
-    for part, saved in zip(("student", "teacher"), state.pop("optimizers")):
-        for group in saved["param_groups"]:
-            groups.append(dict(group, params=[i + offset for i in group["params"]], **{GROUP_KEY: part}))
-        per_param.update({i + offset: v for i, v in saved["state"].items()})
-        offset += sum(len(group["params"]) for group in saved["param_groups"])
-    state["optimizer"] = {"state": per_param, "param_groups": groups}
-    return state

@@ -103,12 +103,10 @@ class TrainingMethod:
         return []
 
 
-def method_name(cfg, lgd_enabled=None) -> str:
-    """The run's method: "baseline" when lgd_enabled is False (or lgd.enabled is False and lgd_enabled is
-    None), else cfg.lgd.method (default "lgd")."""
+def method_name(cfg) -> str:
+    """The run's method: "baseline" when lgd.enabled is False, else cfg.lgd.method (default "lgd")."""
     lgd = cfg.get("lgd", {}) or {}
-    enabled = bool(lgd.get("enabled", True)) if lgd_enabled is None else bool(lgd_enabled)
-    name = str(lgd.get("method", "lgd")) if enabled else "baseline"
+    name = str(lgd.get("method", "lgd")) if bool(lgd.get("enabled", True)) else "baseline"
     if name not in METHODS:
         raise ValueError(f"lgd.method must be one of {sorted(METHODS)}, got {name!r}")
     return name
@@ -122,10 +120,10 @@ def method_class(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def build_method(cfg, lgd_enabled=None, backend=None) -> TrainingMethod:
-    """The run's TrainingMethod (method_name) built from cfg; backend (lgd-train --ops) replaces cfg.lgd.backend
-    as its lgd_ops backend when given."""
-    method = method_class(method_name(cfg, lgd_enabled))(cfg)
+def build_method(cfg, name=None, backend=None) -> TrainingMethod:
+    """The TrainingMethod `name` (default: the run's, method_name) built from cfg; backend (lgd-train --ops)
+    replaces cfg.lgd.backend as its lgd_ops backend when given."""
+    method = method_class(name or method_name(cfg))(cfg)
     if backend is not None:
         method.backend = str(backend)
     return method

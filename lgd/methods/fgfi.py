@@ -24,8 +24,8 @@ from detectron2.structures import Boxes, pairwise_iou
 from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.detector_adapters import build_detector_adapter
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from ..tools.cli import UsageError
-from ..tools.overrides import apply_overrides_strict
+from ..errors import UsageError
+from ..config import apply_overrides_strict
 from . import Stage, TrainingMethod
 
 __all__ = ["FGFI", "FGFIDistiller", "anchor_levels", "imitation_masks"]

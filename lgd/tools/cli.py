@@ -15,26 +15,12 @@ import sys
 import traceback
 from typing import Callable, List, Optional, Sequence
 
-__all__ = ["CommandError", "UsageError", "debug_requested", "run_command"]
+from ..errors import CommandError
+
+__all__ = ["debug_requested", "run_command"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "print the traceback of a failure (also LGD_DEBUG=1)"
-
-
-class CommandError(Exception):
-    """A failure a command reports as one line (exit status 1), with an optional hint line."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: Optional[str] = None):
-        super().__init__(message)
-        self.hint = hint
-
-
-class UsageError(CommandError):
-    """A usage error (exit status 2): the command line itself is wrong."""
-
-    exit_code = 2
 
 
 def debug_requested(argv: Sequence[str] = ()) -> bool:

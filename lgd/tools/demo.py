@@ -59,10 +59,12 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from ..engine.op_report import OPS
-from .cli import DEBUG_HELP, UsageError, run_command
-from .overrides import apply_overrides_strict
+from ..config import apply_overrides_strict, load_config
+from ..errors import UsageError
 from ..methods import METHODS
-from .train_net import OPS_HELP, check_backend, fast_path, load_config, read_cost, read_metrics, train
+from ..runner import check_backend, fast_path, read_cost, read_metrics, train
+from .cli import DEBUG_HELP, run_command
+from .train_net import OPS_HELP
 
 __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare", "plot_run",
            "run", "run_one"]

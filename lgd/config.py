@@ -1,4 +1,4 @@
-"""Strict `key=value` overrides of a LazyConfig: a key that does not exist is an error, not a new key.
+"""Loading a LazyConfig with strict `key=value` overrides: a key that does not exist is an error, not a new key.
 
 detectron2's LazyConfig.apply_overrides adds any key it is given, so a typo (`trian.max_iter=2`,
 `lgd.enabld=False`) is accepted and silently ignored. apply_overrides_strict accepts a key when
@@ -12,13 +12,15 @@ Anything else raises UsageError naming the key and the closest valid keys (diffl
 """
 import difflib
 import inspect
+import os
 from typing import Iterable, List
 
+from detectron2.config import LazyConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .cli import UsageError
+from .errors import CommandError, UsageError
 
-__all__ = ["OPTIONAL_KEYS", "apply_overrides_strict", "config_keys"]
+__all__ = ["OPTIONAL_KEYS", "apply_overrides_strict", "config_keys", "load_config"]
 
 # keys read when present although detectron2's common/train.py does not define them
 OPTIONAL_KEYS = {
@@ -94,7 +96,6 @@ def _accepted(cfg, key) -> bool:
 
 def apply_overrides_strict(cfg, overrides: Iterable[str]):
     """LazyConfig.apply_overrides(cfg, overrides) after checking every key (module docstring). In place."""
-    from detectron2.config import LazyConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -117,3 +118,16 @@ def apply_overrides_strict(cfg, overrides: Iterable[str]):
             f" (to add a new key on purpose, write +{key}=...)"
         raise UsageError(f"config override {text!r}: the config has no key {key!r}", hint=hint)
     return LazyConfig.apply_overrides(cfg, [o[1:] if o.startswith("+") else o for o in overrides])
+
+
+def load_config(config_file, overrides=()):
+    """LazyConfig.load(config_file) with `key=value` overrides applied strictly. A missing or broken file is
+    one error naming it."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    try:
+        cfg = LazyConfig.load(config_file)
+    except Exception as exc:  # noqa: BLE001 - anything a python config file can raise
+        raise CommandError(f"config file {config_file} cannot be loaded: {type(exc).__name__}: {exc}",
+                           hint="rerun with --debug for the traceback") from exc
+    return apply_overrides_strict(cfg, overrides)
