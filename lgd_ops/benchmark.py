@@ -1,5 +1,6 @@
-"""Timing and peak memory of the lgd_ops ops: the one implementation behind benchmarks/bench_ops.py (`lgd-bench
-ops`) and the trainer's op report (lgd.engine.op_report).
+"""Timing and peak memory of the lgd_ops ops, and the stamp and files every benchmark writes: the one
+implementation behind `lgd-bench ops` (lgd_ops.bench_ops), `lgd-bench train` (lgd.benchmarks) and the trainer's
+op report (lgd.engine.op_report).
 
     case = make_case("box_pool", [(2, 256, 100, 152), (2, 256, 50, 76)], boxes, batch_idx, (800, 1216))
     p20, p50, p80 = time_ms(mode_fn(case, "full", "cpu"), device, repeats=10)
@@ -17,8 +18,12 @@ CPU: the peak resident-size growth (VmHWM, Linux) of a fresh child process (`pyt
 builds the same case, with glibc told to mmap every block over 64 KiB so freed memory leaves the RSS at once;
 the calling process only waits for it (about 2 s) and keeps nothing.
 """
+import argparse
+import csv
 import gc
+import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +37,9 @@ import torch
 import lgd_ops
 from lgd_ops._checks import check_boxes
 
-__all__ = ["OpCase", "make_case", "mode_fn", "peak_memory", "peak_memories", "sync", "time_ms", "OPS", "MODES"]
+__all__ = ["MODES", "OPS", "STEADY_MALLOC", "ArgumentParser", "OpCase", "device_name", "git_commit", "make_case",
+           "mode_fn", "peak_memories", "peak_memory", "proc_status_kib", "reset_peak_rss", "sync", "time_ms",
+           "triton_version", "write_outputs"]
 
 OPS = ("box_pool", "box_fill", "normalized_mse")
 MODES = ("forward", "backward", "full")
@@ -228,6 +235,63 @@ def reset_peak_rss():
     """Resets this process's VmHWM to its current resident size (Linux /proc/self/clear_refs, proc(5))."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+# glibc settings for timed CPU runs: freed blocks stay in the heap, so a repeat does not pay the page faults of
+# fresh 40 MB maps (what a caching allocator, or a long training run, sees); without them CPU times swing with
+# the kernel's page-fault cost
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+                 "MALLOC_TOP_PAD_": "536870912"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad argument reported on one line (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device_name(device):
+    """The GPU's name, or the CPU model with this process's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "cpu"
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit():
+    """The commit of the lgd_ops checkout being measured, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(lgd_ops.__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def write_outputs(base, rows, payload, table):
+    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    if rows:
+        with open(base + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(table + "\n")
 
 
 def _peak_child(path):

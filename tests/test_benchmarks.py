@@ -1,7 +1,6 @@
 """The benchmarks still run end to end on tiny shapes and write their files (CSV/JSON/markdown/PNG).
 Times are never asserted: benchmarks are not tests."""
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,23 +12,17 @@ pytest.importorskip("detectron2")
 
 import torch
 
+import lgd_ops.bench_ops as bench
 from lgd.tools.bench import main as lgd_bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+# the installed command runs from any folder: the benchmarks are modules of the package, not scripts of the tree
+ELSEWHERE = os.path.dirname(os.path.abspath(os.sep))
 
 
 def run(command, *args):
     """`lgd-bench ops|train args` (through python -m lgd.tools.bench, as the console script would)."""
     cmd = [sys.executable, "-m", "lgd.tools.bench", command, "--threads", "1", *args]  # 1 thread: no oversubscription
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
-
-
-def load_bench_ops():
-    spec = importlib.util.spec_from_file_location("bench_ops", os.path.join(ROOT, "benchmarks", "bench_ops.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ELSEWHERE).stdout
 
 
 def test_bench_ops_tiny(tmp_path):
@@ -57,14 +50,11 @@ def test_bench_ops_channels_last(tmp_path):
     assert "| tiny | 2 | float32, channels_last | box_fill | 2 | cpu |" in out
     with open(tmp_path / "ops_cpu_tiny_float32_channels_last.csv") as f:
         assert {r["layout"] for r in csv.DictReader(f)} == {"channels_last"}
-    bench = load_bench_ops()
     case = bench.make_case("box_pool", "tiny", 2, torch.float32, "cpu", layout="channels_last")
     assert case.memory_format == torch.channels_last
 
 
-def test_bench_ops_peak_memory_and_bytes(monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the peak-memory child imports lgd_ops
-    bench = load_bench_ops()
+def test_bench_ops_peak_memory_and_bytes():
     cpu = torch.device("cpu")
     assert bench.peak_memory("box_fill", "tiny", 3, torch.float32, cpu, "reference", 1) >= 0
     # normalized_mse full: read student + teacher, then read both and write the student's gradient
@@ -123,8 +113,8 @@ def test_lgd_bench_usage():
 
 def lgd_bench_process(*args):
     """`python -m lgd.tools.bench args`, import-time warnings of detectron2 silenced (not the command's output)."""
-    return subprocess.run([sys.executable, "-m", "lgd.tools.bench", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(ENV, PYTHONWARNINGS="ignore"), timeout=300)
+    return subprocess.run([sys.executable, "-m", "lgd.tools.bench", *args], capture_output=True, text=True,
+                          cwd=ELSEWHERE, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
 
 
 @pytest.mark.parametrize("command", ["ops", "train"])

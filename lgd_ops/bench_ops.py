@@ -27,18 +27,14 @@ Outputs under --out, named ops_<device>_<shapes>_<dtypes>: .csv (long format, on
 backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torch, triton, commit, ...),
 .json (the same rows), .md (table) and _time.png / _memory.png (time and memory of mode full vs objects).
 
-  python benchmarks/bench_ops.py                       # COCO RetinaNet shape, B=2, fp32, 7/50/300 objects + context
-  python benchmarks/bench_ops.py --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
-  python benchmarks/bench_ops.py --shape faster_rcnn --dtype bfloat16 --batch 1 8 --objects 1 300
-  python benchmarks/bench_ops.py --dtype bfloat16 --layout channels_last   # the fast training path's maps
-  python benchmarks/bench_ops.py --shape tiny --repeats 2 --out /tmp/bench   # smoke run
+  lgd-bench ops                       # COCO RetinaNet shape, B=2, fp32, 7/50/300 objects + context
+  lgd-bench ops --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
+  lgd-bench ops --shape faster_rcnn --dtype bfloat16 --batch 1 8 --objects 1 300
+  lgd-bench ops --dtype bfloat16 --layout channels_last   # the fast training path's maps
+  lgd-bench ops --shape tiny --repeats 2 --out /tmp/bench   # smoke run
 """
 import argparse
-import csv
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -47,6 +43,8 @@ import torch
 import lgd_ops
 from lgd_ops import benchmark
 from lgd_ops._backend import BACKENDS
+from lgd_ops.benchmark import (STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version,
+                                 write_outputs)
 
 # (default B, C, padded input H, W, level sizes): RetinaNet P3-P7, Faster R-CNN P2-P6 of a COCO image resized to
 # 800 x ~1200 and padded to a multiple of 32 (the 800 x 1333 setting's usual size)
@@ -60,43 +58,6 @@ MODES = ("forward", "backward", "full")
 FULL_SWEEP = dict(shape=["retinanet", "faster_rcnn"], objects=[1, 7, 50, 100, 300], batch=[1, 2, 8],
                   dtype=["float32", "bfloat16"])
 
-# glibc settings for the timed runs: freed blocks stay in the heap, so a repeat does not pay the
-# page faults of fresh 40 MB maps (what a caching allocator, or a long training run, sees). Without
-# them both backends' CPU times swing 2-3x with the kernel's page-fault cost.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-                 "MALLOC_TOP_PAD_": "536870912"}
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def git_commit():
-    """The commit of the lgd_ops checkout being measured (PYTHONPATH may point at another one than this
-    script's), else of this script's checkout, else "unknown"."""
-    for where in (os.path.dirname(os.path.dirname(os.path.abspath(lgd_ops.__file__))),
-                  os.path.dirname(os.path.abspath(__file__))):
-        try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  check=True, cwd=where).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            continue
-    return "unknown"
-
-
-def triton_version():
-    try:
-        import triton
-    except ImportError:
-        return "none"
-    return triton.__version__
 
 
 def random_boxes(objects, n_img, in_h, in_w, device, generator):
@@ -168,13 +129,6 @@ def peak_memory(op, shape, objects, dtype, device, backend, batch, mode="full", 
     return benchmark.peak_memory(make_case(op, shape, objects, dtype, device, batch, layout=layout), mode, backend)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a bad argument reported on one line (no usage block), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None, prog=None):
     parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["retinanet"])
@@ -195,7 +149,8 @@ def parse_args(argv=None, prog=None):
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: saves a child per case)")
     parser.add_argument("--sweep", action="store_true",
                         help="the full sweep: " + ", ".join(f"{k} {v}" for k, v in FULL_SWEEP.items()))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "ops"),
+                        help="output folder (default: benchmarks/results/ops)")
     args = parser.parse_args(argv)
     if args.sweep:
         for key, value in FULL_SWEEP.items():
@@ -331,25 +286,11 @@ def plot(rows, base):
     return written
 
 
-def write_outputs(base, rows, payload, table):
-    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    if rows:
-        with open(base + ".csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(base + ".json", "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(table + "\n")
-
-
 def main(argv=None, prog=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)  # before the re-exec, so that --help and errors name the command as typed
     if any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):  # glibc reads these at start-up
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **STEADY_MALLOC))
+        os.execve(sys.executable, [sys.executable, "-m", "lgd_ops.bench_ops", *argv], dict(os.environ, **STEADY_MALLOC))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
