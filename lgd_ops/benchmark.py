@@ -1,22 +1,10 @@
 """Timing and peak memory of the lgd_ops ops, and the stamp and files every benchmark writes: the one
 implementation behind `lgd-bench ops` (lgd_ops.bench_ops), `lgd-bench train` (lgd.benchmarks) and the trainer's
-op report (lgd.engine.op_report).
+op report (lgd.engine.op_report), so all of them measure the same thing.
 
-    case = make_case("box_pool", [(2, 256, 100, 152), (2, 256, 50, 76)], boxes, batch_idx, (800, 1216))
-    p20, p50, p80 = time_ms(mode_fn(case, "full", "cpu"), device, repeats=10)
-    extra = peak_memory(case, "full", "cpu")      # bytes beyond the inputs
-
-A case is an op over all the levels of a feature pyramid with random inputs of the given shapes and the given
-boxes: box_pool pools every level, box_fill paints random embeddings into every level's size, normalized_mse
-compares the levels with random teachers. Modes: forward (no_grad), backward (autograd.grad on a graph built
-outside the timer) and full (both; the upstream gradients are made once, outside the timer).
-
-time_ms: median and 20th/80th percentiles of `repeats` samples after a warm-up: triton.testing.do_bench on CUDA
-(CUDA events if triton is missing), a synchronized perf_counter on CPU.
-peak_memory: bytes one call allocates beyond its inputs. CUDA: the caching allocator's peak, in this process.
-CPU: the peak resident-size growth (VmHWM, Linux) of a fresh child process (`python -m lgd_ops.benchmark`) that
-builds the same case, with glibc told to mmap every block over 64 KiB so freed memory leaves the RSS at once;
-the calling process only waits for it (about 2 s) and keeps nothing.
+A case (make_case) is an op over all the levels of a feature pyramid with random inputs of the given shapes and
+the given boxes; mode_fn runs it, time_ms times it, peak_memory measures what one call allocates. Usage:
+docs/library.md.
 """
 import argparse
 import csv
@@ -122,7 +110,10 @@ def _build(case: OpCase):
 
 
 def mode_fn(case: OpCase, mode: str, backend: str):
-    """A no-argument function running one `mode` call of the case with `backend`."""
+    """A no-argument function running one `mode` call of the case with `backend`: "forward" (no_grad), "backward"
+    (autograd.grad on a graph built outside the timer) or "full" (both; the upstream gradients are made once,
+    outside the timer). box_pool pools every level, box_fill paints random embeddings into every level's size,
+    normalized_mse compares the levels with random teachers."""
     run, inputs = _build(case)
     if mode == "forward":
         def forward():
@@ -151,7 +142,8 @@ def sync(device):
 
 
 def time_ms(fn, device, repeats: int = 10):
-    """(p20, median, p80) milliseconds of fn over `repeats` samples, after one warm-up call."""
+    """(p20, median, p80) milliseconds of fn over `repeats` samples, after one warm-up call:
+    triton.testing.do_bench on CUDA (CUDA events if triton is missing), a synchronized perf_counter on CPU."""
     if repeats < 1:
         raise ValueError(f"lgd_ops.benchmark.time_ms: repeats must be >= 1, got {repeats}")
     device = torch.device(device)
@@ -186,7 +178,10 @@ def time_ms(fn, device, repeats: int = 10):
 
 
 def peak_memory(case: OpCase, mode: str, backend: str) -> int:
-    """Bytes one `mode` call of the case allocates beyond its inputs (module docstring)."""
+    """Bytes one `mode` call of the case allocates beyond its inputs. CUDA: the caching allocator's peak, in this
+    process. CPU: the peak resident-size growth (VmHWM, Linux) of a fresh child process (`python -m
+    lgd_ops.benchmark`) that builds the same case, with glibc told to mmap every block over 64 KiB so freed
+    memory leaves the RSS at once; the calling process only waits for it and keeps nothing."""
     return peak_memories([case], mode, [backend])[0][0]
 
 
@@ -295,7 +290,7 @@ def write_outputs(base, rows, payload, table):
 
 
 def _peak_child(path):
-    """In the child: prints, per case and backend, the peak resident-size growth (bytes) of one call, measured
+    """In the child: prints, per case and backend, the peak resident-size growth (bytes) of one call, counted
     from after its inputs are built (libraries warmed up on a tiny case first). Resets the kernel's high-water
     mark VmHWM before each (ru_maxrss would not do: Linux keeps it across exec)."""
     spec = torch.load(path, weights_only=True)

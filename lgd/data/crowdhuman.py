@@ -1,20 +1,8 @@
 """CrowdHuman (.odgt annotations) as detectron2 datasets: full-body person boxes plus ignore regions.
 
-An .odgt file has one JSON object per line: ``{"ID": "...", "gtboxes": [{"tag": "person" | "mask",
-"fbox": [x, y, w, h] (full body), "vbox": ..., "hbox": ..., "extra": {"ignore": 0 | 1, ...},
-"head_attr": {...}}, ...]}``; the image is ``<image_root>/<ID>.jpg``.
-
-Each record holds one annotation per gtbox, all with the full-body box (XYWH_ABS, as written: it may extend
-past the image; detectron2's mapper clips it) and category 0 ("person"):
-- a "person" box with ``extra.ignore`` 0 is a normal annotation (iscrowd 0);
-- a "mask" box (crowds, reflections, statues...) or a box with ``extra.ignore`` 1 is an ignore region, stored with
-  ``iscrowd`` 1. detectron2's DatasetMapper drops iscrowd annotations before training (so they are not trained
-  on, and an image with only ignore regions counts as empty), and both COCOEvaluator and
-  lgd.evaluation.MissRateEvaluator treat them as ignore regions.
-Boxes with no area are skipped. Record height/width are read from the image headers.
-
-    register_crowdhuman("crowdhuman_val", "annotation_val.odgt", "Images/")
-    # evaluate with lgd.evaluation.MissRateEvaluator("crowdhuman_val") (the record's evaluator_type is "mmr")
+Why ignore regions matter: CrowdHuman marks crowds, reflections and statues as "mask" boxes that a detector must
+neither be trained on nor penalized for; they are kept as iscrowd annotations, which detectron2's mapper drops
+from training and COCOEvaluator and lgd.evaluation.MissRateEvaluator treat as ignore regions.
 """
 import json
 
@@ -39,7 +27,15 @@ def _annotation(gtbox, where):
 
 
 def load_crowdhuman_odgt(odgt_file, image_root):
-    """Read a CrowdHuman .odgt file into detectron2 dataset dicts (see the module docstring)."""
+    """Read a CrowdHuman .odgt file into detectron2 dataset dicts.
+
+    An .odgt file has one JSON object per line: ``{"ID": "...", "gtboxes": [{"tag": "person" | "mask",
+    "fbox": [x, y, w, h] (full body), "vbox": ..., "hbox": ..., "extra": {"ignore": 0 | 1, ...}}, ...]}``; the image
+    is ``<image_root>/<ID>.jpg``. Each record holds one annotation per gtbox with the full-body box (XYWH_ABS, as
+    written: it may extend past the image; detectron2's mapper clips it) and category 0 ("person"): a "person" box
+    with ``extra.ignore`` 0 is a normal annotation (iscrowd 0); a "mask" box or one with ``extra.ignore`` 1 is an
+    ignore region (iscrowd 1), so an image with only ignore regions counts as empty in training. Boxes with no
+    area are skipped; height and width are read from the image headers."""
     odgt_file = existing_path(odgt_file, "file", "odgt_file")
     image_root = existing_path(image_root, "directory", "image_root")
     lines = [line for line in odgt_file.read_text().splitlines() if line.strip()]
@@ -61,7 +57,8 @@ def load_crowdhuman_odgt(odgt_file, image_root):
 
 
 def register_crowdhuman(name, odgt_file, image_root):
-    """Register a CrowdHuman split under ``name`` (idempotent); its metadata says evaluator_type "mmr"."""
+    """Register a CrowdHuman split under ``name`` (idempotent); its metadata says evaluator_type "mmr", i.e.
+    evaluate it with lgd.evaluation.MissRateEvaluator(name)."""
     odgt_file = str(existing_path(odgt_file, "file", "odgt_file"))
     image_root = str(existing_path(image_root, "directory", "image_root"))
     if not is_registered_as(name, odgt_file=odgt_file, image_root=image_root):

@@ -1,32 +1,9 @@
-"""Registering datasets by path with detectron2's catalogs, idempotently.
+"""Datasets by path in detectron2's catalogs (COCO-format json, Pascal VOC layout), registered idempotently, and
+the checks every command runs on a dataset before it writes anything.
 
-COCO-format json (any detector dataset exported to COCO):
-
-    name = register_coco_by_path("mytrees=annotations/train.json:images/")   # -> "mytrees"
-    name = register_coco_by_path("annotations/val.json:images/")             # -> "val" (the json's stem)
-
-then point a config at it (``dataloader.train.dataset.names=mytrees``); evaluation uses COCOEvaluator.
-
-Pascal VOC: detectron2 registers the VOC splits itself when ``detectron2.data`` is imported, under the root
-``$DETECTRON2_DATASETS`` (default ``./datasets``): put ``VOC2007/`` and ``VOC2012/`` (each with Annotations/,
-ImageSets/Main/, JPEGImages/) there and use the names ``voc_2007_trainval``, ``voc_2012_trainval``,
-``voc_2007_test`` (evaluated by PascalVOCDetectionEvaluator, 20 classes). A VOC-layout folder elsewhere can
-be registered with register_voc_by_path. Registering a name again with the same files is a no-op; with
-other files it is a ValueError (detectron2 would keep the first silently or fail later).
-
-Validation (validate_coco_json, validate_dataset; lgd-train, lgd-eval and the demo run it before writing
-anything): the json parses and is an object; `images` is a non-empty list of {id, file_name, width, height}
-with unique ids and every image file exists under the image root; `categories` is a non-empty list of
-{id, name} with unique ids; `annotations` is a list of {id, image_id, category_id, bbox} with unique ids,
-known image and category ids and `bbox` four finite numbers [x, y, width, height] (plus `area` and `iscrowd`
-for a dataset that is evaluated: pycocotools needs them). Any of these failing is a DatasetError naming the
-file and the first offending entry. A training dataset also needs at least one usable box.
-
-Invalid boxes, the one rule: a box whose width or height is <= 0 is DROPPED from training, with a warning
-giving their number and first annotation ids (lgd.tools.train_net.build_train_loader drops them from the dataset
-dicts of any dataset, drop_degenerate_boxes; an image left without boxes is dropped as detectron2 drops
-images without annotations). Evaluation reads the json as it is (pycocotools): such a box stays in the
-ground truth there, as in every COCO evaluation. Boxes extending past the image are kept (detectron2 clips).
+Why: a dataset given on the command line should fail early with a message naming the file and the entry, not deep
+inside detectron2's loader or pycocotools; registering the same name twice with other files is an error rather
+than detectron2's silent first-wins. Usage and the VOC layout: docs/library.md.
 """
 import difflib
 import json
@@ -169,10 +146,14 @@ def _unique_ids(entries, kind, where):
 
 
 def validate_coco_json(json_file, image_root, *, training=False, evaluation=False, check_images=True):
-    """Checks a COCO-format dataset (module docstring: validation) before anything uses it; DatasetError names
-    the file and the first problem. training: needs at least one usable box; evaluation: needs `area` and
-    `iscrowd` in every annotation. Warns about (and counts) boxes with width or height <= 0, which training
-    drops. Returns {"images", "annotations", "categories", "degenerate_boxes", "missing_images"} counts."""
+    """Checks a COCO-format dataset before anything uses it; DatasetError names the file and the first offending
+    entry. The json parses and is an object; `images` is a non-empty list of {id, file_name, width, height} with
+    unique ids, every file existing under `image_root` (check_images); `categories` a non-empty list of {id, name}
+    with unique ids; `annotations` a list of {id, image_id, category_id, bbox} with unique ids, known image and
+    category ids and `bbox` four finite numbers [x, y, width, height]. training: needs at least one usable box;
+    evaluation: needs `area` and `iscrowd` in every annotation (pycocotools does). Warns about (and counts) boxes
+    with width or height <= 0, which training drops (drop_degenerate_boxes). Returns {"images", "annotations",
+    "categories", "degenerate_boxes", "missing_images"} counts."""
     where = str(json_file)
     if not os.path.isfile(where):
         raise DatasetError(f"annotation file not found: {where}")
@@ -287,9 +268,12 @@ def _box_size(obj):
 
 
 def drop_degenerate_boxes(dataset_dicts, drop_empty_images=True):
-    """The module docstring's rule on detectron2 dataset dicts: annotations whose box has a width or height
-    <= 0 are removed (and then images left without annotations, when drop_empty_images). Returns
-    (dicts, number of boxes dropped, number of images dropped); warns when any is dropped."""
+    """The one rule for invalid boxes, on detectron2 dataset dicts of any dataset: annotations whose box has a width
+    or height <= 0 are removed from training (and then images left without annotations, when drop_empty_images,
+    as detectron2 drops images without annotations). Evaluation reads the json as it is, so such a box stays in the
+    ground truth there, as in every COCO evaluation; boxes extending past the image are kept (detectron2 clips).
+    lgd-train's loader applies it. Returns (dicts, number of boxes dropped, number of images dropped); warns when
+    any is dropped."""
     kept, boxes, images = [], 0, 0
     for record in dataset_dicts:
         annotations = record.get("annotations")

@@ -1,40 +1,9 @@
-"""OpReport: a training hook that times LGD's three fused ops on the run's own shapes, and reports their memory and
-LGD's share of the step's memory, every `period` iterations.
+"""OpReport: a training hook that measures LGD's three fused ops on the run's own shapes, every `period` iterations.
 
-On a report iteration (every `period`-th, counted like detectron2's periodic hooks) the hook
-  1. records, during the step, the teacher's inputs (the student's FPN levels and the packed boxes: the real
-     shapes, object counts and box sizes of that batch) and the wall time of the LGD forward work
-     (LGDTeacher + DistillationLoss forwards; synchronized on CUDA on this iteration only), and of the step;
-  2. after the step, runs forward + backward of box_pool (on the captured levels and boxes), box_fill (random
-     embeddings on the same boxes and level sizes) and normalized_mse (the captured levels against random
-     teachers), with the model's active backend and with "reference", `repeats` times each after one warm-up,
-     and logs the medians to EventStorage:
-        op_report/<op>_ms, op_report/<op>_ref_ms, op_report/<op>_speedup   (op = box_pool, box_fill, normalized_mse)
-        op_report/lgd_fwd_ms, op_report/step_ms, op_report/lgd_fwd_share     (LGD forward time / step time)
-     for the JSON and TensorBoard writers registered after it (detectron2's console printer shows only losses
-     and times), and logs a short table to the console;
-  3. memory: each op's peak extra memory (forward + backward, beyond its inputs) with the active backend and the
-     reference, on the same shapes (lgd_ops.benchmark.peak_memories: the caching allocator's peak on CUDA; on
-     CPU the resident-size high-water mark of one child process, which costs the training process nothing
-     lasting), measured on the first report and again whenever the level shapes change:
-        op_report/<op>_peak_mb, op_report/<op>_ref_peak_mb
-     and LGD's share of the step's activation memory: the bytes of the tensors autograd saves for the backward
-     during the step (parameters excluded, each storage once), those saved inside LGD's modules (teacher,
-     distillation loss) against all of them:
-        op_report/lgd_saved_mb, op_report/step_saved_mb, op_report/lgd_mem_share
-     plus, on CUDA, op_report/step_peak_mb (the allocator's peak during the step).
-
-lgd_fwd_share covers forwards only (teacher modules, adapter, normalized MSE; the instructive detection-head
-pass and all backward work are not in it): a lower bound of LGD's share of the step. The Mask R-CNN variant
-(mask ops, reference-only) gets the box ops timed on its objects' boxes, as a stand-in.
-
-Overhead: only report iterations pay, about (1 + repeats) x (the ops' time with both backends) plus one
-device sync per hooked module. At the RetinaNet COCO shape (B=2, 800 x 1216, 7 objects/image) the three ops
-take 0.27 s forward + backward with the reference and 0.05 s fused on one CPU core (benchmarks/README.md), so
-a report costs ~1.3 s there: with the default period 1000 that is ~0.002 % of a CPU run whose LGD step takes
-about a minute, and less on a GPU. The memory figures cost one child process (a few seconds on CPU: it imports
-torch and runs each op once per backend) on the first report and when the level shapes change; the saved-tensor
-count costs a set lookup per saved tensor on report iterations. period=0 disables the hook.
+Why: a benchmark's shapes are guesses; the hook times the ops on the real feature levels and boxes of a batch,
+with the run's backend and with the reference, and says how much of the step LGD's forward and saved
+activations take, so a run shows whether the ops matter for it. The logged keys are listed in
+benchmarks/README.md ("Op report").
 """
 import logging
 import time
@@ -72,7 +41,7 @@ def time_lgd_ops(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: tor
                  backend: str = "auto", repeats: int = 3, memory: bool = False) -> Dict[str, Dict[str, float]]:
     """Median forward + backward ms of each op with `backend` (resolved for the levels' device) and with the
     reference (lgd_ops.benchmark.time_ms): {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
-    memory=True adds "peak_mb" and "ref_peak_mb" (lgd_ops.benchmark.peak_memories, module docstring)."""
+    memory=True adds "peak_mb" and "ref_peak_mb" (lgd_ops.benchmark.peak_memories)."""
     if not levels:
         raise ValueError("time_lgd_ops: levels must hold at least one [B, C, H, W] tensor")
     if repeats < 1:
@@ -131,9 +100,19 @@ class _SavedBytes:
 
 
 class OpReport(HookBase):
-    """Every `period` iterations: LGD op timings and memory on the run's shapes, LGD's forward share of the step
-    and its share of the step's saved activations (module docstring). period=0 disables it; repeats: timed runs
-    per op and backend (median); memory=False skips the ops' peak memory."""
+    """Every `period`-th iteration (counted like detectron2's periodic hooks; period=0 disables it):
+    1. during the step, capture the teacher's inputs (the student's FPN levels and the packed boxes) and time the
+       LGD forward work (LGDTeacher + DistillationLoss; synchronized on CUDA on this iteration only) and the step;
+    2. after it, time forward + backward of box_pool (captured levels and boxes), box_fill (random embeddings, same
+       boxes and level sizes) and normalized_mse (captured levels vs random teachers) with the model's backend and
+       with "reference", `repeats` times after a warm-up, and log the medians to EventStorage (for the JSON and
+       TensorBoard writers; detectron2's console printer shows only losses and times) plus a short table;
+    3. memory=True: each op's peak memory beyond its inputs with both backends (lgd_ops.benchmark.peak_memories:
+       a child process on CPU, so the run keeps nothing), on the first report and when the level shapes change;
+       and the bytes autograd saves during the step inside LGD's modules vs in the whole step.
+    lgd_fwd_share counts forwards only (not the instructive head pass, no backward): a lower bound of LGD's share.
+    The Mask R-CNN variant (reference-only mask ops) gets the box ops timed on its objects' boxes, as a stand-in.
+    Only report iterations pay: about (1 + repeats) x the ops' time with both backends."""
 
     def __init__(self, period: int = 1000, repeats: int = 3, memory: bool = True):
         if period < 0:

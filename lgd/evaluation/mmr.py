@@ -1,18 +1,7 @@
 """Log-average miss rate (mMR), the CrowdHuman / Caltech pedestrian metric, as a detectron2 DatasetEvaluator.
 
-Protocol ("full" setup: every box, no height or visibility filter):
-1. Per image (ground-truth boxes and ignore regions clipped to the image, like the predictions), detections in
-   decreasing score order are matched greedily: a detection takes the not yet matched
-   ground-truth box with the highest IoU if that IoU >= 0.5 (true positive). Otherwise, if it covers an ignore
-   region (a box with iscrowd 1, e.g. CrowdHuman "mask" or extra.ignore boxes) with IoA = intersection / detection
-   area >= 0.5, it is dropped (neither true nor false positive); else it is a false positive.
-2. All images' kept detections are sorted by score; after the k-th, miss rate MR_k = 1 - TP_k / #gt and false
-   positives per image FPPI_k = FP_k / #images. Before the first detection MR = 1, FPPI = 0.
-3. At each of the 9 reference FPPIs log-spaced in [1e-2, 1], the miss rate is that of the lowest score threshold
-   whose FPPI does not exceed the reference (the curve point reached at that FPPI; Caltech's dbEval and
-   CrowdHuman's eval_MR use this rule). mMR = exp(mean(log(max(MR_ref, 1e-10)))).
-So no detections give mMR 1 and a perfect detector (every box found, no false positive) gives 1e-10 ~ 0.
-MissRateEvaluator reports it in percent, like the papers: {"mMR": {"mMR": ..., "num_images": ..., "num_gt": ...}}.
+Why our own: detectron2 has no mMR, and CrowdHuman results are reported in it (lower is better). The protocol,
+Caltech's dbEval / CrowdHuman's eval_MR rule in the "full" setup, is written out in MissRateEvaluator.
 """
 import itertools
 import logging
@@ -36,7 +25,7 @@ def _as_boxes(array):
 
 
 def match_image(det_boxes, det_scores, gt_boxes, ignore_boxes, iou_threshold=0.5, ioa_threshold=0.5):
-    """Greedy matching of one image (step 1). Boxes are XYXY arrays [N, 4].
+    """Greedy matching of one image (MissRateEvaluator's step 1). Boxes are XYXY arrays [N, 4].
 
     Returns (scores, is_tp) of the detections that count (true or false positives), ignored ones left out.
     """
@@ -62,7 +51,8 @@ def match_image(det_boxes, det_scores, gt_boxes, ignore_boxes, iou_threshold=0.5
 
 
 def log_average_miss_rate(scores, is_tp, num_gt, num_images, reference_fppi=REFERENCE_FPPI):
-    """mMR from the kept detections of all images (steps 2-3). Returns (mmr, miss rates at reference_fppi)."""
+    """mMR from the kept detections of all images (MissRateEvaluator's steps 2-3).
+    Returns (mmr, miss rates at reference_fppi)."""
     if num_gt <= 0:
         raise ValueError(f"num_gt must be positive (miss rate is undefined without ground truth), got {num_gt}")
     if num_images <= 0:
@@ -93,7 +83,20 @@ class MissRateEvaluator(DatasetEvaluator):
     """mMR of a detector's ``instances`` on a registered dataset (ground truth and ignore regions from its dicts).
 
     ``category_id``: the contiguous class evaluated (ground truth and predictions of other classes are left
-    out). Only images passed to process() count, in FPPI and in #gt.
+    out). Only images passed to process() count, in FPPI and in #gt. Protocol ("full" setup: every box, no height
+    or visibility filter):
+    1. Per image (ground-truth boxes and ignore regions clipped to the image, like the predictions), detections
+       in decreasing score order are matched greedily: a detection takes the not yet matched ground-truth box
+       with the highest IoU if that IoU >= 0.5 (true positive). Otherwise, if it covers an ignore region (iscrowd
+       1, e.g. CrowdHuman "mask" or extra.ignore boxes) with IoA = intersection / detection area >= 0.5, it is
+       dropped (neither true nor false positive); else it is a false positive.
+    2. All images' kept detections are sorted by score; after the k-th, miss rate MR_k = 1 - TP_k / #gt and false
+       positives per image FPPI_k = FP_k / #images. Before the first detection MR = 1, FPPI = 0.
+    3. At each of the 9 reference FPPIs log-spaced in [1e-2, 1], the miss rate is that of the lowest score
+       threshold whose FPPI does not exceed the reference (the curve point reached at that FPPI).
+       mMR = exp(mean(log(max(MR_ref, 1e-10)))).
+    So no detections give mMR 1 and a perfect detector gives 1e-10 ~ 0. Reported in percent, like the papers:
+    {"mMR": {"mMR": ..., "num_images": ..., "num_gt": ...}}.
     """
 
     def __init__(self, dataset_name, category_id=0, iou_threshold=0.5, ioa_threshold=0.5, distributed=True):

