@@ -10,7 +10,7 @@ of any of them (lgd-export writes it as a stock detectron2 checkpoint).
 Files: atomic_write writes next to the target (`.NAME.<random>.lgd-tmp`) and renames, so a reader never sees
 a half-written checkpoint; the file gets the mode of any new file under the process umask (0644 under umask
 0022), not mkstemp's 0600. A process killed mid-write leaves its temporary behind: remove_stale_temporaries
-(called by lgd.tools.train_net.train at every start and resume) deletes them. Reading a checkpoint that is missing,
+(called by lgd.runner.train at every start and resume) deletes them. Reading a checkpoint that is missing,
 truncated or not a checkpoint (read_checkpoint, and every AtomicCheckpointer load: resume, init_checkpoint,
 lgd-eval) is a CheckpointError naming the file; AtomicCheckpointer.load_checked (lgd-eval) also refuses
 weights that do not fit the model (missing, or of another shape) unless allow_partial.
