@@ -241,13 +241,22 @@ def test_eval_main_on_lgd_and_exported_checkpoints(setup, trained, exported):
         for a, b in zip(lgd_results["bbox"].values(), plain_results["bbox"].values()))
 
 
+def test_eval_with_the_runs_own_config_yaml(setup, trained):
+    """The run's OUTPUT/config.yaml (overrides included) evaluates its checkpoint without repeating them."""
+    _, _, ann, images = setup
+    own = ["--config-file", os.path.join(trained[0], "config.yaml"), "--test-dataset", f"{DATASET}={ann}:{images}"]
+    results = eval_run(own + ["--checkpoint", os.path.join(trained[0], "model_final.pth")])
+    assert "AP" in results["bbox"]
+
+
 def test_export_checks_the_config(setup, trained, tmp_path):
     from lgd.tools.export import run as export_main
 
     _, cfg_file, _, _ = setup
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="does not fit") as refused:
         export_main(["--config-file", cfg_file, "--checkpoint", os.path.join(trained[0], "model_final.pth"),
                      "--output", str(tmp_path / "x.pth"), "model.num_classes=3"])
+    assert "--config-file OUTPUT/config.yaml" in refused.value.hint  # the run's own config holds its overrides
     assert not os.listdir(tmp_path)
 
 
