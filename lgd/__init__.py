@@ -6,38 +6,41 @@ Layers, each importing only those before it: lgd.modeling (the paper's modules, 
 (builds and runs a run from its config) < lgd.benchmarks < lgd.tools (the commands); lgd.errors, lgd.config,
 lgd.data and lgd.evaluation sit below them all. lgd.demo, the bundled demo, is imported by nothing in the library.
 """
-from .modeling.appearance_encoder import AppearanceEncoder
-from .modeling.distillation_loss import DistillationLoss
-from .modeling.distiller import LGDDistiller
-from .modeling.knowledge_mapper import KnowledgeMapper, StudentAdapter
-from .modeling.label_encoder import LabelEncoder, SpatialTransformer, build_descriptors, max_per_image
-from .modeling.labels import CONTEXT_CLASS, PackedLabels
-from .modeling.relation_adapter import RelationAdapter
-from .modeling.teacher import LGDTeacher
-from .engine.hooks import BackboneFreezeSchedule, DistillationSchedule, LRScheduler, build_lgd_hooks
-from .engine.optim import GradientClip, build_lgd_optimizer
-from .engine.schedule import PAPER_SCHEDULES, LGDSchedule
+import importlib
 
-__all__ = [
-    "AppearanceEncoder",
-    "BackboneFreezeSchedule",
-    "CONTEXT_CLASS",
-    "DistillationLoss",
-    "DistillationSchedule",
-    "GradientClip",
-    "KnowledgeMapper",
-    "LGDDistiller",
-    "LGDSchedule",
-    "LGDTeacher",
-    "LabelEncoder",
-    "PAPER_SCHEDULES",
-    "LRScheduler",
-    "PackedLabels",
-    "RelationAdapter",
-    "SpatialTransformer",
-    "StudentAdapter",
-    "build_descriptors",
-    "build_lgd_hooks",
-    "build_lgd_optimizer",
-    "max_per_image",
-]
+# name -> the module that defines it; imported on first use (PEP 562), so `import lgd` loads nothing else and the
+# commands can set up logging and warnings before detectron2 is imported
+_EXPORTS = {
+    "AppearanceEncoder": "modeling.appearance_encoder",
+    "DistillationLoss": "modeling.distillation_loss",
+    "LGDDistiller": "modeling.distiller",
+    "KnowledgeMapper": "modeling.knowledge_mapper",
+    "StudentAdapter": "modeling.knowledge_mapper",
+    "LabelEncoder": "modeling.label_encoder",
+    "SpatialTransformer": "modeling.label_encoder",
+    "build_descriptors": "modeling.label_encoder",
+    "max_per_image": "modeling.label_encoder",
+    "CONTEXT_CLASS": "modeling.labels",
+    "PackedLabels": "modeling.labels",
+    "RelationAdapter": "modeling.relation_adapter",
+    "LGDTeacher": "modeling.teacher",
+    "BackboneFreezeSchedule": "engine.hooks",
+    "DistillationSchedule": "engine.hooks",
+    "LRScheduler": "engine.hooks",
+    "build_lgd_hooks": "engine.hooks",
+    "GradientClip": "engine.optim",
+    "build_lgd_optimizer": "engine.optim",
+    "PAPER_SCHEDULES": "engine.schedule",
+    "LGDSchedule": "engine.schedule",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lgd' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return __all__
