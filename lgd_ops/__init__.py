@@ -4,11 +4,12 @@ Each op has a pure-PyTorch reference (the oracle) and compiled kernels registere
 torch.ops.lgd_ops.* custom ops with autograd and fake-tensor support; see available_backends() and
 resolve_backend(). lgd_ops.benchmark times them (and their peak memory) for lgd-bench and the trainer's report.
 """
-from ._backend import available_backends, resolve_backend, use_backend
+from ._backend import (auto_choices, available_backends, current_choice, resolve_backend, set_auto_choices,
+                       use_backend)
 from .box_fill import box_fill
 from .box_pool import box_pool
 from .mask_ops import mask_fill, mask_pool
 from .normalized_mse import normalized_mse
 
-__all__ = ["available_backends", "box_fill", "box_pool", "mask_fill", "mask_pool", "normalized_mse", "resolve_backend",
-           "use_backend"]
+__all__ = ["auto_choices", "available_backends", "box_fill", "current_choice", "box_pool", "mask_fill", "mask_pool", "normalized_mse",
+           "resolve_backend", "set_auto_choices", "use_backend"]

@@ -4,7 +4,7 @@ Kernels: csrc/box_fill/ (torch.ops.lgd_ops.box_fill); its backward is box_pool w
 """
 import torch
 
-from ._backend import HAS_EXTENSION, resolve
+from ._backend import HAS_EXTENSION, select
 from ._boxes import box_masks, fill_with_masks
 from ._checks import check_boxes, check_memory_format, check_size, check_tensor
 
@@ -26,15 +26,18 @@ def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, memory_fo
             f"box_fill: embeddings must have one row per box ({boxes.shape[0]}), got {embeddings.shape[0]}"
         )
     channels_last = check_memory_format("box_fill", memory_format)
-    name = resolve(backend, embeddings.device)
-    if name == "reference":
-        out = reference_box_fill(embeddings, boxes, batch_idx, (in_h, in_w), (n_img, height, width))
-        return out.contiguous(memory_format=memory_format)
-    if name == "triton":
-        return torch.ops.lgd_ops.box_fill_triton(
-            embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False, channels_last)
-    return torch.ops.lgd_ops.box_fill(embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False,
-                                      channels_last)
+
+    def run(name):
+        if name == "reference":
+            out = reference_box_fill(embeddings, boxes, batch_idx, (in_h, in_w), (n_img, height, width))
+            return out.contiguous(memory_format=memory_format)
+        if name == "triton":
+            return torch.ops.lgd_ops.box_fill_triton(
+                embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False, channels_last)
+        return torch.ops.lgd_ops.box_fill(embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False,
+                                          channels_last)
+
+    return run(select("box_fill", backend, embeddings, channels_last, run))  # keyed by the map it writes
 
 
 def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, average=False):

@@ -5,7 +5,7 @@ its backward is box_fill with average=True, its adjoint.
 """
 import torch
 
-from ._backend import HAS_EXTENSION, resolve
+from ._backend import HAS_EXTENSION, select
 from ._boxes import box_masks, pool_with_masks
 from ._checks import check_boxes, check_tensor, is_channels_last
 
@@ -22,12 +22,15 @@ def box_pool(features, boxes, batch_idx, image_size, *, validate=True, backend="
     check_tensor("box_pool", "features", features, dim=4, floating=True)
     in_h, in_w = check_boxes("box_pool", boxes, batch_idx, image_size, features.shape[0], features, "features",
                              validate)
-    name = resolve(backend, features.device)
-    if name == "reference":
-        return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
-    if name == "triton":
-        return torch.ops.lgd_ops.box_pool_triton(features, boxes, batch_idx, in_h, in_w, True)
-    return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True)
+
+    def run(name):
+        if name == "reference":
+            return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
+        if name == "triton":
+            return torch.ops.lgd_ops.box_pool_triton(features, boxes, batch_idx, in_h, in_w, True)
+        return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True)
+
+    return run(select("box_pool", backend, features, is_channels_last(features), run))
 
 
 def reference_box_pool(features, boxes, batch_idx, image_size, average=True):

@@ -5,7 +5,7 @@ recomputes the normalized maps from them, so no normalized copy of a feature map
 """
 import torch
 
-from ._backend import HAS_EXTENSION, resolve
+from ._backend import HAS_EXTENSION, select
 from ._checks import check_eps, check_same_device, check_tensor, is_channels_last
 
 
@@ -18,12 +18,15 @@ def normalized_mse(student, teacher, *, eps=1e-5, backend="auto"):
     students, teachers = _levels(student, teacher)
     eps = check_eps("normalized_mse", eps)
     teachers = [t.detach() for t in teachers]
-    name = resolve(backend, students[0].device)
-    if name == "reference":
-        return reference_normalized_mse(students, teachers, eps)
-    if name == "triton":
-        return torch.ops.lgd_ops.normalized_mse_triton(students, teachers, eps)[0]
-    return torch.ops.lgd_ops.normalized_mse(students, teachers, eps)[0]
+
+    def run(name):
+        if name == "reference":
+            return reference_normalized_mse(students, teachers, eps)
+        if name == "triton":
+            return torch.ops.lgd_ops.normalized_mse_triton(students, teachers, eps)[0]
+        return torch.ops.lgd_ops.normalized_mse(students, teachers, eps)[0]
+
+    return run(select("normalized_mse", backend, students[0], is_channels_last(students[0]), run))
 
 
 def reference_normalized_mse(students, teachers, eps=1e-5):

@@ -1,6 +1,7 @@
 """Backend selection: the op's backend= argument, then use_backend(), then LGD_OPS_BACKEND, then "auto"."""
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -48,6 +49,114 @@ def no_env(monkeypatch):
     monkeypatch.delenv("LGD_OPS_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    """Each test starts with no auto choice and leaves the process's choices as it found them."""
+    saved = lgd_ops.auto_choices()
+    lgd_ops.set_auto_choices({})
+    yield
+    lgd_ops.set_auto_choices(saved)
+
+
+def compiled_choices():
+    """auto's choices set to the compiled CPU kernels for what _calls() runs (float32 NCHW)."""
+    lgd_ops.set_auto_choices({f"{op}/cpu/float32/contiguous": "cpu" for op in COMPILED})
+
+
+class StandIns:
+    """Stand-in backends for _backend.select: run(name) sleeps for that backend's time and counts the calls."""
+
+    def __init__(self, **seconds):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, name):
+        self.calls.append(name)
+        time.sleep(self.seconds[name])
+        return name
+
+
+@pytest.fixture
+def two_backends(monkeypatch, no_env):
+    monkeypatch.setattr(_backend, "available_backends", lambda: ["reference", "cpu"])
+
+
+@pytest.mark.parametrize("slow", ["cpu", "reference"])
+def test_auto_never_keeps_the_slow_backend(two_backends, slow):
+    run = StandIns(**{"cpu": 0.0, "reference": 0.0, slow: 0.02})
+    x = torch.zeros(2)
+    chosen = _backend.select("toy", "auto", x, False, run)
+    assert chosen != slow and lgd_ops.auto_choices() == {"toy/cpu/float32/contiguous": chosen}
+    timed = len(run.calls)
+    assert timed >= 2 * 2  # every candidate, a warm-up and repeats each
+    assert _backend.select("toy", "auto", x, False, run) == chosen and len(run.calls) == timed  # timed once
+
+
+def test_auto_keys_by_dtype_and_layout(two_backends):
+    run = StandIns(cpu=0.0, reference=0.0)
+    _backend.select("toy", "auto", torch.zeros(1, 2, 3, 3), False, run)
+    _backend.select("toy", "auto", torch.zeros(1, 2, 3, 3), True, run)
+    _backend.select("toy", "auto", torch.zeros(1, 2, 3, 3, dtype=torch.bfloat16), False, run)
+    assert sorted(lgd_ops.auto_choices()) == ["toy/cpu/bfloat16/contiguous", "toy/cpu/float32/channels_last",
+                                              "toy/cpu/float32/contiguous"]
+
+
+def test_auto_choice_logged_once(two_backends):
+    import logging
+
+    class Lines(logging.Handler):  # on the logger itself: a command may have turned its propagation off
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler, logger = Lines(), logging.getLogger("lgd_ops")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run = StandIns(cpu=0.0, reference=0.01)
+        for _ in range(3):
+            _backend.select("toy", "auto", torch.zeros(2), False, run)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = handler.lines
+    assert len(lines) == 1 and "toy/cpu/float32/contiguous -> cpu" in lines[0] and "reference" in lines[0]
+
+
+def test_pinned_backend_is_used_untimed(two_backends, monkeypatch):
+    run = StandIns(cpu=0.0, reference=0.02)
+    assert _backend.select("toy", "reference", torch.zeros(2), False, run) == "reference"
+    with lgd_ops.use_backend("reference"):
+        assert _backend.select("toy", "auto", torch.zeros(2), False, run) == "reference"
+    monkeypatch.setenv("LGD_OPS_BACKEND", "reference")
+    assert _backend.select("toy", "auto", torch.zeros(2), False, run) == "reference"
+    assert run.calls == [] and lgd_ops.auto_choices() == {}
+
+
+def test_restored_choices_are_used_untimed(two_backends):
+    """What a resumed run does: the checkpoint's choices, set before any op runs, are used as they are; a choice
+    of a backend this process cannot run is dropped (auto measures that key again)."""
+    lgd_ops.set_auto_choices({"toy/cpu/float32/contiguous": "reference", "toy/cuda/float32/contiguous": "cuda"})
+    assert lgd_ops.auto_choices() == {"toy/cpu/float32/contiguous": "reference"}
+    run = StandIns(cpu=0.0, reference=0.02)
+    assert _backend.select("toy", "auto", torch.zeros(2), False, run) == "reference" and run.calls == []
+
+
+@needs_cpu_kernels
+def test_auto_dispatches_the_measured_backend(no_env):
+    with RecordOps() as rec:  # no custom op runs while timing: RecordOps sees only what each call ran
+        _calls()
+    expected = [op for op in COMPILED if lgd_ops.auto_choices()[f"{op}/cpu/float32/contiguous"] == "cpu"]
+    assert _calls() == expected
+    compiled_choices()
+    assert _calls() == COMPILED
+    lgd_ops.set_auto_choices({f"{op}/cpu/float32/contiguous": "reference" for op in COMPILED})
+    assert _calls() == []
+
+
 def test_available_backends():
     names = lgd_ops.available_backends()
     assert names[0] == "reference"
@@ -75,9 +184,8 @@ def test_backends_for_helper():
 
 
 @needs_cpu_kernels
-def test_auto_uses_compiled_kernels_on_cpu(no_env):
+def test_auto_prefers_compiled_kernels_before_measuring(no_env):
     assert _backend.resolve("auto", torch.device("cpu")) == "cpu"
-    assert _calls() == COMPILED
 
 
 def test_explicit_reference_runs_no_custom_op(no_env):
@@ -99,6 +207,7 @@ def test_use_backend_context(no_env):
 
 @needs_cpu_kernels
 def test_argument_beats_use_backend_and_nesting_restores(no_env):
+    compiled_choices()
     with lgd_ops.use_backend("reference"):
         assert _calls(backend="cpu") == COMPILED
         with lgd_ops.use_backend("cpu"):

@@ -369,3 +369,27 @@ def test_lgd_train_runs_each_detector_config(tmp_path, detector):
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss_"))
     assert any(k.endswith("_tea") for k in rows[-1])
     assert ("loss_mask_tea" in rows[-1]) == (detector == "mask_rcnn")
+
+
+def test_auto_choices_recorded_and_kept_on_resume(setup, tmp_path):
+    """--ops auto: the backends auto measured are in the checkpoint and cost.json; a resumed run takes the
+    checkpoint's choices instead of measuring again (here forced to the reference), so it runs the same kernels."""
+    import lgd_ops
+    from lgd.runner import read_cost
+
+    _, cfg_file, ann, images = setup
+    out = str(tmp_path / "auto")
+    lgd_ops.set_auto_choices({})
+    run(argv(cfg_file, ann, images, out, "--ops", "auto", max_iter=2))
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        last = os.path.join(out, f.read().strip())
+    state = torch.load(last, weights_only=True)
+    choices = state["lgd_ops_auto"]["choices"]
+    assert {key.split("/")[0] for key in choices} == {"box_pool", "box_fill", "normalized_mse"}
+    assert read_cost(out)["lgd_ops_auto"] == choices
+    forced = {key: "reference" for key in choices}
+    state["lgd_ops_auto"]["choices"] = forced
+    torch.save(state, last)
+    lgd_ops.set_auto_choices({})
+    run(argv(cfg_file, ann, images, out, "--ops", "auto", "--resume", max_iter=3))
+    assert lgd_ops.auto_choices() == forced and read_cost(out)["lgd_ops_auto"] == forced

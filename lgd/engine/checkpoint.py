@@ -28,7 +28,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_adapters import build_detector_adapter
 
-__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
+__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
            "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
            "student_state_dict"]
 
@@ -224,6 +224,21 @@ class AtomicCheckpointer(DetectionCheckpointer):
 def _first(items, n=3):
     items = list(items)
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+class BackendChoices:
+    """Checkpointable of lgd_ops' auto choices (the backend measured fastest per op, device, dtype and layout),
+    so that a resumed run runs the same kernels as the run it continues and stays bit-exact."""
+
+    def state_dict(self):
+        import lgd_ops
+
+        return {"choices": lgd_ops.auto_choices()}
+
+    def load_state_dict(self, state):
+        import lgd_ops
+
+        lgd_ops.set_auto_choices(state.get("choices", {}))
 
 
 class DetectorEMAState:

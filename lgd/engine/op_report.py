@@ -39,29 +39,32 @@ def _cases(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Ten
 
 def time_lgd_ops(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor, image_size,
                  backend: str = "auto", repeats: int = 3, memory: bool = False) -> Dict[str, Dict[str, float]]:
-    """Median forward + backward ms of each op with `backend` (resolved for the levels' device) and with the
-    reference (lgd_ops.benchmark.time_ms): {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
+    """Median forward + backward ms of each op with `backend` (for "auto", the backend auto chose for the levels'
+    device, dtype and layout) and with the reference (lgd_ops.benchmark.time_ms): {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
     memory=True adds "peak_mb" and "ref_peak_mb" (lgd_ops.benchmark.peak_memories)."""
     if not levels:
         raise ValueError("time_lgd_ops: levels must hold at least one [B, C, H, W] tensor")
     if repeats < 1:
         raise ValueError(f"time_lgd_ops: repeats must be >= 1, got {repeats}")
     device = levels[0].device
-    active = lgd_ops.resolve_backend(backend, device)
     cases = _cases(levels, boxes, batch_idx, image_size)
+    channels_last = cases["box_pool"].memory_format == torch.channels_last
     report = {}
     with torch.enable_grad():
         for op, case in cases.items():
+            active = lgd_ops.current_choice(op, backend, levels[0], channels_last)
             ms = benchmark.time_ms(benchmark.mode_fn(case, "full", active), device, repeats)[1]
             ref_ms = ms if active == "reference" else benchmark.time_ms(
                 benchmark.mode_fn(case, "full", "reference"), device, repeats)[1]
             report[op] = {"backend": active, "ms": ms, "ref_ms": ref_ms, "speedup": ref_ms / ms if ms else float("nan")}
         if memory:
-            backends = [active] if active == "reference" else [active, "reference"]
-            peaks = benchmark.peak_memories(list(cases.values()), "full", backends)
-            for op, row in zip(cases, peaks):
-                report[op]["peak_mb"] = row[0] / 2**20
-                report[op]["ref_peak_mb"] = row[-1] / 2**20
+            for active in sorted({r["backend"] for r in report.values()}):
+                backends = [active] if active == "reference" else [active, "reference"]
+                ops = [op for op in cases if report[op]["backend"] == active]
+                peaks = benchmark.peak_memories([cases[op] for op in ops], "full", backends)
+                for op, row in zip(ops, peaks):
+                    report[op]["peak_mb"] = row[0] / 2**20
+                    report[op]["ref_peak_mb"] = row[-1] / 2**20
     return report
 
 

@@ -7,6 +7,7 @@ import statistics
 import torch
 from detectron2.utils import comm
 
+import lgd_ops
 from lgd_ops.benchmark import proc_status_kib, reset_peak_rss
 
 from ..engine.checkpoint import atomic_write
@@ -65,8 +66,8 @@ def _median_step_seconds(output_dir):
 
 def write_cost(cfg, method, iterations, max_iter, wall_s, device, stages=(), resume=False):
     """Writes and returns OUTPUT/cost.json: the method, iterations done of max_iter, wall seconds (a resumed run
-    adds those of the pieces before it), median seconds per iteration, peak memory, each stage's cost.json and
-    total_wall_s (the stages' and this run's)."""
+    adds those of the pieces before it), median seconds per iteration, peak memory, the lgd_ops backends auto
+    chose, each stage's cost.json and total_wall_s (the stages' and this run's)."""
     output_dir = cfg.train.output_dir
     earlier = read_cost(output_dir) if resume else None
     peak, kind = _peak_memory_mb(device)
@@ -77,7 +78,8 @@ def write_cost(cfg, method, iterations, max_iter, wall_s, device, stages=(), res
     stage_costs = {name: read_cost(os.path.join(output_dir, name)) for name in stages}
     cost = {"method": method, "iterations": int(iterations), "max_iter": int(max_iter), "wall_s": wall_s,
             "s_per_iter": _median_step_seconds(output_dir), "peak_mem_mb": peak, "peak_mem_kind": kind,
-            "device": str(device), "world_size": comm.get_world_size(), "stages": stage_costs,
+            "device": str(device), "world_size": comm.get_world_size(), "lgd_ops_auto": lgd_ops.auto_choices(),
+            "stages": stage_costs,
             "total_wall_s": wall_s + sum(c["total_wall_s"] for c in stage_costs.values() if c)}
     atomic_write(os.path.join(output_dir, COST_FILE), lambda f: f.write(json.dumps(cost, indent=2).encode()))
     return cost

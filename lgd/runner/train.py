@@ -16,7 +16,8 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 
-from ..engine.checkpoint import AtomicCheckpointer, DetectorEMAState, remove_stale_temporaries, student_module
+from ..engine.checkpoint import (AtomicCheckpointer, BackendChoices, DetectorEMAState, remove_stale_temporaries,
+                                 student_module)
 from ..engine.hooks import IterationSeed, build_lr_hook
 from ..errors import CommandError
 from ..methods import build_method, stage_checkpoint
@@ -117,7 +118,7 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
             logger.info("removed %s, left by an interrupted checkpoint write", path)
     # weights first, so that the data loader can start where the checkpoint stopped
     detector = student_module(model)
-    extra = {"detector_ema": DetectorEMAState(detector)}
+    extra = {"detector_ema": DetectorEMAState(detector), "lgd_ops_auto": BackendChoices()}
     initial = AtomicCheckpointer(model, output_dir, **extra)
     resumed = resume and initial.has_checkpoint()
     loaded = initial.resume_or_load(cfg.train.init_checkpoint, resume=resume)

@@ -66,6 +66,8 @@ def worker(args, cfg=None):
         use_last = args.resume and checkpointer.has_checkpoint()
         return evaluate(cfg, checkpointer.get_checkpoint_file() if use_last else cfg.train.init_checkpoint)
     default_setup(cfg, args)  # writes OUTPUT/config.yaml and log.txt
+    for name in ("lgd", "lgd_ops"):  # the runner's and the ops' messages (auto's choices) beside detectron2's
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
     return train(cfg, backend=args.ops, resume=args.resume)
 
 
