@@ -98,7 +98,8 @@ class LGDDistiller(DetectorWrapper):
         images, gt_instances, features, targets, losses = detection_step(adapter, batched_inputs)
         distilled = {f: features[f] for f in adapter.in_features}
         image_size = tuple(images.tensor.shape[-2:])
-        labels = self.teacher.pack(gt_instances, image_size)
+        # packed and checked once, on the host, from the loader's CPU boxes; moved to the device without waiting
+        labels = self.teacher.pack([x["instances"] for x in batched_inputs], image_size).to(self.device)
         if self.recompute_teacher:
             instructive = checkpoint(self.teacher, distilled, labels, image_size, use_reentrant=False)
         else:

@@ -40,9 +40,8 @@ class KnowledgeMapper(nn.Module):
     def forward(self, embeddings: Sequence[torch.Tensor], labels: PackedLabels,
                 level_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
         """embeddings: list (levels) of [N, channels]; level_sizes: (H_l, W_l) per level -> list of maps."""
-        is_ctx = labels.is_context
-        inst = torch.nonzero(~is_ctx).flatten()
-        ctx = torch.nonzero(is_ctx).flatten()  # one per image, in image order (PackedLabels layout)
+        inst = labels.object_index(context=False)  # from the host: no read-back of the device
+        ctx = labels.object_index(context=True)  # one per image, in image order (PackedLabels layout)
         batch_idx = labels.batch_idx[inst]
         regions = labels.masks[inst] if self.use_masks else labels.boxes[inst]
         # the maps in the layout of G's weight (channels_last on the fast path): no conversion before the convs

@@ -8,7 +8,6 @@ nn.Linear on [N, C]; every LayerNorm normalizes one object's channels, without a
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .labels import MASK_CROP, PackedLabels
 
@@ -22,10 +21,12 @@ def build_descriptors(labels: PackedLabels, num_classes: int, *, use_masks: bool
     context object), with use_masks the 7 x 7 mask crop; then x -> 2x - 1. Classes must be < num_classes and
     the labels built with masks for use_masks (LGDTeacher checks both).
     """
-    real = ~labels.is_context
     in_h, in_w = labels.image_size
-    boxes = labels.boxes / labels.boxes.new_tensor([in_w, in_h, in_w, in_h])
-    one_hot = F.one_hot(labels.classes.clamp(min=0), num_classes).to(boxes.dtype) * real[:, None]
+    x1, y1, x2, y2 = labels.boxes.unbind(1)  # scaled by Python numbers: no host-to-device copy
+    boxes = torch.stack([x1 / in_w, y1 / in_h, x2 / in_w, y2 / in_h], dim=1)
+    # compared with every class (a context object's -1 matches none) rather than F.one_hot, which reads the
+    # largest class back from the device
+    one_hot = (labels.classes[:, None] == torch.arange(num_classes, device=boxes.device)).to(boxes.dtype)
     parts = [boxes, one_hot]
     if use_masks:
         parts.append(labels.mask_crops.to(boxes.dtype))

@@ -5,8 +5,14 @@ All objects of the batch sit in flat tensors, image after image (batch_idx non-d
 then, when context is on, its context object LAST: box (0, 0, W_in, H_in) clamped like every box, class
 CONTEXT_CLASS. An image without ground truth holds only its context object (nothing when context is off).
 Packing rather than per-image lists lets every module run batched over the whole batch.
+
+Everything that sets a shape or an index (objects per image, each object's place inside its image, which objects
+are context objects) is known on the host when the labels are packed, so no module reads it back from the device:
+a training step packs the loader's CPU boxes once (pack_on_host), checks them there, and moves the result to the
+device without waiting for it (to).
 """
 import dataclasses
+import itertools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -28,8 +34,10 @@ class PackedLabels:
     context     whether every image ends with its context object
     masks       None, or [N, H_in, W_in] bool instance masks on the padded input (a context object's: all True)
     mask_crops  None, or [N, 49] 0/1 float: the mask inside its box resized to 7 x 7 (a context object's: all 1)
+    counts      objects per image (context objects included), on the host; computed when not given
+    num_classes None, or K when the classes were checked to be < K (pack_on_host)
 
-    Build it with from_instances / from_lists / from_packed; direct construction is validated too.
+    Build it with from_instances / from_lists / from_packed / pack_on_host; direct construction is validated too.
     """
 
     boxes: torch.Tensor
@@ -40,6 +48,8 @@ class PackedLabels:
     context: bool
     masks: Optional[torch.Tensor] = None
     mask_crops: Optional[torch.Tensor] = None
+    counts: Optional[Tuple[int, ...]] = None
+    num_classes: Optional[int] = None
 
     def __post_init__(self):
         in_h, in_w = _image_size(self.image_size)
@@ -67,9 +77,13 @@ class PackedLabels:
         if len({t.device for t in tensors.values()}) > 1:
             raise ValueError(f"PackedLabels: tensors must be on one device, got "
                              f"{ {k: str(t.device) for k, t in tensors.items()} }")
+        if self.counts is not None and (len(self.counts) != b or sum(self.counts) != n):
+            raise ValueError(f"PackedLabels: counts must give the objects of each of the {b} images, {n} in all, "
+                             f"got {self.counts}")
         if n == 0:
             if self.context:
                 raise ValueError("PackedLabels: with context on, every image holds at least its context object")
+            object.__setattr__(self, "counts", (0,) * b)
             return
         idx, cls = self.batch_idx, self.classes
         counts = torch.bincount(idx.clamp(0, b - 1), minlength=b)
@@ -85,15 +99,67 @@ class PackedLabels:
             (idx[1:] >= idx[:-1]).all(),
             ((cls >= 0) | is_ctx).all(),
             layout_ok,
+            (counts == counts.new_tensor(self.counts)).all() if self.counts is not None else torch.tensor(True),
         ]).tolist()  # one host sync for all value checks
         messages = ("boxes contain NaN or Inf", f"batch_idx values must be in [0, {b})",
                     "batch_idx must be non-decreasing (objects grouped image after image)",
                     f"classes must be >= 0 (or CONTEXT_CLASS={CONTEXT_CLASS} for context objects)",
                     "with context on, each image must end with exactly one context object, and the context "
-                    "class only there; with context off, no object may have the context class")
+                    "class only there; with context off, no object may have the context class",
+                    f"counts {self.counts} differ from the objects per image in batch_idx")
         for good, message in zip(ok, messages):
             if not good:
                 raise ValueError(f"PackedLabels: {message}")
+        if self.counts is None:
+            object.__setattr__(self, "counts", tuple(counts.tolist()))
+
+    @classmethod
+    def pack_on_host(cls, instances: Sequence[Instances], image_size, *, context: bool, masks: bool = False,
+                     num_classes: Optional[int] = None) -> "PackedLabels":
+        """from_instances on the data loader's CPU Instances, checked there (classes < num_classes too, when
+        given): the once-per-batch host-side step of a training step, so that no check or index waits for the
+        device. Move the result with to(device)."""
+        labels = cls.from_instances(instances, image_size, context=context, masks=masks)
+        if num_classes is None:
+            return labels
+        if labels.num_objects and bool((labels.classes >= num_classes).any()):
+            raise ValueError(f"PackedLabels: classes must be in [0, {num_classes}), got max "
+                             f"{int(labels.classes.max())}")
+        return dataclasses.replace(labels, num_classes=num_classes)
+
+    def to(self, device) -> "PackedLabels":
+        """The same labels on `device`, copied without waiting (pinned host memory for a GPU) and not checked
+        again: the checks read values, which on a GPU would wait for it."""
+        device = torch.device(device)
+        if self.boxes.device == device:
+            return self
+        moved = object.__new__(PackedLabels)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            object.__setattr__(moved, field.name, _to_device(value, device) if isinstance(value, torch.Tensor)
+                               else value)
+        return moved
+
+    def _index(self, values) -> torch.Tensor:
+        """An int64 index built on the host from host values, on the labels' device."""
+        return _to_device(torch.tensor(values, dtype=torch.int64), self.boxes.device)
+
+    def slots(self) -> torch.Tensor:
+        """[N] int64: each object's position inside its image."""
+        return self._index([i for n in self.counts for i in range(n)])
+
+    def max_count(self) -> int:
+        """The most objects any image holds."""
+        return max(self.counts, default=0)
+
+    def counts_tensor(self) -> torch.Tensor:
+        """[B] int64: objects per image, on the labels' device."""
+        return self._index(list(self.counts))
+
+    def object_index(self, context: bool) -> torch.Tensor:
+        """Indices of the context objects (context=True; one per image, in image order) or of the others."""
+        ends = set(itertools.accumulate(self.counts)) if self.context else set()
+        return self._index([i for i in range(self.num_objects) if ((i + 1) in ends) == context])
 
     @property
     def is_context(self):
@@ -212,7 +278,16 @@ class PackedLabels:
             context=bool(context),
             masks=torch.cat(out_masks) if masks is not None else None,
             mask_crops=torch.cat(out_crops) if masks is not None else None,
+            counts=tuple(int(idx.shape[0]) for idx in out_idx),
         )
+
+
+def _to_device(tensor, device):
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _image_size(value):

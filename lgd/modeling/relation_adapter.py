@@ -34,9 +34,8 @@ class RelationAdapter(nn.Module):
         if n == 0:
             return [torch.zeros_like(a) for a in appearance]
         idx, num_images, levels = labels.batch_idx, labels.num_images, len(appearance)
-        counts = torch.bincount(idx, minlength=num_images)
-        slot = torch.arange(n, device=idx.device) - (counts.cumsum(0) - counts)[idx]  # position inside its image
-        n_max = int(counts.max())
+        slot, n_max = labels.slots(), labels.max_count()  # from the host: no read-back of the device
+        counts = labels.counts_tensor()
         queries = torch.stack(list(appearance), dim=1)  # [N, L, C]
         queries = queries.new_zeros(num_images, n_max, levels, c).index_put((idx, slot), queries)
         queries = queries.permute(2, 0, 1, 3).reshape(levels * num_images, n_max, c)

@@ -37,8 +37,10 @@ class LGDTeacher(nn.Module):
                                                 backend=backend)
 
     def pack(self, targets: Sequence[Instances], image_size: Tuple[int, int]) -> PackedLabels:
-        """PackedLabels of detectron2 Instances (gt_boxes, gt_classes, gt_masks with use_masks) for this teacher."""
-        return PackedLabels.from_instances(targets, image_size, context=self.use_context, masks=self.use_masks)
+        """PackedLabels of detectron2 Instances (gt_boxes, gt_classes, gt_masks with use_masks) for this teacher,
+        checked where they are (the loader's CPU Instances in a training step: PackedLabels.pack_on_host)."""
+        return PackedLabels.pack_on_host(targets, image_size, context=self.use_context, masks=self.use_masks,
+                                         num_classes=self.label_encoder.num_classes)
 
     def forward(self, features: Levels, targets: Union[Sequence[Instances], PackedLabels],
                 image_size: Optional[Tuple[int, int]] = None) -> Levels:
@@ -61,8 +63,13 @@ class LGDTeacher(nn.Module):
             labels = self.pack(targets, image_size)
         check_levels(levels, self.channels, labels.num_images, "LGDTeacher")
         num_classes = self.label_encoder.num_classes
-        if labels.num_objects and bool((labels.classes >= num_classes).any()):  # PackedLabels checked >= 0
+        if labels.num_classes is not None:  # checked when packed (pack_on_host): nothing to read back
+            if labels.num_classes > num_classes:
+                raise ValueError(f"LGDTeacher: labels checked for {labels.num_classes} classes, this teacher has "
+                                 f"{num_classes}")
+        elif labels.num_objects and bool((labels.classes >= num_classes).any()):  # PackedLabels checked >= 0
             raise ValueError(f"LGDTeacher: classes must be in [0, {num_classes}), got max {int(labels.classes.max())}")
+        labels = labels.to(levels[0].device)
         label_embeddings = self.label_encoder(labels)
         appearance = self.appearance_encoder(levels, labels)
         relations = self.relation_adapter(appearance, label_embeddings, labels)
