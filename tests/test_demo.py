@@ -10,7 +10,7 @@ pytest.importorskip("detectron2")
 
 import torch
 
-from lgd.modeling.backbones import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
+from lgd.demo.backbone import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
 from lgd.modeling.norm import group_norm
 
 pytest.importorskip("pycocotools")
@@ -45,7 +45,7 @@ def test_frozen_bn_has_no_trainable_norms():
 
 
 def test_loads_real_imagenet_weights():
-    from lgd.data import AssetsMissingError, mobilenetv2_weights_path
+    from lgd.demo.assets import AssetsMissingError, mobilenetv2_weights_path
 
     try:
         path = mobilenetv2_weights_path()
@@ -224,7 +224,8 @@ def test_compare_table_pairs_runs_by_seed_and_fold_and_reports_standard_errors()
 
 
 def test_folds_hold_out_each_source_image(tmp_path):
-    from lgd.data import DEMO_FOLDS, deepforest
+    from lgd.demo import deepforest
+    from lgd.demo.deepforest import DEMO_FOLDS
     from lgd.tools.demo import run_name
 
     assert deepforest.DEMO_FOLDS[0] == deepforest.DEMO_VAL_IMAGES[0]  # fold 0 is the fixed split

