@@ -1,4 +1,4 @@
-"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd.tools.demo end to end
+"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd-demo end to end
 on test_lgd_train_net's synthetic 4-image COCO dataset (64 px, 2 iterations, random backbone init): a run writes
 summary.json and the plots, --resume reuses it, --compare adds the baseline and the AP table."""
 import json
@@ -64,7 +64,7 @@ def test_loads_real_imagenet_weights():
 def test_demo_head_is_group_normalized():
     from detectron2.config import instantiate
 
-    from lgd.tools.demo import DEMO_CONFIG
+    from lgd.demo.run import DEMO_CONFIG
     from lgd.config import load_config
 
     assert group_norm(64).num_groups == 32 and group_norm(1).num_groups == 1
@@ -202,7 +202,7 @@ def _record(mode, seed, fold, ap):
 
 
 def test_compare_table_pairs_runs_by_seed_and_fold_and_reports_standard_errors():
-    from lgd.tools.demo import compare_table, format_table
+    from lgd.demo.report import compare_table, format_table
 
     base = [(0, 0, 5.0), (1, 1, 7.0), (2, 0, 6.0), (3, 1, 9.0)]
     lift = [1.0, 2.0, 0.0, 1.0]  # LGD - baseline per pair: mean 1, sample std sqrt(2/3), SE sqrt(2/3)/2
@@ -226,7 +226,7 @@ def test_compare_table_pairs_runs_by_seed_and_fold_and_reports_standard_errors()
 def test_folds_hold_out_each_source_image(tmp_path):
     from lgd.demo import deepforest
     from lgd.demo.deepforest import DEMO_FOLDS
-    from lgd.tools.demo import run_name
+    from lgd.demo.run import run_name
 
     assert deepforest.DEMO_FOLDS[0] == deepforest.DEMO_VAL_IMAGES[0]  # fold 0 is the fixed split
     assert len(set(DEMO_FOLDS)) == 4

@@ -49,8 +49,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .assets import DEEPFOREST_ASSETS, cache_root, demo_asset_dir
 from ..data.register import register_coco_once
+from .assets import DEEPFOREST_ASSETS, cache_root, demo_asset_dir
 
 logger = logging.getLogger(__name__)
 
