@@ -10,6 +10,7 @@ for the first 1/9, LR / 10 at 2/3 and 8/9) scaled to whatever train.max_iter the
 (11 %) is longer than the paper's 1.1 %, and gradients are norm-clipped: a fresh head trained with batches of
 4 tiles diverges without them. The head's convs are group-normalized (see below and lgd.modeling.norm).
 """
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
@@ -54,7 +55,7 @@ dataloader.test.num_workers = 1
 # batch 4: half the paper's LR for batch 16 (0.01 diverged once the backbone trained: benchmarks/README.md)
 optimizer.lr = 0.005
 train.init_checkpoint = ""  # the backbone's ImageNet weights come from model.backbone.weights
-train.device = "cuda"  # lgd.tools.train_net falls back to cpu without CUDA
+train.device = "cuda" if torch.cuda.is_available() else "cpu"  # where it is started, without a fallback warning
 train.output_dir = "./output/demo_lgd"
 train.checkpointer = dict(period=100, max_to_keep=2)
 train.eval_period = 0  # evaluated once, at the end
