@@ -66,7 +66,7 @@ class Progress(HookBase):
         ap, self._reported = latest["bbox/AP"]
         ap50 = latest.get("bbox/AP50", (math.nan,))[0]
         done = min(self._reported + 1, self.trainer.max_iter)
-        results = f"AP {ap:.2f} AP50 {ap50:.2f}" if math.isfinite(ap) else "no detections yet (AP n/a)"
+        results = f"AP {ap:.2f} AP50 {ap50:.2f}" if math.isfinite(ap) else "no detections (AP n/a)"
         self._bar.clear()
         print(f"[{self.label}] iter {done}/{self.trainer.max_iter}: {results}", file=self.console, flush=True)
         self._bar.refresh()
@@ -93,9 +93,11 @@ class _LogLines:
 def printed_to_log(log=logger):
     """Within it, sys.stdout goes to `log` line by line."""
     stream = _LogLines(log)
-    with contextlib.redirect_stdout(stream):
-        yield
-    stream.write("\n")
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.write("\n")  # a last line printed without its newline
 
 
 def prepare_data(data=None, cache_dir=None, fold=None):
