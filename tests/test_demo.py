@@ -1,8 +1,14 @@
-"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd.tools.demo end to end
+"""The demo: the MobileNetV2 backbone (shapes, ImageNet weights by position, bad input) and lgd-demo end to end
 on test_lgd_train_net's synthetic 4-image COCO dataset (64 px, 2 iterations, random backbone init): a run writes
-summary.json and the plots, --resume reuses it, --compare adds the baseline and the AP table."""
+summary.json and the plots and prints one line per evaluation, --resume reuses it, --compare adds the baseline and
+the AP table; the library never imports lgd.demo."""
+import contextlib
+import io
 import json
+import logging
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +16,7 @@ pytest.importorskip("detectron2")
 
 import torch
 
-from lgd.modeling.backbones import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
+from lgd.demo.backbone import MOBILENETV2_STAGES, MobileNetV2Backbone, build_mobilenetv2_fpn, load_by_position
 from lgd.modeling.norm import group_norm
 
 pytest.importorskip("pycocotools")
@@ -45,7 +51,7 @@ def test_frozen_bn_has_no_trainable_norms():
 
 
 def test_loads_real_imagenet_weights():
-    from lgd.data import AssetsMissingError, mobilenetv2_weights_path
+    from lgd.demo.assets import AssetsMissingError, mobilenetv2_weights_path
 
     try:
         path = mobilenetv2_weights_path()
@@ -64,7 +70,7 @@ def test_loads_real_imagenet_weights():
 def test_demo_head_is_group_normalized():
     from detectron2.config import instantiate
 
-    from lgd.tools.demo import DEMO_CONFIG
+    from lgd.demo.run import DEMO_CONFIG
     from lgd.config import load_config
 
     assert group_norm(64).num_groups == 32 and group_norm(1).num_groups == 1
@@ -113,14 +119,18 @@ def demo_argv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_run(demo_argv):
+    """The demo's output folder, its summary and what it printed on stdout."""
     from lgd.tools.demo import run
 
     out, options, overrides = demo_argv
-    return out, run(options + overrides)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        summary = run(options + overrides)
+    return out, summary, console.getvalue()
 
 
 def test_demo_writes_summary_and_plots(demo_run):
-    out, summary = demo_run
+    out, summary, _ = demo_run
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["results"] == summary["results"]
     assert all(isinstance(summary["results"][k], float) for k in ("AP", "AP50"))
@@ -131,6 +141,79 @@ def test_demo_writes_summary_and_plots(demo_run):
     assert run["mode"] == "lgd" and run["iterations"] == 2 and run["batch_size"] == 2
     for name in ("curves.png", "curves_lgd_seed0.png", "lgd_seed0/run.json", "lgd_seed0/model_final.pth"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def test_console_names_the_device_first_and_shows_one_line_per_evaluation(demo_run):
+    """The console: the device and precision in the first lines, then one line per evaluation (2 iterations:
+    after the first and at the end); pycocotools' printed summary goes to log.txt only."""
+    out, _, console = demo_run
+    lines = console.splitlines()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lines[1].startswith(f"device: {device} (") and "precision: " in lines[1], lines[:2]
+    evaluations = [line for line in lines if line.startswith("[lgd seed 0] iter ")]
+    assert evaluations == [line for line in lines if " iter " in line and "AP" in line]  # no other AP lines
+    assert [line.split(":")[0] for line in evaluations] == ["[lgd seed 0] iter 1/2", "[lgd seed 0] iter 2/2"]
+    assert all(re.fullmatch(r".*: AP \d+\.\d\d AP50 \d+\.\d\d", line) for line in evaluations), evaluations
+    assert "Average Precision" not in console and "Evaluate annotation type" not in console
+    with open(os.path.join(out, "log.txt")) as f:
+        log = f.read()
+    assert log.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]") >= 2
+    assert log.count("[lgd seed 0] iter ") == 0  # the evaluation lines are the console's
+
+
+def test_demo_config_runs_where_it_is_started(monkeypatch):
+    """Without CUDA the demo config names the CPU itself, so no "CUDA is not available" fallback warning."""
+    from lgd.config import load_config
+    from lgd.demo.run import DEMO_CONFIG
+    from lgd.runner import run_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.train.device == "cpu"
+    warnings = []
+    monkeypatch.setattr(logging.getLogger("lgd.runner.build"), "warning", lambda *a, **k: warnings.append(a))
+    assert run_device(cfg) == "cpu" and warnings == []
+
+
+LIBRARY_IMPORTS = """
+import sys
+import lgd, lgd.config, lgd.data, lgd.engine, lgd.evaluation, lgd.methods, lgd.modeling, lgd.runner
+import lgd.tools.bench, lgd.tools.eval_net, lgd.tools.export, lgd.tools.train_net
+print(sorted(m for m in sys.modules if m == "lgd.demo" or m.startswith("lgd.demo.")))
+"""
+
+
+def test_the_library_does_not_import_the_demo():
+    """lgd.demo sits on top: importing the library and the other commands loads none of it, and no module of lgd
+    outside lgd/demo/ and the lgd-demo command names it in an import."""
+    import ast
+    import subprocess
+    import sys
+
+    import lgd
+
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+    root = Path(lgd.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        if parts[:2] == ("lgd", "demo") or parts == ("lgd", "tools", "demo"):
+            continue
+        package = list(parts[:-1])  # a module's package, or the package of an __init__
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(n == "lgd.demo" or n.startswith("lgd.demo.") for n in names):
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert offenders == []
 
 
 def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_run):
@@ -202,7 +285,7 @@ def _record(mode, seed, fold, ap):
 
 
 def test_compare_table_pairs_runs_by_seed_and_fold_and_reports_standard_errors():
-    from lgd.tools.demo import compare_table, format_table
+    from lgd.demo.report import compare_table, format_table
 
     base = [(0, 0, 5.0), (1, 1, 7.0), (2, 0, 6.0), (3, 1, 9.0)]
     lift = [1.0, 2.0, 0.0, 1.0]  # LGD - baseline per pair: mean 1, sample std sqrt(2/3), SE sqrt(2/3)/2
@@ -224,8 +307,9 @@ def test_compare_table_pairs_runs_by_seed_and_fold_and_reports_standard_errors()
 
 
 def test_folds_hold_out_each_source_image(tmp_path):
-    from lgd.data import DEMO_FOLDS, deepforest
-    from lgd.tools.demo import run_name
+    from lgd.demo import deepforest
+    from lgd.demo.deepforest import DEMO_FOLDS
+    from lgd.demo.run import run_name
 
     assert deepforest.DEMO_FOLDS[0] == deepforest.DEMO_VAL_IMAGES[0]  # fold 0 is the fixed split
     assert len(set(DEMO_FOLDS)) == 4

@@ -1,7 +1,7 @@
-"""The demo dataset: deepforest's real NEON aerial images (Pascal VOC boxes) as a tiled COCO dataset.
+"""The demo's data: deepforest's real NEON aerial images (Pascal VOC boxes) as tiled COCO datasets, one class.
 
-Source (fetched by scripts/fetch_demo_assets.sh, see lgd.data.assets): deepforest 2.1.0's bundled data, four
-annotated RGB images at 10 cm/pixel, 951 tree-crown boxes; SOAP_031.png has no xml and is not used.
+Source (scripts/fetch_demo_assets.sh, lgd.demo.assets): deepforest 2.1.0's bundled data, four annotated RGB images
+at 10 cm/pixel, 951 tree-crown boxes ("Tree", and SOAP_061's "Dead"/"Alive", all mapped to "Tree"):
 
     image (xml)                                size        boxes  split
     2019_YELL_2_528000_4978000_image_crop2    2299x2472    574  train
@@ -9,32 +9,10 @@ annotated RGB images at 10 cm/pixel, 951 tree-crown boxes; SOAP_031.png has no x
     SOAP_061                                    400x400      37  train
     2019_YELL_2_541000_4977000_image_crop     1249x1035    279  val
 
-The split is FIXED and by source image, so no tile of the validation image is seen in training; the val image
-comes from the same site as the largest training image (same kind of trees, same season).
-
-Conversion (convert_voc_to_tiled_coco), all in pixels:
-- Labels: every name in ``label_map`` becomes one category; the demo maps "Tree" and SOAP_061's "Dead"/"Alive"
-  to "Tree" (one class: the demo is single-class detection, dead or alive). An unknown name is a ValueError.
-- Boxes are read as written in the xml (deepforest's convention: 0-based pixel coordinates, x2/y2 exclusive;
-  unlike detectron2's VOC loader no 1 is subtracted), clipped to the image; empty boxes are dropped.
-- Tiles: ``tile_size`` squares, neighbours overlapping by at least ``overlap`` pixels, the last row/column
-  aligned to the image's far edge (so every tile is full-size; an image smaller than a tile is one tile).
-- A box is kept in a tile, shifted by the tile origin and clipped to it, iff its visible part covers at least
-  ``min_visible`` (0.5) of its area and both visible sides are at least ``min_side`` (2) pixels: crowns cut to
-  slivers by a tile edge are dropped (the neighbouring tile, overlapping, usually holds them whole).
-- Tiles without any kept box are KEPT (hard negatives in training if the loader does not filter them; detectron2
-  filters empty images in training by default) and counted as "empty" in the stats.
-- Output: ``images/<source>_x<X>_y<Y>.png`` (lossless) plus ``train.json``/``val.json`` (COCO; each image entry
-  also records ``source_image`` and ``tile_origin``), plus ``manifest.json`` (parameters, per-split counts).
-  The output folder appears by one rename of a finished temporary folder, so readers never see a partial one.
-
-Result with the demo parameters (400 px tiles, 50 px overlap): train 51 tiles (2 empty), 909 tile boxes from 672
-source boxes; val 12 tiles, 390 tile boxes from 279 source boxes. Boxes near tile borders appear in both
-overlapping tiles, in val too (each tile is evaluated as its own image). Median box side ~40 px.
-
-prepare_demo_dataset() converts once into ``<cache>/datasets/deepforest-2.1.0-tiles-v<VERSION>-<params>``:
-bump CONVERTER_VERSION whenever the conversion's output changes, so stale caches are not reused.
-register_demo_datasets() registers "lgd_demo_train" and "lgd_demo_val" (COCO evaluator).
+Splits are by source image, so no tile of a validation image is seen in training: the fixed split above (its val
+image comes from the site and season of the largest training image), or fold k of DEMO_FOLDS holding out image k.
+With 400 px tiles overlapping by 50 px the fixed split has 51 train tiles (909 boxes) and 12 val tiles (390 boxes).
+The conversion runs once per split into the cache, versioned by CONVERTER_VERSION.
 """
 import itertools
 import json
@@ -49,12 +27,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..data.register import register_coco_once
 from .assets import DEEPFOREST_ASSETS, cache_root, demo_asset_dir
-from .register import register_coco_once
 
 logger = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 1  # bump it whenever the conversion's output changes: the cache is keyed on it
 DEMO_CATEGORY = "Tree"
 DEMO_LABEL_MAP = {"Tree": DEMO_CATEGORY, "Dead": DEMO_CATEGORY, "Alive": DEMO_CATEGORY}
 DEMO_VAL_IMAGES = ("2019_YELL_2_541000_4977000_image_crop",)
@@ -136,6 +114,22 @@ def convert_voc_to_tiled_coco(xml_files, out_dir, val_images, label_map, tile_si
 
     ``val_images``: stems of the xml files whose tiles form the val split (all others: train); each must be
     one of ``xml_files``. Returns the manifest dict (parameters and per-split image/box/empty-tile counts).
+    All in pixels:
+
+    - Labels: every name in ``label_map`` becomes one category; an unknown name is a ValueError.
+    - Boxes are read as written in the xml (deepforest's convention: 0-based pixel coordinates, x2/y2 exclusive;
+      unlike detectron2's VOC loader no 1 is subtracted), clipped to the image; empty boxes are dropped.
+    - Tiles: ``tile_size`` squares, neighbours overlapping by at least ``overlap`` pixels, the last row/column
+      aligned to the image's far edge (so every tile is full-size; an image smaller than a tile is one tile).
+    - A box is kept in a tile, shifted by the tile origin and clipped to it, iff its visible part covers at least
+      ``min_visible`` of its area and both visible sides are at least ``min_side`` pixels: crowns cut to slivers
+      by a tile edge are dropped (the neighbouring tile, overlapping, usually holds them whole). Boxes near tile
+      borders appear in both overlapping tiles, in val too (each tile is evaluated as its own image).
+    - Tiles without any kept box are kept (hard negatives unless the loader filters empty images, as detectron2's
+      does by default) and counted as "empty" in the stats.
+    - Output: ``images/<source>_x<X>_y<Y>.png`` (lossless) plus ``train.json``/``val.json`` (COCO; each image entry
+      also records ``source_image`` and ``tile_origin``), plus ``manifest.json`` (parameters, per-split counts).
+      The folder appears by one rename of a finished temporary folder, so readers never see a partial one.
     """
     _check_tiling(tile_size, overlap, min_visible, min_side)
     xml_files = sorted(Path(f) for f in xml_files)
@@ -222,7 +216,7 @@ def prepare_demo_dataset(cache_dir=None, fold=None):
 
     Returns {"train_json", "val_json", "image_root" (both splits' file_names are relative to it),
     "dataset_dir", "stats" (per split: source_images, images, boxes, empty_images, source_boxes)}.
-    Raises lgd.data.assets.AssetsMissingError if scripts/fetch_demo_assets.sh has not been run.
+    Raises lgd.demo.assets.AssetsMissingError if scripts/fetch_demo_assets.sh has not been run.
     """
     assets = demo_asset_dir(cache_dir)
     val_images = _fold_images(fold)

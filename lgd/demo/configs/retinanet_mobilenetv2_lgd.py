@@ -1,8 +1,8 @@
 """The CPU demo: a small RetinaNet (ImageNet MobileNetV2 + 64-channel FPN and head) with LGD on the deepforest
-tree-crown tiles (lgd.data: "lgd_demo_train" / "lgd_demo_val", one class "Tree", ~400 px tiles).
+tree-crown tiles (lgd.demo.deepforest: "lgd_demo_train" / "lgd_demo_val", one class "Tree", ~400 px tiles).
 
     lgd-demo                                   # prepares the data, trains, evaluates, plots
-    lgd-train --config-file lgd/configs/demo_retinanet_mobilenetv2_lgd.py train.max_iter=600
+    lgd-train --config-file lgd/demo/configs/retinanet_mobilenetv2_lgd.py train.max_iter=600
 
 Built on lgd/configs/retinanet_R_50_FPN_1x_lgd.py (its optimizer, evaluator and `lgd` keys), changed as
 noted below. lgd.schedule is the paper's 1x (distillation from 1/3 of the run, the bottom-up backbone frozen
@@ -10,15 +10,16 @@ for the first 1/9, LR / 10 at 2/3 and 8/9) scaled to whatever train.max_iter the
 (11 %) is longer than the paper's 1.1 %, and gradients are norm-clipped: a fresh head trained with batches of
 4 tiles diverges without them. The head's convs are group-normalized (see below and lgd.modeling.norm).
 """
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
 
-from lgd.modeling.backbones import build_mobilenetv2_fpn
+from lgd.demo.assets import mobilenetv2_weights_path
+from lgd.demo.backbone import build_mobilenetv2_fpn
 from lgd.modeling.norm import group_norm
-from lgd.data.assets import mobilenetv2_weights_path
 
-from .retinanet_R_50_FPN_1x_lgd import dataloader, lgd, model, optimizer, train
+from ...configs.retinanet_R_50_FPN_1x_lgd import dataloader, lgd, model, optimizer, train
 
 CHANNELS = 64
 IMAGE_SIZE = 400  # the demo tiles' side: no resizing
@@ -54,7 +55,7 @@ dataloader.test.num_workers = 1
 # batch 4: half the paper's LR for batch 16 (0.01 diverged once the backbone trained: benchmarks/README.md)
 optimizer.lr = 0.005
 train.init_checkpoint = ""  # the backbone's ImageNet weights come from model.backbone.weights
-train.device = "cuda"  # lgd.tools.train_net falls back to cpu without CUDA
+train.device = "cuda" if torch.cuda.is_available() else "cpu"  # where it is started, without a fallback warning
 train.output_dir = "./output/demo_lgd"
 train.checkpointer = dict(period=100, max_to_keep=2)
 train.eval_period = 0  # evaluated once, at the end

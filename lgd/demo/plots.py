@@ -1,0 +1,94 @@
+"""The demo's figures (matplotlib, Agg): one run's losses and AP over iterations, and the comparison of training
+methods (mean curves over seeds, each run's final AP against the baseline's)."""
+import statistics
+
+from .report import compare_table, methods_of
+from .run import AP_KEYS, LOSS_KEYS, METHOD_LOSS_KEYS
+
+__all__ = ["plot_compare", "plot_run"]
+
+STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(record, path):
+    """Losses and AP/AP50 of one run over iterations, as a PNG."""
+    plt = _plt()
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = record["curves"]
+    for key in LOSS_KEYS + METHOD_LOSS_KEYS:
+        if key in curves:
+            it, val = zip(*curves[key])
+            ax_loss.plot(it, val, label=key, linestyle="--" if key.endswith("_tea") else "-")
+    ax_loss.set(xlabel="iteration", ylabel="loss", yscale="log",
+                title=f"{record['mode']} seed {record['seed']}: losses")
+    ax_loss.legend(fontsize=8)
+    for key in AP_KEYS:
+        if key in curves:
+            it, val = zip(*curves[key])
+            ax_ap.plot(it, val, marker="o", label=key)
+    ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation")
+    ax_ap.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean_curve(records, key):
+    """Iterations and mean value over the records of `key` (a sum of keys if key is a tuple), on shared iterations."""
+    keys = key if isinstance(key, tuple) else (key,)
+    per_run = []
+    for rec in records:
+        parts = [dict(map(tuple, rec["curves"].get(k, []))) for k in keys]
+        shared = set.intersection(*(set(p) for p in parts)) if parts else set()
+        per_run.append({i: sum(p[i] for p in parts) for i in shared})
+    common = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
+    return common, [statistics.mean(r[i] for r in per_run) for i in common]
+
+
+def plot_compare(records, path):
+    """Side by side, every method (mean over seeds): the student's detection loss, AP/AP50 over iterations,
+    and the final AP of each paired run against the baseline (bars per method, with the mean and its
+    2-standard-error band)."""
+    plt = _plt()
+    fig, (ax_loss, ax_ap, ax_diff) = plt.subplots(1, 3, figsize=(16, 4))
+    colors = dict(zip(methods_of(records), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
+    colors.update({m: c for m, c in (("baseline", "tab:gray"), ("lgd", "tab:green")) if m in colors})
+    for mode, color in colors.items():
+        runs = [r for r in records if r["mode"] == mode]
+        it, val = _mean_curve(runs, STUDENT_LOSSES)
+        ax_loss.plot(it, val, color=color, label=f"{mode} (n={len(runs)})")
+        for key, style in zip(AP_KEYS, ("-o", "--s")):
+            it, val = _mean_curve(runs, key)
+            ax_ap.plot(it, val, style, color=color, label=f"{mode} {key}")
+    ax_loss.set(xlabel="iteration", ylabel="loss_cls + loss_box_reg", yscale="log", title="student detection loss")
+    ax_ap.set(xlabel="iteration", ylabel="COCO AP (%)", title="student, validation (mean over seeds)")
+    ax_loss.legend(fontsize=8)
+    ax_ap.legend(fontsize=8)
+    table = compare_table(records)
+    diffs = [(m, table[f"{m} - baseline"]["AP"]) for m in colors if f"{m} - baseline" in table]
+    width = 0.8 / max(len(diffs), 1)
+    keys = list(dict.fromkeys(k for _, pairs in diffs for k in pairs["per_seed"]))
+    for i, (mode, pairs) in enumerate(diffs):
+        xs = [keys.index(k) + (i - (len(diffs) - 1) / 2) * width for k in pairs["per_seed"]]
+        ax_diff.bar(xs, list(pairs["per_seed"].values()), width, color=colors[mode],
+                    label=f"{mode}: {pairs['mean']:+.2f} ± 2 SE")
+        ax_diff.axhline(pairs["mean"], color=colors[mode], linewidth=1)
+        ax_diff.axhspan(pairs["mean"] - 2 * pairs["se"], pairs["mean"] + 2 * pairs["se"], color=colors[mode],
+                        alpha=0.1)
+    if diffs:
+        ax_diff.axhline(0, color="k", linewidth=0.8)
+        ax_diff.set_xticks(range(len(keys)), keys, rotation=45, fontsize=7)
+        ax_diff.legend(fontsize=8)
+    ax_diff.set(xlabel="run (seed/fold)", ylabel="AP difference (points)", title="final AP, method - baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
