@@ -33,7 +33,7 @@ times are forward times (CPU time of the range; CUDA kernel time too on GPU); ba
 Outputs under --out: train_<device>.csv (detector, variant, metric, p20, p50, p80, device, torch, commit, ...),
 .json, .md (step table with ratios to the baseline, and breakdown table) and train_<device>.png.
 
---methods NAME ... (lgd.methods.METHODS) replaces the variants by training methods, for the cost table (the LGD
+--methods NAME ... (lgd.methods.method_names()) replaces the variants by training methods, for the cost table (the LGD
 paper's Table 7): each method's runs are built as lgd-train builds them (lgd.tools.train_net.build_model on the
 detector's LGD config with lgd.method=NAME and --overrides, train.device and train.amp.enabled of the mode;
 build_optimizer with optimizer.lr 0): its stage runs (lgd.tools.train_net.method_stages, recursively: a stage's
@@ -72,7 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ops import (STEADY_MALLOC, ArgumentParser, device_name, git_commit, triton_version,  # noqa: E402
                        write_outputs)
 
-from lgd.methods import METHODS  # noqa: E402
+from lgd.methods import method_names  # noqa: E402
 from lgd_ops.benchmark import proc_status_kib, reset_peak_rss  # noqa: E402
 
 DETECTORS = {
@@ -295,7 +295,7 @@ def method_config(detector, method, mode, device, overrides=(), output_dir="benc
     cfg.lgd.method = method
     cfg.train.device, cfg.train.output_dir, cfg.optimizer.lr = str(device), output_dir, 0.0
     cfg.train.amp.enabled = MODES[mode]["amp_enabled"]
-    cfg.lgd.precision = MODES[mode].get("precision", cfg.lgd.get("precision", "bf16"))
+    cfg.train.amp.precision = MODES[mode].get("precision", cfg.train.amp.get("precision", "bf16"))
     return cfg
 
 
@@ -393,7 +393,7 @@ def parse_args(argv=None, prog=None):
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                       help=f"the step comparison and its breakdown (default: {' '.join(VARIANTS)})")
-    runs.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+    runs.add_argument("--methods", nargs="+", choices=method_names(), default=None,
                       help="training methods (lgd.method) as lgd-train builds them, their stages included: the cost "
                            "table (step time, peak memory, total cost of the config's schedule; ratios to "
                            "'baseline' when it is among them) instead of the variants")
@@ -402,7 +402,7 @@ def parse_args(argv=None, prog=None):
                              "+lgd.ban.generations=3 +lgd.labelenc.step1_iters=120000")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="precision x memory format: fp32 (fp32 NCHW) and/or fast (lgd-train --fast: "
-                             "train.amp.enabled with lgd.precision=bf16 and channels_last)")
+                             "train.amp.enabled with train.amp.precision=bf16 and channels_last)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--image", type=int, nargs=2, default=[256, 320], metavar=("H", "W"))

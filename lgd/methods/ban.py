@@ -20,7 +20,7 @@ from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.detector_adapters import build_detector_adapter
 from ..modeling.distillation_loss import DistillationLoss
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from . import Stage, TrainingMethod, stage_checkpoint
+from .base import METHOD_REGISTRY, Stage, TrainingMethod, stage_checkpoint
 from .dml import distilled, feature_distillation
 
 __all__ = ["BAN", "BornAgain"]
@@ -52,6 +52,7 @@ class BornAgain(DetectorWrapper):
         return losses
 
 
+@METHOD_REGISTRY.register()
 class BAN(TrainingMethod):
     """lgd.method="ban": generation n of a born-again sequence, after generations 1 .. n-1 as stages.
 

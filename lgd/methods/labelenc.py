@@ -23,7 +23,7 @@ from ..modeling.detector_adapters import (FCOSAdapter, RCNNAdapter, RetinaNetAda
 from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
                                                feature_distance, render_colour_maps)
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from . import Stage, TrainingMethod
+from .base import METHOD_REGISTRY, Stage, TrainingMethod
 
 __all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
 
@@ -140,6 +140,7 @@ class LossWindow(HookBase):
         self.trainer.storage.put_scalar("labelenc/loss_enabled", float(enabled), smoothing_hint=False)
 
 
+@METHOD_REGISTRY.register()
 class LabelEnc(TrainingMethod):
     """LabelEnc: step 1 as a stage (unless step1_checkpoint is given), step 2 as the main run."""
 

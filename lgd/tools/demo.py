@@ -61,7 +61,7 @@ from tqdm import tqdm
 from ..engine.op_report import OPS
 from ..config import apply_overrides_strict, load_config
 from ..errors import UsageError
-from ..methods import METHODS
+from ..methods import method_names
 from ..runner import check_backend, fast_path, read_cost, read_metrics, train
 from .cli import DEBUG_HELP, run_command
 from .train_net import OPS_HELP
@@ -75,7 +75,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # (iterations, images per batch, data loader workers) by device
 BUDGETS = {"cpu": (600, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
-MODES = ("baseline", "lgd")  # --compare's methods; --methods takes any of lgd.methods.METHODS
+MODES = ("baseline", "lgd")  # --compare's methods; --methods takes any of lgd.methods.method_names()
 STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
 # the comparison systems' own losses (docs/methods/): plotted with the rest when a run logs them
@@ -193,13 +193,13 @@ def _earlier_outputs(output_dir, runs):
 
 def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resume=False, overwrite=False,
             **budget):
-    """Trains and evaluates one run of the training method `mode` (lgd.methods.METHODS: "lgd", "baseline",
+    """Trains and evaluates one run of the training method `mode` (lgd.methods.method_names(): "lgd", "baseline",
     "fgfi", ...; its stages inside the run's folder) into output_dir/run_name(mode, seed, fold); returns its
     record (also saved as run.json there): results, curves, wall time, cost (stages included), budget. An
     earlier run there is reused or continued with resume, started afresh with overwrite, else a UsageError.
     See the module docstring."""
-    if mode not in METHODS:
-        raise ValueError(f"run_one: mode must be one of {sorted(METHODS)}, got {mode!r}")
+    if mode not in method_names():
+        raise ValueError(f"run_one: mode must be one of {method_names()}, got {mode!r}")
     run_dir = os.path.join(output_dir, run_name(mode, seed, fold))
     record_path = os.path.join(run_dir, "run.json")
     if resume and os.path.isfile(record_path):
@@ -461,7 +461,7 @@ def build_parser():
                         help="baseline vs LGD over --seeds (= --methods baseline lgd)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="compare these training methods over --seeds, same budget and seeds: any of "
-                             f"{', '.join(sorted(METHODS))} (docs/methods/; not tfkd: it needs an R-CNN, the "
+                             f"{', '.join(method_names())} (docs/methods/; not tfkd: it needs an R-CNN, the "
                              "demo's detector is a RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's "
                              "generations) run inside each run's folder and count in its cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -502,9 +502,9 @@ def _check_arguments(args):
     if args.image_size is not None and args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
     check_backend(args.ops)
-    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    unknown = sorted(set(args.methods or ()) - set(method_names()))
     if unknown:
-        raise UsageError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        raise UsageError(f"--methods: unknown {unknown}; choose from {method_names()}")
     if "tfkd" in (args.methods or ()):  # checked here so that no earlier run trains before it fails
         raise UsageError("--methods: tfkd (tf-KD_reg) is defined for R-CNN's softmax box classifier; the demo's "
                          "detector is a RetinaNet",
