@@ -287,3 +287,27 @@ def test_lgd_settings_are_the_top_level_lgd_keys():
         build_method(cfg)
     assert build_method(cfg, "baseline").name == "baseline"  # LGD's keys are LGD's to check
 
+
+def test_frozen_parts_get_no_gradient_and_stay_in_eval_mode():
+    """A DetectorWrapper's `frozen` list sets requires_grad=False and eval mode where the part is assigned, and
+    train() keeps it in eval mode; build_sgd leaves its parameters out."""
+    from lgd.engine.optim import build_sgd
+    from lgd.modeling.wrapper import DetectorWrapper
+
+    class Frozen(DetectorWrapper):
+        frozen = ("teacher",)
+
+        def __init__(self):
+            super().__init__()
+            self.detector = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+            self.teacher = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+
+    model = Frozen().train()
+    assert model.detector.training and not model.teacher.training
+    assert all(p.requires_grad for p in model.detector.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    model.teacher = nn.Linear(2, 2)  # a part assigned later is frozen as well
+    assert not model.teacher.weight.requires_grad and not model.teacher.training
+    teacher = {id(p) for p in model.teacher.parameters()}
+    optimizer = build_sgd(model, lr=0.1)
+    assert not teacher & {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -15,7 +15,7 @@ detector); in training mode forward(batched_inputs) returns a dict of scalar los
 the student's outputs. Every parameter with requires_grad=True when the model is built is trained by one SGD at
 optimizer.lr (lgd.engine.optim.build_sgd), unless the method overrides build_optimizer; frozen parts (a
 pretrained teacher) have requires_grad=False and stay in eval mode. lgd.modeling.wrapper.DetectorWrapper gives
-all of this (subclasses write training_losses; `frozen` names the eval-mode parts) and detection_step the
+all of this (subclasses write training_losses; `frozen` names the parts it freezes) and detection_step the
 student's own losses; a wrapper may also name `init_checkpoint_modules` (detectors a name-matched
 train.init_checkpoint initialises; default the student) and `nchw_modules` (kept NCHW on the fast path).
 A method's settings are its DEFAULTS, set under cfg.lgd.<name> (LGD's: the top-level lgd.* keys; the

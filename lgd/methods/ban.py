@@ -36,7 +36,7 @@ class BornAgain(DetectorWrapper):
         if type(teacher) is not type(detector):
             raise ValueError(f"BornAgain: the teacher must be the same detector as the student, got "
                              f"{type(teacher).__name__} and {type(detector).__name__}")
-        self.detector, self.teacher, self.distill_loss = detector, teacher.requires_grad_(False).eval(), distill_loss
+        self.detector, self.teacher, self.distill_loss = detector, teacher, distill_loss
         self.adapters = (build_detector_adapter(detector), build_detector_adapter(teacher))
 
     frozen = ("teacher",)

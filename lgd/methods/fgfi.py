@@ -69,7 +69,7 @@ class FGFIDistiller(DetectorWrapper):
         self.detector = detector
         self.detector_adapter = build_detector_adapter(detector)
         self.anchor_generator, self.levels = anchor_levels(detector)
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher
         self.psi, self.loss_weight = float(psi), float(loss_weight)
         student_ch = self._channels(detector, "student")
         teacher_ch = self._channels(teacher, "teacher")

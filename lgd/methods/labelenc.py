@@ -97,7 +97,6 @@ class LabelEncStep2(_LabelEncModel):
     def __init__(self, detector: nn.Module, settings: Dict, step1_state: Dict[str, torch.Tensor]):
         super().__init__(detector, settings)
         self.label_net.load_state_dict(_under(step1_state, "label_net."))
-        self.label_net.requires_grad_(False).eval()
         head = {k: v for k, v in _under(step1_state, "detector.").items() if not k.startswith("backbone.")}
         fpn = {"backbone." + k: v for k, v in self.label_net.state_dict().items() if not k.startswith("bottom_up.")}
         current = detector.state_dict()
