@@ -8,7 +8,8 @@ detectron2's LazyConfig.apply_overrides adds any key it is given, so a typo (`tr
   - it is one of OPTIONAL_KEYS, keys lgd and detectron2 read when present (train.seed), or
   - it is written `+key=value` (hydra's syntax for adding a key): the deliberate way to add one.
 Anything else raises UsageError naming the key and the closest valid keys (difflib). A malformed override
-(no `=`, bad value syntax) raises UsageError naming it.
+(no `=`, bad value syntax) raises UsageError naming it. A key of REMOVED_KEYS, used in an override or set in a
+config (check_removed_keys), is a one-line UsageError naming what replaced it.
 """
 import difflib
 import inspect
@@ -20,14 +21,34 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import CommandError, UsageError
 
-__all__ = ["OPTIONAL_KEYS", "apply_overrides_strict", "config_keys", "load_config"]
+__all__ = ["OPTIONAL_KEYS", "REMOVED_KEYS", "apply_overrides_strict", "check_removed_keys", "config_keys",
+           "load_config"]
 
 # keys read when present although detectron2's common/train.py does not define them
 OPTIONAL_KEYS = {
     "train.seed": "seed of the initialisation, data order and augmentations (lgd default 0)",
     "train.cudnn_benchmark": "torch.backends.cudnn.benchmark while training (detectron2's default_setup)",
 }
+# keys lgd no longer reads -> where their setting went
+REMOVED_KEYS = {
+    "lgd.enabled": "is gone: the baseline is lgd.method=baseline (LGD: lgd.method=lgd)",
+    "lgd.precision": "moved to train.amp.precision",
+    "lgd.channels_last": "moved to train.amp.channels_last",
+    "lgd.clip_type": "moved to train.clip_gradients.clip_type",
+    "lgd.clip_value": "moved to train.clip_gradients.clip_value",
+}
 _MISSING = object()
+
+
+def _removed(key) -> UsageError:
+    return UsageError(f"{key} {REMOVED_KEYS[key]}")
+
+
+def check_removed_keys(cfg):
+    """A UsageError for the first key of REMOVED_KEYS that cfg sets (a config file written for an older lgd)."""
+    for key in REMOVED_KEYS:
+        if _exists(cfg, key):
+            raise _removed(key)
 
 
 def _children(node):
@@ -109,6 +130,8 @@ def apply_overrides_strict(cfg, overrides: Iterable[str]):
             raise UsageError(f"config override {text!r} is not KEY=VALUE ({first[1] if len(first) > 1 else first[0]})",
                              hint="overrides come last on the command line, e.g. train.max_iter=100") from None
         key = parsed.key_or_group
+        if key in REMOVED_KEYS:
+            raise UsageError(f"config override {text!r}: {_removed(key)}")
         if parsed.is_delete():
             raise UsageError(f"config override {text!r}: deleting a key (~KEY) is not supported")
         if parsed.is_add() or _accepted(cfg, key):

@@ -222,9 +222,9 @@ def test_strict_overrides(setup):
     from lgd.config import load_config
 
     _, cfg_file, _, _ = setup
-    with pytest.raises(UsageError, match="'lgd.enabld'") as info:
-        load_config(cfg_file, ["lgd.enabld=False"])
-    assert "lgd.enabled" in info.value.hint
+    with pytest.raises(UsageError, match="'lgd.methd'") as info:
+        load_config(cfg_file, ["lgd.methd=baseline"])
+    assert "lgd.method" in info.value.hint
     cfg = load_config(cfg_file, ["model.test_score_thresh=0.0", "train.seed=3", "+extra.note=1",
                                  "dataloader.train.mapper.augmentations.0.horizontal=False"])
     assert cfg.model.test_score_thresh == 0.0 and cfg.train.seed == 3 and cfg.extra.note == 1
@@ -232,6 +232,28 @@ def test_strict_overrides(setup):
         load_config(cfg_file, ["train.max_iter"])
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config("nope.py")
+
+
+@pytest.mark.parametrize("override, moved_to", [
+    ("lgd.enabled=False", "the baseline is lgd.method=baseline"), ("+lgd.enabled=False", "lgd.method=baseline"),
+    ("lgd.precision=fp16", "moved to train.amp.precision"), ("lgd.channels_last=True", "train.amp.channels_last"),
+    ("lgd.clip_type=norm", "moved to train.clip_gradients.clip_type"),
+    ("lgd.clip_value=2.0", "moved to train.clip_gradients.clip_value"),
+])
+def test_removed_keys_name_their_replacement(override, moved_to):
+    """A removed key, as an override or set in a config, is one line naming where its setting went."""
+    from lgd.config import load_config
+    from lgd.methods import build_method
+
+    config = os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_1x_lgd.py")
+    with pytest.raises(UsageError, match=re.escape(moved_to)) as info:
+        load_config(config, [override])
+    assert "\n" not in str(info.value) and info.value.hint is None
+    cfg = load_config(config)
+    key, _, value = override.lstrip("+").partition("=")
+    cfg.lgd[key.split(".")[1]] = value
+    with pytest.raises(UsageError, match=re.escape(f"{key} ") + ".*" + re.escape(moved_to)):
+        build_method(cfg)
 
 
 @pytest.mark.parametrize("change, message", [

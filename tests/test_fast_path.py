@@ -1,4 +1,5 @@
-"""The fast path (lgd.engine.trainer): train.amp.enabled / lgd-train --fast, lgd.precision, lgd.channels_last.
+"""The fast path (lgd.engine.trainer): train.amp.enabled / lgd-train --fast, train.amp.precision and
+train.amp.channels_last.
 
 What the switch resolves to on each device (the hardware checks monkeypatched), the trainer, dtype and memory
 format lgd-train builds from it, a few bf16 + channels_last steps of a tiny LGD RetinaNet (finite fp32
@@ -65,8 +66,8 @@ def test_cuda_bf16_or_fp16_with_grad_scaler(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(precision="fp8"), "lgd.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'"),
-    (dict(channels_last="yes"), "lgd.channels_last must be None"),
+    (dict(precision="fp8"), "train.amp.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'"),
+    (dict(channels_last="yes"), "train.amp.channels_last must be None"),
     (dict(amp_enabled="on"), "train.amp.enabled must be True or False"),
 ])
 def test_bad_values_name_the_key(kwargs, message):
@@ -177,6 +178,6 @@ def test_lgd_train_help_and_bad_precision(setup, capsys):
     from test_lgd_train_net import argv
 
     root, cfg_file, ann, images = setup
-    code = train_net.main(argv(cfg_file, ann, images, str(root / "bad"), "lgd.precision=fp8"))
+    code = train_net.main(argv(cfg_file, ann, images, str(root / "bad"), "train.amp.precision=fp8"))
     assert code == 2
-    assert "lgd.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'" in capsys.readouterr().err
+    assert "train.amp.precision must be one of ['fp32', 'bf16', 'fp16'], got 'fp8'" in capsys.readouterr().err

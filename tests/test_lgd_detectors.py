@@ -307,7 +307,8 @@ def test_config_loads_and_builds(path):
     assert cfg.dataloader.evaluator.use_fast_impl is False
     # the authors' settings (docs/method.md §8b): value clipping at 1.0, decay on norms too, per-object STN,
     # the whole R-CNN detector on X^I, no context object for FCOS R50
-    assert (lgd.clip_type, lgd.clip_value, cfg.optimizer.params.weight_decay_norm) == ("value", 1.0, 1e-4)
+    clip = cfg.train.clip_gradients
+    assert (clip.clip_type, clip.clip_value, cfg.optimizer.params.weight_decay_norm) == ("value", 1.0, 1e-4)
     assert (lgd.stn_pool, lgd.rcnn_branch) == ("object", "detector")
     assert lgd.use_context == (False if (det, depth) == ("fcos", 50) else None)
     cfg.model = shrink_detector_config(cfg.model, NUM_CLASSES)

@@ -5,7 +5,7 @@ then resumed to 4. Bitwise equality is expected, not a tolerance: every input of
 recomputed exactly (weights, BN statistics and momentum buffers from the checkpoint, LRs and the schedule
 flags from the iteration, the batches from ResumableTrainingSampler, augmentation randomness from
 IterationSeed, RetinaNet's EMA loss normalizer from the distiller's extra state, or in baseline mode
-(lgd.enabled=False) from DetectorEMAState), one process with a fixed
+(lgd.method=baseline) from DetectorEMAState), one process with a fixed
 thread count runs the same kernels in the same order, and train() runs TorchScript unoptimized (otherwise
 detectron2's scripted focal loss switches to a differently rounded graph after its first calls in a process,
 and the first resumed steps differ from the uninterrupted ones in the last bits).
@@ -69,25 +69,24 @@ def tiny_config(cfg_file, out, max_iter=4):
     return cfg
 
 
-def run(cfg_file, out, lgd_enabled, *hooks, resume=False):
+def run(cfg_file, out, method, *hooks, resume=False):
     cfg = tiny_config(cfg_file, out)
     torch.manual_seed(0)  # same initial weights in every run
-    method = build_method(cfg, "lgd" if lgd_enabled else "baseline", backend="reference")
-    train(cfg, method=method, resume=resume, extra_hooks=hooks)
+    train(cfg, method=build_method(cfg, method, backend="reference"), resume=resume, extra_hooks=hooks)
 
 
-@pytest.mark.parametrize("lgd_enabled", [True, False], ids=["lgd", "baseline"])
-def test_killed_and_resumed_run_matches_uninterrupted(setup, lgd_enabled):
+@pytest.mark.parametrize("method", ["lgd", "baseline"])
+def test_killed_and_resumed_run_matches_uninterrupted(setup, method):
     root, cfg_file, _, _ = setup
-    whole, split = str(root / f"whole_{lgd_enabled}"), str(root / f"split_{lgd_enabled}")
-    full = LossRecorder(LOSSES if lgd_enabled else LOSSES[:2])
-    run(cfg_file, whole, lgd_enabled, full)
+    whole, split = str(root / f"whole_{method}"), str(root / f"split_{method}")
+    full = LossRecorder(LOSSES if method == "lgd" else LOSSES[:2])
+    run(cfg_file, whole, method, full)
     first = LossRecorder(full.keys)
     with pytest.raises(Killed):
-        run(cfg_file, split, lgd_enabled, first, KillAt(2))
+        run(cfg_file, split, method, first, KillAt(2))
     assert not os.path.exists(os.path.join(split, "model_final.pth"))
     second = LossRecorder(full.keys)
-    run(cfg_file, split, lgd_enabled, second, resume=True)
+    run(cfg_file, split, method, second, resume=True)
 
     assert sorted(full.losses) == [0, 1, 2, 3]
     assert sorted(first.losses) == [0, 1] and sorted(second.losses) == [2, 3]

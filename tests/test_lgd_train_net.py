@@ -1,7 +1,7 @@
 """lgd-train end to end (lgd.tools.train_net.run), CPU, tiny: a synthetic 4-image COCO dataset on disk, the shipped
 LGD RetinaNet config shrunk (test_lgd_distiller's ResNet-18/BN/32-channel model, 96 x 128 images, batch 2) by a
 config file that loads it, 4 iterations, checkpoints every 2, COCO evaluation of the student at the end, then
---resume from the iteration-2 checkpoint and --eval-only; the baseline mode (lgd.enabled=False), lgd-eval on LGD
+--resume from the iteration-2 checkpoint and --eval-only; the baseline (lgd.method=baseline), lgd-eval on LGD
 and plain checkpoints, and lgd-export's round trip into a stock detectron2 model in a process without lgd."""
 import json
 import math
@@ -207,7 +207,7 @@ def test_tensorboard_events_written(trained):
 def test_baseline_mode_trains_plain_detector(setup):
     root, cfg_file, ann, images = setup
     out = str(root / "baseline")
-    results = run(argv(cfg_file, ann, images, out, "lgd.enabled=False", max_iter=2))
+    results = run(argv(cfg_file, ann, images, out, "lgd.method=baseline", max_iter=2))
     rows = [r for r in read_metrics(out) if "loss_cls" in r]
     assert [r["iteration"] for r in rows] == [0, 1]
     assert all(math.isfinite(r["loss_cls"]) and "loss_distill" not in r and "lr_teacher" not in r for r in rows)

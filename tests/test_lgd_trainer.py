@@ -17,7 +17,8 @@ from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils.events import EventStorage
 
 from lgd.data.samplers import ResumableTrainingSampler
-from lgd.engine.hooks import BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LRScheduler, build_lgd_hooks
+from lgd.engine.hooks import (BackboneFreezeSchedule, DistillationSchedule, IterationSeed, LRScheduler,
+                              build_lgd_hooks, build_lr_hook)
 from lgd.engine.optim import GROUP_KEY, GradientClip, build_lgd_optimizer, build_sgd
 from lgd.engine.schedule import PAPER_SCHEDULES, LGDSchedule
 from lgd.engine.trainer import AMPTrainer
@@ -307,8 +308,8 @@ def test_optimizer_covers_every_parameter_once_with_the_norm_decay(norm_decay):
 
 
 def test_baseline_hooks_train_plain_detector_with_lgd_schedule():
-    """lgd_enabled=False: only the LR hook ("lr"), one optimizer, a plain RetinaNet, same LR multipliers."""
-    hooks = build_lgd_hooks(SCHEDULE, lgd_enabled=False)
+    """The baseline: only the LR hook ("lr"), one optimizer, a plain RetinaNet, same LR multipliers."""
+    hooks = [build_lr_hook(SCHEDULE)]
     assert [type(h) for h in hooks] == [LRScheduler]
     detector = tiny_retinanet()
     trainer = SimpleTrainer(detector, data_loader(), build_sgd(detector, lr=LR_STUDENT))

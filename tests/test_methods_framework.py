@@ -1,5 +1,5 @@
 """lgd-train's training-method framework (lgd.methods, docs/methods/README.md), CPU, tiny: a toy method defined here
-(registered in lgd.methods.METHODS for this module) with one stage (a baseline run of the same detector) whose
+(registered in lgd.methods.METHOD_REGISTRY for this module) with one stage (a baseline run of the same detector) whose
 final checkpoint becomes a frozen part of the wrapper model. The stage trains first into OUTPUT/teacher and is
 reused or continued later, OUTPUT/cost.json adds the stage's cost to the run's, --overwrite removes the stage,
 a bad method, setting or stage config is a usage error before anything is written, and lgd-eval / lgd-export /
@@ -22,7 +22,7 @@ import torch.nn as nn  # noqa: E402
 from detectron2.config import instantiate  # noqa: E402
 
 from lgd.engine.checkpoint import AtomicCheckpointer, student_state_dict  # noqa: E402
-from lgd.methods import METHODS, Stage, TrainingMethod  # noqa: E402
+from lgd.methods import METHOD_REGISTRY, Stage, TrainingMethod  # noqa: E402
 from lgd.config import load_config  # noqa: E402
 from lgd.methods import build_method  # noqa: E402
 from lgd.runner import build_model  # noqa: E402
@@ -74,7 +74,7 @@ class ToyMethod(TrainingMethod):
 @pytest.fixture(scope="module", autouse=True)
 def toy_registered():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(METHODS, "toy", f"{__name__}:ToyMethod")
+        patch.setitem(METHOD_REGISTRY._obj_map, "toy", ToyMethod)
         yield
 
 
@@ -214,6 +214,9 @@ def test_name_matched_weights_load_into_the_student_only(setup, toy_run, tmp_pat
     (["lgd.method=nope"], "lgd.method must be one of ['ban', 'baseline', "),
     (["lgd.method=toy", "+lgd.toy.bogus=1"], "lgd.toy: unknown settings ['bogus']; known: ['stage_method', 'weight']"),
     (["lgd.method=toy", "+lgd.toy.stage_method=nope"], "stage teacher of lgd.method=toy: lgd.method must be one of"),
+    (["lgd.enabled=False"], "lgd.enabled is gone: the baseline is lgd.method=baseline"),
+    (["lgd.clip_type=norm"], "lgd.clip_type moved to train.clip_gradients.clip_type"),
+    (["lgd.distill_weight=2", "+lgd.distil_weight=2"], "lgd: unknown settings ['distil_weight']; known: ["),
 ])
 def test_bad_method_is_a_usage_error_before_writing(setup, capsys, extra, message):
     root, cfg_file, ann, images = setup
@@ -234,13 +237,77 @@ def test_overwrite_removes_the_stage(setup, toy_run):
 
 
 def test_every_config_holds_each_methods_settings_as_checked_keys():
-    """lgd.<method>.<key> overrides are checked against the methods' DEFAULTS in every LGD config."""
-    from lgd.methods import METHODS, method_class
+    """lgd.<method>.<key> overrides (LGD's: lgd.<key>) are checked against the methods' DEFAULTS in every LGD
+    config, whose lgd node is the shared keys and the methods' settings, nothing else."""
+    from lgd.methods import SHARED_KEYS, method_names
+    from lgd.methods.builtin import LGD
     from lgd.errors import UsageError
 
     cfg = load_config("lgd/configs/retinanet_R_50_FPN_1x_lgd.py", ["lgd.fgfi.psi=0.6", "lgd.ban.generations=3"])
     assert cfg.lgd.fgfi.psi == 0.6 and cfg.lgd.ban.generations == 3 and cfg.lgd.recompute_teacher is False
-    for name in METHODS:
-        assert dict(cfg.lgd.get(name, {})).keys() == method_class(name).DEFAULTS.keys()
+    nodes = set()
+    for name, method in METHOD_REGISTRY:
+        if method.settings_key() == "lgd":
+            assert {k: cfg.lgd[k] for k in method.DEFAULTS}.keys() == method.DEFAULTS.keys()
+        elif method.DEFAULTS:
+            assert method.settings_key() == f"lgd.{name}"
+            assert dict(cfg.lgd[name]).keys() == method.DEFAULTS.keys()
+            nodes.add(name)
+    assert set(cfg.lgd) == set(SHARED_KEYS) | set(LGD.DEFAULTS) | nodes
+    assert not set(LGD.DEFAULTS) & (set(SHARED_KEYS) | set(method_names()))
     with pytest.raises(UsageError, match="psy"):
         load_config("lgd/configs/retinanet_R_50_FPN_1x_lgd.py", ["lgd.fgfi.psy=0.6"])
+
+
+def test_methods_are_registered_under_their_lgd_method_names():
+    """METHOD_REGISTRY is a detectron2 Registry keyed by lgd.method; method_names lists it (the toy included here)."""
+    import lgd.methods
+    from detectron2.utils.registry import Registry
+    from lgd.methods import method_class, method_names
+
+    assert isinstance(METHOD_REGISTRY, Registry) and not hasattr(lgd.methods, "METHODS")
+    assert method_names() == ["ban", "baseline", "dml", "fgfi", "labelenc", "lgd", "tfkd", "toy"]
+    assert all(cls.name == name and issubclass(cls, TrainingMethod) for name, cls in METHOD_REGISTRY)
+    assert method_class("toy") is ToyMethod and method_class("lgd").__name__ == "LGD"
+    with pytest.raises(ValueError, match=r"lgd.method must be one of \['ban', 'baseline', .*'toy'\], got 'LGD'"):
+        method_class("LGD")
+
+
+def test_lgd_settings_are_the_top_level_lgd_keys():
+    """LGD reads its DEFAULTS from the top-level lgd.* keys; the shared keys and the other methods' nodes are not
+    its settings, an unknown top-level key is."""
+    cfg = load_config("lgd/configs/fcos_R_50_FPN_1x_lgd.py", ["lgd.distill_weight=2.5", "lgd.stn_pool=image"])
+    method = build_method(cfg)
+    assert method.name == "lgd" and method.settings_key() == "lgd"
+    assert method.settings == dict(distill_weight=2.5, teacher_lr=0.01, use_context=False, stn_pool="image",
+                                   rcnn_branch="detector", recompute_teacher=False, op_report_period=1000)
+    assert build_method(cfg, "fgfi").settings_key() == "lgd.fgfi"
+    cfg.lgd.distil_weight = 1.0
+    with pytest.raises(ValueError, match=r"^lgd: unknown settings \['distil_weight'\]"):
+        build_method(cfg)
+    assert build_method(cfg, "baseline").name == "baseline"  # LGD's keys are LGD's to check
+
+
+def test_frozen_parts_get_no_gradient_and_stay_in_eval_mode():
+    """A DetectorWrapper's `frozen` list sets requires_grad=False and eval mode where the part is assigned, and
+    train() keeps it in eval mode; build_sgd leaves its parameters out."""
+    from lgd.engine.optim import build_sgd
+    from lgd.modeling.wrapper import DetectorWrapper
+
+    class Frozen(DetectorWrapper):
+        frozen = ("teacher",)
+
+        def __init__(self):
+            super().__init__()
+            self.detector = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+            self.teacher = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+
+    model = Frozen().train()
+    assert model.detector.training and not model.teacher.training
+    assert all(p.requires_grad for p in model.detector.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    model.teacher = nn.Linear(2, 2)  # a part assigned later is frozen as well
+    assert not model.teacher.weight.requires_grad and not model.teacher.training
+    teacher = {id(p) for p in model.teacher.parameters()}
+    optimizer = build_sgd(model, lr=0.1)
+    assert not teacher & {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -40,7 +40,7 @@ def run_config(detector, method, mode, device, overrides=(), output_dir="bench_t
     cfg.lgd.method = method
     cfg.train.device, cfg.train.output_dir, cfg.optimizer.lr = str(device), output_dir, 0.0
     cfg.train.amp.enabled = MODES[mode]["amp_enabled"]
-    cfg.lgd.precision = MODES[mode].get("precision", cfg.lgd.get("precision", "bf16"))
+    cfg.train.amp.precision = MODES[mode].get("precision", cfg.train.amp.get("precision", "bf16"))
     return cfg
 
 

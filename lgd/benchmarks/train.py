@@ -15,7 +15,7 @@ import torch
 
 from lgd_ops.benchmark import ArgumentParser, device_name, git_commit, triton_version, write_outputs
 
-from lgd.methods import METHODS
+from lgd.methods import method_names
 
 from .methods import method_child, run_methods
 from .steps import COMPONENTS, DETECTORS, MODES, VARIANTS, child, run_child
@@ -41,7 +41,7 @@ def parse_args(argv=None, prog=None):
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                       help=f"the step comparison and its breakdown (default: {' '.join(VARIANTS)})")
-    runs.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
+    runs.add_argument("--methods", nargs="+", choices=method_names(), default=None,
                       help="training methods (lgd.method) as lgd-train builds them, their stages included: the cost "
                            "table (step time, peak memory, total cost of the config's schedule; ratios to "
                            "'baseline' when it is among them) instead of the variants")
@@ -50,7 +50,7 @@ def parse_args(argv=None, prog=None):
                              "+lgd.ban.generations=3 +lgd.labelenc.step1_iters=120000")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                         help="precision x memory format: fp32 (fp32 NCHW) and/or fast (lgd-train --fast: "
-                             "train.amp.enabled with lgd.precision=bf16 and channels_last)")
+                             "train.amp.enabled with train.amp.precision=bf16 and channels_last)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--image", type=int, nargs=2, default=[256, 320], metavar=("H", "W"))

@@ -5,9 +5,11 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
     lgd-train --config-file lgd/configs/mask_rcnn_R_101_FPN_2x_ms_lgd.py --num-gpus 8
 
 Sections: dataloader, model, optimizer, train are detectron2's model-zoo LazyConfig of the detector, unchanged
-except as noted below; `lgd` holds every LGD knob (documented in LGD_KEYS' comments), the schedule included:
-lgd.schedule (the paper's 1x or 2x, lgd.engine.schedule.PAPER_SCHEDULES) replaces detectron2's lr_multiplier
-and is scaled to train.max_iter for shorter runs.
+except as noted below; `lgd` holds the method switch, the schedule and the lgd_ops backend (SHARED) and every
+method's settings, written once in its DEFAULTS (method_settings: LGD's as top-level lgd.* keys, the others'
+under lgd.<method>). lgd.schedule (the paper's 1x or 2x, lgd.engine.schedule.PAPER_SCHEDULES) replaces
+detectron2's lr_multiplier and is scaled to train.max_iter for shorter runs. train.amp gets the fast path's
+precision and channels_last (AMP), train.clip_gradients the gradient clipping (CLIP_GRADIENTS).
 
 Stock sources: RetinaNet COCO-Detection/retinanet_R_50_FPN_1x.py; FCOS COCO-Detection/fcos_R_50_FPN_1x.py
 with lgd.modeling.fcos_head.FCOSHead (v0.6's head does not build on recent torch); Mask R-CNN
@@ -29,7 +31,7 @@ from detectron2.config import LazyCall as L
 
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.engine.schedule import PAPER_SCHEDULES
-from lgd.methods import METHODS, method_class
+from lgd.methods import METHOD_REGISTRY
 
 # detector -> (stock model-zoo config, base LR at batch 16)
 DETECTORS = {
@@ -44,50 +46,46 @@ SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
 MAX_SIZE = 1333
 
-LGD_KEYS = dict(
-    enabled=True,               # False: a baseline run of the same detector, schedule and evaluation, no LGD
-    method="lgd",               # the training method (lgd.methods.METHODS, docs/methods/README.md): "lgd",
+# the lgd.* keys every run reads (lgd.methods.SHARED_KEYS); each method's settings join them (method_settings)
+SHARED = dict(
+    method="lgd",               # the training method (lgd.methods.METHOD_REGISTRY, docs/methods/README.md): "lgd",
                                 # "baseline", or a comparison system: "fgfi", "labelenc", "dml", "ban", "tfkd"
-                                # (their settings under lgd.<method>); lgd.enabled=False overrides it (baseline)
     # the LR, distillation warm-up and backbone-freeze iteration counts (lgd.engine.schedule.LGDSchedule's fields:
     # max_iter, steps, distill_start_iter, backbone_freeze_iters, warmup_iters, warmup_factor), written for
     # schedule.max_iter iterations and scaled to train.max_iter (lgd.engine.schedule)
     schedule=None,
-    distill_weight=1.0,         # weight of loss_distill
-    teacher_lr=None,            # LR of the second optimizer (label/appearance encoders, relation adapter, mapper)
-    clip_type="value",          # gradient clipping before each optimizer step: "value" (each element to
-    clip_value=1.0,             # [-clip_value, clip_value], the authors' configs), "norm" (each optimizer's
-                                # total L2 norm <= clip_value) or None (off)
-    stn_pool="object",          # label encoder STN: "object" (each object its own transform, the authors'
-                                # code) or "image" (one transform per image, PointNet's; a variant)
-    use_context=None,           # the context object; None: the detector's default (RetinaNet/FCOS on, R-CNN
-                                # off); the FCOS R50 configs set False, as the authors' configs do
-    rcnn_branch="detector",     # R-CNN instructive branch: "detector" (RPN + ROI heads on X^I, p2-p6
-                                # distilled, the authors' code) or "shared_proposals" (the student's
-                                # proposals, p2-p5 distilled: cheaper, not the method)
     backend="auto",             # lgd_ops backend: "auto" (fused kernels when built) or "reference"
-    op_report_period=1000,      # every this many iterations time the three ops vs the reference (0: off)
-    # the fast path (lgd.engine.trainer): train.amp.enabled=True (lgd-train --fast) runs the student, the
-    # teacher, the adapter and the heads under autocast in `precision`; weights, gradients, optimizer state,
-    # checkpoints and the losses (focal, box regression, normalized_mse's moments) stay fp32
+)
+# train.amp's keys beside detectron2's `enabled`: the fast path (lgd.engine.trainer). train.amp.enabled=True
+# (lgd-train --fast) runs the model under autocast in `precision`; weights, gradients, optimizer state,
+# checkpoints and the losses stay fp32
+AMP = dict(
     precision="bf16",           # autocast dtype with train.amp.enabled: "bf16" (CPU with native bf16, i.e.
                                 # avx512_bf16/AMX, else fp32 with a warning; CUDA with bf16, else fp16 + a
                                 # GradScaler), "fp16" (CUDA: with a GradScaler; CPU: bf16) or "fp32" (no autocast)
     channels_last=None,         # model weights and input images in channels_last: None = on exactly when autocast
                                 # runs, True / False forces it (also for fp32 runs)
-    recompute_teacher=False,    # run the teacher's forward again in backward instead of keeping its activations
-                                # (same numbers; less memory, one more teacher forward: benchmarks/README.md)
+)
+# gradient clipping before each optimizer step, named after detectron2's SOLVER.CLIP_GRADIENTS
+CLIP_GRADIENTS = dict(
+    clip_type="value",          # "value" (each element to [-clip_value, clip_value], the authors' configs),
+    clip_value=1.0,             # "norm" (each part's, student and teacher, total L2 norm <= clip_value) or None (off)
 )
 
 
 def method_settings():
-    """{method: its DEFAULTS} for every lgd.methods method with settings: lgd.<method>.* in every config, so that
-    `lgd.fgfi.psi=0.6` is a checked override (docs/methods/<method>.md lists them)."""
+    """The lgd node's method part: every registered method's DEFAULTS at its config node (LGD's as top-level
+    lgd.* keys, the others' under lgd.<method>), so that `lgd.fgfi.psi=0.6` or `lgd.distill_weight=2` is a
+    checked override (docs/methods/<method>.md lists them)."""
     settings = {}
-    for name in METHODS:
-        defaults = method_class(name).DEFAULTS
-        if defaults:
-            settings[name] = copy.deepcopy(defaults)
+    for _, method in METHOD_REGISTRY:
+        defaults = copy.deepcopy(method.DEFAULTS)
+        if not defaults:
+            continue
+        if method.settings_key() == "lgd":
+            settings.update(defaults)
+        else:
+            settings[method.settings_key()[len("lgd."):]] = defaults
     return settings
 
 
@@ -124,8 +122,11 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
     optimizer = cfg.optimizer
     optimizer.lr, optimizer.momentum, optimizer.weight_decay = lr, 0.9, 1e-4
     optimizer.params.weight_decay_norm = 1e-4  # the authors decay norm layers too (detectron2's default: 0)
-    lgd = dict(LGD_KEYS, teacher_lr=lr, schedule=dataclasses.asdict(SCHEDULES[schedule]), **method_settings())
+    lgd = dict(SHARED, schedule=dataclasses.asdict(SCHEDULES[schedule]), **method_settings())
+    lgd["teacher_lr"] = lr
     if detector == "fcos" and depth == 50:
         lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
     train.max_iter = SCHEDULES[schedule].max_iter
+    train.amp.update(AMP)
+    train.clip_gradients = dict(CLIP_GRADIENTS)
     return dataloader, lgd, model, optimizer, train

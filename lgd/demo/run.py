@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import apply_overrides_strict, load_config
 from ..data.register import register_coco_once, validate_coco_json
 from ..errors import UsageError
-from ..methods import METHODS
+from ..methods import method_names
 from ..runner import fast_path, read_cost, read_metrics, run_device, train
 from .deepforest import demo_dataset_names, register_demo_datasets
 
@@ -29,7 +29,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 # (iterations, images per batch, data loader workers) by device
 BUDGETS = {"cpu": (600, 4, 1), "cuda": (2000, 16, 4)}
 EVALS_PER_RUN = 4  # COCO evaluations during a run (the last one at the end)
-MODES = ("baseline", "lgd")  # --compare's methods; --methods takes any of lgd.methods.METHODS
+MODES = ("baseline", "lgd")  # --compare's methods; --methods takes any of lgd.methods.method_names()
 LOSS_KEYS = ("total_loss", "loss_cls", "loss_box_reg", "loss_cls_tea", "loss_box_reg_tea", "loss_distill")
 # the comparison systems' own losses (docs/methods/): plotted with the rest when a run logs them
 METHOD_LOSS_KEYS = ("loss_imitation", "loss_labelenc", "loss_distill_peer", "loss_tfkd")
@@ -174,12 +174,12 @@ def run_name(mode, seed, fold=None):
 
 def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resume=False, overwrite=False,
             **budget):
-    """Trains and evaluates one run of the training method `mode` (lgd.methods.METHODS: "lgd", "baseline",
+    """Trains and evaluates one run of the training method `mode` (lgd.methods.method_names(): "lgd", "baseline",
     "fgfi", ...; its stages inside the run's folder) into output_dir/run_name(mode, seed, fold); returns its
     record (also saved as run.json there): results, curves, wall time, cost (stages included), budget. An
     earlier run there is reused or continued with resume, started afresh with overwrite, else a UsageError."""
-    if mode not in METHODS:
-        raise ValueError(f"run_one: mode must be one of {sorted(METHODS)}, got {mode!r}")
+    if mode not in method_names():
+        raise ValueError(f"run_one: mode must be one of {method_names()}, got {mode!r}")
     run_dir = os.path.join(output_dir, run_name(mode, seed, fold))
     record_path = os.path.join(run_dir, "run.json")
     if resume and os.path.isfile(record_path):

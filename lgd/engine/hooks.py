@@ -100,10 +100,10 @@ def build_distill_hooks(schedule: LGDSchedule) -> List[HookBase]:
     return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters)]
 
 
-def build_lgd_hooks(schedule: LGDSchedule, lgd_enabled: bool = True) -> List[HookBase]:
-    """The LGD schedule hooks (distillation warm-up, backbone freeze, LR); register them first.
-    lgd_enabled=False (baseline: a plain detector): the LR schedule only."""
-    return (build_distill_hooks(schedule) if lgd_enabled else []) + [build_lr_hook(schedule)]
+def build_lgd_hooks(schedule: LGDSchedule) -> List[HookBase]:
+    """The schedule hooks of an LGD run (distillation warm-up, backbone freeze, LR); register them first. A
+    baseline run has build_lr_hook's alone."""
+    return build_distill_hooks(schedule) + [build_lr_hook(schedule)]
 
 
 class IterationSeed(HookBase):

@@ -1,4 +1,4 @@
-"""The fast path (train.amp.enabled, lgd.precision, lgd.channels_last) and detectron2's AMPTrainer on any device.
+"""The fast path (train.amp: enabled, precision, channels_last) and detectron2's AMPTrainer on any device.
 
     fast = resolve_fast_path(amp_enabled=True, precision="bf16", channels_last=None, device="cpu")
     print(fast.describe())              # e.g. "bf16 autocast (CPU avx512_bf16), channels_last, no GradScaler"
@@ -7,14 +7,14 @@
                          dtype=fast.dtype)   # fast.dtype None: use detectron2's SimpleTrainer instead
 
 resolve_fast_path turns the config's switch into what runs, from what the device supports:
-  train.amp.enabled=False      fp32 (lgd.precision is not read), NCHW unless lgd.channels_last=True.
-  train.amp.enabled=True       autocast in lgd.precision: "bf16" (default) or "fp16"; "fp32" runs fp32.
+  train.amp.enabled=False      fp32 (train.amp.precision is not read), NCHW unless train.amp.channels_last=True.
+  train.amp.enabled=True       autocast in train.amp.precision: "bf16" (default) or "fp16"; "fp32" runs fp32.
       CPU:  bf16 where the processor has native bf16 (oneDNN's check: avx512_bf16 / AMX; the flags found are
             named); otherwise fp32, with a warning. fp16 on CPU runs bf16 (CPUs have no fast fp16 path; bf16
             needs no loss scaling) or fp32.
       CUDA: bf16 where torch.cuda.is_bf16_supported(), else fp16 with a GradScaler (warning); fp16 always
             with a GradScaler.
-  lgd.channels_last: None (default) = on exactly when autocast runs (the fast path), True / False forces it.
+  train.amp.channels_last: None (default) = on exactly when autocast runs (the fast path), True / False forces it.
     The model's 4-D weights and the backbone's input image batch are channels_last; the teacher's maps follow
     (its convs keep the layout, lgd_ops.box_fill writes the layout of the model).
 An invalid value is a ValueError naming the key and the valid values.
@@ -46,7 +46,7 @@ __all__ = ["AMPTrainer", "FastPath", "PRECISIONS", "cpu_bf16_flags", "cpu_suppor
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # lgd.precision's values
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp.precision's values
 _NAMES = {v: k for k, v in PRECISIONS.items()}
 
 
@@ -98,13 +98,13 @@ class FastPath:
 
 
 def resolve_fast_path(amp_enabled, precision="bf16", channels_last=None, device="cpu") -> FastPath:
-    """FastPath of train.amp.enabled / lgd.precision / lgd.channels_last on `device` (module docstring)."""
+    """FastPath of train.amp.enabled / precision / channels_last on `device` (module docstring)."""
     if not isinstance(amp_enabled, bool):
         raise ValueError(f"train.amp.enabled must be True or False, got {amp_enabled!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"lgd.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"train.amp.precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if channels_last not in (None, True, False):
-        raise ValueError(f"lgd.channels_last must be None (follow train.amp.enabled), True or False, "
+        raise ValueError(f"train.amp.channels_last must be None (follow train.amp.enabled), True or False, "
                          f"got {channels_last!r}")
     device_type = torch.device(device).type
     dtype, note, fallback = None, "", False
@@ -122,12 +122,12 @@ def resolve_fast_path(amp_enabled, precision="bf16", channels_last=None, device=
                 if precision == "fp16":
                     note += "; fp16 requested: bf16 used on CPU"
             else:
-                note = f"lgd.precision={precision}: this CPU has no native bf16 (no avx512_bf16/AMX): fp32"
+                note = f"train.amp.precision={precision}: this CPU has no native bf16 (no avx512_bf16/AMX): fp32"
                 fallback = True
         else:
             note, fallback = f"no autocast on {device_type}: fp32", True
     elif amp_enabled:
-        note = "lgd.precision=fp32"
+        note = "train.amp.precision=fp32"
     use_cl = (dtype is not None) if channels_last is None else channels_last
     return FastPath(device_type, dtype, use_cl, note, fallback)
 

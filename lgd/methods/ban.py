@@ -20,7 +20,7 @@ from ..engine.checkpoint import AtomicCheckpointer
 from ..modeling.detector_adapters import build_detector_adapter
 from ..modeling.distillation_loss import DistillationLoss
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from . import Stage, TrainingMethod, stage_checkpoint
+from .base import METHOD_REGISTRY, Stage, TrainingMethod, stage_checkpoint
 from .dml import distilled, feature_distillation
 
 __all__ = ["BAN", "BornAgain"]
@@ -36,7 +36,7 @@ class BornAgain(DetectorWrapper):
         if type(teacher) is not type(detector):
             raise ValueError(f"BornAgain: the teacher must be the same detector as the student, got "
                              f"{type(teacher).__name__} and {type(detector).__name__}")
-        self.detector, self.teacher, self.distill_loss = detector, teacher.requires_grad_(False).eval(), distill_loss
+        self.detector, self.teacher, self.distill_loss = detector, teacher, distill_loss
         self.adapters = (build_detector_adapter(detector), build_detector_adapter(teacher))
 
     frozen = ("teacher",)
@@ -52,6 +52,7 @@ class BornAgain(DetectorWrapper):
         return losses
 
 
+@METHOD_REGISTRY.register()
 class BAN(TrainingMethod):
     """lgd.method="ban": generation n of a born-again sequence, after generations 1 .. n-1 as stages.
 

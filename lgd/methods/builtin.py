@@ -1,14 +1,11 @@
 """The two built-in training methods (lgd.methods): the plain detector (Baseline) and LGD itself.
 
-Baseline  lgd.method=baseline (or lgd.enabled=False): the detector alone, one SGD over its parameters
-          (lgd.engine.optim.build_sgd), the shared LR schedule only.
-LGD       lgd.method=lgd (the default): LGDDistiller around the detector with the top-level lgd.* knobs
-          (distill_weight, use_context, stn_pool, rcnn_branch, recompute_teacher; lgd_ops backend lgd.backend or
-          --ops), one SGD
-          with the teacher's groups at lgd.teacher_lr (build_lgd_optimizer), the distillation warm-up and
-          backbone-freeze hooks and the op report (lgd.op_report_period). docs/method.md has the method.
-
-Neither has stages or settings of its own (their DEFAULTS are empty: LGD's knobs predate lgd.<method>).
+Baseline  lgd.method=baseline: the detector alone, one SGD over its parameters (lgd.engine.optim.build_sgd),
+          the shared LR schedule only.
+LGD       lgd.method=lgd (the default): LGDDistiller around the detector, one SGD with the teacher's groups at
+          teacher_lr (build_lgd_optimizer), the distillation warm-up and backbone-freeze hooks and the op
+          report. Its settings (DEFAULTS) are the top-level lgd.* keys (config_node "lgd"), where the paper's
+          configs have always set them. docs/method.md has the method.
 """
 from typing import Dict
 
@@ -18,11 +15,12 @@ from ..engine.hooks import build_distill_hooks
 from ..engine.op_report import OpReport
 from ..engine.optim import build_lgd_optimizer
 from ..modeling.distiller import LGDDistiller
-from . import TrainingMethod
+from .base import METHOD_REGISTRY, TrainingMethod
 
 __all__ = ["Baseline", "LGD"]
 
 
+@METHOD_REGISTRY.register()
 class Baseline(TrainingMethod):
     """The stock detector trained alone: the comparison point of every method."""
 
@@ -32,25 +30,40 @@ class Baseline(TrainingMethod):
         return detector
 
 
+@METHOD_REGISTRY.register()
 class LGD(TrainingMethod):
     """Label-guided self-distillation (LGDDistiller) configured by the top-level lgd.* keys."""
 
     name = "lgd"
+    config_node = "lgd"
+    DEFAULTS = dict(
+        distill_weight=1.0,        # λ, the weight of loss_distill (docs/method.md §4)
+        teacher_lr=None,           # LR of the teacher's parameter group (label/appearance encoders, relation
+                                   # adapter, knowledge mapper); None: optimizer.lr. The configs set optimizer.lr
+        use_context=None,          # the context object; None: the detector's default (RetinaNet/FCOS on, R-CNN
+                                   # off); the FCOS R50 configs set False, as the authors' configs do
+        stn_pool="object",         # label encoder STN: "object" (each object its own transform, the authors'
+                                   # code) or "image" (one transform per image, PointNet's; a variant)
+        rcnn_branch="detector",    # R-CNN instructive branch: "detector" (RPN + ROI heads on X^I, p2-p6
+                                   # distilled, the authors' code) or "shared_proposals" (the student's
+                                   # proposals, p2-p5 distilled: cheaper, not the method)
+        recompute_teacher=False,   # run the teacher's forward again in backward instead of keeping its
+                                   # activations (same numbers; less memory, one more teacher forward)
+        op_report_period=1000,     # every this many iterations time the three ops vs the reference (0: off)
+    )
 
     def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> LGDDistiller:
-        lgd = self.cfg.lgd
-        use_context = lgd.get("use_context", None)
-        return LGDDistiller(detector, backend=self.backend, distill_weight=float(lgd.get("distill_weight", 1.0)),
-                            use_context=None if use_context is None else bool(use_context),
-                            stn_pool=str(lgd.get("stn_pool", "object")),
-                            rcnn_branch=str(lgd.get("rcnn_branch", "detector")),
-                            recompute_teacher=bool(lgd.get("recompute_teacher", False)))
+        s = self.settings
+        return LGDDistiller(detector, backend=self.backend, distill_weight=float(s["distill_weight"]),
+                            use_context=None if s["use_context"] is None else bool(s["use_context"]),
+                            stn_pool=str(s["stn_pool"]), rcnn_branch=str(s["rcnn_branch"]),
+                            recompute_teacher=bool(s["recompute_teacher"]))
 
     def build_optimizer(self, model: LGDDistiller, **sgd_kwargs):
-        """One SGD: the student and adapter at lr, the teacher at lgd.teacher_lr (default lr)."""
-        teacher_lr = self.cfg.lgd.get("teacher_lr", None)
+        """One SGD: the student and adapter at lr, the teacher at teacher_lr (default lr)."""
+        teacher_lr = self.settings["teacher_lr"]
         return build_lgd_optimizer(model, teacher_lr=None if teacher_lr is None else float(teacher_lr), **sgd_kwargs)
 
     def hooks(self, schedule) -> list:
         """Distillation warm-up, backbone freeze and the op report (lgd/engine/op_report.py)."""
-        return build_distill_hooks(schedule) + [OpReport(int(self.cfg.lgd.get("op_report_period", 1000)))]
+        return build_distill_hooks(schedule) + [OpReport(int(self.settings["op_report_period"]))]

@@ -21,7 +21,7 @@ from ..engine.checkpoint import DetectorEMAState
 from ..modeling.detector_adapters import DetectorAdapter, build_detector_adapter
 from ..modeling.distillation_loss import DistillationLoss
 from ..modeling.wrapper import DetectionStep, DetectorWrapper, detection_step
-from . import TrainingMethod
+from .base import METHOD_REGISTRY, TrainingMethod
 
 __all__ = ["DML", "MutualLearning", "PEER_SCOPE", "PEER_SUFFIX", "feature_distillation"]
 
@@ -86,6 +86,7 @@ class MutualLearning(DetectorWrapper):
         self._peer_ema.load_state_dict({n: v for n, v in zip(self._peer_ema.names, values) if not math.isnan(v)})
 
 
+@METHOD_REGISTRY.register()
 class DML(TrainingMethod):
     """lgd.method="dml": MutualLearning of the run's detector and a second instance of cfg.model.
 

@@ -26,7 +26,7 @@ from ..modeling.detector_adapters import build_detector_adapter
 from ..modeling.wrapper import DetectorWrapper, detection_step
 from ..errors import UsageError
 from ..config import apply_overrides_strict
-from . import Stage, TrainingMethod
+from .base import METHOD_REGISTRY, Stage, TrainingMethod
 
 __all__ = ["FGFI", "FGFIDistiller", "anchor_levels", "imitation_masks"]
 
@@ -69,7 +69,7 @@ class FGFIDistiller(DetectorWrapper):
         self.detector = detector
         self.detector_adapter = build_detector_adapter(detector)
         self.anchor_generator, self.levels = anchor_levels(detector)
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = teacher
         self.psi, self.loss_weight = float(psi), float(loss_weight)
         student_ch = self._channels(detector, "student")
         teacher_ch = self._channels(teacher, "teacher")
@@ -123,6 +123,7 @@ class FGFIDistiller(DetectorWrapper):
         return self.loss_weight * torch.stack(squares).sum() / (2 * torch.clamp(count, min=1))
 
 
+@METHOD_REGISTRY.register()
 class FGFI(TrainingMethod):
     """FGFI on lgd's trainer (module docstring; settings in DEFAULTS, documented in docs/methods/fgfi.md)."""
 

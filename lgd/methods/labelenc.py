@@ -23,7 +23,7 @@ from ..modeling.detector_adapters import (FCOSAdapter, RCNNAdapter, RetinaNetAda
 from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
                                                feature_distance, render_colour_maps)
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from . import Stage, TrainingMethod
+from .base import METHOD_REGISTRY, Stage, TrainingMethod
 
 __all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
 
@@ -97,7 +97,6 @@ class LabelEncStep2(_LabelEncModel):
     def __init__(self, detector: nn.Module, settings: Dict, step1_state: Dict[str, torch.Tensor]):
         super().__init__(detector, settings)
         self.label_net.load_state_dict(_under(step1_state, "label_net."))
-        self.label_net.requires_grad_(False).eval()
         head = {k: v for k, v in _under(step1_state, "detector.").items() if not k.startswith("backbone.")}
         fpn = {"backbone." + k: v for k, v in self.label_net.state_dict().items() if not k.startswith("bottom_up.")}
         current = detector.state_dict()
@@ -140,6 +139,7 @@ class LossWindow(HookBase):
         self.trainer.storage.put_scalar("labelenc/loss_enabled", float(enabled), smoothing_hint=False)
 
 
+@METHOD_REGISTRY.register()
 class LabelEnc(TrainingMethod):
     """LabelEnc: step 1 as a stage (unless step1_checkpoint is given), step 2 as the main run."""
 

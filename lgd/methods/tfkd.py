@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..modeling.detector_adapters import RCNNAdapter, build_detector_adapter
 from ..modeling.wrapper import DetectorWrapper, detection_step
-from . import TrainingMethod
+from .base import METHOD_REGISTRY, TrainingMethod
 
 __all__ = ["TfKD", "TfKDRegularized", "tfkd_reg_loss", "virtual_teacher"]
 
@@ -89,6 +89,7 @@ class TfKDRegularized(DetectorWrapper):
         return losses
 
 
+@METHOD_REGISTRY.register()
 class TfKD(TrainingMethod):
     """lgd.method="tfkd": TfKDRegularized. Settings (cfg.lgd.tfkd): alpha (α, the KD term's weight; the
     cross-entropy gets 1 - α), correct_prob (a) and temperature (T): the authors' 0.1, 0.99 and 20."""

@@ -2,7 +2,8 @@
 
 DetectorWrapper: a detectron2 detector, the student, in `detector`, plus what the method trains it with.
 Inference is the student's alone (no cost at test time); training checks that every input carries its ground
-truth and returns the method's losses; parts named in `frozen` (a pretrained teacher) stay in eval mode.
+truth and returns the method's losses; parts named in `frozen` (a pretrained teacher) are frozen where they
+are declared: no gradient (so no optimizer slot) and eval mode for the whole run.
 detection_step: the detector's own training pass on a batch through its lgd.modeling.detector_adapters adapter
 (the stock training forward, keeping the features, targets and padded images for the method's extra losses).
 """
@@ -44,13 +45,19 @@ def detection_step(adapter: DetectorAdapter, batched_inputs: List[Dict], images=
 
 class DetectorWrapper(nn.Module):
     """Base of the methods' models (module docstring). Subclasses set `detector` and implement
-    training_losses(batched_inputs) -> dict of losses; `frozen` names the submodules kept in eval mode."""
+    training_losses(batched_inputs) -> dict of losses; `frozen` names the submodules that get requires_grad=False
+    when assigned and stay in eval mode."""
 
     frozen = ()
 
     @property
     def device(self):
         return self.detector.device
+
+    def __setattr__(self, name, value):
+        if name in self.frozen and isinstance(value, nn.Module):
+            value.requires_grad_(False).eval()
+        super().__setattr__(name, value)
 
     def train(self, mode: bool = True):
         """As nn.Module.train, except that the `frozen` parts stay in eval mode (frozen norm statistics)."""

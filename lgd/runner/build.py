@@ -39,11 +39,11 @@ def data_seed(cfg):
 
 
 def fast_path(cfg, device=None):
-    """The run's FastPath (lgd.engine.trainer) of train.amp on `device` (default: run_device)."""
-    lgd = cfg.get("lgd", {}) or {}
+    """The run's FastPath (lgd.engine.trainer) of train.amp (enabled, precision, channels_last) on `device`
+    (default: run_device)."""
     amp = cfg.train.get("amp", {}) or {}
-    return resolve_fast_path(bool(amp.get("enabled", False)), lgd.get("precision", "bf16"),
-                             lgd.get("channels_last", None), run_device(cfg) if device is None else device)
+    return resolve_fast_path(bool(amp.get("enabled", False)), amp.get("precision", "bf16"),
+                             amp.get("channels_last", None), run_device(cfg) if device is None else device)
 
 
 def build_schedule(cfg) -> LGDSchedule:
@@ -66,13 +66,14 @@ def build_model(cfg, method=None, checkpoints=None):
 
 def build_optimizer(cfg, model, method=None):
     """The method's optimizer with optimizer.lr / momentum / weight_decay / params.weight_decay_norm (unset: the
-    same as weight_decay, as in the authors' configs) and gradient clipping lgd.clip_type at lgd.clip_value."""
-    opt, lgd = cfg.optimizer, cfg.lgd
+    same as weight_decay, as in the authors' configs) and gradient clipping train.clip_gradients.clip_type at
+    train.clip_gradients.clip_value (detectron2's SOLVER.CLIP_GRADIENTS; clip_type None: off)."""
+    opt, clip = cfg.optimizer, cfg.train.get("clip_gradients", {}) or {}
     norm_decay = opt.get("params", {}).get("weight_decay_norm", None)
-    kind = lgd.get("clip_type", "value")
+    kind = clip.get("clip_type", "value")
     kwargs = dict(lr=float(opt.lr), momentum=float(opt.momentum), weight_decay=float(opt.weight_decay),
                   weight_decay_norm=None if norm_decay is None else float(norm_decay),
-                  clip=None if kind is None else GradientClip(str(kind), float(lgd.get("clip_value", 1.0))))
+                  clip=None if kind is None else GradientClip(str(kind), float(clip.get("clip_value", 1.0))))
     return (method or build_method(cfg)).build_optimizer(model, **kwargs)
 
 

@@ -11,7 +11,7 @@ from ..demo.deepforest import DEMO_FOLDS
 from ..demo.run import DEMO_CONFIG, MODES
 from ..demo.session import run_demo
 from ..errors import UsageError
-from ..methods import METHODS
+from ..methods import method_names
 from ..runner import check_backend
 from .cli import DEBUG_HELP, run_command
 from .train_net import OPS_HELP
@@ -49,7 +49,7 @@ def build_parser():
                         help="baseline vs LGD over --seeds (= --methods baseline lgd)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="compare these training methods over --seeds, same budget and seeds: any of "
-                             f"{', '.join(sorted(METHODS))} (docs/methods/; not tfkd: it needs an R-CNN, the "
+                             f"{', '.join(method_names())} (docs/methods/; not tfkd: it needs an R-CNN, the "
                              "demo's detector is a RetinaNet); stages (FGFI's teacher, LabelEnc's step 1, BAN's "
                              "generations) run inside each run's folder and count in its cost")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -90,9 +90,9 @@ def _check_arguments(args):
     if args.image_size is not None and args.image_size < 32:
         raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
     check_backend(args.ops)
-    unknown = sorted(set(args.methods or ()) - set(METHODS))
+    unknown = sorted(set(args.methods or ()) - set(method_names()))
     if unknown:
-        raise UsageError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        raise UsageError(f"--methods: unknown {unknown}; choose from {method_names()}")
     if "tfkd" in (args.methods or ()):  # checked here so that no earlier run trains before it fails
         raise UsageError("--methods: tfkd (tf-KD_reg) is defined for R-CNN's softmax box classifier; the demo's "
                          "detector is a RetinaNet",

@@ -65,12 +65,11 @@ train.log_period = 10
 lgd.schedule.warmup_iters = lgd.schedule.max_iter // 9
 lgd.update(
     teacher_lr=0.005,
-    # norm clipping at 10 per part (student, teacher), both modes alike, in place of the paper's value
-    # clipping at 1.0: a bad batch of 4 tiles must not blow the run up
-    clip_type="norm",
-    clip_value=10.0,
     op_report_period=100,
 )
+# norm clipping at 10 per part (student, teacher), both modes alike, in place of the paper's value
+# clipping at 1.0: a bad batch of 4 tiles must not blow the run up
+train.clip_gradients.update(clip_type="norm", clip_value=10.0)
 train.max_iter = 600
 # the fast path (lgd-train --fast: bf16 autocast + channels_last where the device has native bf16, else fp32 with
 # a warning); lgd-demo --fp32 or train.amp.enabled=False for fp32 NCHW. Same AP within the seed noise, half the
