@@ -100,8 +100,8 @@ def test_losses_teacher_settings_and_gradients(detector, branch):
     assert (teacher.use_context, teacher.appearance_encoder.detach_input, teacher.use_masks) == (
         use_context, detach, use_masks)
     assert teacher.label_encoder.input_transform.pool == "object"
-    assert model.detector_adapter.in_features == (levels[:-1] if branch == SHARED else levels)
-    assert model.detector_adapter.num_classes == NUM_CLASSES
+    assert model.detector_driver.in_features == (levels[:-1] if branch == SHARED else levels)
+    assert model.detector_driver.num_classes == NUM_CLASSES
     losses = train_losses(model, make_batch())
     assert set(losses) == expected_keys(detector, branch)
     for name, value in losses.items():
@@ -247,14 +247,14 @@ def test_rcnn_has_no_ema_state():
     assert DetectorEMAState(make_model("faster_rcnn").detector).names == ()
 
 
-def test_detector_adapters_are_a_registry():
-    from lgd.modeling.detector_adapters import DETECTOR_ADAPTER_REGISTRY, RCNNAdapter, build_detector_adapter
+def test_detector_drivers_are_a_registry():
+    from lgd.modeling.detector_drivers import DETECTOR_DRIVER_REGISTRY, RCNNDriver, build_detector_driver
 
-    assert {name for name, _ in DETECTOR_ADAPTER_REGISTRY} == {"RetinaNetAdapter", "FCOSAdapter", "RCNNAdapter"}
+    assert {name for name, _ in DETECTOR_DRIVER_REGISTRY} == {"RetinaNetDriver", "FCOSDriver", "RCNNDriver"}
     detector = make_model("mask_rcnn").detector
-    assert isinstance(build_detector_adapter(detector), RCNNAdapter)
+    assert isinstance(build_detector_driver(detector), RCNNDriver)
     with pytest.raises(ValueError, match="unsupported detector"):
-        build_detector_adapter(torch.nn.Linear(1, 1))
+        build_detector_driver(torch.nn.Linear(1, 1))
 
 
 # ------------------------------------------------------------------------------------------------

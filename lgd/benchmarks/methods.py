@@ -55,7 +55,7 @@ def method_child(detector, method, run, device, batch, image, objects, iters, mo
     stage runs before it into a temporary OUTPUT. Returns its result dict (or {"skipped": reason})."""
     from lgd.engine.checkpoint import student_module
     from lgd.methods import build_method
-    from lgd.modeling.detector_adapters import build_detector_adapter
+    from lgd.modeling.detector_drivers import build_detector_driver
     from lgd.runner import build_model, build_optimizer, fast_path
 
     device = torch.device(device)
@@ -70,7 +70,7 @@ def method_child(detector, method, run, device, batch, image, objects, iters, mo
             torch.manual_seed(0)
             model = build_model(cfg).train()
             optimizer = build_optimizer(cfg, model, build_method(cfg))
-            num_classes = build_detector_adapter(student_module(model)).num_classes
+            num_classes = build_detector_driver(student_module(model)).num_classes
         except Exception as exc:  # the method does not support the detector, a stage fails, ...: skip, say why
             return {"skipped": f"{type(exc).__name__}: {exc}"}
     fast = fast_path(cfg, device)

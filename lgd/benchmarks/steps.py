@@ -84,14 +84,14 @@ def instrument(model):
         for name in ("spatial", "refine"):
             getattr(t.knowledge_mapper, name).forward = _ranged(getattr(t.knowledge_mapper, name).forward,
                                                                 "mapper_convs")
-        adapter, losses, calls = model.detector_adapter, model.detector_adapter.losses, []
+        driver, losses, calls = model.detector_driver, model.detector_driver.losses, []
 
         def counted(*args, **kwargs):  # first call: the student's features, second: the instructive ones
             calls.append(None)
             name = "student_head_loss" if len(calls) % 2 else "instructive_head_loss"
             with torch.profiler.record_function(name):
                 return losses(*args, **kwargs)
-        adapter.losses = counted
+        driver.losses = counted
     for name, module in modules.items():
         module.forward = _ranged(module.forward, name)
     model.forward = _ranged(model.forward, "forward_total")
@@ -101,7 +101,7 @@ def build(detector, variant, device, mode="fp32"):
     """(model, optimizer, number of classes, fast path) of one variant, built by lgd.runner as lgd-train builds
     it; raises with the reason when it cannot be built."""
     from lgd.methods import build_method
-    from lgd.modeling.detector_adapters import build_detector_adapter
+    from lgd.modeling.detector_drivers import build_detector_driver
     from lgd.engine.checkpoint import student_module
     from lgd.runner import build_model, build_optimizer, fast_path
 
@@ -111,7 +111,7 @@ def build(detector, variant, device, mode="fp32"):
     torch.manual_seed(0)
     model = build_model(cfg, method).train()
     optimizer = build_optimizer(cfg, model, method)
-    return model, optimizer, build_detector_adapter(student_module(model)).num_classes, fast_path(cfg, device)
+    return model, optimizer, build_detector_driver(student_module(model)).num_classes, fast_path(cfg, device)
 
 
 def peak_step_bytes(step, device):

@@ -26,7 +26,7 @@ import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from ..modeling.detector_adapters import build_detector_adapter
+from ..modeling.detector_drivers import build_detector_driver
 
 __all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
            "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
@@ -249,7 +249,7 @@ class DetectorEMAState:
     def __init__(self, detector):
         self.detector = detector
         try:
-            self.names = tuple(build_detector_adapter(detector).ema_attributes)
+            self.names = tuple(build_detector_driver(detector).ema_attributes)
         except ValueError:  # a detector LGD does not support: no EMA attributes known
             self.names = ()
 

@@ -20,7 +20,7 @@ resolve_fast_path turns the config's switch into what runs, from what the device
 An invalid value is a ValueError naming the key and the valid values.
 
 What stays fp32: the parameters, gradients, optimizer state and so the checkpoints (autocast casts on the
-fly), the detector's losses (lgd.modeling.detector_adapters: the head's predictions are cast to fp32 and the
+fly), the detector's losses (lgd.modeling.detector_drivers: the head's predictions are cast to fp32 and the
 focal / box-regression losses run outside autocast), the distillation loss's value and InstanceNorm moments
 (lgd_ops.normalized_mse accumulates in fp32 for fp16/bf16 maps), and the sum of the losses. GroupNorm /
 LayerNorm run in bf16 under CPU autocast (their kernels accumulate the moments in fp32) and in fp32 under

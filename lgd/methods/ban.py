@@ -17,7 +17,7 @@ import torch.nn as nn
 from detectron2.config import instantiate
 
 from ..engine.checkpoint import AtomicCheckpointer
-from ..modeling.detector_adapters import build_detector_adapter
+from ..modeling.detector_drivers import build_detector_driver
 from ..modeling.distillation_loss import DistillationLoss
 from ..modeling.wrapper import DetectorWrapper, detection_step
 from .base import METHOD_REGISTRY, Stage, TrainingMethod, stage_checkpoint
@@ -37,18 +37,18 @@ class BornAgain(DetectorWrapper):
             raise ValueError(f"BornAgain: the teacher must be the same detector as the student, got "
                              f"{type(teacher).__name__} and {type(detector).__name__}")
         self.detector, self.teacher, self.distill_loss = detector, teacher, distill_loss
-        self.adapters = (build_detector_adapter(detector), build_detector_adapter(teacher))
+        self.drivers = (build_detector_driver(detector), build_detector_driver(teacher))
 
     frozen = ("teacher",)
 
     def training_losses(self, batched_inputs: List[Dict]):
-        adapter, teacher_adapter = self.adapters
-        step = detection_step(adapter, batched_inputs)
+        driver, teacher_driver = self.drivers
+        step = detection_step(driver, batched_inputs)
         with torch.no_grad():
-            teacher_features = teacher_adapter.features(step.images)
+            teacher_features = teacher_driver.features(step.images)
         losses = dict(step.losses)
         losses["loss_distill"] = self.distill_loss(
-            distilled(step, adapter), {f: teacher_features[f] for f in teacher_adapter.in_features})
+            distilled(step, driver), {f: teacher_features[f] for f in teacher_driver.in_features})
         return losses
 
 
@@ -112,6 +112,6 @@ class BAN(TrainingMethod):
             path = checkpoints[name]
         teacher = instantiate(self.cfg.model)
         AtomicCheckpointer(teacher).load_checked(path)  # its student part; refuses missing or misshapen weights
-        distill_loss = feature_distillation(build_detector_adapter(detector), self.settings["distill_weight"],
+        distill_loss = feature_distillation(build_detector_driver(detector), self.settings["distill_weight"],
                                             self.backend)
         return BornAgain(detector, teacher, distill_loss).to(detector.device)

@@ -7,7 +7,7 @@ transfer the LGD paper compares with (its Table 2): DML's KL between the peers' 
 mimicry of the peer's intermediate features. The first student (`detector`) is the one evaluated and
 exported; the second (`peer`) is simply a trainable part of the model, trained by the same optimizer.
 
-feature_distillation (the distillation loss sized from a detector's adapter) is shared with lgd.methods.ban.
+feature_distillation (the distillation loss sized from a detector's driver) is shared with lgd.methods.ban.
 """
 import math
 from typing import Dict, List
@@ -18,7 +18,7 @@ from detectron2.config import instantiate
 from detectron2.utils.events import get_event_storage
 
 from ..engine.checkpoint import DetectorEMAState
-from ..modeling.detector_adapters import DetectorAdapter, build_detector_adapter
+from ..modeling.detector_drivers import DetectorDriver, build_detector_driver
 from ..modeling.distillation_loss import DistillationLoss
 from ..modeling.wrapper import DetectionStep, DetectorWrapper, detection_step
 from .base import METHOD_REGISTRY, TrainingMethod
@@ -29,15 +29,15 @@ PEER_SUFFIX = "_peer"  # the second student's losses: the detector's names with 
 PEER_SCOPE = "dml_peer"  # EventStorage prefix of the metrics the second student's heads log
 
 
-def feature_distillation(adapter: DetectorAdapter, loss_weight: float, backend: str) -> DistillationLoss:
+def feature_distillation(driver: DetectorDriver, loss_weight: float, backend: str) -> DistillationLoss:
     """LGD's distillation loss (its own adapter F_adapt) for the levels `adapter` distills; backend: the run's
     lgd_ops backend (TrainingMethod.backend)."""
-    return DistillationLoss(adapter.feature_channels(), loss_weight=float(loss_weight), backend=backend)
+    return DistillationLoss(driver.feature_channels(), loss_weight=float(loss_weight), backend=backend)
 
 
-def distilled(step: DetectionStep, adapter: DetectorAdapter) -> Dict[str, torch.Tensor]:
+def distilled(step: DetectionStep, driver: DetectorDriver) -> Dict[str, torch.Tensor]:
     """The levels of a DetectionStep that the adapter distills."""
-    return {f: step.features[f] for f in adapter.in_features}
+    return {f: step.features[f] for f in driver.in_features}
 
 
 class MutualLearning(DetectorWrapper):
@@ -58,17 +58,17 @@ class MutualLearning(DetectorWrapper):
         self.detector, self.peer = detector, peer
         self.init_checkpoint_modules = ("detector", "peer")  # both students start from train.init_checkpoint
         self.distill_loss, self.peer_distill_loss = distill_loss, peer_distill_loss
-        self.adapters = (build_detector_adapter(detector), build_detector_adapter(peer))
+        self.drivers = (build_detector_driver(detector), build_detector_driver(peer))
         self._peer_ema = DetectorEMAState(peer)
 
     def training_losses(self, batched_inputs: List[Dict]):
-        adapter, peer_adapter = self.adapters
-        first = detection_step(adapter, batched_inputs)
+        driver, peer_driver = self.drivers
+        first = detection_step(driver, batched_inputs)
         with get_event_storage().name_scope(PEER_SCOPE):
-            second = detection_step(peer_adapter, batched_inputs, images=first.images)
+            second = detection_step(peer_driver, batched_inputs, images=first.images)
         losses = dict(first.losses)
         losses.update({name + PEER_SUFFIX: value for name, value in second.losses.items()})
-        mine, theirs = distilled(first, adapter), distilled(second, peer_adapter)
+        mine, theirs = distilled(first, driver), distilled(second, peer_driver)
         losses["loss_distill"] = self.distill_loss(mine, theirs)  # DistillationLoss detaches its target
         losses["loss_distill" + PEER_SUFFIX] = self.peer_distill_loss(theirs, mine)
         return losses
@@ -100,5 +100,5 @@ class DML(TrainingMethod):
     def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> nn.Module:
         peer = instantiate(self.cfg.model)
         weight = self.settings["distill_weight"]
-        losses = [feature_distillation(build_detector_adapter(d), weight, self.backend) for d in (detector, peer)]
+        losses = [feature_distillation(build_detector_driver(d), weight, self.backend) for d in (detector, peer)]
         return MutualLearning(detector, peer, *losses).to(detector.device)

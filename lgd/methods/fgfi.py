@@ -5,7 +5,7 @@ with lgd.fgfi.teacher_overrides) runs on the same images; the student's FPN leve
 through one 3x3 conv adapter to the teacher's channels and imitate the teacher's levels by an L2 loss on the
 locations near objects only: per ground-truth box, with M its largest IoU over every anchor of every level,
 the anchors with IoU > psi * M are kept, and a location is imitated when any of its anchors is kept. The
-student's detection losses are the detector's own (lgd.modeling.detector_adapters), plus
+student's detection losses are the detector's own (lgd.modeling.detector_drivers), plus
 
     loss_imitation = loss_weight * sum over imitated (b, l, h, w) of ||adapter(S_l) - T_l||^2 / (2 * N_p)
 
@@ -22,7 +22,7 @@ from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.structures import Boxes, pairwise_iou
 
 from ..engine.checkpoint import AtomicCheckpointer
-from ..modeling.detector_adapters import build_detector_adapter
+from ..modeling.detector_drivers import build_detector_driver
 from ..modeling.wrapper import DetectorWrapper, detection_step
 from ..errors import UsageError
 from ..config import apply_overrides_strict
@@ -67,7 +67,7 @@ class FGFIDistiller(DetectorWrapper):
     def __init__(self, detector: nn.Module, teacher: nn.Module, *, psi: float = 0.5, loss_weight: float = 0.01):
         super().__init__()
         self.detector = detector
-        self.detector_adapter = build_detector_adapter(detector)
+        self.detector_driver = build_detector_driver(detector)
         self.anchor_generator, self.levels = anchor_levels(detector)
         self.teacher = teacher
         self.psi, self.loss_weight = float(psi), float(loss_weight)
@@ -90,7 +90,7 @@ class FGFIDistiller(DetectorWrapper):
         return channels.pop()
 
     def training_losses(self, batched_inputs: List[Dict]):
-        step = detection_step(self.detector_adapter, batched_inputs)
+        step = detection_step(self.detector_driver, batched_inputs)
         with torch.no_grad():  # the teacher's own pixel normalization
             teacher_features = self.teacher.backbone(self.teacher.preprocess_image(batched_inputs).tensor)
         gt_boxes = [x["instances"].gt_boxes.to(self.device) for x in batched_inputs]

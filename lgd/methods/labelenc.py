@@ -18,8 +18,8 @@ from detectron2.utils.events import get_event_storage
 
 from ..engine.checkpoint import read_checkpoint
 from ..engine.hooks import unwrap_model
-from ..modeling.detector_adapters import (FCOSAdapter, RCNNAdapter, RetinaNetAdapter,
-                                          build_detector_adapter)
+from ..modeling.detector_drivers import (FCOSDriver, RCNNDriver, RetinaNetDriver,
+                                          build_detector_driver)
 from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
                                                feature_distance, render_colour_maps)
 from ..modeling.wrapper import DetectorWrapper, detection_step
@@ -30,11 +30,11 @@ __all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
 STEP1 = "labelenc_step1"
 AE_PREFIX = "ae_"  # step 1: the head's losses on the label features (the authors' names)
 AE_SCOPE = "labelenc_ae"  # EventStorage scope of the metrics the head logs on the label features
-SUPPORTED = (RetinaNetAdapter, FCOSAdapter, RCNNAdapter)
+SUPPORTED = (RetinaNetDriver, FCOSDriver, RCNNDriver)
 
 
 class _LabelEncModel(DetectorWrapper):
-    """What both steps share: the detector, its adapter, the label-encoding network, the feature adapter and
+    """What both steps share: the detector, its driver, the label-encoding network, the feature adapter and
     the distance loss (on while loss_enabled; LossWindow sets it per iteration)."""
 
     # the label-encoding network stays NCHW on the fast path: torch 2.14's CPU backward of a 1x1 stride-2 conv
@@ -46,16 +46,16 @@ class _LabelEncModel(DetectorWrapper):
         self.detector = detector
         supported = "supported: RetinaNet, FCOS, Faster/Mask R-CNN (GeneralizedRCNN with StandardROIHeads)"
         try:
-            self.detector_adapter = build_detector_adapter(detector)
+            self.detector_driver = build_detector_driver(detector)
         except ValueError as err:
             raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; {supported} ({err})") from err
-        if not isinstance(self.detector_adapter, SUPPORTED):  # a family registered later: untested here
+        if not isinstance(self.detector_driver, SUPPORTED):  # a family registered later: untested here
             raise ValueError(f"LabelEnc: unsupported detector {type(detector).__name__}; {supported}")
-        self.num_classes = self.detector_adapter.num_classes
+        self.num_classes = self.detector_driver.num_classes
         self.label_net = build_label_encoding_network(detector.backbone, self.num_classes,
                                                       blocks=tuple(settings["blocks"]),
                                                       stem_channels=settings["stem_channels"])
-        self.adapter = feature_adapter(self.detector_adapter.feature_channels())
+        self.adapter = feature_adapter(self.detector_driver.feature_channels())
         self.loss_weight = float(settings["loss_weight"])
         self.loss_enabled = True
 
@@ -64,7 +64,7 @@ class _LabelEncModel(DetectorWrapper):
         return self.label_net(maps.to(images.tensor.dtype))
 
     def _distance(self, features, label_features):
-        levels = self.detector_adapter.in_features
+        levels = self.detector_driver.in_features
         adapted = [self.adapter(features[f]) for f in levels]
         return self.loss_weight * feature_distance(adapted, [label_features[f] for f in levels])
 
@@ -75,12 +75,12 @@ class LabelEncStep1(_LabelEncModel):
     maps are jittered (the authors' step-1 augmentation). Everything here trains."""
 
     def training_losses(self, batched_inputs):
-        adapter = self.detector_adapter
+        driver = self.detector_driver
         # the targets are reused on the label features: they have the same sizes
-        images, gt, features, targets, losses = detection_step(adapter, batched_inputs)
+        images, gt, features, targets, losses = detection_step(driver, batched_inputs)
         label_features = self._label_features(images, gt, jitter=True)
         with get_event_storage().name_scope(AE_SCOPE):
-            for name, value in adapter.losses(images, label_features, gt, targets).items():
+            for name, value in driver.losses(images, label_features, gt, targets).items():
                 losses[AE_PREFIX + name] = value
         if self.loss_enabled:  # off: not computed, so the adapter gets no gradient and no weight decay
             losses["loss_labelenc"] = self._distance(features, label_features)
@@ -112,7 +112,7 @@ class LabelEncStep2(_LabelEncModel):
     frozen = ("label_net",)
 
     def training_losses(self, batched_inputs):
-        images, gt, features, _, losses = detection_step(self.detector_adapter, batched_inputs)
+        images, gt, features, _, losses = detection_step(self.detector_driver, batched_inputs)
         if self.loss_enabled:
             with torch.no_grad():
                 label_features = self._label_features(images, gt, jitter=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modeling.detector_adapters import RCNNAdapter, build_detector_adapter
+from ..modeling.detector_drivers import RCNNDriver, build_detector_driver
 from ..modeling.wrapper import DetectorWrapper, detection_step
 from .base import METHOD_REGISTRY, TrainingMethod
 
@@ -59,11 +59,11 @@ class TfKDRegularized(DetectorWrapper):
                  temperature: float = 20.0):
         super().__init__()
         # the student's own computation: one RPN, then the ROI heads on its sampled proposals
-        adapter = build_detector_adapter(detector, rcnn_branch="shared_proposals")
-        if not isinstance(adapter, RCNNAdapter):
+        driver = build_detector_driver(detector, rcnn_branch="shared_proposals")
+        if not isinstance(driver, RCNNDriver):
             raise ValueError(f"tf-KD_reg (lgd.method='tfkd') is defined for softmax box classifiers: Faster R-CNN "
                              f"and Mask R-CNN; {type(detector).__name__} classifies with sigmoids (focal loss)")
-        num_classes = adapter.num_classes + 1  # and background
+        num_classes = driver.num_classes + 1  # and background
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"lgd.tfkd.alpha must be in [0, 1], got {alpha!r}")
         if not 1.0 / num_classes <= correct_prob <= 1.0:
@@ -71,7 +71,7 @@ class TfKDRegularized(DetectorWrapper):
                              f"as likely as the others), got {correct_prob!r}")
         if not temperature > 0:
             raise ValueError(f"lgd.tfkd.temperature must be > 0, got {temperature!r}")
-        self.detector, self.adapter = detector, adapter
+        self.detector, self.driver = detector, driver
         self.alpha, self.correct_prob, self.temperature = float(alpha), float(correct_prob), float(temperature)
 
     def training_losses(self, batched_inputs: List[Dict]):
@@ -79,7 +79,7 @@ class TfKDRegularized(DetectorWrapper):
         hook = self.detector.roi_heads.box_predictor.register_forward_hook(
             lambda module, inputs, outputs: scores.append(outputs[0]))
         try:
-            step = detection_step(self.adapter, batched_inputs)
+            step = detection_step(self.driver, batched_inputs)
         finally:
             hook.remove()
         labels = torch.cat([p.gt_classes for p in step.targets["proposals"]])

@@ -13,7 +13,7 @@ import torch.nn as nn
 from detectron2.utils.events import get_event_storage
 from torch.utils.checkpoint import checkpoint
 
-from .detector_adapters import build_detector_adapter
+from .detector_drivers import build_detector_driver
 from .distillation_loss import DistillationLoss
 from .teacher import LGDTeacher
 from .wrapper import DetectorWrapper, detection_step
@@ -29,7 +29,7 @@ class LGDDistiller(DetectorWrapper):
     are read from it. teacher / distill_loss: pass your own to override the defaults (LGDTeacher with the
     detector's context/detach/mask settings, DistillationLoss()). use_context: the context object (None: the
     family's default, on for RetinaNet/FCOS, off for R-CNN; the authors' FCOS R50 configs turn it off).
-    stn_pool: the label encoder's STN ("object", the method; "image", a variant). rcnn_branch: see RCNNAdapter.
+    stn_pool: the label encoder's STN ("object", the method; "image", a variant). rcnn_branch: see RCNNDriver.
     backend goes to every lgd_ops call ("auto", "reference", "cpu", ...). distill_enabled: see the property.
     recompute_teacher: keep none of the teacher's activations for backward and run its forward again there
     (torch.utils.checkpoint, RNG state preserved): the same losses and gradients for less peak memory and one
@@ -42,12 +42,12 @@ class LGDDistiller(DetectorWrapper):
                  rcnn_branch: str = "detector", backend: str = "auto", recompute_teacher: bool = False):
         super().__init__()
         self.detector = detector
-        self.detector_adapter = build_detector_adapter(detector, rcnn_branch=rcnn_branch)
-        channels = self.detector_adapter.feature_channels()
+        self.detector_driver = build_detector_driver(detector, rcnn_branch=rcnn_branch)
+        channels = self.detector_driver.feature_channels()
         self.teacher = teacher if teacher is not None else LGDTeacher(
-            self.detector_adapter.num_classes, channels=channels,
-            use_context=self.detector_adapter.use_context if use_context is None else bool(use_context),
-            detach_appearance=self.detector_adapter.detach_appearance, use_masks=self.detector_adapter.use_masks, stn_pool=stn_pool,
+            self.detector_driver.num_classes, channels=channels,
+            use_context=self.detector_driver.use_context if use_context is None else bool(use_context),
+            detach_appearance=self.detector_driver.detach_appearance, use_masks=self.detector_driver.use_masks, stn_pool=stn_pool,
             backend=backend)
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
@@ -55,7 +55,7 @@ class LGDDistiller(DetectorWrapper):
         self.recompute_teacher = bool(recompute_teacher)
         self._backbone_frozen = False
         # what the stock detector trains (detectron2's FREEZE_AT keeps the stem and res2 frozen for good)
-        self._freezable = [p for p in self.detector_adapter.bottom_up.parameters() if p.requires_grad]
+        self._freezable = [p for p in self.detector_driver.bottom_up.parameters() if p.requires_grad]
 
     @property
     def distill_enabled(self) -> bool:
@@ -94,9 +94,9 @@ class LGDDistiller(DetectorWrapper):
         return list(self.teacher.parameters())
 
     def training_losses(self, batched_inputs: List[Dict]):
-        adapter = self.detector_adapter
-        images, gt_instances, features, targets, losses = detection_step(adapter, batched_inputs)
-        distilled = {f: features[f] for f in adapter.in_features}
+        driver = self.detector_driver
+        images, gt_instances, features, targets, losses = detection_step(driver, batched_inputs)
+        distilled = {f: features[f] for f in driver.in_features}
         image_size = tuple(images.tensor.shape[-2:])
         # packed and checked once, on the host, from the loader's CPU boxes; moved to the device without waiting
         labels = self.teacher.pack([x["instances"] for x in batched_inputs], image_size).to(self.device)
@@ -105,7 +105,7 @@ class LGDDistiller(DetectorWrapper):
         else:
             instructive = self.teacher(distilled, labels, image_size)
         with get_event_storage().name_scope(TEACHER_SCOPE):  # the heads' own metrics, kept apart
-            for name, value in adapter.losses(images, instructive, gt_instances, targets).items():
+            for name, value in driver.losses(images, instructive, gt_instances, targets).items():
                 losses[name + TEACHER_SUFFIX] = value
         losses["loss_distill"] = self.distill_loss(distilled, instructive, warmup=not self.distill_enabled)
         return losses

@@ -4,7 +4,7 @@ DetectorWrapper: a detectron2 detector, the student, in `detector`, plus what th
 Inference is the student's alone (no cost at test time); training checks that every input carries its ground
 truth and returns the method's losses; parts named in `frozen` (a pretrained teacher) are frozen where they
 are declared: no gradient (so no optimizer slot) and eval mode for the whole run.
-detection_step: the detector's own training pass on a batch through its lgd.modeling.detector_adapters adapter
+detection_step: the detector's own training pass on a batch through its lgd.modeling.detector_drivers driver
 (the stock training forward, keeping the features, targets and padded images for the method's extra losses).
 """
 from typing import Dict, List, NamedTuple
@@ -12,7 +12,7 @@ from typing import Dict, List, NamedTuple
 import torch
 import torch.nn as nn
 
-from .detector_adapters import DetectorAdapter
+from .detector_drivers import DetectorDriver
 
 __all__ = ["DetectionStep", "DetectorWrapper", "detection_step"]
 
@@ -28,18 +28,18 @@ class DetectionStep(NamedTuple):
     losses: Dict[str, torch.Tensor]
 
 
-def detection_step(adapter: DetectorAdapter, batched_inputs: List[Dict], images=None) -> DetectionStep:
-    """The detector's own training losses on batched_inputs, run through its adapter, keeping the features for
+def detection_step(driver: DetectorDriver, batched_inputs: List[Dict], images=None) -> DetectionStep:
+    """The detector's own training losses on batched_inputs, run through its driver, keeping the features for
     distillation. images: the batch already preprocessed (ImageList) by a detector with the same pixel
     normalization, or None."""
-    detector = adapter.detector
+    detector = driver.detector
     if images is None:
         images = detector.preprocess_image(batched_inputs)
     gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
-    features = adapter.features(images)
-    targets = adapter.targets(images, features, gt_instances)
+    features = driver.features(images)
+    targets = driver.targets(images, features, gt_instances)
     losses = dict(targets.get("student_losses", {}))
-    losses.update(adapter.losses(images, features, gt_instances, targets))
+    losses.update(driver.losses(images, features, gt_instances, targets))
     return DetectionStep(images, gt_instances, features, targets, losses)
 
 

@@ -1,8 +1,8 @@
-"""Detector adapters: how LGDDistiller drives one detectron2 detector family (docs/method.md §7-8).
+"""Detector drivers: how LGDDistiller drives one detectron2 detector family (docs/method.md §7-8).
 
-Why adapters: LGD runs the detector's OWN heads and losses a second time, on the instructive features X^I, with
+Why drivers: LGD runs the detector's OWN heads and losses a second time, on the instructive features X^I, with
 the targets computed once; where a family keeps its features, targets and losses differs, so each family gets
-one registered DetectorAdapter (DETECTOR_ADAPTER_REGISTRY, a detectron2 Registry) and the distiller stays generic.
+one registered DetectorDriver (DETECTOR_DRIVER_REGISTRY, a detectron2 Registry) and the distiller stays generic.
 """
 from typing import Dict, List
 
@@ -15,15 +15,15 @@ from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.registry import Registry
 
-__all__ = ["DETECTOR_ADAPTER_REGISTRY", "DetectorAdapter", "FCOSAdapter", "RCNNAdapter", "RetinaNetAdapter",
-           "build_detector_adapter"]
+__all__ = ["DETECTOR_DRIVER_REGISTRY", "DetectorDriver", "FCOSDriver", "RCNNDriver", "RetinaNetDriver",
+           "build_detector_driver"]
 
-DETECTOR_ADAPTER_REGISTRY = Registry("LGD_DETECTOR_ADAPTER")
-DETECTOR_ADAPTER_REGISTRY.__doc__ = """LGD detector adapters (DetectorAdapter subclasses), one per detector family;
+DETECTOR_DRIVER_REGISTRY = Registry("LGD_DETECTOR_DRIVER")
+DETECTOR_DRIVER_REGISTRY.__doc__ = """LGD detector drivers (DetectorDriver subclasses), one per detector family;
 each names the detector class it drives in `detector_class`."""
 
 
-class DetectorAdapter:
+class DetectorDriver:
     """How LGDDistiller drives one detector family:
       features(images)                      -> the student's backbone output (every level)
       in_features                           -> the levels the instructive branch reads: the distilled ones
@@ -32,17 +32,17 @@ class DetectorAdapter:
       losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
     plus the teacher settings use_context / detach_appearance / use_masks, num_classes and ema_attributes (the
     detector's EMA loss normalizers, which lgd.engine.checkpoint.DetectorEMAState saves). A subclass names the
-    detector class it drives in `detector_class`; build_detector_adapter picks the registered one nearest in the
+    detector class it drives in `detector_class`; build_detector_driver picks the registered one nearest in the
     detector's MRO, so a new family is one registered subclass."""
 
-    detector_class = None  # the detectron2 meta-architecture this adapter drives
+    detector_class = None  # the detectron2 meta-architecture this driver drives
 
     use_context = True
     detach_appearance = False
     ema_attributes = ()  # the detector's EMA loss normalizers, saved via LGDDistiller's extra state
 
     def __init__(self, detector: nn.Module, rcnn_branch: str = "detector"):
-        self.detector = detector  # rcnn_branch: R-CNN only (RCNNAdapter)
+        self.detector = detector  # rcnn_branch: R-CNN only (RCNNDriver)
 
     @property
     def in_features(self) -> List[str]:
@@ -84,9 +84,9 @@ class DetectorAdapter:
         raise NotImplementedError
 
 
-@DETECTOR_ADAPTER_REGISTRY.register()
-class RetinaNetAdapter(DetectorAdapter):
-    """RetinaNet (and, through FCOSAdapter, FCOS; v0.6 DenseDetector): anchors and anchor labels once; head +
+@DETECTOR_DRIVER_REGISTRY.register()
+class RetinaNetDriver(DetectorDriver):
+    """RetinaNet (and, through FCOSDriver, FCOS; v0.6 DenseDetector): anchors and anchor labels once; head +
     losses() per feature set. The head's outputs after (logits, deltas) (FCOS: centerness) go to losses() as
     extra arguments. Context on, appearance not detached; distilled levels = head_in_features (p3-p7)."""
 
@@ -129,8 +129,8 @@ class RetinaNetAdapter(DetectorAdapter):
                               targets["gt_boxes"], *extra)
 
 
-@DETECTOR_ADAPTER_REGISTRY.register()
-class FCOSAdapter(RetinaNetAdapter):
+@DETECTOR_DRIVER_REGISTRY.register()
+class FCOSDriver(RetinaNetDriver):
     """FCOS: as RetinaNet, plus the centerness output (one value per location) and its loss. detectron2
     v0.6's FCOSHead does not build on recent torch: the LGD configs use lgd.modeling.fcos_head.FCOSHead."""
 
@@ -151,8 +151,8 @@ class FCOSAdapter(RetinaNetAdapter):
         return [label for label, _ in out], [box for _, box in out]
 
 
-@DETECTOR_ADAPTER_REGISTRY.register()
-class RCNNAdapter(DetectorAdapter):
+@DETECTOR_DRIVER_REGISTRY.register()
+class RCNNDriver(DetectorDriver):
     """Faster / Mask R-CNN (GeneralizedRCNN with StandardROIHeads and an RPN).
 
     rcnn_branch="detector" (the default, as in the authors' code): the instructive branch is the whole
@@ -224,12 +224,12 @@ class RCNNAdapter(DetectorAdapter):
         return losses
 
 
-def build_detector_adapter(detector: nn.Module, *, rcnn_branch: str = "detector") -> DetectorAdapter:
-    """The registered adapter for `detector` (the one whose detector_class is nearest in its MRO).
-    rcnn_branch: see RCNNAdapter (other families ignore it)."""
-    adapters = {cls.detector_class: cls for _, cls in DETECTOR_ADAPTER_REGISTRY}
+def build_detector_driver(detector: nn.Module, *, rcnn_branch: str = "detector") -> DetectorDriver:
+    """The registered driver for `detector` (the one whose detector_class is nearest in its MRO).
+    rcnn_branch: see RCNNDriver (other families ignore it)."""
+    drivers = {cls.detector_class: cls for _, cls in DETECTOR_DRIVER_REGISTRY}
     for cls in type(detector).__mro__:
-        if cls in adapters:
-            return adapters[cls](detector, rcnn_branch=rcnn_branch)
+        if cls in drivers:
+            return drivers[cls](detector, rcnn_branch=rcnn_branch)
     raise ValueError(f"LGDDistiller: unsupported detector {type(detector).__name__}; supported: "
-                     f"{sorted(c.__name__ for c in adapters)} (register a DetectorAdapter for others)")
+                     f"{sorted(c.__name__ for c in drivers)} (register a DetectorDriver for others)")
