@@ -1,37 +1,8 @@
 """The fast path (train.amp: enabled, precision, channels_last) and detectron2's AMPTrainer on any device.
 
-    fast = resolve_fast_path(amp_enabled=True, precision="bf16", channels_last=None, device="cpu")
-    print(fast.describe())              # e.g. "bf16 autocast (CPU avx512_bf16), channels_last, no GradScaler"
-    model = use_channels_last(model) if fast.channels_last else model
-    trainer = AMPTrainer(model, data_loader, build_lgd_optimizer(model, lr=0.01), device_type=fast.device_type,
-                         dtype=fast.dtype)   # fast.dtype None: use detectron2's SimpleTrainer instead
-
-resolve_fast_path turns the config's switch into what runs, from what the device supports:
-  train.amp.enabled=False      fp32 (train.amp.precision is not read), NCHW unless train.amp.channels_last=True.
-  train.amp.enabled=True       autocast in train.amp.precision: "bf16" (default) or "fp16"; "fp32" runs fp32.
-      CPU:  bf16 where the processor has native bf16 (oneDNN's check: avx512_bf16 / AMX; the flags found are
-            named); otherwise fp32, with a warning. fp16 on CPU runs bf16 (CPUs have no fast fp16 path; bf16
-            needs no loss scaling) or fp32.
-      CUDA: bf16 where torch.cuda.is_bf16_supported(), else fp16 with a GradScaler (warning); fp16 always
-            with a GradScaler.
-  train.amp.channels_last: None (default) = on exactly when autocast runs (the fast path), True / False forces it.
-    The model's 4-D weights and the backbone's input image batch are channels_last; the teacher's maps follow
-    (its convs keep the layout, lgd_ops.box_fill writes the layout of the model).
-An invalid value is a ValueError naming the key and the valid values.
-
-What stays fp32: the parameters, gradients, optimizer state and so the checkpoints (autocast casts on the
-fly), the detector's losses (lgd.modeling.detector_drivers: the head's predictions are cast to fp32 and the
-focal / box-regression losses run outside autocast), the distillation loss's value and InstanceNorm moments
-(lgd_ops.normalized_mse accumulates in fp32 for fp16/bf16 maps), and the sum of the losses. GroupNorm /
-LayerNorm run in bf16 under CPU autocast (their kernels accumulate the moments in fp32) and in fp32 under
-CUDA autocast.
-
-AMPTrainer differs from detectron2 v0.6's (CUDA and float16 only, always a GradScaler) in: autocast on any
-device with any dtype; a GradScaler only for float16 (bfloat16 has fp32's range: its scaler is disabled, so
-no unscale pass and no skipped steps); the losses summed in fp32 outside autocast; and trainer states that
-load across precisions: a checkpoint of a SimpleTrainer (fp32 run) or of a bf16 run (empty scaler state)
-starts a fresh GradScaler, a float16 run's scaler state is ignored by a bf16 run. Gradient clipping happens
-inside the optimizer's step (lgd.engine.optim), after GradScaler.step has unscaled the gradients.
+Why: LGD's extra cost is memory traffic and convolutions, which bf16 and channels_last halve where the device has
+them, while what needs fp32 (weights, optimizer state, checkpoints, losses) stays fp32. resolve_fast_path decides
+what runs from what the device supports; README.md ("Training LGD on your data") and docs/library.md show it used.
 """
 import dataclasses
 import logging
@@ -98,7 +69,30 @@ class FastPath:
 
 
 def resolve_fast_path(amp_enabled, precision="bf16", channels_last=None, device="cpu") -> FastPath:
-    """FastPath of train.amp.enabled / precision / channels_last on `device` (module docstring)."""
+    """FastPath of train.amp.enabled / precision / channels_last on `device`.
+
+    What runs, from what the device supports:
+      train.amp.enabled=False      fp32 (train.amp.precision is not read), NCHW unless
+                                   train.amp.channels_last=True.
+      train.amp.enabled=True       autocast in train.amp.precision: "bf16" (default) or "fp16"; "fp32" runs fp32.
+          CPU:  bf16 where the processor has native bf16 (oneDNN's check: avx512_bf16 / AMX; the flags found are
+                named); otherwise fp32, with a warning. fp16 on CPU runs bf16 (CPUs have no fast fp16 path; bf16
+                needs no loss scaling) or fp32.
+          CUDA: bf16 where torch.cuda.is_bf16_supported(), else fp16 with a GradScaler (warning); fp16 always
+                with a GradScaler.
+      train.amp.channels_last: None (default) = on exactly when autocast runs (the fast path), True / False
+        forces it.
+        The model's 4-D weights and the backbone's input image batch are channels_last; the teacher's maps follow
+        (its convs keep the layout, lgd_ops.box_fill writes the layout of the model).
+    An invalid value is a ValueError naming the key and the valid values.
+
+    What stays fp32: the parameters, gradients, optimizer state and so the checkpoints (autocast casts on the
+    fly), the detector's losses (lgd.modeling.detector_drivers: the head's predictions are cast to fp32 and the
+    focal / box-regression losses run outside autocast), the distillation loss's value and InstanceNorm moments
+    (lgd_ops.normalized_mse accumulates in fp32 for fp16/bf16 maps), and the sum of the losses. GroupNorm /
+    LayerNorm run in bf16 under CPU autocast (their kernels accumulate the moments in fp32) and in fp32 under
+    CUDA autocast.
+    """
     if not isinstance(amp_enabled, bool):
         raise ValueError(f"train.amp.enabled must be True or False, got {amp_enabled!r}")
     if precision not in PRECISIONS:
@@ -155,8 +149,16 @@ def use_channels_last(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class AMPTrainer(DetectronAMPTrainer):
-    """detectron2's AMPTrainer with autocast on any device and dtype (module docstring). grad_scaler
-    defaults to torch.amp.GradScaler(device_type), enabled only for float16 (dtype None on CUDA: float16)."""
+    """detectron2's AMPTrainer with autocast on any device and dtype. grad_scaler defaults to
+    torch.amp.GradScaler(device_type), enabled only for float16 (dtype None on CUDA: float16).
+
+    It differs from detectron2 v0.6's (CUDA and float16 only, always a GradScaler) in: autocast on any
+    device with any dtype; a GradScaler only for float16 (bfloat16 has fp32's range: its scaler is disabled, so
+    no unscale pass and no skipped steps); the losses summed in fp32 outside autocast; and trainer states that
+    load across precisions: a checkpoint of a SimpleTrainer (fp32 run) or of a bf16 run (empty scaler state)
+    starts a fresh GradScaler, a float16 run's scaler state is ignored by a bf16 run. Gradient clipping happens
+    inside the optimizer's step (lgd.engine.optim), after GradScaler.step has unscaled the gradients.
+    """
 
     def __init__(self, model, data_loader, optimizer, grad_scaler=None, device_type: str = "cuda",
                  dtype: Optional[torch.dtype] = None):
