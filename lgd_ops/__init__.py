@@ -11,5 +11,5 @@ from .box_pool import box_pool
 from .mask_ops import mask_fill, mask_pool
 from .normalized_mse import normalized_mse
 
-__all__ = ["auto_choices", "available_backends", "box_fill", "current_choice", "box_pool", "mask_fill", "mask_pool", "normalized_mse",
-           "resolve_backend", "set_auto_choices", "use_backend"]
+__all__ = ["auto_choices", "available_backends", "box_fill", "box_pool", "current_choice", "mask_fill", "mask_pool",
+           "normalized_mse", "resolve_backend", "set_auto_choices", "use_backend"]

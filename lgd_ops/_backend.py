@@ -192,8 +192,9 @@ def current_choice(op, backend="auto", tensor=None, channels_last=False):
 
 def select(op, backend, tensor, channels_last, run):
     """The backend an op call runs: resolve()'s answer when one is requested (argument, use_backend, env), else
-    auto's choice for choice_key(op, tensor, channels_last), timed on the first call with run(name) for each candidate (the
-    call's own inputs). run(name) must compute the op with that backend and have no side effects."""
+    auto's choice for choice_key(op, tensor, channels_last), timed on the first call with run(name) for each
+    candidate (the call's own inputs). run(name) must compute the op with that backend and have no side
+    effects."""
     requested = _requested(backend)
     if requested != "auto":
         return resolve(requested, tensor.device)

@@ -18,7 +18,8 @@ __all__ = ["COMPONENTS", "DETECTORS", "MODES", "child", "held_bytes", "make_batc
            "run_child", "run_config", "time_steps", "train_step"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(lgd.__file__)), "configs")
-DETECTORS = {name: os.path.join(CONFIG_DIR, f"{name}_R_50_FPN_1x_lgd.py") for name in ("retinanet", "fcos", "faster_rcnn")}
+DETECTORS = {name: os.path.join(CONFIG_DIR, f"{name}_R_50_FPN_1x_lgd.py")
+             for name in ("retinanet", "fcos", "faster_rcnn")}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 # the variants of the step comparison: (lgd.method, lgd_ops backend)
 VARIANTS = {"baseline": ("baseline", "auto"), "lgd_reference": ("lgd", "reference"), "lgd_fused": ("lgd", "auto")}

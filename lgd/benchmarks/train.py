@@ -133,7 +133,8 @@ def tables(results, stamp, args):
                          f"{ratio} | {r['peak_mb']:.0f} | {extra} | {copies} |")
     target_rows = [(det, *row) for det, variants in results.items() for row in targets(variants)]
     if target_rows:
-        lines += ["", "Targets of the fast path (LGD with the fused ops):", "", "| detector | ratio | value | target | met |",
+        lines += ["", "Targets of the fast path (LGD with the fused ops):", "",
+                  "| detector | ratio | value | target | met |",
                   "|---|---|---:|---:|---|"]
         lines += [f"| {det} | {name} | {value:.2f} | <= {bound} | {'yes' if value <= bound else 'no'} |"
                   for det, name, value, bound in target_rows]

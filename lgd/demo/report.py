@@ -119,7 +119,8 @@ def format_op_report(report):
              + (f"{'peak MB':>10s}{'ref MB':>10s}" if memory else "")]
     for op, r in report.items():
         if isinstance(r, dict) and "ms" in r:
-            peaks = f"{r.get('peak_mb', float('nan')):10.1f}{r.get('ref_peak_mb', float('nan')):10.1f}" if memory else ""
+            nan = float("nan")
+            peaks = f"{r.get('peak_mb', nan):10.1f}{r.get('ref_peak_mb', nan):10.1f}" if memory else ""
             lines.append(f"{op:16s}{r['ms']:10.2f}{r['ref_ms']:10.2f}{r['speedup']:8.2f}x" + peaks)
     if "lgd_fwd_share" in report:
         lines.append(f"LGD forward work: {report['lgd_fwd_ms']:.1f} ms of a {report['step_ms']:.1f} ms step "

@@ -28,7 +28,8 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_drivers import build_detector_driver
 
-__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
+__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES",
+           "STUDENT_PREFIX",
            "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
            "student_state_dict"]
 

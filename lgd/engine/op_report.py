@@ -40,7 +40,8 @@ def _cases(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Ten
 def time_lgd_ops(levels: List[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor, image_size,
                  backend: str = "auto", repeats: int = 3, memory: bool = False) -> Dict[str, Dict[str, float]]:
     """Median forward + backward ms of each op with `backend` (for "auto", the backend auto chose for the levels'
-    device, dtype and layout) and with the reference (lgd_ops.benchmark.time_ms): {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
+    device, dtype and layout) and with the reference (lgd_ops.benchmark.time_ms):
+    {op: {"backend": name, "ms": t, "ref_ms": t_ref, "speedup": t_ref / t}};
     memory=True adds "peak_mb" and "ref_peak_mb" (lgd_ops.benchmark.peak_memories)."""
     if not levels:
         raise ValueError("time_lgd_ops: levels must hold at least one [B, C, H, W] tensor")

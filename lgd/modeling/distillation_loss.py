@@ -1,4 +1,5 @@
-"""Distillation loss (docs/method.md §4): normalized MSE between the adapted student features and the instructive ones."""
+"""Distillation loss (docs/method.md §4): normalized MSE between the adapted student features and the instructive
+ones."""
 import functools
 
 import torch

@@ -47,7 +47,8 @@ class LGDDistiller(DetectorWrapper):
         self.teacher = teacher if teacher is not None else LGDTeacher(
             self.detector_driver.num_classes, channels=channels,
             use_context=self.detector_driver.use_context if use_context is None else bool(use_context),
-            detach_appearance=self.detector_driver.detach_appearance, use_masks=self.detector_driver.use_masks, stn_pool=stn_pool,
+            detach_appearance=self.detector_driver.detach_appearance, use_masks=self.detector_driver.use_masks,
+            stn_pool=stn_pool,
             backend=backend)
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
@@ -59,7 +60,8 @@ class LGDDistiller(DetectorWrapper):
 
     @property
     def distill_enabled(self) -> bool:
-        """False during the distillation warm-up (docs/method.md §4, §8): loss_distill then trains only the adapter."""
+        """False during the distillation warm-up (docs/method.md §4, §8): loss_distill then trains only the
+        student adapter."""
         return self._distill_enabled
 
     @distill_enabled.setter

@@ -14,5 +14,6 @@ from .train import evaluate, method_stages, test, train, train_stages
 
 __all__ = ["COST_FILE", "RUN_FILES", "apply_dataset_arguments", "build_model", "build_optimizer", "build_schedule",
            "build_train_loader", "build_trainer", "check_backend", "check_output_dir", "check_run_inputs",
-           "data_seed", "evaluate", "export_student", "fast_path", "launch_cpu", "launch_run", "method_stages", "read_cost",
+           "data_seed", "evaluate", "export_student", "fast_path", "launch_cpu", "launch_run", "method_stages",
+           "read_cost",
            "read_metrics", "run_device", "set_num_classes", "test", "train", "train_stages", "write_cost"]

@@ -7,7 +7,8 @@ error while training). A failure prints one line on stderr, `PROG: error: WHAT`,
 argument and what was expected, sometimes followed by one `PROG: hint: ...` line; no traceback unless
 `--debug` is on the command line (anywhere) or LGD_DEBUG=1 is set.
 
-The Python API of each command (its module's run(argv)) raises instead and returns its results; run_command turns it into the console script: run_command(prog, api, argv) -> int.
+The Python API of each command (its module's run(argv)) raises instead and returns its results; run_command
+turns it into the console script: run_command(prog, api, argv) -> int.
 """
 import os
 import sys

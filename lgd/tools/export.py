@@ -29,7 +29,8 @@ def check_output(checkpoint: str, output: str, overwrite: bool = False) -> None:
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="lgd-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig of the run: its own OUTPUT/config.yaml")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="LazyConfig of the run: its own OUTPUT/config.yaml")
     parser.add_argument("--checkpoint", required=True, help="LGD (or detectron2) checkpoint to export")
     parser.add_argument("--output", required=True, help="where to write the student checkpoint (.pth)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
