@@ -371,13 +371,13 @@ def test_lgd_train_runs_each_detector_config(tmp_path, detector):
     assert ("loss_mask_tea" in rows[-1]) == (detector == "mask_rcnn")
 
 
-def test_auto_choices_recorded_and_kept_on_resume(setup, tmp_path):
+def test_auto_choices_recorded_and_kept_on_resume(tmp_path):
     """--ops auto: the backends auto measured are in the checkpoint and cost.json; a resumed run takes the
     checkpoint's choices instead of measuring again (here forced to the reference), so it runs the same kernels."""
     import lgd_ops
     from lgd.runner import read_cost
 
-    _, cfg_file, ann, images = setup
+    _, cfg_file, ann, images = make_setup(tmp_path)  # its own dataset: an earlier test may have registered another
     out = str(tmp_path / "auto")
     lgd_ops.set_auto_choices({})
     run(argv(cfg_file, ann, images, out, "--ops", "auto", max_iter=2))
