@@ -7,7 +7,7 @@
 // cells, so a NaN or inf stays with the boxes covering it.
 // The direct kernel (box_pool_kernel: one warp per (box, channel) sums the box's rectangle, lanes along the
 // row, fixed-order shuffle reduction) stays for maps under kSweepMinCells cells and rows too wide for a
-// sweep block's shared memory (cuda_boxes.cuh); that threshold is not measured yet.
+// sweep block's shared memory (cuda_boxes.cuh); that threshold is a guess, untimed on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
