@@ -244,6 +244,65 @@ def test_box_ops_average_backward_is_box_fill_average():
     _assert_close(got, ref, torch.float64, "box_fill average")
 
 
+@needs_kernels
+def test_box_sweeps_refuse_more_images_than_the_grid_has_rows():
+    """The image is the sweeps' second grid dimension, at most 65535 on CUDA: both ops refuse more, before any
+    launch."""
+    ops = _ops()
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64, device=DEVICE)
+    batch_idx = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="at most 65535 images per call, got 65536"):
+        ops.box_pool_triton(torch.zeros(65536, 1, 1, 1, device=DEVICE), boxes, batch_idx, 4, 4, True)
+    with pytest.raises(RuntimeError, match="at most 65535 images per call, got 65536"):
+        ops.box_fill_triton(torch.ones(1, 1, device=DEVICE), boxes, batch_idx, 4, 4, 65536, 1, 1, False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+def test_box_pool_without_images(kernel):
+    """Boxes but no image (B = 0) on a map large enough for the sweeps: zero rows (no box covers anything)
+    and no launch of a grid without rows."""
+    if kernel == "cuda" and DEVICE != "cuda":
+        pytest.skip("the raw CUDA op needs a GPU")
+    op = _ops().box_pool_triton if kernel == "triton" else torch.ops.lgd_ops.box_pool
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 3, dtype=torch.float32, device=DEVICE)
+    out = op(torch.ones(0, 4, 16, 16, device=DEVICE), boxes, torch.zeros(3, dtype=torch.int64, device=DEVICE), 32, 32,
+             True)
+    assert torch.equal(out.cpu(), torch.zeros(3, 4))
+
+
+@needs_kernels
+def test_box_pool_row_offsets_past_int32():
+    """A map whose row stride times the row index passes 2**31 elements (a view of a 4 GiB buffer that is never
+    written outside the view's cells): the sweep's row offsets are int64, so the sums are right."""
+    h, w, stride_h = 3, 2, 2**30 + 3
+    buf = torch.empty(stride_h * (h - 1) + w, dtype=torch.bfloat16, device=DEVICE)  # no memory until written
+    feats = buf.as_strided((1, 1, h, w), (buf.numel(), buf.numel(), stride_h, 1))
+    values = torch.arange(1.0, h * w + 1, dtype=torch.bfloat16).reshape(h, w)
+    for j in range(h):
+        feats[0, 0, j] = values[j].to(DEVICE)
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]], dtype=torch.float32, device=DEVICE)
+    batch_idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    out = _ops().box_pool_triton(feats, boxes, batch_idx, h, w, False)
+    expected = lgd_ops.box_pool(values.double()[None, None], boxes.cpu().double(), batch_idx.cpu(), (h, w),
+                                backend="reference") * torch.tensor([[h * w], [(h - 1) * w]])
+    assert torch.equal(out.cpu().double(), expected), (out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("op", ["box_pool", "box_fill"])
+def test_half_accuracy_full_size(op, dtype, channels_last):
+    """tests/test_half_accuracy.py's error bound on a full-size level (200 x 304, a one-cell box at the
+    bottom-right). The interpreter casts float to bfloat16 by truncation (a GPU rounds to nearest), so there its
+    bfloat16 outputs are allowed a whole ulp of rounding."""
+    from test_half_accuracy import check_full_size
+
+    rounding = 1.0 if INTERPRET and dtype == torch.bfloat16 else 0.5
+    check_full_size(op, dtype, channels_last, DEVICE, "triton", rounding)
+
+
 @pytest.fixture
 def plan_cache(monkeypatch):
     """lgd_ops.triton._common with an empty plan cache for the test, and the list of the plans it builds
