@@ -290,6 +290,34 @@ def test_box_pool_row_offsets_past_int32():
 
 
 @needs_kernels
+def test_normalized_mse_offsets_past_int32():
+    """The kernels on a plane whose element stride times the element index passes 2**31 (as a channels_last map
+    with C * H * W > 2**31 would, here views of 4 GiB buffers written only at the plane's 3 elements) give
+    the stats and gradient of the same plane stored contiguously."""
+    from lgd_ops.triton import normalized_mse as nmse
+
+    n, se = 3, 2**30 + 3
+    s_small = torch.tensor([1.0, 2.0, 4.0], dtype=torch.bfloat16, device=DEVICE).reshape(1, 1, 1, n)
+    t_small = torch.tensor([3.0, 1.0, 2.0], dtype=torch.bfloat16, device=DEVICE).reshape(1, 1, 1, n)
+    _, want_stats = _ops().normalized_mse_triton([s_small], [t_small], 1e-5)
+    want_grad = _ops().normalized_mse_backward_triton(torch.ones((), device=DEVICE), [s_small], [t_small],
+                                                      want_stats)[0].flatten()
+    s, t, g = (torch.empty(se * (n - 1) + 1, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    s.as_strided((n,), (se,)).copy_(s_small.flatten())
+    t.as_strided((n,), (se,)).copy_(t_small.flatten())
+    strides = (0, 0, se)  # (sb, sc, se) of one plane
+    stats = torch.empty(5, 1, device=DEVICE)
+    loss = torch.empty(1, dtype=torch.float64, device=DEVICE)
+    eps = torch.full((1,), 1e-5, dtype=torch.float64, device=DEVICE)
+    nmse._nmse_forward_kernel[(1,)](s, t, eps, stats, loss, n, 0, 1, 1, *strides, *strides, ACC_FP64=False, BLOCK=4)
+    assert torch.equal(stats, want_stats), (stats, want_stats)
+    scale = torch.full((1,), 2.0 / n, dtype=torch.float64, device=DEVICE)
+    nmse._nmse_backward_kernel[(1, 1)](s, t, g, stats, scale, n, 0, 1, 1, *strides, *strides, *strides,
+                                       ACC_FP64=False, BLOCK=4)
+    assert torch.equal(g.as_strided((n,), (se,)), want_grad), (g.as_strided((n,), (se,)), want_grad)
+
+
+@needs_kernels
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("op", ["box_pool", "box_fill"])
