@@ -123,7 +123,8 @@ tail -n 1 "$WORK/device.log" 2>/dev/null | tee -a "$WORK/summary.txt"
 step build "$PY" setup.py build_ext --inplace
 step backends "$PY" -c "import lgd_ops; b = lgd_ops.available_backends(); print(b); assert 'cuda' in b"
 step tests "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -k "cuda or triton" tests
-# fp32 NCHW (the default path) and bf16 channels_last (the fast training path's maps)
+# fp32 NCHW (the default path) and bf16 channels_last (the fast training path's maps). The script by its path:
+# `python -m lgd.tools.bench ops` would import lgd, hence detectron2, which the GPU machine lacks.
 for case in "float32 contiguous" "bfloat16 channels_last"; do
   set -- $case
   step "bench_ops_$1" "$PY" benchmarks/bench_ops.py --device cuda --shape retinanet faster_rcnn \
