@@ -9,9 +9,10 @@ pooled value a row sweep forms as a difference of its largest prefix sums. Every
 
 with u the unit roundoff of the accumulator (float for half maps: 2^-24) and P the magnitude the accumulator holds
 while the output is formed: box_pool, the sum of |x| over the box's prefix region (rows <= y1, columns <= x1)
-over the box's cell count (the op averages); box_fill, the sum of |v| over the image's boxes (the op adds the boxes' values up). A
-prefix difference carries a few roundings at magnitude P (K = 4 leaves room for any scan order); a half or
-bfloat16 accumulator, or partial sums stored in the map's dtype, miss the bound by orders of magnitude.
+over the box's cell count (the op averages); box_fill, the sum of |v| over the image's boxes (the op adds the
+boxes' values up). A prefix difference carries a few roundings at magnitude P, hence K = 4 (the Triton sweep's
+one-cell box comes closest, at about one u * P); a half or bfloat16 accumulator, or partial sums stored in the
+map's dtype, miss the bound by orders of magnitude.
 The CPU kernels run here; the Triton kernels run under the interpreter from tests/test_triton.py
 (test_half_accuracy_full_size), with full_size_errors below.
 """

@@ -272,21 +272,39 @@ def test_box_pool_without_images(kernel):
 
 
 @needs_kernels
-def test_box_pool_row_offsets_past_int32():
-    """A map whose row stride times the row index passes 2**31 elements (a view of a 4 GiB buffer that is never
-    written outside the view's cells): the sweep's row offsets are int64, so the sums are right."""
-    h, w, stride_h = 3, 2, 2**30 + 3
-    buf = torch.empty(stride_h * (h - 1) + w, dtype=torch.bfloat16, device=DEVICE)  # no memory until written
-    feats = buf.as_strided((1, 1, h, w), (buf.numel(), buf.numel(), stride_h, 1))
+@pytest.mark.parametrize("h,w,stride_h,stride_w", [(3, 2, 2**30 + 3, 1), (2, 3, 1, 2**30 + 3)], ids=["rows", "columns"])
+def test_box_pool_row_offsets_past_int32(h, w, stride_h, stride_w):
+    """A map whose row (or column) stride times the row (column) index passes 2**31 elements (a view of a 4 GiB
+    buffer that is never written outside the view's cells): the sweep's offsets are int64, so the sums are right."""
+    buf = torch.empty(stride_h * (h - 1) + stride_w * (w - 1) + 1, dtype=torch.bfloat16, device=DEVICE)  # lazy
+    feats = buf.as_strided((1, 1, h, w), (buf.numel(), buf.numel(), stride_h, stride_w))
     values = torch.arange(1.0, h * w + 1, dtype=torch.bfloat16).reshape(h, w)
     for j in range(h):
         feats[0, 0, j] = values[j].to(DEVICE)
-    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]], dtype=torch.float32, device=DEVICE)
+    boxes = torch.tensor([[0.0, 0.0, w, h], [w / 2, h / 2, w, h]], dtype=torch.float32, device=DEVICE)
     batch_idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     out = _ops().box_pool_triton(feats, boxes, batch_idx, h, w, False)
-    expected = lgd_ops.box_pool(values.double()[None, None], boxes.cpu().double(), batch_idx.cpu(), (h, w),
-                                backend="reference") * torch.tensor([[h * w], [(h - 1) * w]])
-    assert torch.equal(out.cpu().double(), expected), (out, expected)
+    expected = _ops().box_pool_triton(values[None, None].to(DEVICE), boxes, batch_idx, h, w, False)
+    assert out[0, 0] == h * w * (h * w + 1) / 2 and torch.equal(out, expected), (out, expected)
+
+
+@needs_kernels
+def test_box_fill_row_offsets_past_int32():
+    """The fill kernel writing rows whose offset j * stride_oh passes 2**31 elements (a view of a 4 GiB buffer,
+    written only at the view's cells) writes what box_fill_triton writes into an ordinary map."""
+    from lgd_ops.triton import _common, box_fill
+
+    h, w, stride_h = 3, 2, 2**30 + 3
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float32, device=DEVICE)
+    batch_idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    values = torch.tensor([[1.0], [2.0]], dtype=torch.bfloat16, device=DEVICE)
+    want = _ops().box_fill_triton(values, boxes, batch_idx, h, w, 1, h, w, False)
+    cells, _, keys, ids, start = _common.sweep_plan(boxes, batch_idx, 1, h, w, h, w)
+    out = torch.empty(stride_h * (h - 1) + w, dtype=torch.bfloat16, device=DEVICE)  # no memory until written
+    box_fill._box_fill_kernel[(1, 1)](values, cells, keys, ids, start, out, 1, h, w, 1, 1, out.numel(), out.numel(),
+                                      stride_h, 1, AVERAGE=False, ACC_FP64=False, BLOCK_C=1, BLOCK_W=2)
+    got = out.as_strided((1, 1, h, w), (out.numel(), out.numel(), stride_h, 1))
+    assert torch.equal(got, want), (got, want)
 
 
 @needs_kernels
