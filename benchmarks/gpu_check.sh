@@ -39,7 +39,9 @@ SCALE=1
 # (a dry run's stand-ins take milliseconds, and forks would blur its schedule).
 ms() { R=$(($1 * 1000 / SCALE)); }  # R = seconds of the schedule in milliseconds of this run
 secs() { printf -v R '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }  # R = milliseconds as seconds
-now() { R=$((${EPOCHREALTIME/./} / 1000)); }  # R = the clock (bash 5)
+now() {  # R = the clock (bash 5's EPOCHREALTIME, whatever its locale's decimal mark; else date)
+  if [ -n "${EPOCHREALTIME:-}" ]; then R=$((${EPOCHREALTIME//[!0-9]/} / 1000)); else R=$(date +%s%3N); fi
+}
 now; start=$R
 ms "${GPU_CHECK_SECONDS:-510}"; deadline=$((start + R))
 ms $RESERVE; deadline=$((deadline - R))
