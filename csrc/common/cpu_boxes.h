@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <memory>
@@ -166,6 +167,12 @@ struct Blocks {
     integral_rows = channels_last && cb > 1 && 2 * most * kCellsPerEvent > H * W;
     full = channels / cb;
     per_image = full + channels % cb;
+  }
+  // Blocks per parallel_for task: a task of at least ATen's grain of cells (and events), so a small map runs on
+  // one thread instead of waking the pool for a few hundred cells (a sleeping thread costs more than the work).
+  int64_t grain(int64_t H, int64_t W) const {
+    const int64_t work = int64_t(cb) * (H * W + 2 * most);
+    return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
   }
   // (image, first channel, whether it is a full block) of block blk
   void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {

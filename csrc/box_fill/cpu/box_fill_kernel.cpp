@@ -100,7 +100,7 @@ at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
     const scalar_t* v = vals.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * blocks.per_image, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * blocks.per_image, blocks.grain(out_h, out_w), [&](int64_t begin, int64_t end) {
       if (avx2) fill_blocks<scalar_t, true>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
       else fill_blocks<scalar_t, false>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
     });
