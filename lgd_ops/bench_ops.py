@@ -224,6 +224,18 @@ def run_sweep(args, device, backends, stamp, on_case=None):
     return rows
 
 
+def auto_choices(args, device):
+    """What lgd_ops' auto chooses on this device for each op, dtype and layout of the sweep, measured as a run
+    measures it: one forward call with backend "auto" on the sweep's first shape and batch and its most objects."""
+    lgd_ops.set_auto_choices({})
+    for op in args.ops:
+        for dtype in args.dtype:
+            for layout in args.layout:
+                mode_fn(op, args.shape[0], max(args.objects), getattr(torch, dtype), device, args.batch[0],
+                        "forward", "auto", layout)()
+    return lgd_ops.auto_choices()
+
+
 def markdown(rows, stamp, modes):
     """One table row per (shape, batch, dtype, op, objects, backend): median ms per mode (p20-p80 for full),
     full vs reference, achieved GB/s of full (% of the copy bandwidth), peak MB of full."""
@@ -325,7 +337,9 @@ def main(argv=None, prog=None):
             f.flush()
 
         rows = run_sweep(args, device, backends, stamp, append)
-    table = markdown(rows, stamp, args.modes)
+    chosen = auto_choices(args, device)
+    table = markdown(rows, stamp, args.modes) + "\n\nauto chooses (measured once per op, dtype and layout): " + \
+        ", ".join(f"{key} -> {name}" for key, name in sorted(chosen.items()))
     print("\n" + table)
 
     write_outputs(base, None, rows, table)  # the CSV is written already, case by case
