@@ -25,7 +25,8 @@ Ratios: each backend's median time and peak memory over the reference's in the s
 
 Outputs under --out, named ops_<device>_<shapes>_<dtypes>: .csv (long format, one row per metric: op,
 backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torch, triton, commit, ...),
-.json (the same rows), .md (table) and _time.png / _memory.png (time and memory of mode full vs objects).
+appended as each case finishes, so a run stopped part-way (a timeout) keeps every finished case; then, at the
+end, .json (the same rows), .md (table) and _time.png / _memory.png (time and memory of mode full vs objects).
 
   lgd-bench ops                       # COCO RetinaNet shape, B=2, fp32, 7/50/300 objects + context
   lgd-bench ops --sweep               # everything: both shapes, 1-300 objects, B 1/2/8, fp32+bf16
@@ -34,6 +35,7 @@ backend, mode, shape, batch, objects, dtype, metric, p20, p50, p80, device, torc
   lgd-bench ops --shape tiny --repeats 2 --out /tmp/bench   # smoke run
 """
 import argparse
+import csv
 import os
 import sys
 import time
@@ -173,8 +175,12 @@ def parse_args(argv=None, prog=None):
     return args
 
 
-def run_sweep(args, device, backends, stamp):
-    """One CSV row per (case, metric): time_ms, gbps, bw_fraction, vs_ref (time), peak_mb, peak_vs_ref."""
+CSV_FIELDS = ["op", "backend", "mode", "shape", "batch", "objects", "dtype", "layout", "metric", "p20", "p50", "p80"]
+
+
+def run_sweep(args, device, backends, stamp, on_case=None):
+    """One row per (case, metric): time_ms, gbps, bw_fraction, vs_ref (time), peak_mb, peak_vs_ref; each case's
+    rows also go to on_case as soon as the case is measured."""
     from tqdm import tqdm
 
     cases = [(op, shape, batch, dtype, layout, objects) for shape in args.shape for batch in args.batch
@@ -207,12 +213,27 @@ def run_sweep(args, device, backends, stamp):
                         metrics["vs_ref"] = tuple(t / base["time_ms"][1] for t in metrics["time_ms"])
                         if "peak_mb" in metrics and base.get("peak_mb", (0,))[0]:
                             metrics["peak_vs_ref"] = tuple(m / base["peak_mb"][0] for m in metrics["peak_mb"])
-                    for metric, (lo, mid, hi) in metrics.items():
-                        rows.append(dict(key, metric=metric, p20=lo, p50=mid, p80=hi, **stamp))
+                    case_rows = [dict(key, metric=metric, p20=lo, p50=mid, p80=hi, **stamp)
+                                 for metric, (lo, mid, hi) in metrics.items()]
+                    rows += case_rows
+                    if on_case:
+                        on_case(case_rows)
                     bar.set_postfix_str(f"{op} {shape} B{n_img} {dtype_name} {layout} {objects} obj {backend} {mode}: "
                                         f"{p50:.2f} ms")
                     bar.update()
     return rows
+
+
+def auto_choices(args, device):
+    """What lgd_ops' auto chooses on this device for each op, dtype and layout of the sweep, measured as a run
+    measures it: one forward call with backend "auto" on the sweep's first shape and batch and its most objects."""
+    lgd_ops.set_auto_choices({})
+    for op in args.ops:
+        for dtype in args.dtype:
+            for layout in args.layout:
+                mode_fn(op, args.shape[0], max(args.objects), getattr(torch, dtype), device, args.batch[0],
+                        "forward", "auto", layout)()
+    return lgd_ops.auto_choices()
 
 
 def markdown(rows, stamp, modes):
@@ -304,13 +325,24 @@ def main(argv=None, prog=None):
              "malloc": "steady (glibc keeps freed blocks)" if device.type == "cpu" else "caching allocator",
              "date": time.strftime("%Y-%m-%d %H:%M"), "copy_gbps": copy_bandwidth(device)}
     print(f"# lgd_ops benchmark: {stamp}", flush=True)
-    rows = run_sweep(args, device, backends, stamp)
-    table = markdown(rows, stamp, args.modes)
-    print("\n" + table)
-
     layouts = "" if args.layout == ["contiguous"] else "_" + "-".join(args.layout)
     base = os.path.join(args.out, f"ops_{device.type}_{'-'.join(args.shape)}_{'-'.join(args.dtype)}{layouts}")
-    write_outputs(base, rows, rows, table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(base + ".csv", "w", newline="") as f:  # a case's rows as soon as it is measured: a timeout keeps them
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + list(stamp))
+        writer.writeheader()
+
+        def append(case_rows):
+            writer.writerows(case_rows)
+            f.flush()
+
+        rows = run_sweep(args, device, backends, stamp, append)
+    chosen = auto_choices(args, device)
+    table = markdown(rows, stamp, args.modes) + "\n\nauto chooses (measured once per op, dtype and layout): " + \
+        ", ".join(f"{key} -> {name}" for key, name in sorted(chosen.items()))
+    print("\n" + table)
+
+    write_outputs(base, None, rows, table)  # the CSV is written already, case by case
     plots = plot(rows, base)
     print(f"\nwrote {base}.csv, .json, .md" + "".join(f", {os.path.basename(p)}" for p in plots))
 

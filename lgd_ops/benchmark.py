@@ -276,7 +276,8 @@ def triton_version():
 
 
 def write_outputs(base, rows, payload, table):
-    """base.csv (rows, long format), base.json (payload) and base.md (table)."""
+    """base.csv (rows, long format; rows=None: written already, as lgd-bench ops appends it case by case),
+    base.json (payload) and base.md (table)."""
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     if rows:
         with open(base + ".csv", "w", newline="") as f:

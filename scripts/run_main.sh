@@ -5,7 +5,7 @@
 #      (ImageNet MobileNetV2), fused lgd_ops, ~10 minutes on 2 CPU cores; COCO AP/AP50 of the student, the
 #      LGD op report on the run's shapes, loss/AP plots and summary.json in ${LGD_DEMO_OUT:-output/demo};
 #   2. the op report at the COCO RetinaNet shape: every lgd_ops backend against the reference
-#      (benchmarks/bench_ops.py via lgd.tools.bench), written next to the demo's output (op_report/).
+#      (lgd-bench ops, lgd_ops/bench_ops.py), written next to the demo's output (op_report/).
 # Arguments go to the demo, e.g.  scripts/run_main.sh --compare --seeds 0 1 2   or   scripts/run_main.sh --overwrite
 # A rerun continues (or reuses) the runs already in the output folder (--resume is implied), unless --overwrite.
 set -euo pipefail
@@ -20,5 +20,5 @@ for arg in "$@"; do
   if [ "$arg" = "--overwrite" ] || [ "$arg" = "--resume" ]; then resume=(); fi
 done
 "$PY" -m lgd.tools.demo --output-dir "$OUT" "${resume[@]}" "$@"
-echo "[main] op report: lgd_ops backends vs reference at the COCO RetinaNet shape (benchmarks/bench_ops.py)"
+echo "[main] op report: lgd_ops backends vs reference at the COCO RetinaNet shape (lgd-bench ops)"
 "$PY" -m lgd.tools.bench ops --shape retinanet --out "$OUT/op_report"

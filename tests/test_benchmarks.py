@@ -29,6 +29,7 @@ def test_bench_ops_tiny(tmp_path):
     out = run("ops", "--shape", "tiny", "--repeats", "1", "--objects", "3", "--backends", "reference", "cpu",
               "--no-memory", "--out", str(tmp_path))
     assert "| tiny | 2 | float32 | box_pool | 3 | cpu |" in out and "| normalized_mse | - | cpu |" in out
+    assert "auto chooses" in out and all(f"{op}/cpu/float32/contiguous -> " in out for op in bench.OPS)
     with open(tmp_path / "ops_cpu_tiny_float32.csv") as f:
         rows = list(csv.DictReader(f))
     assert {(r["op"], r["backend"], r["mode"]) for r in rows} == {

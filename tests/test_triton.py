@@ -244,6 +244,111 @@ def test_box_ops_average_backward_is_box_fill_average():
     _assert_close(got, ref, torch.float64, "box_fill average")
 
 
+@needs_kernels
+def test_box_sweeps_refuse_more_images_than_the_grid_has_rows():
+    """The image is the sweeps' second grid dimension, at most 65535 on CUDA: both ops refuse more, before any
+    launch."""
+    ops = _ops()
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64, device=DEVICE)
+    batch_idx = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="at most 65535 images per call, got 65536"):
+        ops.box_pool_triton(torch.zeros(65536, 1, 1, 1, device=DEVICE), boxes, batch_idx, 4, 4, True)
+    with pytest.raises(RuntimeError, match="at most 65535 images per call, got 65536"):
+        ops.box_fill_triton(torch.ones(1, 1, device=DEVICE), boxes, batch_idx, 4, 4, 65536, 1, 1, False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+def test_box_pool_without_images(kernel):
+    """Boxes but no image (B = 0) on a map large enough for the sweeps: zero rows (no box covers anything)
+    and no launch of a grid without rows."""
+    if kernel == "cuda" and DEVICE != "cuda":
+        pytest.skip("the raw CUDA op needs a GPU")
+    op = _ops().box_pool_triton if kernel == "triton" else torch.ops.lgd_ops.box_pool
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 3, dtype=torch.float32, device=DEVICE)
+    out = op(torch.ones(0, 4, 16, 16, device=DEVICE), boxes, torch.zeros(3, dtype=torch.int64, device=DEVICE), 32, 32,
+             True)
+    assert torch.equal(out.cpu(), torch.zeros(3, 4))
+
+
+@needs_kernels
+@pytest.mark.parametrize("h,w,stride_h,stride_w", [(3, 2, 2**30 + 3, 1), (2, 3, 1, 2**30 + 3)], ids=["rows", "columns"])
+def test_box_pool_row_offsets_past_int32(h, w, stride_h, stride_w):
+    """A map whose row (or column) stride times the row (column) index passes 2**31 elements (a view of a 4 GiB
+    buffer that is never written outside the view's cells): the sweep's offsets are int64, so the sums are right."""
+    buf = torch.empty(stride_h * (h - 1) + stride_w * (w - 1) + 1, dtype=torch.bfloat16, device=DEVICE)  # lazy
+    feats = buf.as_strided((1, 1, h, w), (buf.numel(), buf.numel(), stride_h, stride_w))
+    values = torch.arange(1.0, h * w + 1, dtype=torch.bfloat16).reshape(h, w)
+    for j in range(h):
+        feats[0, 0, j] = values[j].to(DEVICE)
+    boxes = torch.tensor([[0.0, 0.0, w, h], [w / 2, h / 2, w, h]], dtype=torch.float32, device=DEVICE)
+    batch_idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    out = _ops().box_pool_triton(feats, boxes, batch_idx, h, w, False)
+    expected = _ops().box_pool_triton(values[None, None].to(DEVICE), boxes, batch_idx, h, w, False)
+    assert out[0, 0] == h * w * (h * w + 1) / 2 and torch.equal(out, expected), (out, expected)
+
+
+@needs_kernels
+def test_box_fill_row_offsets_past_int32():
+    """The fill kernel writing rows whose offset j * stride_oh passes 2**31 elements (a view of a 4 GiB buffer,
+    written only at the view's cells) writes what box_fill_triton writes into an ordinary map."""
+    from lgd_ops.triton import _common, box_fill
+
+    h, w, stride_h = 3, 2, 2**30 + 3
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [0.0, 1.0, 1.0, 3.0]], dtype=torch.float32, device=DEVICE)
+    batch_idx = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    values = torch.tensor([[1.0], [2.0]], dtype=torch.bfloat16, device=DEVICE)
+    want = _ops().box_fill_triton(values, boxes, batch_idx, h, w, 1, h, w, False)
+    cells, _, keys, ids, start = _common.sweep_plan(boxes, batch_idx, 1, h, w, h, w)
+    out = torch.empty(stride_h * (h - 1) + w, dtype=torch.bfloat16, device=DEVICE)  # no memory until written
+    box_fill._box_fill_kernel[(1, 1)](values, cells, keys, ids, start, out, 1, h, w, 1, 1, out.numel(), out.numel(),
+                                      stride_h, 1, AVERAGE=False, ACC_FP64=False, BLOCK_C=1, BLOCK_W=2)
+    got = out.as_strided((1, 1, h, w), (out.numel(), out.numel(), stride_h, 1))
+    assert torch.equal(got, want), (got, want)
+
+
+@needs_kernels
+def test_normalized_mse_offsets_past_int32():
+    """The kernels on a plane whose element stride times the element index passes 2**31 (as a channels_last map
+    with C * H * W > 2**31 would, here views of 4 GiB buffers written only at the plane's 3 elements) give
+    the stats and gradient of the same plane stored contiguously."""
+    from lgd_ops.triton import normalized_mse as nmse
+
+    n, se = 3, 2**30 + 3
+    s_small = torch.tensor([1.0, 2.0, 4.0], dtype=torch.bfloat16, device=DEVICE).reshape(1, 1, 1, n)
+    t_small = torch.tensor([3.0, 1.0, 2.0], dtype=torch.bfloat16, device=DEVICE).reshape(1, 1, 1, n)
+    _, want_stats = _ops().normalized_mse_triton([s_small], [t_small], 1e-5)
+    want_grad = _ops().normalized_mse_backward_triton(torch.ones((), device=DEVICE), [s_small], [t_small],
+                                                      want_stats)[0].flatten()
+    s, t, g = (torch.empty(se * (n - 1) + 1, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    s.as_strided((n,), (se,)).copy_(s_small.flatten())
+    t.as_strided((n,), (se,)).copy_(t_small.flatten())
+    strides = (0, 0, se)  # (sb, sc, se) of one plane
+    stats = torch.empty(5, 1, device=DEVICE)
+    loss = torch.empty(1, dtype=torch.float64, device=DEVICE)
+    eps = torch.full((1,), 1e-5, dtype=torch.float64, device=DEVICE)
+    nmse._nmse_forward_kernel[(1,)](s, t, eps, stats, loss, n, 0, 1, 1, *strides, *strides, ACC_FP64=False, BLOCK=4)
+    assert torch.equal(stats, want_stats), (stats, want_stats)
+    scale = torch.full((1,), 2.0 / n, dtype=torch.float64, device=DEVICE)
+    nmse._nmse_backward_kernel[(1, 1)](s, t, g, stats, scale, n, 0, 1, 1, *strides, *strides, *strides,
+                                       ACC_FP64=False, BLOCK=4)
+    assert torch.equal(g.as_strided((n,), (se,)), want_grad), (g.as_strided((n,), (se,)), want_grad)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("op", ["box_pool", "box_fill"])
+def test_half_accuracy_full_size(op, dtype, channels_last):
+    """tests/test_half_accuracy.py's error bound on a full-size level (200 x 304, a one-cell box at the
+    bottom-right). The interpreter casts float to bfloat16 by truncation (a GPU rounds to nearest), so there its
+    bfloat16 outputs are allowed a whole ulp of rounding."""
+    from test_half_accuracy import check_full_size
+
+    rounding = 1.0 if INTERPRET and dtype == torch.bfloat16 else 0.5
+    check_full_size(op, dtype, channels_last, DEVICE, "triton", rounding)
+
+
 @pytest.fixture
 def plan_cache(monkeypatch):
     """lgd_ops.triton._common with an empty plan cache for the test, and the list of the plans it builds

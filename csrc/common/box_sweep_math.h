@@ -20,10 +20,11 @@
 // with u = 2^-53 (double). On a P2 level of an 800 x 1344 input (200 x 336 cells) with |x| <= 10 that is
 // 217 * 1.1e-16 * 6.7e5 < 2e-8 absolute on a sum, below a float output's own rounding; with a float
 // accumulator (u = 2^-24) the same bound is ~9, which is why float maps accumulate in double. Half/bfloat16
-// maps use a float accumulator: their outputs round at 2^-11 / 2^-8 of the value, enough for the tests' maps
-// (tens of rows); on full-size levels the worst case exceeds a half output's rounding (typical errors, a
-// random walk, stay far below it; not measured). A fill cell carries at most (events + W / 32 + 6) u
-// sum_boxes |v| likewise.
+// maps use a float accumulator: their outputs round at 2^-11 / 2^-8 of the value, enough for maps of tens of
+// rows; on full-size levels the worst case exceeds a half output's rounding. tests/test_half_accuracy.py bounds
+// the error on a 200 x 304 level by the output's rounding plus 4 u times the prefix sum the box's value is
+// taken from (a one-cell box at the bottom-right, a difference of the largest prefix sums, comes closest to
+// it). A fill cell carries at most (events + W / 32 + 6) u sum_boxes |v| likewise.
 #pragma once
 
 #include <cmath>

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <memory>
@@ -139,18 +140,16 @@ constexpr int64_t kCellsPerEvent = 512;
 // The blocks of one image: C / cb blocks of cb channels, then the C % cb remaining channels one by one.
 // channels_last: cb = kBlockCLWide while B * C / kBlockCLWide blocks keep `threads` threads busy, else kBlockCL:
 // a block reads cb channels of each position at a stride of C, and 128 fp32 channels (512 contiguous bytes) suit
-// the prefetchers better than 32 (measured 2026-11-30, 1 thread, C = 256, P3 100 x 152, 7 boxes per image, A/B
-// runs alternated: fp32 box_pool 1.9-2.1 -> 1.5-1.7 ms, box_fill 1.4-1.6 -> 1.0-1.1 ms; bfloat16 within the
-// noise). The block's state, 2 W cb accumulators, stays in L2.
+// the hardware prefetchers better than 32 (fp32 pool and fill faster; bfloat16 the same). The block's state,
+// 2 W cb accumulators, stays in L2.
 // NCHW: kBlockNCHW planes per block (transposed into the [i][c] state, so event rows run across channels) once
-// an image has more than one event per kCellsPerEvent cells of the level, else one plane per block (a
-// contiguous stream, ~10-30 % faster with no events). Measured 2026-11-30, RetinaNet P3-P7, B=2, C=256, 1
-// thread: 8 planes win at every level from ~15 boxes per image on P3 (100 x 152) and from 1 box on P5-P7; 300
-// boxes per image: P3 fp32 pool 2.7 -> 1.6 ms, fill 4.3 -> 2.0 ms.
+// an image has more than one event per kCellsPerEvent cells of the level, else one plane per block: a
+// contiguous stream is faster while events are rare, and with many events the event rows' work across 8
+// channels at once outweighs the transposes (from a few boxes per image on the finest levels, from one box on
+// the coarse ones).
 // channels_last blocks with more than one event per kCellsPerEvent cells keep integral rows (cpu_box_sweep.inc:
-// IR): measured 2026-11-30, RetinaNet P3-P7, 1 thread, 300 boxes per image: fp32 pool 3.0-3.2 -> 2.1-2.2 ms,
-// fill 2.9 -> 2.1 ms, bfloat16 pool 1.3 -> 0.9 ms; with under one event per 512 cells (P3 at 7 boxes) the
-// column sums' row pass is cheaper (fp32 pool 1.6 -> 1.75 ms on P3-P7 with integral rows everywhere).
+// IR): every event then reads two positions whatever its width and no event row needs a row prefix; with rarer
+// events the column sums' cheaper row pass wins.
 struct Blocks {
   int64_t C, full, per_image;
   int64_t most;  // boxes of the image with the most (sizes the kernels' per-box scratch)
@@ -168,6 +167,12 @@ struct Blocks {
     integral_rows = channels_last && cb > 1 && 2 * most * kCellsPerEvent > H * W;
     full = channels / cb;
     per_image = full + channels % cb;
+  }
+  // Blocks per parallel_for task: a task of at least ATen's grain of cells (and events), so a small map runs on
+  // one thread instead of waking the pool for a few hundred cells (a sleeping thread costs more than the work).
+  int64_t grain(int64_t H, int64_t W) const {
+    const int64_t work = int64_t(cb) * (H * W + 2 * most);
+    return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work));
   }
   // (image, first channel, whether it is a full block) of block blk
   void at(int64_t blk, int64_t* b, int64_t* c0, bool* wide) const {

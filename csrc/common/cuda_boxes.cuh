@@ -66,7 +66,7 @@ template <typename scalar_t>
 using sweep_acc_t = std::conditional_t<(sizeof(scalar_t) >= 4), double, float>;
 
 constexpr int kSweepThreads = 256;        // 8 warps: up to 8 channels per block, one warp each
-constexpr int64_t kSweepMinCells = 64;    // maps with fewer cells keep the direct kernels (unmeasured threshold)
+constexpr int64_t kSweepMinCells = 64;    // maps with fewer cells keep the direct kernels (a guess: untimed on GPU)
 constexpr size_t kSweepSharedBytes = 48 * 1024;  // without opting in to more shared memory per block
 
 // Channels per sweep block: up to 8 (one warp each) while its two rows of state, CB * (2W + 1) accumulators,

@@ -21,6 +21,7 @@ from .._boxes import box_cells
 
 
 MAX_SWEEP_WIDTH = 8192  # the sweeps hold a whole row of a plane per program
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the sweeps' image)
 SWEEP_ELEMENTS = 4096  # channels x padded row width held per program
 
 

@@ -16,9 +16,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_fill import register_autograd
-from ._common import check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
-
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the image)
+from ._common import MAX_GRID_Y, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
 
 
 @triton.jit
@@ -35,7 +33,9 @@ def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr,
     else:
         acc_ty = tl.float32
     col = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
-    plane = out_ptr + img * stride_ob + c_offs.to(tl.int64)[:, None] * stride_oc + cols[None, :] * stride_ow
+    # offsets in int64: a row's offset j * stride_oh (or a column's) can pass 2**31 elements on a large map
+    plane = (out_ptr + img * stride_ob + c_offs.to(tl.int64)[:, None] * stride_oc
+             + cols.to(tl.int64)[None, :] * stride_ow)
     p_begin = tl.load(start_ptr + img)
     p_end = tl.load(start_ptr + img + 1)
     p = p_begin
@@ -69,7 +69,7 @@ def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr,
                 p += 1
                 key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
             col += tl.cumsum(diff, axis=1)
-        tl.store(plane + j * stride_oh, col.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(plane + tl.cast(j, tl.int64) * stride_oh, col.to(out_ptr.dtype.element_ty), mask=mask)
     if non_finite > 0:  # NaN - NaN, inf - inf never cancel: such values go straight into their own box's cells
         for k in range(p_begin, p_end):
             event = tl.load(id_ptr + k)

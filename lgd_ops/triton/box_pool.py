@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_pool import register_autograd
-from ._common import check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
+from ._common import MAX_GRID_Y, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
 
 
 @triton.jit
@@ -34,7 +34,9 @@ def _box_pool_kernel(feat_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, partial_pt
     else:
         acc_ty = tl.float32
     col = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
-    plane = feat_ptr + img * stride_b + c_offs.to(tl.int64)[:, None] * stride_c + cols[None, :] * stride_w
+    # offsets in int64: a row's offset j * stride_h (or a column's) can pass 2**31 elements on a large map
+    plane = (feat_ptr + img * stride_b + c_offs.to(tl.int64)[:, None] * stride_c
+             + cols.to(tl.int64)[None, :] * stride_w)
     p = tl.load(start_ptr + img)
     p_end = tl.load(start_ptr + img + 1)
     base = img * (H + 2)
@@ -75,7 +77,7 @@ def _box_pool_kernel(feat_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, partial_pt
                 key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
             tl.debug_barrier()  # the top events' partial sums, visible to the whole program
         if j < H:
-            col += tl.load(plane + j * stride_h, mask=mask, other=0.0).to(acc_ty)
+            col += tl.load(plane + tl.cast(j, tl.int64) * stride_h, mask=mask, other=0.0).to(acc_ty)
 
 
 @triton_op("lgd_ops::box_pool_triton", mutates_args=())
@@ -90,6 +92,8 @@ def box_pool_triton(features: torch.Tensor, boxes: torch.Tensor, batch_idx: torc
     n = boxes.shape[0]
     if n == 0 or channels == 0 or height == 0 or width == 0:
         return features.new_zeros(n, channels)
+    if n_img > MAX_GRID_Y:
+        raise RuntimeError(f"{op}: at most {MAX_GRID_Y} images per call, got {n_img}")
     out = features.new_zeros(n, channels)  # boxes covering nothing stay zero
     fp64 = sweep_acc_fp64(features.dtype)
     partial = features.new_empty(n, channels, dtype=torch.float64 if fp64 else torch.float32)

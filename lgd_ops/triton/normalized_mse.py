@@ -44,7 +44,7 @@ def _nmse_forward_kernel(s_ptr, t_ptr, eps_ptr, stats_ptr, loss_ptr, n, first, p
     bb = tl.zeros([BLOCK], dtype=acc_ty)
     ab = tl.zeros([BLOCK], dtype=acc_ty)
     for i0 in range(0, n, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
+        offs = tl.cast(i0, tl.int64) + tl.arange(0, BLOCK)  # int64: f * se (se = C in channels_last) can pass 2**31
         mask = offs < n
         x = tl.where(mask, tl.load(s_ptr + offs * s_se, mask=mask, other=0.0).to(acc_ty) - s0, 0.0)
         y = tl.where(mask, tl.load(t_ptr + offs * t_se, mask=mask, other=0.0).to(acc_ty) - t0, 0.0)
@@ -87,7 +87,7 @@ def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, p
     else:
         acc_ty = tl.float32
     plane = tl.program_id(0).to(tl.int64)  # a program per (plane, block of the plane)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: f * se can pass 2**31
     mask = offs < n
     q = first + plane
     s_mean = tl.load(stats_ptr + q).to(acc_ty)

@@ -51,9 +51,8 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
   std::vector<acc_t> scaled(std::max<int64_t>(blocks.most, 1) * blocks.cb);
   const Scratch<acc_t> s{col.data(), diff.data(), scaled.data()};
   const int64_t C = blocks.C;
-  // Integral rows (Blocks::integral_rows) for float/double maps only: bfloat16 maps measured slower that way on
-  // the 100 x 152 level (2026-11-30, 1 thread: 0.75-0.95 -> 1.2-1.5 ms at 7 and 300 boxes per image); float
-  // maps faster (RetinaNet P3-P7 at 300 boxes 2.9-3.1 -> 2.0-2.2 ms).
+  // Integral rows (Blocks::integral_rows) for float/double maps only: float fills are faster that way, bfloat16
+  // fills slower (timed on CPU), so half maps keep the column sums.
   constexpr bool kIR = std::is_same_v<acc_t, double>;
   const bool ir = kIR && blocks.integral_rows;
   for (int64_t blk = begin; blk < end; ++blk) {
@@ -101,7 +100,7 @@ at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes, const
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
     const scalar_t* v = vals.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * blocks.per_image, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch * blocks.per_image, blocks.grain(out_h, out_w), [&](int64_t begin, int64_t end) {
       if (avx2) fill_blocks<scalar_t, true>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
       else fill_blocks<scalar_t, false>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
     });

@@ -7,7 +7,7 @@
 // Non-finite values are left out of the sweep and added to their own box's cells afterwards.
 // The gather (box_fill_kernel: one thread per output cell and 8 channels loops over its image's boxes, O(H*W*N)
 // per plane) stays for maps under kSweepMinCells cells and rows too wide for a sweep block's shared memory
-// (cuda_boxes.cuh); that threshold is not measured yet.
+// (cuda_boxes.cuh); that threshold is a guess, untimed on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

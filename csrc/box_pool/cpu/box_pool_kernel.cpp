@@ -91,7 +91,7 @@ at::Tensor box_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cpu", [&] {
     const scalar_t* f = feat.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * blocks.per_image, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * blocks.per_image, blocks.grain(H, W), [&](int64_t begin, int64_t end) {
       if (avx2) pool_blocks<scalar_t, true>(f, m, blocks, H, W, *plan, average, o, begin, end);
       else pool_blocks<scalar_t, false>(f, m, blocks, H, W, *plan, average, o, begin, end);
     });

@@ -7,7 +7,7 @@
 // cells, so a NaN or inf stays with the boxes covering it.
 // The direct kernel (box_pool_kernel: one warp per (box, channel) sums the box's rectangle, lanes along the
 // row, fixed-order shuffle reduction) stays for maps under kSweepMinCells cells and rows too wide for a
-// sweep block's shared memory (cuda_boxes.cuh); that threshold is not measured yet.
+// sweep block's shared memory (cuda_boxes.cuh); that threshold is a guess, untimed on a GPU.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -107,7 +107,8 @@ at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, co
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t n = boxes.size(0);
-  if (n == 0 || C == 0 || H == 0 || W == 0) return at::zeros({n, C}, features.options());
+  // With no image (B == 0) no box covers anything, and the sweep's grid would have no rows of blocks.
+  if (B == 0 || n == 0 || C == 0 || H == 0 || W == 0) return at::zeros({n, C}, features.options());
   at::Tensor out = at::empty({n, C}, features.options());
   const auto plan = cached_box_plan(boxes, batch_idx, B, in_h, in_w, H, W);
   // NCHW and channels_last maps are read in place (strides); other views are made contiguous first.
