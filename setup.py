@@ -101,5 +101,6 @@ setup(
         "lgd-demo=lgd.tools.demo:main",
         "lgd-bench=lgd.tools.bench:main",
         "lgd-predict=lgd.tools.predict:main",
+        "lgd-inspect=lgd.tools.inspect:main",
     ]},
 )
