@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 from detectron2.utils.visualizer import Visualizer
@@ -26,7 +27,7 @@ from ..methods import build_method
 from .build import build_model
 
 __all__ = ["PREDICTIONS_FILE", "Predictor", "coco_results", "dataset_metadata", "draw_predictions", "list_inputs",
-           "predict_files"]
+           "output_names", "predict_files", "config_test_dataset"]
 
 logger = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.json"
@@ -56,14 +57,19 @@ class Predictor:
             return [out["instances"].to("cpu") for out in self.model(inputs)]
 
 
-def dataset_metadata(cfg):
-    """The MetadataCatalog entry of the config's (first) test dataset, with its class names: a COCO json
-    registered by path gets them when its dicts are first loaded, so they are loaded here if missing."""
+def config_test_dataset(cfg) -> str:
+    """The config's (first) test dataset name, "" when it names none."""
     names = cfg.dataloader.test.dataset.get("names", None)
-    name = names if isinstance(names, str) else (list(names or []) or [""])[0]
-    if name and name in DatasetCatalog.list() and not MetadataCatalog.get(name).get("thing_classes", None):
+    return names if isinstance(names, str) else str((list(names or []) or [""])[0])
+
+
+def dataset_metadata(cfg):
+    """The MetadataCatalog entry of the config's test dataset, with its class names: a COCO json registered by
+    path gets them when its dicts are first loaded, so they are loaded here if missing."""
+    name = config_test_dataset(cfg)
+    if name in DatasetCatalog.list() and not MetadataCatalog.get(name).get("thing_classes", None):
         DatasetCatalog.get(name)
-    metadata = MetadataCatalog.get(name or "__unnamed")
+    metadata = MetadataCatalog.get(name) if name else Metadata()
     if not metadata.get("thing_classes", None):
         logger.warning("dataset %r of the config is not registered (or has no class names): classes are drawn "
                        "as numbers; register it with --dataset NAME=ann.json:images/", name)

@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..runner import apply_dataset_arguments
 from ..runner.inspect import inspect_image, save_inspection
 from ..runner.inspect_page import draw_inspection
+from ..runner.predict import config_test_dataset
 from .cli import DEBUG_HELP, run_command
 from .train_net import add_dataset_arguments
 
@@ -68,8 +69,7 @@ def run(argv=None):
     args = build_parser().parse_args(argv)
     page, numbers = _outputs(args)
     cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
-    names = cfg.dataloader.test.dataset.get("names", None)
-    dataset = args.dataset_name or (names if isinstance(names, str) else (list(names or []) or [""])[0])
+    dataset = args.dataset_name or config_test_dataset(cfg)
     setup_logger(name="lgd")
     data = inspect_image(cfg, args.checkpoint, dataset, args.image_id, level=args.level)
     os.makedirs(os.path.dirname(os.path.abspath(page)), exist_ok=True)
