@@ -1,7 +1,8 @@
 """lgd-inspect's page (matplotlib, Agg): one figure answering "what does LGD distil on this image?" from
 lgd.runner.inspect.inspect_image's numbers. The image with its numbered ground truth (detectron2's Visualizer);
 at one level the student's map after F_adapt and X^I as RGB in one shared PCA basis, so a colour means the same
-direction in both; the per-cell normalized squared error; the relation adapter's attention between objects."""
+direction in both; the per-cell normalized squared error; the relation adapter's attention between objects; and
+the mean per-cell error of every distilled level."""
 import os
 from typing import Dict
 
@@ -65,20 +66,26 @@ def draw_inspection(data: Dict, path: str) -> None:
     shown = _on_input_grid(ax, data, data["error"], f"per-cell error at {level} ({rows}x{cols} cells)",
                            cmap="magma", vmin=0)
     fig.colorbar(shown, ax=ax, shrink=0.8, label="Σ_c (IN(student) − IN(X^I))²")
-    ax = fig.add_subplot(grid[1, 1:])
+    ax = fig.add_subplot(grid[1, 1])
     attention = data["attention"]
-    shown = ax.imshow(attention, cmap="viridis", vmin=0, interpolation="nearest")
+    # colours span the weights' own range: a nearly uniform attention (every weight ~1/n) still shows its structure
+    shown = ax.imshow(attention, cmap="viridis", interpolation="nearest")
     labels = _labels(data)
     step = max(1, -(-len(labels) // MAX_TICKS))
     ticks = list(range(0, len(labels), step)) + ([len(labels) - 1] if (len(labels) - 1) % step else [])
     ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
     ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
     ax.set(xlabel="key: object's label embedding", ylabel="query: object's appearance at " + level,
-           title="relation adapter attention (mean over heads; each row sums to 1)")
+           title=f"relation attention (mean over heads)\neach row sums to 1; uniform = 1/{len(labels)}")
     fig.colorbar(shown, ax=ax, shrink=0.8, label="attention weight")
+    ax = fig.add_subplot(grid[1, 2])
+    levels = [str(k) for k in data["levels"]]
+    per_cell = data["error_sums"] / (data["error_sizes"] / data["student"].shape[0])  # sizes are C * H * W
+    ax.bar(levels, per_cell, color=["tab:orange" if k == level else "tab:gray" for k in levels])
+    ax.set(xlabel="pyramid level", ylabel="mean per-cell error", title="distillation error per level (shown: orange)")
     loss = data["loss_distill"]
-    fig.suptitle(f"LGD on {os.path.basename(str(data['file_name']))}: level {level} of {', '.join(map(str, data['levels']))}; this "
-                 f"image's loss_distill {loss:.4f}", fontsize=11)
+    fig.suptitle(f"LGD on {os.path.basename(str(data['file_name']))}: level {level} of {', '.join(levels)}; "
+                 f"this image's loss_distill {loss:.4f}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

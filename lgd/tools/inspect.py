@@ -19,11 +19,11 @@ from .train_net import add_dataset_arguments
 
 __all__ = ["build_parser", "main", "run"]
 
-EPILOG = """example (the demo's LGD run; its config is the demo's, its validation tiles registered by path):
+EPILOG = """example (the demo's LGD run, with the demo's config and its validation tiles registered by path):
+  D=~/.cache/lgd/datasets/deepforest-2.1.0-tiles-v1-t400-o50
   lgd-inspect --config-file lgd/demo/configs/retinanet_mobilenetv2_lgd.py \\
-              --checkpoint output/demo/lgd_seed0/model_final.pth \\
-              --dataset lgd_demo_val=$HOME/.cache/lgd/datasets/deepforest-2.1.0-tiles-v1-t400-o50/val.json:$HOME/.cache/lgd/datasets/deepforest-2.1.0-tiles-v1-t400-o50/images \\
-              --image-id 3 --output inspect_3.png train.device=cpu
+              --checkpoint output/demo/lgd_seed0/model_final.pth --dataset lgd_demo_val=$D/val.json:$D \\
+              --image-id 50 --output inspect_50.png
 
 --checkpoint must be a run's checkpoint holding the instructive modules (teacher.*), not lgd-export's student.
 The image is resized as the config's test loader resizes it. --output names the page; the .npz beside it (same
