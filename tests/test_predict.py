@@ -177,3 +177,17 @@ def test_an_input_matching_nothing_is_a_usage_error(demo_model, tmp_path, capsys
     assert main(["--config-file", demo_model[1], "--checkpoint", demo_model[2], "--input",
                  str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "out")]) == 2
     assert "no file matches it" in capsys.readouterr().err
+
+
+def test_overrides_after_the_inputs_are_overrides_and_the_console_scripts_are_declared(tmp_path, monkeypatch):
+    from lgd.tools.predict import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=0.1.png").write_bytes(b"")  # an existing file whose name looks like an override stays an input
+    args = parse_args(["--config-file", "c.py", "--checkpoint", "k.pth", "--input", "lr=0.1.png", "train.device=cpu",
+                       "--output", "out", "model.num_classes=3"])
+    assert args.input == ["lr=0.1.png"] and args.opts == ["train.device=cpu", "model.num_classes=3"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as f:
+        text = f.read()
+    assert '"lgd-predict=lgd.tools.predict:main"' in text and '"lgd-inspect=lgd.tools.inspect:main"' in text

@@ -20,8 +20,9 @@ __all__ = ["build_parser", "main", "run"]
 EPILOG = """examples:
   lgd-predict --config-file output/lgd_r50_1x/config.yaml --checkpoint output/lgd_r50_1x/model_final.pth \\
               --input photos/ --output output/predictions
-  lgd-predict --config-file output/demo/lgd_seed0/config.yaml --checkpoint student.pth \\
-              --input 'tiles/*.png' --output out/ --confidence-threshold 0.3 train.device=cpu
+  D=~/.cache/lgd/datasets/deepforest-2.1.0-tiles-v1-t400-o50   # the demo's tiles: their class names
+  lgd-predict --config-file lgd/demo/configs/retinanet_mobilenetv2_lgd.py --checkpoint student.pth \\
+              --input 'tiles/*.png' --output out/ --confidence-threshold 0.3 --dataset lgd_demo_val=$D/val.json:$D
 
 --checkpoint: a run's checkpoint or lgd-export's student file; one that does not fit the config is refused
 before any image is read. --input: files, folders (their files) or globs; a file that is not a readable
