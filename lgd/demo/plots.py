@@ -144,7 +144,7 @@ def plot_predictions(tiles, images, predictions, path, threshold=SCORE_THRESHOLD
                         Patch(edgecolor=PREDICTION_COLOR, fill=False, label=f"student, score >= {threshold}")],
                loc="lower center", ncol=2, fontsize=9)
     fig.suptitle("the student on validation tiles" if len(modes) == 1 else
-                 "each method's student (one per column, the same seed) on the same validation tiles")
+                 "one column per method: its student (same seed) on the same validation tiles", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
