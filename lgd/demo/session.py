@@ -14,8 +14,8 @@ from ..errors import UsageError
 from ..runner import fast_path, run_device
 from .plots import plot_compare, plot_predictions, plot_run
 from .report import compare_table, cost_table, format_ap, format_cost, format_op_report, format_table, op_report
-from .run import (BUDGETS, DEMO_CONFIG, LOSS_KEYS, METHOD_LOSS_KEYS, build_config, predict_tiles, prepare_data, run_name,
-                  run_one)
+from .run import (BUDGETS, DEMO_CONFIG, LOSS_KEYS, METHOD_LOSS_KEYS, build_config, predict_tiles, prepare_data,
+                  run_name, run_one)
 
 __all__ = ["run_demo"]
 

@@ -37,7 +37,8 @@ OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w.]*=")
 def build_parser():
     parser = argparse.ArgumentParser(prog="lgd-predict", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig of the run: its OUTPUT/config.yaml")
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="LazyConfig of the run: its OUTPUT/config.yaml")
     parser.add_argument("--checkpoint", required=True, help="a run's checkpoint or lgd-export's student (.pth)")
     parser.add_argument("--input", required=True, nargs="+", metavar="IMG|DIR|GLOB", help="images to predict")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the drawn PNGs and predictions.json")
