@@ -1,7 +1,8 @@
 """lgd-inspect on the demo's small model (test_predict's fixture: random init, 128 px, the synthetic 4-image
 dataset), in seconds on CPU: the .npz holds maps of the level's shape, attention rows summing to 1 over the image's
 own objects (its context object included), per-cell errors that add up to the step's own loss_distill, and the
-page; a student-only checkpoint, an unknown image id or dataset and an existing output each get one line."""
+page; a student-only checkpoint, an unknown image id, dataset or level, a config of another method and an existing
+output each get one line."""
 import os
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_a_chosen_level_and_an_image_with_one_object(demo_model, tmp_path):  # n
     (["--image-id", "99"], f"image id 99 is not in dataset {DATASET} (4 images, ids 1..4)"),
     (["--image-id", "1", "--dataset-name", "nope"], "dataset 'nope' is not registered"),
     (["--image-id", "1", "--level", "p9"], "--level p9: the distilled levels are p3, p4, p5, p6, p7"),
+    (["--image-id", "1", "lgd.method=baseline"],
+     "lgd-inspect draws LGD's instructive knowledge; the config's lgd.method is baseline"),
 ])
 def test_bad_image_dataset_or_level_is_one_line(demo_model, tmp_path, capsys, extra, message):  # noqa: F811
     assert inspect(demo_model, tmp_path, *extra) in (1, 2)
