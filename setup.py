@@ -100,5 +100,7 @@ setup(
         "lgd-export=lgd.tools.export:main",
         "lgd-demo=lgd.tools.demo:main",
         "lgd-bench=lgd.tools.bench:main",
+        "lgd-predict=lgd.tools.predict:main",
+        "lgd-inspect=lgd.tools.inspect:main",
     ]},
 )

@@ -139,8 +139,10 @@ def test_demo_writes_summary_and_plots(demo_run):
     assert {"loss_cls", "loss_cls_tea", "loss_distill"} <= set(summary["final_losses"])
     (run,) = summary["runs"]
     assert run["mode"] == "lgd" and run["iterations"] == 2 and run["batch_size"] == 2
-    for name in ("curves.png", "curves_lgd_seed0.png", "lgd_seed0/run.json", "lgd_seed0/model_final.pth"):
+    for name in ("curves.png", "curves_lgd_seed0.png", "predictions.png", "lgd_seed0/run.json",
+                 "lgd_seed0/model_final.pth"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert summary["predictions"]["methods"] == ["lgd"] and len(summary["predictions"]["tiles"]) == 4
 
 
 def test_console_names_the_device_first_and_shows_one_line_per_evaluation(demo_run):
@@ -233,6 +235,7 @@ def test_resume_reuses_finished_run_and_compare_adds_baseline(demo_argv, demo_ru
     assert diff["above_2se"] is False  # one pair: no standard error, no claim
     assert summary["compare"]["baseline"]["AP50"]["per_seed"]
     assert os.path.getsize(os.path.join(out, "compare.png")) > 0
+    assert summary["predictions"]["methods"] == ["baseline", "lgd"]  # one column each, the same tiles
 
 
 def test_rerun_without_resume_refuses_to_replace_the_earlier_demo(demo_argv, demo_run, capsys):
@@ -278,6 +281,41 @@ def test_console_script_restarts_once_with_passive_openmp(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     demo.passive_openmp()
     assert len(calls) == 1
+
+
+def test_predictions_grid_draws_ground_truth_and_detections_in_two_colours(tmp_path):
+    """plot_predictions: one panel per method and tile; at a true box's edge the ground-truth colour, at a
+    detection's edge the detection colour, and nothing where a detection scores under the threshold."""
+    import numpy as np
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    from lgd.demo.plots import GT_COLOR, PREDICTION_COLOR, plot_predictions
+
+    background = 60
+    image = np.full((100, 120, 3), background, np.uint8)
+    tiles = [{"file_name": f"tile{i}.png", "annotations": [{"bbox": [10, 10, 20, 30], "bbox_mode": BoxMode.XYWH_ABS}]}
+             for i in range(2)]
+
+    def detections(score):
+        instances = Instances((100, 120))
+        instances.pred_boxes, instances.scores = Boxes(torch.tensor([[60.0, 50.0, 100.0, 90.0]])), torch.tensor([score])
+        return instances
+
+    predictions = {"baseline": [detections(0.9), detections(0.2)], "lgd": [detections(0.7), detections(0.95)]}
+    panels = plot_predictions(tiles, [image, image], predictions, str(tmp_path / "predictions.png"))
+    assert set(panels) == {(m, t) for m in ("baseline", "lgd") for t in (0, 1)}
+    assert os.path.getsize(tmp_path / "predictions.png") > 0
+
+    def near(pixel, color):  # the Visualizer draws box edges at alpha 0.5
+        return np.abs(pixel.astype(float) - (0.5 * np.array(color) * 255 + 0.5 * background)).max() < 30
+
+    for key, panel in panels.items():
+        assert panel.shape == image.shape
+        assert near(panel[10, 20], GT_COLOR) and near(panel[40, 10], GT_COLOR)  # top and left edges of the true box
+        drawn = key != ("baseline", 1)  # score 0.2 < 0.5
+        assert near(panel[50, 80], PREDICTION_COLOR) == drawn and near(panel[70, 100], PREDICTION_COLOR) == drawn
+        assert (panel[50, 80] == background).all() != drawn
+        assert (panel[95, 5] == background).all()  # away from every box
 
 
 def _record(mode, seed, fold, ap):

@@ -1,13 +1,19 @@
-"""The demo's figures (matplotlib, Agg): one run's losses and AP over iterations, and the comparison of training
-methods (mean curves over seeds, each run's final AP against the baseline's)."""
+"""The demo's figures (matplotlib, Agg): one run's losses and AP over iterations, the comparison of training
+methods (mean curves over seeds, each run's final AP against the baseline's), and what the students detect on
+validation tiles (the boxes drawn by detectron2's Visualizer)."""
+import os
 import statistics
+
+import numpy as np
 
 from .report import compare_table, methods_of
 from .run import AP_KEYS, LOSS_KEYS, METHOD_LOSS_KEYS
 
-__all__ = ["plot_compare", "plot_run"]
+__all__ = ["GT_COLOR", "PREDICTION_COLOR", "SCORE_THRESHOLD", "plot_compare", "plot_predictions", "plot_run"]
 
 STUDENT_LOSSES = ("loss_cls", "loss_box_reg")
+GT_COLOR, PREDICTION_COLOR = (1.0, 0.85, 0.0), (0.0, 0.9, 1.0)  # yellow ground truth, cyan detections (RGB 0-1)
+SCORE_THRESHOLD = 0.5  # detections drawn in predictions.png: detectron2's demo default
 
 
 def _plt():
@@ -92,3 +98,54 @@ def plot_compare(records, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _draw_tile(image, gt_boxes, instances):
+    """The tile (RGB) with the ground truth boxes and the detections, each in its colour, by the Visualizer."""
+    from detectron2.utils.visualizer import Visualizer
+
+    visualizer = Visualizer(image)
+    detected = instances.pred_boxes.tensor.numpy()
+    visualizer.overlay_instances(boxes=gt_boxes, assigned_colors=[GT_COLOR] * len(gt_boxes))
+    visualizer.overlay_instances(boxes=detected, assigned_colors=[PREDICTION_COLOR] * len(detected))
+    return visualizer.get_output().get_image()
+
+
+def plot_predictions(tiles, images, predictions, path, threshold=SCORE_THRESHOLD):
+    """A grid of validation tiles with their ground truth and each method's detections scoring >= threshold:
+    one column per method (predictions: {mode: [Instances per tile]}, in column order), one row per tile; a
+    single method's tiles fill a square grid instead. Returns the drawn panels {(mode, tile index): RGB array}."""
+    from detectron2.structures import BoxMode
+    from matplotlib.patches import Patch
+
+    plt = _plt()
+    modes = list(predictions)
+    if len(modes) == 1:
+        cols = int(np.ceil(np.sqrt(len(tiles))))
+        rows, place = int(np.ceil(len(tiles) / cols)), (lambda m, t: divmod(t, cols))
+    else:
+        rows, cols, place = len(tiles), len(modes), (lambda m, t: (t, m))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    panels = {}
+    for t, (tile, image) in enumerate(zip(tiles, images)):
+        gt = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in tile["annotations"]],
+                      dtype=np.float64).reshape(-1, 4)
+        for m, mode in enumerate(modes):
+            instances = predictions[mode][t]
+            instances = instances[instances.scores >= threshold]
+            panels[mode, t] = _draw_tile(image, gt, instances)
+            ax = axes[place(m, t)]
+            ax.imshow(panels[mode, t])
+            ax.set_title(f"{mode}: {len(instances)} detected, {len(gt)} true\n{os.path.basename(tile['file_name'])}",
+                         fontsize=8)
+    fig.legend(handles=[Patch(edgecolor=GT_COLOR, fill=False, label="ground truth"),
+                        Patch(edgecolor=PREDICTION_COLOR, fill=False, label=f"student, score >= {threshold}")],
+               loc="lower center", ncol=2, fontsize=9)
+    fig.suptitle("the student on validation tiles" if len(modes) == 1 else
+                 "one column per method: its student (same seed) on the same validation tiles", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return panels

@@ -19,10 +19,11 @@ from ..data.register import register_coco_once, validate_coco_json
 from ..errors import UsageError
 from ..methods import method_names
 from ..runner import fast_path, read_cost, read_metrics, run_device, train
+from ..runner.predict import Predictor
 from .deepforest import demo_dataset_names, register_demo_datasets
 
 __all__ = ["AP_KEYS", "BUDGETS", "DEMO_CONFIG", "LOSS_KEYS", "METHOD_LOSS_KEYS", "MODES", "build_config",
-           "prepare_data", "run_name", "run_one"]
+           "predict_tiles", "prepare_data", "run_name", "run_one"]
 
 logger = logging.getLogger(__name__)
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "retinanet_mobilenetv2_lgd.py")
@@ -217,3 +218,23 @@ def run_one(mode, seed, output_dir, datasets, *, fold=None, backend="auto", resu
     with open(record_path, "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def predict_tiles(records, datasets, count=4, **budget):
+    """The validation tiles of predictions.png and each run's student on them: (up to `count` dataset dicts
+    spread evenly over datasets["val"], their RGB images, {mode: [Instances per tile]}) for `records` (one run
+    per method, same seed and fold; each predicted from its model_final.pth with the config it trained with)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+
+    dicts = DatasetCatalog.get(datasets["val"])
+    tiles = [dicts[i * len(dicts) // count] for i in range(min(count, len(dicts)))]
+    images, predictions = None, {}
+    for record in records:
+        cfg = build_config(record["run_dir"], datasets, seed=record["seed"], **budget)
+        cfg.lgd.method = record["mode"]
+        predictor = Predictor(cfg, os.path.join(record["run_dir"], "model_final.pth"))
+        inputs = [read_image(tile["file_name"], format=predictor.input_format) for tile in tiles]
+        images = images or [convert_image_to_rgb(x, predictor.input_format) for x in inputs]
+        predictions[record["mode"]] = predictor(inputs)
+    return tiles, images, predictions

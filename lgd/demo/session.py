@@ -12,9 +12,10 @@ from detectron2.utils.logger import setup_logger
 
 from ..errors import UsageError
 from ..runner import fast_path, run_device
-from .plots import plot_compare, plot_run
+from .plots import plot_compare, plot_predictions, plot_run
 from .report import compare_table, cost_table, format_ap, format_cost, format_op_report, format_table, op_report
-from .run import BUDGETS, DEMO_CONFIG, LOSS_KEYS, METHOD_LOSS_KEYS, build_config, prepare_data, run_name, run_one
+from .run import (BUDGETS, DEMO_CONFIG, LOSS_KEYS, METHOD_LOSS_KEYS, build_config, predict_tiles, prepare_data,
+                  run_name, run_one)
 
 __all__ = ["run_demo"]
 
@@ -46,8 +47,9 @@ def run_demo(output_dir, *, methods, seeds, folds=None, compare=False, data=None
              resume=False, overwrite=False, verbose=False, command="lgd-demo", iters=None, batch_size=None,
              workers=None, **budget):
     """Runs `methods` over `seeds` (run i validated on fold folds[i % len(folds)] when folds are given) into
-    output_dir, writes summary.json, the plots and, with several methods or compare, compare.json; returns
-    summary.json's content. Unset iters, batch_size and workers come from BUDGETS for this machine's device."""
+    output_dir, writes summary.json, the plots (predictions.png: the first seed's runs on the same validation
+    tiles) and, with several methods or compare, compare.json; returns summary.json's content. Unset iters,
+    batch_size and workers come from BUDGETS for this machine's device."""
     default_iters, default_batch, default_workers = BUDGETS["cuda" if torch.cuda.is_available() else "cpu"]
     budget.update(iters=iters or default_iters, batch_size=batch_size or default_batch,
                   workers=default_workers if workers is None else workers)
@@ -78,6 +80,9 @@ def run_demo(output_dir, *, methods, seeds, folds=None, compare=False, data=None
         (r for r in records if r["mode"] != "baseline"), records[0])
     main_name = run_name(main_run["mode"], main_run["seed"], main_run.get("fold"))
     shutil.copyfile(os.path.join(out, f"curves_{main_name}.png"), os.path.join(out, "curves.png"))
+    # each method's student on the same validation tiles: the runs of the first seed (and fold)
+    tiles, images, predictions = predict_tiles(records[:len(methods)], split[run_folds[0]], **budget)
+    plot_predictions(tiles, images, predictions, os.path.join(out, "predictions.png"))
     ops = op_report(main_run)
     summary = {
         "command": command, "config": DEMO_CONFIG,
@@ -85,6 +90,8 @@ def run_demo(output_dir, *, methods, seeds, folds=None, compare=False, data=None
         "total_wall_s": time.perf_counter() - start,
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in records],
         "method": main_run["mode"], "results": main_run["results"], "op_report": ops,
+        "predictions": {"png": "predictions.png", "methods": list(predictions), "seed": seeds[0],
+                        "tiles": [t["file_name"] for t in tiles]},
         "final_losses": {k: v[-1][1] for k, v in main_run["curves"].items() if k in LOSS_KEYS + METHOD_LOSS_KEYS},
     }
     ap, ap50 = (format_ap(main_run["results"][k]) for k in ("AP", "AP50"))
@@ -106,5 +113,6 @@ def run_demo(output_dir, *, methods, seeds, folds=None, compare=False, data=None
         print("\ntraining cost per run (mean; stages included):\n" + format_cost(cost))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nwrote {out}/summary.json, curves.png" + (", compare.json, compare.png" if comparing else ""))
+    print(f"\nwrote {out}/summary.json, curves.png, predictions.png"
+          + (", compare.json, compare.png" if comparing else ""))
     return summary

@@ -30,9 +30,11 @@ Options first, key=value overrides of the demo config last (e.g. --seeds 0 1 --i
 the config: {DEMO_CONFIG}.
 
 The output folder holds each run (<method>_seed<S>[_fold<F>]/: checkpoints, metrics.json, run.json), summary.json,
-curves.png (losses and AP over iterations), with several methods compare.json and compare.png (mean ± standard
-error of AP and AP50, the paired difference to the baseline, each method's training cost), and log.txt (detectron2's
-log and the evaluations' tables; the console shows a progress bar and one line per evaluation). An earlier run
+curves.png (losses and AP over iterations), predictions.png (validation tiles with the ground truth and the
+student's boxes scoring >= 0.5; one column per method, same tiles and seed), with several methods compare.json and
+compare.png (mean ± standard error of AP and AP50, the paired difference to the baseline, each method's training
+cost), and log.txt (detectron2's log and the evaluations' tables; the console shows a progress bar and one line per
+evaluation). An earlier run
 there is reused or continued with --resume, started afresh with --overwrite; otherwise the demo refuses (exit 2).
 
 Budget: on CPU 600 iterations of batch 4 at 400 px on the fast path (bf16 autocast + channels_last; --fp32 for
