@@ -3,6 +3,7 @@
 The oracles below are written from docs/method.md §1-4 with plain Python loops over grid cells, independently
 of lgd_ops._boxes and the reference ops, so a bug shared by the reference and the kernels still shows.
 """
+import logging
 import math
 import os
 import random
@@ -37,6 +38,23 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_handlers_on_closed_streams():
+    """The commands attach console handlers (detectron2's setup_logger, cached per process) to the sys.stdout
+    of the test that ran them, which pytest closes afterwards: later tests drop those handlers instead of
+    printing "--- Logging error ---"."""
+
+    def drop():
+        for logger in [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]:
+            for handler in list(getattr(logger, "handlers", ())):
+                if getattr(getattr(handler, "stream", None), "closed", False):
+                    logger.removeHandler(handler)
+
+    drop()
+    yield
+    drop()
 
 
 @pytest.fixture(autouse=True)
