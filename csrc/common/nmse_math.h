@@ -76,7 +76,7 @@ LGD_HOST_DEVICE NmseMoments nmse_merge(const NmseMoments& a, const NmseMoments& 
           a.cxy + b.cxy + dx * dy * w};
 }
 
-// The tiles of a plane of n positions, and the positions [begin, end) of tile `tile`.
+// The tiles of a plane of n positions, and where tile `tile` ends (it begins at tile * kNmseTile).
 LGD_HOST_DEVICE int64_t nmse_tiles(int64_t n) { return (n + kNmseTile - 1) / kNmseTile; }
 
 LGD_HOST_DEVICE int64_t nmse_tile_end(int64_t n, int64_t tile) {
