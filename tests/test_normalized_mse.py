@@ -149,6 +149,21 @@ def test_channels_last_wide_levels(device, backend, dtype):
         assert all(s.grad.is_contiguous(memory_format=torch.channels_last) for s in students[:2])
 
 
+
+@DEVICE_BACKEND
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_channels_last_many_tiles(device, backend, dtype):
+    """channels_last planes of several tiles of the GPU kernels' channels_last sweeps (512 positions): 5250
+    positions are 11 tiles (more than the 8 rows that merge them, the last tile partial), 529 are a full tile and a
+    one-row tail; 40 channels, means far from zero."""
+    students, teachers = make_maps([(2, 40, 75, 70), (1, 40, 23, 23)], "offset", dtype, device,
+                                   layout="channels_last")
+    loss = lgd_ops.normalized_mse(students, teachers, backend=backend)
+    expected, grads = _oracle_with_grads(students, teachers)
+    assert_close_to_oracle(loss, expected, dtype, _slack(backend, dtype, "offset"), "channels_last tiles")
+    loss.backward()
+    _check_grads(students, grads, dtype, "channels_last tiles", _slack(backend, dtype, "offset"))
+
 @DEVICE_BACKEND
 @pytest.mark.parametrize("eps", [1e-3, 0.5, 1e-8])
 def test_eps(device, backend, eps):

@@ -309,9 +309,9 @@ def test_box_fill_row_offsets_past_int32():
 
 @needs_kernels
 def test_normalized_mse_offsets_past_int32():
-    """The kernels on a plane whose element stride times the element index passes 2**31 (as a channels_last map
-    with C * H * W > 2**31 would, here views of 4 GiB buffers written only at the plane's 3 elements) give
-    the stats and gradient of the same plane stored contiguously."""
+    """The kernels (NCHW and channels_last sweeps) on a plane whose element stride times the element index passes
+    2**31 (as a channels_last map with C * H * W > 2**31 would, here views of 4 GiB buffers written only at the
+    plane's 3 elements) give the stats and gradient of the same plane stored contiguously."""
     from lgd_ops.triton import normalized_mse as nmse
 
     n, se = 3, 2**30 + 3
@@ -333,6 +333,19 @@ def test_normalized_mse_offsets_past_int32():
     nmse._nmse_backward_kernel[(1, 1)](s, t, g, stats, scale, n, 0, 1, 1, *strides, *strides, *strides,
                                        ACC_FP64=False, BLOCK=4)
     assert torch.equal(g.as_strided((n,), (se,)), want_grad), (g.as_strided((n,), (se,)), want_grad)
+    # the channels_last sweeps (one channel, one tile), whose element offset p * se is int64 too
+    part = torch.empty(5, 1, dtype=torch.float64, device=DEVICE)
+    tiles = {"TILE": 4, "BLOCK_C": 1}
+    nmse._nmse_cl_moments_kernel[(1,)](s, t, part, n, 1, 1, 1, 1, 1, *strides, *strides, ACC_FP64=False, BLOCK_P=4,
+                                       **tiles)
+    cl_stats = torch.empty(5, 1, device=DEVICE)
+    nmse._nmse_cl_merge_kernel[(1,)](s, t, part, eps, cl_stats, loss, n, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, ROWS=8,
+                                     **tiles)
+    torch.testing.assert_close(cl_stats, want_stats, rtol=1e-6, atol=0)
+    g.as_strided((n,), (se,)).zero_()
+    nmse._nmse_cl_backward_kernel[(1,)](s, t, g, cl_stats, scale, n, 1, 1, 1, 0, 1, *strides, *strides, *strides,
+                                        ACC_FP64=False, BLOCK_P=4, **tiles)
+    torch.testing.assert_close(g.as_strided((n,), (se,)), want_grad, rtol=1e-2, atol=0)
 
 
 @needs_kernels
@@ -482,6 +495,48 @@ def test_normalized_mse(dtype):
     single = lgd_ops.normalized_mse(s[0], t[0], backend="triton")
     _assert_close(single, lgd_ops.normalized_mse(ref_s[0], t[0].cpu().double(), backend="reference"), dtype,
                   "normalized_mse, one level, against the reference backend")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_normalized_mse_channels_last_tiles(dtype, monkeypatch):
+    """channels_last levels through the tiled sweeps, with tiles of 8 positions (the first level's planes have 13
+    tiles, more than MERGE_ROWS, the last one partial; the second 2, the third 1) and 40 channels (a full and a
+    partial run of 32), far from zero (moments about the plane's first element), one teacher NCHW: the loss, the
+    gradient (channels_last) and the stats against the float64 oracle."""
+    from lgd_ops.triton import normalized_mse as nmse
+
+    monkeypatch.setattr(nmse, "CL_TILE", 8)
+    monkeypatch.setattr(nmse, "CL_BLOCK_P", 4)
+    shapes = [(2, 40, 9, 11), (2, 40, 3, 3), (1, 40, 1, 5)]
+    gen = torch.Generator().manual_seed(3)
+    students = [torch.randn(x, dtype=torch.float64, generator=gen) * 2 + 50 for x in shapes]
+    teachers = [torch.randn(x, dtype=torch.float64, generator=gen) - 20 for x in shapes]
+    s = [x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last).requires_grad_() for x in students]
+    t = [x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last) for x in teachers[:2]]
+    t.append(teachers[2].to(DEVICE, dtype))  # NCHW, read in place next to a channels_last student
+    ref_s = [x.detach().cpu().double().requires_grad_() for x in s]
+    ref_t = [x.cpu().double() for x in t]
+    loss, stats = _ops().normalized_mse_triton(s, t, 1e-5)
+    ref = _oracle_nmse(ref_s, ref_t)
+    _assert_close(loss, ref, dtype, "normalized_mse, channels_last tiles")
+    def per_plane(fn, maps):
+        return torch.cat([fn(x.detach().reshape(x.shape[0] * x.shape[1], -1)) for x in maps])
+
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(stats[0].cpu().double(), per_plane(lambda f: f.mean(1), ref_s), rtol=rtol, atol=0)
+    torch.testing.assert_close(stats[1].cpu().double(),
+                               per_plane(lambda f: 1 / torch.sqrt(f.var(1, unbiased=False) + 1e-5), ref_s),
+                               rtol=rtol if dtype == torch.float64 else 1e-4, atol=0)
+    torch.testing.assert_close(stats[2].cpu().double(), per_plane(lambda f: f.mean(1), ref_t), rtol=rtol, atol=0)
+    lgd_ops.normalized_mse(s, t, backend="triton").backward()
+    ref.backward()
+    rtol, atol = TOL[dtype]
+    scale = float(torch.cat([g.grad.flatten() for g in ref_s]).abs().max())
+    for level, (got, want) in enumerate(zip(s, ref_s)):
+        assert got.grad.is_contiguous(memory_format=torch.channels_last), level
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=rtol, atol=atol * scale,
+                                   msg=lambda m, level=level: f"channels_last backward, level {level}\n{m}")
 
 
 @needs_kernels
@@ -666,6 +721,21 @@ def _signatures():
             "s_ptr": ptr, "t_ptr": ptr, "g_ptr": ptr, "stats_ptr": stats, "scale_ptr": "*fp64", "n": "i32",
             "first": "i32", "planes": "i32", **NMSE_STRIDES, "g_sb": "i32", "g_sc": "i32", "g_se": "i32"}, {
             "ACC_FP64": fp64, "BLOCK": 1024}
+        tiles = {"TILE": normalized_mse.CL_TILE, "BLOCK_P": normalized_mse.CL_BLOCK_P,
+                 "BLOCK_C": normalized_mse.CL_BLOCK_C}
+        sizes = {name: "i32" for name in ("n", "C", "tiles", "runs")}
+        yield normalized_mse._nmse_cl_moments_kernel, {
+            "s_ptr": ptr, "t_ptr": ptr, "part_ptr": "*fp64", **sizes, "planes": "i32", "parts": "i32",
+            **{k: v for k, v in NMSE_STRIDES.items() if k != "C"}}, {"ACC_FP64": fp64, **tiles}
+        yield normalized_mse._nmse_cl_merge_kernel, {
+            "s_ptr": ptr, "t_ptr": ptr, "part_ptr": "*fp64", "eps_ptr": "*fp64", "stats_ptr": stats,
+            "loss_ptr": "*fp64", **sizes, "planes": "i32", "parts": "i32", "first": "i32", "planes_total": "i32",
+            "s_sb": "i32", "s_sc": "i32", "t_sb": "i32", "t_sc": "i32"}, {
+            "TILE": normalized_mse.CL_TILE, "ROWS": normalized_mse.MERGE_ROWS, "BLOCK_C": normalized_mse.CL_BLOCK_C}
+        yield normalized_mse._nmse_cl_backward_kernel, {
+            "s_ptr": ptr, "t_ptr": ptr, "g_ptr": ptr, "stats_ptr": stats, "scale_ptr": "*fp64", **sizes,
+            "first": "i32", "planes_total": "i32", **{k: v for k, v in NMSE_STRIDES.items() if k != "C"},
+            "g_sb": "i32", "g_sc": "i32", "g_se": "i32"}, {"ACC_FP64": fp64, **tiles}
     # 1x1 maps and a single plane: Triton turns int arguments equal to 1 into constants
     yield normalized_mse._nmse_forward_kernel, {
         "s_ptr": "*fp16", "t_ptr": "*fp16", "eps_ptr": "*fp64", "stats_ptr": "*fp32", "loss_ptr": "*fp64",

@@ -1,7 +1,8 @@
 // ctest for the arithmetic shared by the CPU and CUDA kernels (csrc/common/*.h), without torch:
 // the docs/method.md §1 cell rule on hand-worked boxes, the CUDA box sweeps (box_sweep_math.h) run with a
-// warp's 32 lanes emulated by loops against direct sums, and the normalized-MSE plane terms against a
-// direct two-pass computation.
+// warp's 32 lanes emulated by loops against direct sums, the normalized-MSE plane terms against a
+// direct two-pass computation, and the CUDA channels_last normalized_mse schedule (tiles, rows and their merges)
+// emulated thread by thread against float64 two-pass moments.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -281,11 +282,145 @@ static void test_nmse_terms() {
   expect(std::isnan(lgd_ops::nmse_plane_terms(n, s_m2, nan, nan, eps).loss), "NaN teacher moments");
 }
 
+// ---- the CUDA channels_last normalized_mse forward, every thread emulated (the kernels' order of merges) ----
+
+using lgd_ops::kNmseLanes;
+using lgd_ops::kNmseRows;
+using lgd_ops::kNmseTile;
+using lgd_ops::NmseMoments;
+
+// row_tree (normalized_mse_kernel.cu) for one lane: row r takes row r + h for h = kNmseRows / 2, ..., 1.
+static NmseMoments emulate_row_tree(std::vector<NmseMoments> rows) {
+  for (int h = kNmseRows / 2; h > 0; h /= 2)
+    for (int r = 0; r < h; ++r) rows[r] = lgd_ops::nmse_merge(rows[r], rows[r + h]);
+  return rows[0];
+}
+
+// nmse_tile_moments_kernel then nmse_tile_merge_kernel on one channels_last level of B images x n positions x C
+// channels (element (b, p, c) at (b * n + p) * C + c): the plane statistics in plane order b * C + c.
+static std::vector<lgd_ops::PlaneStats> emulate_nmse_channels_last(const std::vector<float>& s,
+                                                                    const std::vector<float>& t, int64_t B,
+                                                                    int64_t n, int64_t C, double eps) {
+  const int64_t tiles = lgd_ops::nmse_tiles(n), runs = (C + kNmseLanes - 1) / kNmseLanes, planes = B * C;
+  std::vector<double> part(5 * tiles * planes, std::numeric_limits<double>::quiet_NaN());  // unwritten: NaN
+  const int64_t parts = tiles * planes;
+  for (int64_t local = 0; local < B * tiles * runs; ++local) {
+    const lgd_ops::NmseTilePlace tp = lgd_ops::nmse_tile_place(local, tiles, runs);
+    for (int lane = 0; lane < kNmseLanes; ++lane) {
+      const int64_t c = tp.c0 + lane;
+      std::vector<NmseMoments> rows(kNmseRows);
+      for (int row = 0; row < kNmseRows; ++row) {
+        lgd_ops::NmseSums m{0, 0, 0, 0, 0};
+        if (c < C) {
+          const double s0 = s[tp.b * n * C + c], t0 = t[tp.b * n * C + c];
+          for (int64_t i = tp.tile * kNmseTile + row; i < lgd_ops::nmse_tile_end(n, tp.tile); i += kNmseRows)
+            lgd_ops::nmse_add(m, double(s[(tp.b * n + i) * C + c]) - s0, double(t[(tp.b * n + i) * C + c]) - t0);
+        }
+        rows[row] = lgd_ops::nmse_moments(c < C ? double(lgd_ops::nmse_row_count(n, tp.tile, row)) : 0.0, m);
+      }
+      const NmseMoments r = emulate_row_tree(rows);
+      if (c < C) {
+        const int64_t o = lgd_ops::nmse_part_index(tp.tile, planes, tp.b, C, c);
+        part[o] = r.mx, part[parts + o] = r.my, part[2 * parts + o] = r.m2x, part[3 * parts + o] = r.m2y;
+        part[4 * parts + o] = r.cxy;
+      }
+    }
+  }
+  std::vector<lgd_ops::PlaneStats> out(planes);
+  for (int64_t local = 0; local < B * runs; ++local) {
+    const int64_t b = local / runs;
+    for (int lane = 0; lane < kNmseLanes; ++lane) {
+      const int64_t c = (local - b * runs) * kNmseLanes + lane;
+      std::vector<NmseMoments> rows(kNmseRows, NmseMoments{0, 0, 0, 0, 0, 0});
+      if (c < C)
+        for (int row = 0; row < kNmseRows; ++row)
+          for (int64_t tile = row; tile < tiles; tile += kNmseRows) {
+            const int64_t o = lgd_ops::nmse_part_index(tile, planes, b, C, c);
+            rows[row] = lgd_ops::nmse_merge(
+                rows[row], {double(lgd_ops::nmse_tile_end(n, tile) - tile * kNmseTile), part[o], part[parts + o],
+                            part[2 * parts + o], part[3 * parts + o], part[4 * parts + o]});
+          }
+      const NmseMoments m = emulate_row_tree(rows);
+      if (c < C) out[b * C + c] = lgd_ops::nmse_plane_stats(s[b * n * C + c], t[b * n * C + c], m, eps);
+    }
+  }
+  return out;
+}
+
+// The float64 two-pass statistics of every plane against the emulated schedule, on maps whose planes sit far from
+// zero (offset): the moments about the plane's first element keep their precision, and Chan's merge too.
+static void check_nmse_channels_last(int64_t B, int64_t n, int64_t C, double offset, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> s(B * n * C), t(B * n * C);
+  for (size_t i = 0; i < s.size(); ++i) {
+    s[i] = float(offset + normal(rng));
+    t[i] = float(0.5 * normal(rng) - offset);
+  }
+  const double eps = 1e-5;
+  const std::vector<lgd_ops::PlaneStats> got = emulate_nmse_channels_last(s, t, B, n, C, eps);
+  char what[160];
+  std::snprintf(what, sizeof(what), "channels_last nmse schedule vs float64 two-pass: B=%lld n=%lld C=%lld",
+                (long long)B, (long long)n, (long long)C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      auto at = [&](const std::vector<float>& x, int64_t i) { return double(x[(b * n + i) * C + c]); };
+      double ms = 0, mt = 0;
+      for (int64_t i = 0; i < n; ++i) ms += at(s, i), mt += at(t, i);
+      ms /= double(n), mt /= double(n);
+      double s_m2 = 0, t_m2 = 0, st_c = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        s_m2 += (at(s, i) - ms) * (at(s, i) - ms);
+        t_m2 += (at(t, i) - mt) * (at(t, i) - mt);
+        st_c += (at(s, i) - ms) * (at(t, i) - mt);
+      }
+      const lgd_ops::PlaneTerms want = lgd_ops::nmse_plane_terms(double(n), s_m2, t_m2, st_c, eps);
+      const lgd_ops::PlaneStats& p = got[b * C + c];
+      const double tol = 1e-11;
+      const bool ok = std::fabs(p.s_mean - ms) <= tol * (1 + std::fabs(ms)) &&
+                      std::fabs(p.t_mean - mt) <= tol * (1 + std::fabs(mt)) &&
+                      std::fabs(p.s_rstd - want.s_rstd) <= tol * want.s_rstd &&
+                      std::fabs(p.t_rstd - want.t_rstd) <= tol * want.t_rstd &&
+                      std::fabs(p.loss - want.loss) <= tol * (1 + double(n)) && std::fabs(p.k - want.k) <= tol;
+      expect(ok, what);
+      if (!ok) return;
+    }
+}
+
+static void test_nmse_channels_last_schedule() {
+  // Blocks are numbered image, tile, run of channels, and cover every (image, tile, channel) once.
+  for (int64_t tiles : {1, 3}) {
+    std::vector<int> seen(2 * tiles * 3 * kNmseLanes, 0);
+    for (int64_t local = 0; local < 2 * tiles * 3; ++local) {
+      const lgd_ops::NmseTilePlace tp = lgd_ops::nmse_tile_place(local, tiles, 3);
+      expect(tp.c0 % kNmseLanes == 0 && tp.b < 2 && tp.tile < tiles, "tile place in range");
+      expect(local == (tp.b * tiles + tp.tile) * 3 + tp.c0 / kNmseLanes, "blocks in memory order");
+      for (int lane = 0; lane < kNmseLanes; ++lane) ++seen[(tp.b * tiles + tp.tile) * 3 * kNmseLanes + tp.c0 + lane];
+    }
+    expect(std::all_of(seen.begin(), seen.end(), [](int k) { return k == 1; }), "every channel of every tile once");
+  }
+  std::mt19937 rng(11);
+  // Single positions, a partial row, exactly one tile, a tail tile of one position, more tiles than rows (a row
+  // merges several tiles), the RetinaNet P3 level (100 x 152) with a partial run of channels.
+  const int64_t shapes[][3] = {{1, 1, 1},     {2, 5, 3},     {1, kNmseTile, 33}, {2, kNmseTile + 1, 7},
+                               {1, 9 * kNmseTile + 100, 2}, {2, 100 * 152, 40}};
+  for (const auto& sh : shapes) {
+    check_nmse_channels_last(sh[0], sh[1], sh[2], 0.0, rng);
+    check_nmse_channels_last(sh[0], sh[1], sh[2], 1000.0, rng);
+  }
+  // Chan's merge: an empty side leaves the other unchanged; NaN moments stay NaN.
+  const NmseMoments a{3, 1, 2, 4, 5, 6}, none{0, 0, 0, 0, 0, 0};
+  const NmseMoments l = lgd_ops::nmse_merge(none, a), r = lgd_ops::nmse_merge(a, none);
+  expect(l.n == 3 && l.m2x == 4 && r.cxy == 6 && r.mx == 1, "merge with an empty run");
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect(std::isnan(lgd_ops::nmse_merge(a, {2, nan, 0, nan, 0, nan}).m2x), "NaN moments stay NaN");
+}
+
 int main() {
   test_box_cells();
   test_lane_chunks();
   test_box_sweeps();
   test_nmse_terms();
+  test_nmse_channels_last_schedule();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
