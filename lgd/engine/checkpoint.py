@@ -14,9 +14,13 @@ a half-written checkpoint; the file gets the mode of any new file under the proc
 truncated or not a checkpoint (read_checkpoint, and every AtomicCheckpointer load: resume, init_checkpoint,
 lgd-eval) is a CheckpointError naming the file; AtomicCheckpointer.load_checked (lgd-eval) also refuses
 weights that do not fit the model (missing, or of another shape) unless allow_partial.
+
+No code runs from a checkpoint: every load goes through read_weights_file (weights-only torch.load, or the
+restricted unpickler of lgd.engine.weights_pickle for `.pkl`), never detectron2's or fvcore's plain pickle.
 """
 import glob
 import os
+import re
 import tempfile
 import threading
 from typing import Callable, Dict, Optional
@@ -27,10 +31,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from ..modeling.detector_drivers import build_detector_driver
+from .weights_pickle import UnsafePickleError, load_weights_pickle
 
-__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES", "STUDENT_PREFIX",
-           "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
-           "student_state_dict"]
+__all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES",
+           "STUDENT_PREFIX", "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "read_weights_file",
+           "remove_stale_temporaries", "student_module", "student_state_dict"]
 
 STUDENT_PREFIX = "detector."
 # a wrapper attribute: the names of its detectors that a name-matched init checkpoint (ImageNet .pkl) initialises,
@@ -39,6 +44,7 @@ INIT_MODULES = "init_checkpoint_modules"
 TMP_SUFFIX = ".lgd-tmp"
 # what a command says when a checkpoint does not fit its config: the run's own config holds its overrides
 CONFIG_HINT = "pass the run's own config, --config-file OUTPUT/config.yaml (train.output_dir of the run that wrote it)"
+UNSAFE_HINT = "configs are code, checkpoints are data: convert trusted weights to a dict of tensors or numpy arrays"
 _umask_lock = threading.Lock()
 
 
@@ -87,31 +93,53 @@ def remove_stale_temporaries(directory: str) -> list:
 
 
 def read_checkpoint(path: str) -> Dict:
-    """torch.load of a local checkpoint file (CPU, weights only) as a dict; CheckpointError naming the file
-    when it is missing, unreadable, truncated or not a dict."""
-    import torch
-
+    """The dict in a local checkpoint file (read_weights_file); CheckpointError naming the file when it is
+    missing, unreadable, truncated, not a dict, or names code (module docstring)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}" if not os.path.exists(path)
                               else f"checkpoint is not a file: {path}")
     try:
-        with open(path, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        loaded = read_weights_file(path)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_reason(exc)}",
-                              hint="a truncated file (interrupted copy or save?) or not a PyTorch checkpoint") from exc
+        raise _read_error(path, exc) from exc
     if not isinstance(loaded, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, expected a dict of weights")
     return loaded
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:  # torch.load's long weights_only notice: keep the unpickler's reason
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0] if lines else "(no message)"
-    return f"{type(exc).__name__}: {first[:160]}"
+def read_weights_file(path: str):
+    """What a weight file holds, code never run: `.pkl` through load_weights_pickle, laid out as detectron2
+    reads it (its model zoo's {"model", "__author__"}, or a Caffe2/ImageNet blob dict as name-matched
+    weights); `.pyth` (pycls) as name-matched weights; anything else torch.load(weights_only=True), which
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD does not override when passed explicitly."""
+    if path.endswith(".pkl"):
+        data = load_weights_pickle(path)
+        if not isinstance(data, dict) or ("model" in data and "__author__" in data):
+            return data
+        blobs = data.get("blobs", data)  # detection models keep their weights under blobs, ImageNet ones do not
+        return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")}, "__author__": "Caffe2",
+                "matching_heuristics": True}
+    with open(path, "rb") as f:
+        data = torch.load(f, map_location="cpu", weights_only=True)
+    if path.endswith(".pyth") and isinstance(data, dict) and "model_state" in data:
+        state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+    return data
+
+
+_TORCH_REFUSED = re.compile(r"GLOBAL (\S+)")
+
+
+def _read_error(path: str, exc: BaseException) -> CheckpointError:
+    """The CheckpointError of a checkpoint that failed to load: the global it was refused for, else the reason."""
+    if isinstance(exc, UnsafePickleError):
+        return CheckpointError(f"checkpoint {exc}", hint=UNSAFE_HINT)
+    refused = _TORCH_REFUSED.search(str(exc)) if "Weights only load failed" in str(exc) else None
+    if refused:
+        return CheckpointError(f"checkpoint {path} needs {refused.group(1)}, which is not weights: refused before "
+                               "anything in it ran (torch.load weights_only=True)", hint=UNSAFE_HINT)
+    return CheckpointError(f"checkpoint {path} cannot be read: {_reason(exc)}",
+                           hint="a truncated file (interrupted copy or save?) or not a checkpoint")
 
 
 def student_module(model: nn.Module) -> nn.Module:
@@ -195,11 +223,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_file(self, filename):
-        try:
-            loaded = super()._load_file(filename)
-        except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
-            raise CheckpointError(f"checkpoint {filename} cannot be read: {_reason(exc)}",
-                                  hint="a truncated file (interrupted copy or save?) or not a checkpoint") from exc
+        loaded = read_checkpoint(filename)
+        if "model" not in loaded:  # a bare state_dict
+            loaded = {"model": loaded}
+        elif "__author__" in loaded:
+            self.logger.info("Reading a file from '%s'", loaded["__author__"])
         state = loaded.get("model")
         if not isinstance(state, dict) or not state:
             return loaded
