@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.utils import comm
 
 from ..modeling.detector_drivers import build_detector_driver
 from .weights_pickle import UnsafePickleError, load_weights_pickle
@@ -272,7 +273,9 @@ class BackendChoices:
 class DetectorEMAState:
     """Checkpointable (state_dict / load_state_dict) of a detector's EMA loss normalizers (RetinaNet and FCOS
     loss_normalizer): plain attributes that its state_dict lacks, so a resumed run would restart them. The one
-    mechanism for every run: the student of any training method (student_module), the baseline's detector."""
+    mechanism for every run: the student of any training method (student_module), the baseline's detector.
+    Each process's normalizer follows its own images, and only the main process saves: gather() (every
+    process, before a save) puts every rank's values into the checkpoint, and each rank resumes its own."""
 
     def __init__(self, detector):
         self.detector = detector
@@ -280,11 +283,23 @@ class DetectorEMAState:
             self.names = tuple(build_detector_driver(detector).ema_attributes)
         except ValueError:  # a detector LGD does not support: no EMA attributes known
             self.names = ()
+        self.ranks = None
 
-    def state_dict(self):
+    def _local(self):
         return {name: float(getattr(self.detector, name)) for name in self.names if hasattr(self.detector, name)}
 
+    def gather(self):
+        """Collects every rank's values (a collective call: every process calls it at the same iteration)."""
+        if self.names and comm.get_world_size() > 1:
+            self.ranks = comm.all_gather(self._local())
+
+    def state_dict(self):
+        return dict(self._local(), ranks=self.ranks) if self.ranks else self._local()
+
     def load_state_dict(self, state):
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == comm.get_world_size():
+            state = ranks[comm.get_rank()]
         for name in self.names:
             if name in state:
                 setattr(self.detector, name, float(state[name]))

@@ -24,6 +24,7 @@ from ..methods import build_method, stage_checkpoint
 from .build import (build_model, build_optimizer, build_schedule, build_train_loader, build_trainer, data_seed,
                     ddp_kwargs, fast_path, run_device)
 from .cost import reset_peak_memory, write_cost
+from .stopping import EvalAfterSuccess, StopOnSignal, stop_signals
 
 __all__ = ["evaluate", "method_stages", "test", "train", "train_stages"]
 
@@ -100,7 +101,13 @@ def _load_trainer_state(trainer, state, loaded_from):
 def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
     """Trains cfg's method (default build_method(cfg, backend=backend)): its stages first, then the run from
     train.init_checkpoint, or from OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks come
-    after lgd's. Returns the last evaluation results ({} without an evaluator, or off the main process)."""
+    after lgd's. SIGTERM or SIGUSR1 stops it after the current iteration with a checkpoint (lgd.runner.stopping:
+    Preempted). Returns the last evaluation results ({} without an evaluator, or off the main process)."""
+    with stop_signals() as received:
+        return _train(cfg, method, backend, resume, extra_hooks, received)
+
+
+def _train(cfg, method, backend, resume, extra_hooks, received):
     schedule = build_schedule(cfg)
     method = method or build_method(cfg, backend=backend)
     checkpoints = train_stages(cfg, method, backend)
@@ -131,6 +138,7 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
         _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
 
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
+    stop = StopOnSignal(received, checkpointer)
     results = {}
 
     def test_and_keep():
@@ -148,8 +156,10 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
     # scalars reach metrics.json)
     trainer.register_hooks([IterationSeed(data_seed(cfg)), build_lr_hook(schedule), hooks.IterationTimer()]
                            + method.hooks(schedule) + [
+        hooks.CallbackHook(after_step=lambda _: extra["detector_ema"].gather()),  # each rank's, before a save
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
-        hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+        EvalAfterSuccess(cfg.train.eval_period, test_and_keep),
+        stop,  # before the writers: detectron2's printer divides by zero writing one iteration twice in warmup
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
     ] + list(extra_hooks))
     # TorchScript's profiling executor swaps a scripted function (detectron2's focal loss) for a re-derived graph
@@ -159,6 +169,7 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
             trainer.train(start_iter, schedule.max_iter)
     finally:  # a failed or interrupted run records what it spent too (a resumed run adds to it)
         if main:
-            write_cost(cfg, method.name, min(trainer.iter, schedule.max_iter), schedule.max_iter,
+            done = min(trainer.iter, schedule.max_iter) if stop.stopped_at is None else stop.stopped_at + 1
+            write_cost(cfg, method.name, done, schedule.max_iter,
                        time.perf_counter() - started, device, stages=list(checkpoints), resume=resume)
     return results

@@ -3,9 +3,10 @@
 Exit status: 0 on success (nothing else printed by this layer); 2 on a usage error (a malformed or
 contradictory command line, a config key that does not exist, an output that would overwrite an earlier
 run or file); 1 on any other failure (a file missing or unreadable, an invalid dataset or checkpoint, an
-error while training). A failure prints one line on stderr, `PROG: error: WHAT`, naming the file, key or
-argument and what was expected, sometimes followed by one `PROG: hint: ...` line; no traceback unless
-`--debug` is on the command line (anywhere) or LGD_DEBUG=1 is set.
+error while training); 130 on Ctrl-C; 143 when SIGTERM or SIGUSR1 stopped a run after it saved a checkpoint
+(`PROG: stopped by SIGTERM at iteration N; resume with --resume`). A failure prints one line on stderr,
+`PROG: error: WHAT`, naming the file, key or argument and what was expected, sometimes followed by one
+`PROG: hint: ...` line; no traceback unless `--debug` is on the command line (anywhere) or LGD_DEBUG=1 is set.
 
 The Python API of each command (its module's run(argv)) raises instead and returns its results; run_command turns it into the console script: run_command(prog, api, argv) -> int.
 """
@@ -15,6 +16,7 @@ import traceback
 from typing import Callable, List, Optional, Sequence
 
 from ..errors import CommandError
+from ..runner.stopping import Preempted
 
 __all__ = ["debug_requested", "run_command"]
 
@@ -54,6 +56,10 @@ def run_command(prog: str, api: Callable[[List[str]], object], argv: Optional[Se
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Preempted as exc:  # not a failure: the run saved its checkpoint and stopped as asked
+        sys.stdout.flush()
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the one place failures become a line and a status
         if debug:
             traceback.print_exc()

@@ -1,0 +1,149 @@
+"""What a cluster does to a run, tried on lgd-train as a process (test_lgd_train_net's tiny config and data, CPU):
+preemption by SIGTERM/SIGUSR1 at a random iteration then --resume gives the uninterrupted run's final weights
+bit for bit (one process, and 2 gloo processes), and no failure is followed by the final evaluation."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+pytest.importorskip("pycocotools")
+
+from detectron2.engine import HookBase  # noqa: E402
+
+from test_cli_reliability import ENTRY_POINTS, TESTS  # noqa: E402
+from test_lgd_train_net import DATASET, ROOT, argv, make_setup, overrides  # noqa: E402
+
+MAX_ITER = 6
+STOPPED = re.compile(r"^lgd-train: stopped by (SIG\w+) at iteration (\d+); resume with --resume$")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("lgd_cluster"))
+
+
+def start(*args):
+    """lgd-train as a console script in a new process (as test_cli_reliability.command, without waiting)."""
+    module, func = ENTRY_POINTS["lgd-train"].split(":")
+    code = f"import sys; from {module} import {func}; sys.argv[0] = 'lgd-train'; sys.exit({func}())"
+    env = dict(os.environ)
+    path = [TESTS, ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=TESTS, env=env)
+
+
+def run_args(setup, out, *extra):
+    _, cfg_file, ann, images = setup
+    return argv(cfg_file, ann, images, str(out), *extra, max_iter=MAX_ITER) + ["train.checkpointer.period=100"]
+
+
+def finish(proc, timeout=400):
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def iterations_logged(out):
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            return max((json.loads(line)["iteration"] for line in f if line.endswith("\n")), default=-1)
+    except (OSError, ValueError):
+        return -1
+
+
+def stop_at_random_iteration(proc, out, signum, seed):
+    """Sends `signum` to proc once metrics.json shows a random iteration in [0, MAX_ITER - 3] done."""
+    after = random.Random(seed).randint(0, MAX_ITER - 3)
+    deadline = time.time() + 300
+    while iterations_logged(out) < after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    return after
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, "model_final.pth"), weights_only=True)["model"]
+
+
+def assert_same_weights(want, got):
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("signum,extra", [(signal.SIGTERM, ()), (signal.SIGUSR1, ("--num-gpus", "2"))],
+                         ids=["SIGTERM-1-process", "SIGUSR1-2-processes"])
+def test_preempted_run_resumes_bit_exact(setup, signum, extra):
+    root = setup[0]
+    name = signal.Signals(signum).name
+    whole, split = root / f"whole_{name}", root / f"split_{name}"
+    reference = start(*run_args(setup, whole, *extra))
+    code, err = finish(reference)
+    assert code == 0, err[-3000:]
+
+    proc = start(*run_args(setup, split, *extra))
+    after = stop_at_random_iteration(proc, str(split), signum, seed=len(extra))
+    code, err = finish(proc)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 143, err[-3000:]
+    match = STOPPED.match(lines[-1])
+    assert match and match.group(1) == name and "Traceback" not in err, err[-3000:]
+    stopped = int(match.group(2))
+    assert after <= stopped < MAX_ITER - 1
+    checkpoint = f"model_{stopped:07d}.pth"
+    assert (split / "last_checkpoint").read_text() == checkpoint
+    assert not (split / "model_final.pth").exists() and not list(split.glob(".*.lgd-tmp"))
+    assert json.loads((split / "cost.json").read_text())["iterations"] == stopped + 1
+    assert torch.load(split / checkpoint, weights_only=True)["trainer"]["iteration"] == stopped
+
+    code, err = finish(start(*run_args(setup, split, "--resume", *extra)))
+    assert code == 0, err[-3000:]
+    assert_same_weights(final_weights(whole), final_weights(split))
+    assert json.loads((split / "cost.json").read_text())["iterations"] == MAX_ITER
+
+
+class PoisonAt(HookBase):
+    """At `iteration`, before its step: makes the loss NaN (a NaN weight) or raises KeyboardInterrupt."""
+
+    def __init__(self, iteration, what):
+        self.iteration, self.what = iteration, what
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            if self.what == "ctrl-c":
+                raise KeyboardInterrupt
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("what", ["nan", "ctrl-c"])
+def test_no_final_evaluation_after_a_failure_on_the_last_iteration(setup, tmp_path, monkeypatch, capsys, what):
+    from lgd.config import load_config
+    from lgd.data import register_coco_once
+    import importlib
+
+    runner_train = importlib.import_module("lgd.runner.train")
+    from lgd.tools.cli import run_command
+
+    root, cfg_file, ann, images = setup
+    register_coco_once(DATASET, ann, images)
+    evaluations = []
+    monkeypatch.setattr(runner_train, "test", lambda *args: evaluations.append(args) or {})
+    cfg = load_config(cfg_file, overrides(str(tmp_path / "out"), max_iter=3))
+    status = run_command("lgd-train", lambda _: runner_train.train(cfg, backend="reference",
+                                                                      extra_hooks=[PoisonAt(2, what)]), [])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lgd-train:")]
+    assert evaluations == []
+    if what == "ctrl-c":
+        assert status == 130 and lines == ["lgd-train: interrupted"]
+    else:
+        assert status == 1 and "Loss became infinite or NaN at iteration=2" in lines[0], lines
+    assert not (tmp_path / "out" / "model_final.pth").exists()
