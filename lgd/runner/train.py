@@ -7,6 +7,7 @@ import re
 import time
 
 import torch
+from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -18,6 +19,7 @@ from detectron2.utils.file_io import PathManager
 
 from ..engine.checkpoint import (AtomicCheckpointer, BackendChoices, DetectorEMAState, remove_stale_temporaries,
                                  student_module)
+from ..data.register import NamedImageErrors
 from ..engine.hooks import IterationSeed, build_lr_hook
 from ..errors import CommandError
 from ..methods import build_method, stage_checkpoint
@@ -89,6 +91,18 @@ def train_stages(cfg, method, backend=None):
     return checkpoints
 
 
+def _naming_image_errors(cfg):
+    """A copy of cfg whose training mapper names the file, dataset and image id of an image it cannot read."""
+    if cfg.dataloader.train.get("mapper") is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    loader = cfg.dataloader.train
+    names = loader.get("dataset", {}).get("names")
+    names = names if isinstance(names, str) else ", ".join(map(str, names or ()))
+    loader.mapper = L(NamedImageErrors)(mapper=loader.mapper, datasets=names)
+    return cfg
+
+
 def _load_trainer_state(trainer, state, loaded_from):
     try:
         trainer.load_state_dict(state)
@@ -132,7 +146,8 @@ def _train(cfg, method, backend, resume, extra_hooks, received):
     trainer_state = loaded.get("trainer") if resumed else None
     start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
 
-    trainer = build_trainer(create_ddp_model(model, **ddp_kwargs(cfg, device)), build_train_loader(cfg, start_iter),
+    trainer = build_trainer(create_ddp_model(model, **ddp_kwargs(cfg, device)),
+                            build_train_loader(_naming_image_errors(cfg), start_iter),
                             build_optimizer(cfg, model, method), fast)
     if trainer_state:
         _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
