@@ -155,3 +155,64 @@ def test_caffe2_blobs_with_numpy1_names_load(tmp_path):
     assert loaded["matching_heuristics"] and loaded["__author__"] == "Caffe2"
     assert sorted(loaded["model"]) == ["conv1_w", "lr"]  # momentum blobs dropped, as detectron2 does
     np.testing.assert_array_equal(loaded["model"]["conv1_w"], blobs["conv1_w"])
+
+
+class FailingFile:
+    """A file whose third write raises `exc` (what a full disk or Ctrl-C does to torch.save mid-write)."""
+
+    def __init__(self, f, exc):
+        self.f, self.exc, self.writes = f, exc, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise self.exc
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def failed_save(tmp_path, exc):
+    from lgd.engine.checkpoint import atomic_write
+
+    target = tmp_path / "model_0000001.pth"
+    target.write_bytes(b"the previous checkpoint")
+    with pytest.raises(BaseException) as info:
+        atomic_write(str(target), lambda f: torch.save({"w": torch.zeros(10000)}, FailingFile(f, exc)))
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["model_0000001.pth"]  # no temporary left
+    return str(target), info.value
+
+
+@pytest.mark.parametrize("code, cause", [(28, "the disk is full"), (27, "file-size limit"),
+                                         (13, "permission denied")])
+def test_failed_write_names_the_file_and_the_cause(tmp_path, code, cause):
+    from lgd.engine.checkpoint import WriteError
+
+    target, error = failed_save(tmp_path, OSError(code, os.strerror(code)))
+    assert isinstance(error, WriteError)
+    assert str(error).startswith(f"cannot write {target}: ") and cause in str(error)
+    assert "unexpected pos" not in str(error) and "unchanged" in str(error)
+
+
+def test_ctrl_c_during_a_save_stays_an_interrupt(tmp_path):
+    _, error = failed_save(tmp_path, KeyboardInterrupt())
+    assert isinstance(error, KeyboardInterrupt)
+
+
+def test_file_size_limit_for_real(tmp_path):
+    import resource
+
+    from lgd.engine.checkpoint import WriteError, atomic_write
+
+    target = tmp_path / "big.pth"
+    target.write_bytes(b"old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(WriteError, match="file-size limit"):
+            atomic_write(str(target), lambda f: torch.save({"w": torch.zeros(100000)}, f))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["big.pth"]

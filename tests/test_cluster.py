@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -30,15 +31,20 @@ def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("lgd_cluster"))
 
 
-def start(*args):
-    """lgd-train as a console script in a new process (as test_cli_reliability.command, without waiting)."""
+def start(*args, file_size_limit=None):
+    """lgd-train as a console script in a new process (as test_cli_reliability.command, without waiting),
+    under a file-size limit (bytes) when given."""
     module, func = ENTRY_POINTS["lgd-train"].split(":")
     code = f"import sys; from {module} import {func}; sys.argv[0] = 'lgd-train'; sys.exit({func}())"
     env = dict(os.environ)
     path = [TESTS, ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=TESTS, env=env)
+                            stderr=subprocess.PIPE, text=True, cwd=TESTS, env=env,
+                            preexec_fn=limit if file_size_limit else None)
 
 
 def run_args(setup, out, *extra):
@@ -147,3 +153,20 @@ def test_no_final_evaluation_after_a_failure_on_the_last_iteration(setup, tmp_pa
     else:
         assert status == 1 and "Loss became infinite or NaN at iteration=2" in lines[0], lines
     assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path):
+    """A checkpoint write over the file-size limit: one line naming the file and the cause; the previous
+    checkpoint, last_checkpoint and no temporary are left."""
+    _, cfg_file, ann, images = setup
+    out = tmp_path / "run"
+    code, err = finish(start(*argv(cfg_file, ann, images, str(out), max_iter=2)))
+    assert code == 0, err[-3000:]
+    before = {name: (out / name).read_bytes() for name in ("model_0000001.pth", "last_checkpoint")}
+    code, err = finish(start(*argv(cfg_file, ann, images, str(out), "--resume", max_iter=4),
+                             file_size_limit=2**20))
+    (error,) = [line for line in err.splitlines() if line.startswith("lgd-train: error: ")]
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert error.startswith(f"lgd-train: error: cannot write {out / 'model_0000003.pth'}: ") and "file-size" in error
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*.lgd-tmp")) and not (out / "model_0000003.pth").exists()

@@ -18,6 +18,7 @@ weights that do not fit the model (missing, or of another shape) unless allow_pa
 No code runs from a checkpoint: every load goes through read_weights_file (weights-only torch.load, or the
 restricted unpickler of lgd.engine.weights_pickle for `.pkl`), never detectron2's or fvcore's plain pickle.
 """
+import errno
 import glob
 import os
 import re
@@ -31,12 +32,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from detectron2.utils import comm
 
+from ..errors import CommandError
 from ..modeling.detector_drivers import build_detector_driver
 from .weights_pickle import UnsafePickleError, load_weights_pickle
 
 __all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES",
            "STUDENT_PREFIX", "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "read_weights_file",
-           "remove_stale_temporaries", "student_module", "student_state_dict"]
+           "remove_stale_temporaries", "student_module", "student_state_dict", "WriteError"]
 
 STUDENT_PREFIX = "detector."
 # a wrapper attribute: the names of its detectors that a name-matched init checkpoint (ImageNet .pkl) initialises,
@@ -64,22 +66,56 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class WriteError(CommandError):
+    """A file that could not be written; the message names it and the cause, and says the old file is intact."""
+
+
+# what a failed write's errno means to the user
+_WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EFBIG: "the file would exceed the process's file-size limit (ulimit -f)",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "the file system is read-only"}
+
+
 def atomic_write(path: str, write: Callable) -> None:
     """Calls write(f) on a temporary file next to `path`, then renames it to `path`: readers never see a
-    truncated file, even if the process dies mid-write. The file gets the umask's mode (module docstring)."""
+    truncated file, even if the process dies mid-write. The file gets the umask's mode (module docstring).
+    On failure the temporary is removed and `path` is left as it was: a WriteError names the file and the
+    cause (disk full, file-size limit, permission), and Ctrl-C during the write stays a KeyboardInterrupt."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
         os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        failure = _write_failure(path, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def _write_failure(path: str, exc: BaseException) -> BaseException:
+    """What a failed atomic_write raises: torch.save reports a failed write as "unexpected pos", with the
+    OSError or KeyboardInterrupt that caused it in the exception's context."""
+    chain, seen = exc, []
+    while chain is not None and chain not in seen:
+        seen.append(chain)
+        chain = chain.__cause__ or chain.__context__
+    if any(isinstance(e, KeyboardInterrupt) for e in seen):
+        return KeyboardInterrupt()
+    oserror = next((e for e in seen if isinstance(e, OSError)), None)
+    if oserror is None:
+        return exc
+    cause = _WRITE_CAUSES.get(oserror.errno, oserror.strerror or str(oserror))
+    return WriteError(f"cannot write {path}: {cause} ({type(oserror).__name__}: {oserror.strerror or oserror}); "
+                      "the file it would replace is unchanged")
 
 
 def remove_stale_temporaries(directory: str) -> list:
