@@ -170,3 +170,37 @@ def test_failed_checkpoint_write_keeps_the_previous_one(setup, tmp_path):
     assert error.startswith(f"lgd-train: error: cannot write {out / 'model_0000003.pth'}: ") and "file-size" in error
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not list(out.glob(".*.lgd-tmp")) and not (out / "model_0000003.pth").exists()
+
+
+def test_torn_metrics_line_is_dropped_and_the_resume_goes_on(setup, tmp_path):
+    _, cfg_file, ann, images = setup
+    out = tmp_path / "run"
+    code, err = finish(start(*argv(cfg_file, ann, images, str(out), max_iter=2)))
+    assert code == 0, err[-3000:]
+    with open(out / "metrics.json", "a") as f:
+        f.write('{"iteration": 1, "loss_cl')  # what a full disk leaves
+    code, err = finish(start(*argv(cfg_file, ann, images, str(out), "--resume", max_iter=4)))
+    assert code == 0, err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert [row["iteration"] for row in rows if "total_loss" in row][-2:] == [2, 3]
+    assert json.loads((out / "cost.json").read_text())["iterations"] == 4
+    assert f"{out / 'metrics.json'}: removed its torn last line" in (out / "log.txt").read_text()
+
+
+def test_read_metrics_skips_a_line_that_is_not_a_row(tmp_path):
+    import logging
+
+    from lgd.runner.cost import read_metrics
+
+    (tmp_path / "metrics.json").write_text('{"iteration": 0, "time": 1.0}\n{"iter\n{"iteration": 1, "time": 2.0}\n')
+    warnings = []
+    handler = logging.Handler(logging.WARNING)  # our own: detectron2's setup_logger stops propagation to caplog
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("lgd.runner.cost").addHandler(handler)
+    try:
+        rows = read_metrics(str(tmp_path))
+    finally:
+        logging.getLogger("lgd.runner.cost").removeHandler(handler)
+    assert [row["time"] for row in rows] == [1.0, 2.0]
+    assert warnings == [f"{tmp_path / 'metrics.json'}: line 2 is not a metrics row (torn by an interrupted write?): "
+                        "skipped"]

@@ -358,6 +358,7 @@ def drop_degenerate_boxes(dataset_dicts, drop_empty_images=True):
                     continue
         kept.append(record)
     if boxes:
+        left = f" and {images} images left without boxes" if images else ""
         logger.warning("training data: dropped %d boxes with a width or height <= 0, %d entirely outside their "
-                       "image%s", boxes - outside, outside, f" and {images} images left without boxes" if images else "")
+                       "image%s", boxes - outside, outside, left)
     return kept, boxes, images

@@ -25,7 +25,7 @@ from ..errors import CommandError
 from ..methods import build_method, stage_checkpoint
 from .build import (build_model, build_optimizer, build_schedule, build_train_loader, build_trainer, data_seed,
                     ddp_kwargs, fast_path, run_device)
-from .cost import reset_peak_memory, write_cost
+from .cost import METRICS_FILE, drop_torn_tail, reset_peak_memory, write_cost
 from .stopping import EvalAfterSuccess, StopOnSignal, stop_signals
 
 __all__ = ["evaluate", "method_stages", "test", "train", "train_stages"]
@@ -164,8 +164,9 @@ def _train(cfg, method, backend, resume, extra_hooks, received):
     main = comm.is_main_process()
     if main:
         PathManager.mkdirs(output_dir)
+        drop_torn_tail(output_dir)  # before the JSONWriter appends to it
         reset_peak_memory(device)
-    writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+    writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, METRICS_FILE)),
                TensorboardXWriter(output_dir)] if main else []
     # the method's hooks after the timer (a report's own work is not step time), before the writers (their
     # scalars reach metrics.json)
