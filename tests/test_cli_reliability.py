@@ -368,6 +368,7 @@ def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
 
 def test_overwrite_removes_the_earlier_runs_files(tmp_path):
     from lgd.runner import check_output_dir
+    from lgd.runner.checks import remove_run_files
 
     for name in ("model_0000099.pth", "metrics.json", "last_checkpoint", "config.yaml", "notes.txt",
                  ".model_0000001.pth.abc.lgd-tmp"):
@@ -377,7 +378,7 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
     with pytest.raises(UsageError, match="contradict"):
         check_output_dir(str(tmp_path), resume=True, overwrite=True)
     assert check_output_dir(str(tmp_path), resume=True) == []
-    check_output_dir(str(tmp_path), overwrite=True)
+    remove_run_files(check_output_dir(str(tmp_path), overwrite=True))
     assert os.listdir(tmp_path) == ["notes.txt"]  # not a run's file: kept
 
 

@@ -204,3 +204,45 @@ def test_read_metrics_skips_a_line_that_is_not_a_row(tmp_path):
     assert [row["time"] for row in rows] == [1.0, 2.0]
     assert warnings == [f"{tmp_path / 'metrics.json'}: line 2 is not a metrics row (torn by an interrupted write?): "
                         "skipped"]
+
+
+HOLD_LOCK = """
+import sys, time
+from lgd.runner.lock import output_lock
+with output_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_lock(folder):
+    """A process holding folder's lock (until killed)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]]
+                                                                if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_one_live_run_per_output_folder(setup, tmp_path):
+    from lgd.errors import UsageError
+    from lgd.runner.lock import output_lock
+
+    _, cfg_file, ann, images = setup
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(UsageError, match=re.escape(f"output directory {out} is in use by another run (pid "
+                                                       f"{holder.pid} on ")):
+            with output_lock(str(out)):
+                pass
+        code, err = finish(start(*argv(cfg_file, ann, images, str(out), "--resume", max_iter=1)))
+        (error,) = [line for line in err.splitlines() if line.startswith("lgd-train: error: ")]
+        assert code == 2 and f"{out} is in use by another run (pid {holder.pid}" in error, err[-2000:]
+        assert os.listdir(out) == [".lgd-lock"]  # nothing written
+    finally:
+        holder.kill()  # as kill -9: the OS releases the lock
+        holder.wait()
+    with output_lock(str(out)):  # a dead process's lock never blocks
+        assert (out / ".lgd-lock").read_text().startswith(f"pid {os.getpid()} on ")

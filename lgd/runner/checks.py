@@ -13,10 +13,11 @@ from ..errors import CommandError, UsageError
 from ..methods import build_method, stage_checkpoint
 from .build import build_schedule, fast_path
 from .cost import COST_FILE
+from .lock import LOCK_FILE
 from .train import method_stages
 
 __all__ = ["RUN_FILES", "apply_dataset_arguments", "check_backend", "check_output_dir", "check_run_inputs",
-           "set_num_classes"]
+           "remove_run_files", "set_num_classes"]
 
 # what a run writes into train.output_dir: what --overwrite deletes
 RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt*", "events.out.tfevents.*",
@@ -128,8 +129,9 @@ def check_run_inputs(cfg, *, training=True, produced=()):
 
 
 def check_output_dir(output_dir, *, resume=False, overwrite=False, stages=()):
-    """Refuses (UsageError) a non-empty output folder unless resume or overwrite; overwrite deletes the
-    RUN_FILES of the earlier run there and its stage folders (`stages`). Returns the deleted paths."""
+    """Refuses (UsageError) a non-empty output folder (its lock file aside) unless resume or overwrite. Returns
+    what overwrite deletes there (remove_run_files): the RUN_FILES of the earlier run and its stage folders
+    (`stages`); writes nothing."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          f"{output_dir}, --overwrite replaces it")
@@ -137,15 +139,18 @@ def check_output_dir(output_dir, *, resume=False, overwrite=False, stages=()):
         return []
     if not os.path.isdir(output_dir):
         raise UsageError(f"train.output_dir={output_dir} is a file, not a directory")
-    entries = sorted(os.listdir(output_dir))
+    entries = sorted(e for e in os.listdir(output_dir) if e != LOCK_FILE)
     if not entries or resume:
         return []
     if not overwrite:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UsageError(f"output directory {output_dir} is not empty ({shown}): refusing to overwrite an earlier "
                          "run", hint="--resume continues it, --overwrite replaces it, or train.output_dir=NEW_DIR")
-    removed = sorted({p for pattern in RUN_FILES + tuple(stages)
-                      for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
-    for path in removed:
+    return sorted({p for pattern in RUN_FILES + tuple(stages)
+                   for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+
+
+def remove_run_files(paths):
+    """Deletes the files and folders check_output_dir returned (lgd-train does, holding the folder's lock)."""
+    for path in paths:
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return removed

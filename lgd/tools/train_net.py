@@ -1,5 +1,6 @@
 """lgd-train: trains a detectron2 detector with LGD, the baseline or a comparison method (lgd.method), from a
 LazyConfig. Argument parsing only: lgd.runner checks, builds and trains (docs/method.md §8, README)."""
+import contextlib
 import sys
 
 from detectron2.engine import default_argument_parser, default_setup
@@ -11,6 +12,8 @@ from ..engine.checkpoint import AtomicCheckpointer
 from ..errors import UsageError
 from ..runner import (apply_dataset_arguments, check_backend, check_output_dir, check_run_inputs, evaluate,
                       launch_run, train)
+from ..runner.checks import remove_run_files
+from ..runner.lock import output_lock
 from .cli import DEBUG_HELP, run_command
 
 __all__ = ["build_parser", "main", "run"]
@@ -18,7 +21,8 @@ __all__ = ["build_parser", "main", "run"]
 OPS_HELP = "lgd_ops backend: auto (the fastest built kernels), reference (pure PyTorch), cpu, cuda or triton"
 EPILOG = """\
 A non-empty train.output_dir needs --resume (continue its last checkpoint; the method's stages are reused or
-continued) or --overwrite (delete the earlier run's files and stage folders). Overrides come last: key=value,
+continued) or --overwrite (delete the earlier run's files and stage folders); a folder another live run
+writes to is refused (a lock, OUTPUT/.lgd-lock). SIGTERM or SIGUSR1 saves a checkpoint and exits 143. Overrides come last: key=value,
 a key the config lacks is an error naming the closest ones (+key=value adds one). lgd.method picks the
 training method (lgd, baseline, fgfi, labelenc, dml, ban, tfkd; settings lgd.<method>.*). Exit status: 0, 2
 on a usage error, 1 on any other failure (one line; --debug adds the traceback)."""
@@ -84,13 +88,17 @@ def run(argv=None):
         raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
     cfg = setup(args)
     method = check_run_inputs(cfg, training=not args.eval_only)
-    if not args.eval_only:
-        for path in check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
-                                     stages=[stage.name for stage in method.stages()]):
+    # the output folder is machine rank 0's: it checks and locks it (another machine may share its file system)
+    owner = not args.eval_only and args.machine_rank == 0
+    removed = check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
+                               stages=[stage.name for stage in method.stages()]) if owner else []
+    with output_lock(cfg.train.output_dir) if owner else contextlib.nullcontext():
+        remove_run_files(removed)
+        for path in removed:
             setup_logger(name="lgd").info("--overwrite: removed %s", path)
-    one_process = args.num_gpus * args.num_machines <= 1
-    return launch_run(worker, (args, cfg) if one_process else (args,), num_gpus=args.num_gpus,
-                      num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
+        one_process = args.num_gpus * args.num_machines <= 1
+        return launch_run(worker, (args, cfg) if one_process else (args,), num_gpus=args.num_gpus,
+                          num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
 
 
 def main(argv=None):
