@@ -87,6 +87,22 @@ def check_backend(name, where="--ops"):
         raise UsageError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
 
 
+def _check_numbers(cfg):
+    """UsageError naming the key when one of the numbers lgd.runner.build_optimizer reads is not a number."""
+    opt, clip = cfg.optimizer, cfg.train.get("clip_gradients", {}) or {}
+    values = {"optimizer.lr": opt.get("lr"), "optimizer.momentum": opt.get("momentum"),
+              "optimizer.weight_decay": opt.get("weight_decay"),
+              "optimizer.params.weight_decay_norm": opt.get("params", {}).get("weight_decay_norm", 0.0),
+              "train.clip_gradients.clip_value": clip.get("clip_value", 1.0)}
+    for key, value in values.items():
+        if value is None and key == "optimizer.params.weight_decay_norm":
+            continue
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{key}={value!r} must be a number") from None
+
+
 def check_run_inputs(cfg, *, training=True, produced=()):
     """Checks what a run reads. When training: the method and its settings, each stage's config in turn, the
     schedule, the backend, the fast path, the training datasets and a local train.init_checkpoint (or one in
@@ -109,6 +125,7 @@ def check_run_inputs(cfg, *, training=True, produced=()):
                 raise type(exc)(f"stage {stage.name} of lgd.method={method.name}: {exc}", hint=exc.hint) from exc
             produced.append(stage_checkpoint(cfg.train.output_dir, stage.name))
         build_schedule(cfg)
+        _check_numbers(cfg)
         check_backend(str(cfg.lgd.get("backend", "auto")), where="lgd.backend")
         try:
             fast_path(cfg)

@@ -1,6 +1,7 @@
 """Training and evaluating a run: the method's stages, then the run itself on detectron2's trainer with lgd's
 hooks, atomic checkpoints, exact resume, periodic evaluation of the student and the cost record."""
 import copy
+import glob
 import logging
 import os
 import re
@@ -103,6 +104,16 @@ def _naming_image_errors(cfg):
     return cfg
 
 
+def _periodic_checkpointer(checkpointer, cfg):
+    """detectron2's PeriodicCheckpointer hook knowing the checkpoints already in the folder, so that
+    train.checkpointer.max_to_keep applies across resumes (its own list starts empty in every process)."""
+    hook = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    if hook.max_to_keep is not None:
+        hook.recent_checkpoints = sorted(glob.glob(os.path.join(glob.escape(cfg.train.output_dir),
+                                                                "model_[0-9]*.pth")))
+    return hook
+
+
 def _load_trainer_state(trainer, state, loaded_from):
     try:
         trainer.load_state_dict(state)
@@ -173,7 +184,7 @@ def _train(cfg, method, backend, resume, extra_hooks, received):
     trainer.register_hooks([IterationSeed(data_seed(cfg)), build_lr_hook(schedule), hooks.IterationTimer()]
                            + method.hooks(schedule) + [
         hooks.CallbackHook(after_step=lambda _: extra["detector_ema"].gather()),  # each rank's, before a save
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+        _periodic_checkpointer(checkpointer, cfg) if main else None,
         EvalAfterSuccess(cfg.train.eval_period, test_and_keep),
         stop,  # before the writers: detectron2's printer divides by zero writing one iteration twice in warmup
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,

@@ -10,6 +10,8 @@ error while training); 130 on Ctrl-C; 143 when SIGTERM or SIGUSR1 stopped a run 
 
 The Python API of each command (its module's run(argv)) raises instead and returns its results; run_command turns it into the console script: run_command(prog, api, argv) -> int.
 """
+import contextlib
+import logging
 import os
 import sys
 import traceback
@@ -18,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 from ..errors import CommandError
 from ..runner.stopping import Preempted
 
-__all__ = ["debug_requested", "run_command"]
+__all__ = ["console_without_tracebacks", "debug_requested", "run_command"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "print the traceback of a failure (also LGD_DEBUG=1)"
@@ -26,6 +28,53 @@ DEBUG_HELP = "print the traceback of a failure (also LGD_DEBUG=1)"
 
 def debug_requested(argv: Sequence[str] = ()) -> bool:
     return DEBUG_FLAG in argv or os.environ.get("LGD_DEBUG", "").strip() not in ("", "0")
+
+
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves a record's traceback out (the log file's formatter keeps it)."""
+
+    def __init__(self, inner: Optional[logging.Formatter]):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record):
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def console_without_tracebacks() -> None:
+    """Unless debug_requested(): the console handlers of every logger (detectron2's "Exception during
+    training" among them) print messages without tracebacks, which stay in OUTPUT/log.txt; the command's
+    own line says what failed. Call it after the loggers are set up."""
+    if debug_requested():
+        return
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)  # detectron2's file: a stream too
+            if console and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
+@contextlib.contextmanager
+def _debug_environment(debug: bool):
+    """LGD_DEBUG=1 while a --debug command runs, for console_without_tracebacks in its processes."""
+    if not debug:
+        yield
+        return
+    previous = os.environ.get("LGD_DEBUG")
+    os.environ["LGD_DEBUG"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LGD_DEBUG"]
+        else:
+            os.environ["LGD_DEBUG"] = previous
 
 
 def _one_line(text: str) -> str:
@@ -50,7 +99,8 @@ def run_command(prog: str, api: Callable[[List[str]], object], argv: Optional[Se
     debug = debug_requested(argv)
     argv = [a for a in argv if a != DEBUG_FLAG]
     try:
-        api(argv)
+        with _debug_environment(debug):
+            api(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error it already printed (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

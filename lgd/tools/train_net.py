@@ -1,6 +1,7 @@
 """lgd-train: trains a detectron2 detector with LGD, the baseline or a comparison method (lgd.method), from a
 LazyConfig. Argument parsing only: lgd.runner checks, builds and trains (docs/method.md §8, README)."""
 import contextlib
+import os
 import sys
 
 from detectron2.engine import default_argument_parser, default_setup
@@ -14,7 +15,7 @@ from ..runner import (apply_dataset_arguments, check_backend, check_output_dir, 
                       launch_run, train)
 from ..runner.checks import remove_run_files
 from ..runner.lock import output_lock
-from .cli import DEBUG_HELP, run_command
+from .cli import DEBUG_HELP, console_without_tracebacks, run_command
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -66,12 +67,17 @@ def worker(args, cfg=None):
     cfg = setup(args) if cfg is None else cfg
     if args.eval_only:  # writes nothing into the output folder
         setup_logger(distributed_rank=comm.get_rank())
+        console_without_tracebacks()
         checkpointer = AtomicCheckpointer(None, cfg.train.output_dir)
         use_last = args.resume and checkpointer.has_checkpoint()
         return evaluate(cfg, checkpointer.get_checkpoint_file() if use_last else cfg.train.init_checkpoint)
+    config_yaml = os.path.join(cfg.train.output_dir, "config.yaml")
+    if comm.is_main_process() and os.path.islink(config_yaml):
+        os.remove(config_yaml)  # the run's config.yaml replaces the link, never the file it points to
     default_setup(cfg, args)  # writes OUTPUT/config.yaml and log.txt
     for name in ("lgd", "lgd_ops"):  # the runner's and the ops' messages (auto's choices) beside detectron2's
         setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
+    console_without_tracebacks()
     return train(cfg, backend=args.ops, resume=args.resume)
 
 
