@@ -66,12 +66,13 @@ def iterations_logged(out):
 
 
 def stop_at_random_iteration(proc, out, signum, seed):
-    """Sends `signum` to proc once metrics.json shows a random iteration in [0, MAX_ITER - 3] done."""
+    """Sends `signum` (if any) to proc once metrics.json shows a random iteration in [0, MAX_ITER - 3] done."""
     after = random.Random(seed).randint(0, MAX_ITER - 3)
     deadline = time.time() + 300
     while iterations_logged(out) < after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signum)
+    if signum:
+        proc.send_signal(signum)
     return after
 
 
@@ -246,3 +247,48 @@ def test_one_live_run_per_output_folder(setup, tmp_path):
         holder.wait()
     with output_lock(str(out)):  # a dead process's lock never blocks
         assert (out / ".lgd-lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_two_machines(setup, out, *extra, signum=None):
+    """lgd-train as two "machines" of one CPU process each on loopback (gloo, --num-machines 2, --machine-rank
+    0 and 1, --dist-url tcp://127.0.0.1:PORT) into one folder; with signum, both get it at a random iteration.
+    Returns [(status, stderr)] of machine 0 and 1; never waits longer than finish()'s timeout."""
+    url = f"tcp://127.0.0.1:{free_port()}"
+    procs = [start(*run_args(setup, out, "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", url,
+                             *extra)) for rank in (0, 1)]
+    try:
+        if signum:
+            stop_at_random_iteration(procs[0], str(out), None, seed=2)
+            for proc in procs:
+                proc.send_signal(signum)
+        return [finish(proc) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_two_machines_match_one_machine_and_resume_exactly(setup):
+    root = setup[0]
+    one, two, split = root / "one_machine", root / "two_machines", root / "two_machines_split"
+    code, err = finish(start(*run_args(setup, one, "--num-gpus", "2")))
+    assert code == 0, err[-3000:]
+    for code, err in on_two_machines(setup, two):
+        assert code == 0, err[-3000:]
+    assert_same_weights(final_weights(one), final_weights(two))
+
+    stopped = on_two_machines(setup, split, signum=signal.SIGTERM)
+    for code, err in stopped:
+        assert code == 143 and STOPPED.match(err.strip().splitlines()[-1]), err[-3000:]
+    assert not (split / "model_final.pth").exists()
+    for code, err in on_two_machines(setup, split, "--resume"):
+        assert code == 0, err[-3000:]
+    assert_same_weights(final_weights(one), final_weights(split))

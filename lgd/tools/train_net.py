@@ -23,10 +23,13 @@ OPS_HELP = "lgd_ops backend: auto (the fastest built kernels), reference (pure P
 EPILOG = """\
 A non-empty train.output_dir needs --resume (continue its last checkpoint; the method's stages are reused or
 continued) or --overwrite (delete the earlier run's files and stage folders); a folder another live run
-writes to is refused (a lock, OUTPUT/.lgd-lock). SIGTERM or SIGUSR1 saves a checkpoint and exits 143. Overrides come last: key=value,
-a key the config lacks is an error naming the closest ones (+key=value adds one). lgd.method picks the
-training method (lgd, baseline, fgfi, labelenc, dml, ban, tfkd; settings lgd.<method>.*). Exit status: 0, 2
-on a usage error, 1 on any other failure (one line; --debug adds the traceback)."""
+writes to is refused (a lock, OUTPUT/.lgd-lock). Overrides come last: key=value, a key the config lacks is an
+error naming the closest ones (+key=value adds one). lgd.method picks the training method (lgd, baseline,
+fgfi, labelenc, dml, ban, tfkd; settings lgd.<method>.*). Several machines: the same command on each with
+--num-machines M, its own --machine-rank and --dist-url tcp://HOST0:PORT (machine rank 0's address, which
+checks, locks and writes train.output_dir; without CUDA, gloo CPU processes). Exit status: 0, 2 on a usage
+error, 1 on any other failure (one line; --debug adds the traceback), 130 on Ctrl-C, 143 when SIGTERM or
+SIGUSR1 stopped the run after the current iteration with a checkpoint (continue with --resume)."""
 
 
 def add_dataset_arguments(parser, train):
