@@ -8,6 +8,7 @@ MARKER is never created. Real detectron2-style .pkl weights (numpy arrays, any p
 module names) still load."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -216,3 +217,16 @@ def test_file_size_limit_for_real(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["big.pth"]
+
+
+@pytest.mark.parametrize("name", ["cut.pkl", "cut.pth"])
+def test_truncated_checkpoint_is_one_line_naming_it(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".pkl"):
+        path.write_bytes(pickle.dumps({"model": {"w": np.zeros(100)}})[:60])
+    else:
+        torch.save({"model": {"w": torch.zeros(100)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=f"checkpoint {re.escape(str(path))} cannot be read: ") as info:
+        read_checkpoint(str(path))
+    assert "\n" not in str(info.value)

@@ -179,6 +179,15 @@ def _read_error(path: str, exc: BaseException) -> CheckpointError:
                            hint="a truncated file (interrupted copy or save?) or not a checkpoint")
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch.load's long weights_only notice: keep the unpickler's reason
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else "(no message)"
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
 def student_module(model: nn.Module) -> nn.Module:
     """The student of a training method's model: its `detector` (LGDDistiller, any wrapper) or, for a plain
     detector (the baseline), the model itself."""
