@@ -159,3 +159,15 @@ def test_boxes_outside_their_image_are_dropped_with_a_count(tmp_path):
     record = {"width": 40, "height": 30, "annotations": [{"bbox": b, "bbox_mode": BoxMode.XYWH_ABS} for b in boxes]}
     kept, dropped, images = drop_degenerate_boxes([record])
     assert dropped == 2 and images == 0 and [a["bbox"] for a in kept[0]["annotations"]] == [boxes[0], boxes[3]]
+
+
+def test_image_check_reports_progress_on_large_sets(coco_files, monkeypatch, capsys):
+    import lgd.data.register as register
+    from lgd.tools.cli import console_progress
+
+    ann, images = coco_files
+    monkeypatch.setattr(register, "_PROGRESS_FROM", 1)  # the one image is "a large set"
+    with console_progress():
+        register.validate_coco_json(str(ann), str(images))
+    out = capsys.readouterr().out
+    assert f"lgd.data INFO: {ann}: checked 1 of 1 image headers" in out, out

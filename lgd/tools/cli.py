@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 from ..errors import CommandError
 from ..runner.stopping import Preempted
 
-__all__ = ["console_without_tracebacks", "debug_requested", "run_command"]
+__all__ = ["console_progress", "console_without_tracebacks", "debug_requested", "run_command"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "print the traceback of a failure (also LGD_DEBUG=1)"
@@ -75,6 +75,23 @@ def _debug_environment(debug: bool):
             del os.environ["LGD_DEBUG"]
         else:
             os.environ["LGD_DEBUG"] = previous
+
+
+@contextlib.contextmanager
+def console_progress(name: str = "lgd.data"):
+    """The INFO messages of logger `name` (the dataset checks' progress on large sets) on the console while
+    open: the checks run before the run's own loggers are set up."""
+    logger = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s", "%m/%d %H:%M:%S"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _one_line(text: str) -> str:

@@ -15,7 +15,7 @@ from ..runner import (apply_dataset_arguments, check_backend, check_output_dir, 
                       launch_run, train)
 from ..runner.checks import remove_run_files
 from ..runner.lock import output_lock
-from .cli import DEBUG_HELP, console_without_tracebacks, run_command
+from .cli import DEBUG_HELP, console_progress, console_without_tracebacks, run_command
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -96,7 +96,8 @@ def run(argv=None):
     if args.overwrite and args.resume:
         raise UsageError("--resume and --overwrite contradict each other (continue the run, or replace it?)")
     cfg = setup(args)
-    method = check_run_inputs(cfg, training=not args.eval_only)
+    with console_progress():
+        method = check_run_inputs(cfg, training=not args.eval_only)
     # the output folder is machine rank 0's: it checks and locks it (another machine may share its file system)
     owner = not args.eval_only and args.machine_rank == 0
     removed = check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
