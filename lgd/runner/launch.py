@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 
 import torch
 import torch.distributed as dist
@@ -77,7 +78,8 @@ def launch_run(main_func, args, *, num_gpus=1, num_machines=1, machine_rank=0, d
     launched processes stopped on a signal."""
     if num_gpus * num_machines <= 1:
         return main_func(*args)
-    previous = {s: signal.signal(s, _forward) for s in STOP_SIGNALS}
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {s: signal.signal(s, _forward) for s in STOP_SIGNALS} if main_thread else {}
     try:
         with tempfile.TemporaryDirectory(prefix="lgd_launch_") as tmp:
             report = os.path.join(tmp, "preempted")
