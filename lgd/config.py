@@ -127,8 +127,10 @@ def apply_overrides_strict(cfg, overrides: Iterable[str]):
             (parsed,) = parser.parse_overrides([text])
         except HydraException as exc:
             first = str(exc).strip().splitlines()
+            hint = ("quote a value with non-ASCII characters: KEY='VALUE' (in a shell: \"KEY='VALUE'\")"
+                    if not text.isascii() else "overrides come last on the command line, e.g. train.max_iter=100")
             raise UsageError(f"config override {text!r} is not KEY=VALUE ({first[1] if len(first) > 1 else first[0]})",
-                             hint="overrides come last on the command line, e.g. train.max_iter=100") from None
+                             hint=hint) from None
         key = parsed.key_or_group
         if key in REMOVED_KEYS:
             raise UsageError(f"config override {text!r}: {_removed(key)}")

@@ -67,8 +67,10 @@ def _levels(student, teacher):
             )
         if s.numel() == 0:
             raise ValueError(f"{op}: student[{level}] is empty (shape {tuple(s.shape)})")
-        if s.dtype != students[0].dtype or t.dtype != students[0].dtype:
-            raise ValueError(f"{op}: all maps must share one dtype, got {s.dtype} and {t.dtype} at level {level}")
+        for name, x in ((f"student[{level}]", s), (f"teacher[{level}]", t)):
+            if x.dtype != students[0].dtype:
+                raise ValueError(f"{op}: all maps must share one dtype: {name} is {x.dtype}, student[0] is "
+                                 f"{students[0].dtype}")
     check_same_device(op, {f"{side}[{i}]": x for side, xs in (("student", students), ("teacher", teachers))
                            for i, x in enumerate(xs)})
     return students, teachers

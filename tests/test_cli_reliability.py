@@ -340,7 +340,8 @@ def test_degenerate_boxes_are_dropped_with_a_warning(setup, tmp_path):
     register_coco_once("lgd_cli_negative", str(path), images)
     with lgd_data_warnings() as warnings:
         build_train_loader(cfg)  # the training loader applies the rule
-    assert any("dropped 1 boxes with a width or height <= 0 and 1 images" in w for w in warnings)
+    assert any("dropped 1 boxes with a width or height <= 0, 0 entirely outside their image and 1 images" in w
+               for w in warnings)
 
 
 def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
@@ -367,6 +368,7 @@ def test_failed_run_leaves_an_earlier_run_untouched(setup, tmp_path, capsys):
 
 def test_overwrite_removes_the_earlier_runs_files(tmp_path):
     from lgd.runner import check_output_dir
+    from lgd.runner.checks import remove_run_files
 
     for name in ("model_0000099.pth", "metrics.json", "last_checkpoint", "config.yaml", "notes.txt",
                  ".model_0000001.pth.abc.lgd-tmp"):
@@ -376,7 +378,7 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
     with pytest.raises(UsageError, match="contradict"):
         check_output_dir(str(tmp_path), resume=True, overwrite=True)
     assert check_output_dir(str(tmp_path), resume=True) == []
-    check_output_dir(str(tmp_path), overwrite=True)
+    remove_run_files(check_output_dir(str(tmp_path), overwrite=True))
     assert os.listdir(tmp_path) == ["notes.txt"]  # not a run's file: kept
 
 
@@ -474,3 +476,27 @@ def test_resume_removes_stale_temporaries_and_same_seed_same_start(setup, tmp_pa
         assert not [f for f in os.listdir(out) if f.endswith("tmp")]
         losses.append({k: v for k, v in read_metrics(str(out))[0].items() if k.startswith("loss_")})
     assert losses[0] and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_bad_image_is_one_line_naming_the_file(setup, tmp_path, damage):
+    """A garbage file fails the check before anything is written; a truncated one (its header intact) fails
+    when training decodes it, naming the file, the dataset and the image id."""
+    import shutil
+
+    root, cfg_file, ann, images = setup
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    for path in copy.iterdir():
+        data = path.read_bytes()
+        path.write_bytes(b"garbage" * 50 if damage == "garbage" else data[: len(data) // 2])
+    out = tmp_path / "out"
+    proc = command("lgd-train", *train_args(cfg_file, str(out), f"lgd_cli_damaged={ann}:{copy}",
+                                            f"lgd_cli_val={ann}:{images}"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("lgd-train: error: ")]
+    assert str(copy) in error and "image id" in error and "<_io" not in error, error
+    if damage == "garbage":
+        assert "not an image PIL can read" in error and not out.exists()
+    else:
+        assert "dataset lgd_cli_damaged" in error and "truncated" in error, error

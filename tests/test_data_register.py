@@ -1,5 +1,6 @@
 """lgd.data.register: COCO json by path ("[NAME=]ann.json:images/"), Pascal VOC folders, idempotency, errors."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,3 +104,70 @@ def test_register_voc_by_path(tmp_path, unregister):
         register_voc_by_path("lgd_test_voc2", voc, "test")
     with pytest.raises(ValueError, match="year"):
         register_voc_by_path("lgd_test_voc2", voc, "trainval", year=2010)
+
+
+def _write_json(path, images, annotations=()):
+    path.write_text(json.dumps({"images": images, "annotations": list(annotations),
+                                "categories": [{"id": 3, "name": "tree"}]}))
+    return path
+
+
+@pytest.mark.parametrize("content, size, message", [
+    (b"", (40, 30), "is an empty file"),
+    (b"not an image at all" * 10, (40, 30), "is not an image PIL can read"),
+    (None, (41, 30), "is 40x30 pixels, the json says 41x30"),
+])
+def test_image_headers_are_checked_up_front(tmp_path, content, size, message):
+    from lgd.data.register import DatasetError, validate_coco_json
+
+    (tmp_path / "images").mkdir()
+    image = tmp_path / "images" / "b.png"
+    if content is None:
+        shutil.copy(FIXTURES / "scene_b.png", image)
+    else:
+        image.write_bytes(content)
+    ann = _write_json(tmp_path / "ann.json", [{"id": 7, "file_name": "b.png", "width": size[0], "height": size[1]}])
+    with pytest.raises(DatasetError, match=re.escape(message)) as info:
+        validate_coco_json(str(ann), str(tmp_path / "images"))
+    assert str(image) in str(info.value) and "image id 7" in str(info.value) and "<" not in str(info.value)
+
+
+def test_image_size_follows_exif_orientation(tmp_path):
+    from PIL import Image
+
+    from lgd.data.register import validate_coco_json
+
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: detectron2 reads it 30 x 40
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "r.jpg", exif=exif)
+    ann = _write_json(tmp_path / "ann.json", [{"id": 1, "file_name": "r.jpg", "width": 30, "height": 40}])
+    assert validate_coco_json(str(ann), str(tmp_path / "images"))["images"] == 1
+
+
+def test_boxes_outside_their_image_are_dropped_with_a_count(tmp_path):
+    from detectron2.structures import BoxMode
+
+    from lgd.data.register import drop_degenerate_boxes, validate_coco_json
+
+    (tmp_path / "images").mkdir()
+    shutil.copy(FIXTURES / "scene_b.png", tmp_path / "images" / "b.png")
+    boxes = [[10, 5, 20, 20], [45, 0, 5, 5], [-10, -10, 5, 5], [35, 25, 10, 10]]  # inside, right, above-left, partly
+    ann = _write_json(tmp_path / "ann.json", [{"id": 7, "file_name": "b.png", "width": 40, "height": 30}],
+                      [{"id": i, "image_id": 7, "category_id": 3, "bbox": b} for i, b in enumerate(boxes)])
+    assert validate_coco_json(str(ann), str(tmp_path / "images"), training=True)["outside_boxes"] == 2
+    record = {"width": 40, "height": 30, "annotations": [{"bbox": b, "bbox_mode": BoxMode.XYWH_ABS} for b in boxes]}
+    kept, dropped, images = drop_degenerate_boxes([record])
+    assert dropped == 2 and images == 0 and [a["bbox"] for a in kept[0]["annotations"]] == [boxes[0], boxes[3]]
+
+
+def test_image_check_reports_progress_on_large_sets(coco_files, monkeypatch, capsys):
+    import lgd.data.register as register
+    from lgd.tools.cli import console_progress
+
+    ann, images = coco_files
+    monkeypatch.setattr(register, "_PROGRESS_FROM", 1)  # the one image is "a large set"
+    with console_progress():
+        register.validate_coco_json(str(ann), str(images))
+    out = capsys.readouterr().out
+    assert f"lgd.data INFO: {ann}: checked 1 of 1 image headers" in out, out

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -195,8 +196,10 @@ def validate_coco_json(json_file, image_root, *, training=False, evaluation=Fals
         if missing:
             raise DatasetError(f"{where}: {len(missing)} of {len(images)} image files not found under {image_root} "
                                f"(first: {_first(missing)})", hint="check the image folder given after the ':'")
+        check_image_headers(images, image_root, where)
     fields = ("id", "image_id", "category_id", "bbox") + (("area", "iscrowd") if evaluation else ())
-    degenerate, usable = [], 0
+    degenerate, outside, usable = [], [], 0
+    sizes = {img["id"]: (img["width"], img["height"]) for img in images}
     for i, ann in enumerate(annotations):
         _check_fields(ann, i, "annotation", fields, where)
         label = f"annotation id {ann['id']!r}"
@@ -210,6 +213,8 @@ def validate_coco_json(json_file, image_root, *, training=False, evaluation=Fals
             raise DatasetError(f"{where}: {label}: 'bbox' must be 4 finite numbers [x, y, width, height], got {box!r}")
         if box[2] <= 0 or box[3] <= 0:
             degenerate.append(ann["id"])
+        elif _outside(box[0], box[1], box[0] + box[2], box[1] + box[3], *sizes[ann["image_id"]]):
+            outside.append(ann["id"])
         elif not ann.get("iscrowd", 0):
             usable += 1
     _unique_ids(annotations, "annotation", where)
@@ -217,11 +222,68 @@ def validate_coco_json(json_file, image_root, *, training=False, evaluation=Fals
         logger.warning("%s: %d of %d boxes have a width or height <= 0: training drops them, evaluation "
                        "(pycocotools) keeps them (annotation ids %s)", where, len(degenerate), len(annotations),
                        _first(degenerate))
+    if outside:
+        logger.warning("%s: %d of %d boxes lie entirely outside their image: training drops them (annotation ids "
+                       "%s)", where, len(outside), len(annotations), _first(outside))
     if training and not usable:
         raise DatasetError(f"{where}: no usable box to train on ({len(annotations)} annotations, "
-                           f"{len(degenerate)} with width or height <= 0)")
+                           f"{len(degenerate)} with width or height <= 0, {len(outside)} outside their image)")
     return {"images": len(images), "annotations": len(annotations), "categories": len(categories),
-            "degenerate_boxes": len(degenerate), "missing_images": len(missing)}
+            "degenerate_boxes": len(degenerate), "outside_boxes": len(outside), "missing_images": len(missing)}
+
+
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (detectron2 applies them when reading)
+_PROGRESS_FROM = 2000  # image count from which the header check logs its progress
+
+
+def check_image_headers(images, image_root, where):
+    """Reads the header of each image of a COCO `images` list (no decoding): DatasetError naming the file and
+    image id when it is empty, not an image PIL knows, or not of the json's width x height (after its EXIF
+    orientation, as detectron2 reads it). Logs progress on large sets."""
+    from PIL import Image
+
+    started, step = time.perf_counter(), max(len(images) // 10, 1)
+    for i, img in enumerate(images):
+        path = os.path.join(image_root, img["file_name"])
+        label = f"image id {img['id']!r} ({path})"
+        if os.path.getsize(path) == 0:
+            raise DatasetError(f"{where}: {label} is an empty file")
+        try:
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+                raw_exif = image.info.get("exif")  # getexif() would decode a PNG to look past its pixels
+            if raw_exif:
+                exif = Image.Exif()
+                exif.load(raw_exif)
+                if exif.get(0x0112) in _ROTATED:
+                    width, height = height, width
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for unknown or broken headers
+            raise DatasetError(f"{where}: {label} is not an image PIL can read "
+                               f"({type(exc).__name__}: {str(exc).split(' <')[0]})") from None
+        if (width, height) != (img["width"], img["height"]):
+            raise DatasetError(f"{where}: {label} is {width}x{height} pixels, the json says "
+                               f"{img['width']}x{img['height']} (width x height)")
+        if len(images) >= _PROGRESS_FROM and (i + 1) % step == 0:
+            logger.info("%s: checked %d of %d image headers (%.0f s)", where, i + 1, len(images),
+                        time.perf_counter() - started)
+
+
+class NamedImageErrors:
+    """A dataset mapper whose image-reading failures (a file truncated or changed after the check) name the
+    file, the dataset and the image id, instead of PIL's bare "image file is truncated"."""
+
+    def __init__(self, mapper, datasets):
+        self.mapper, self.datasets = mapper, datasets
+
+    def __call__(self, record):
+        from detectron2.data.detection_utils import SizeMismatchError
+
+        try:
+            return self.mapper(record)
+        except (OSError, SyntaxError, SizeMismatchError) as exc:
+            raise DatasetError(f"dataset {self.datasets}: image id {record.get('image_id')!r} "
+                               f"({record.get('file_name')}) cannot be read during training: "
+                               f"{type(exc).__name__}: {str(exc).split(' <')[0]}") from exc
 
 
 def validate_dataset(name, *, where="", training=False, evaluation=False):
@@ -254,31 +316,40 @@ def validate_dataset(name, *, where="", training=False, evaluation=False):
     return {}
 
 
-def _box_size(obj):
+def _outside(x0, y0, x1, y1, width, height):
+    return x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height
+
+
+def _box_usable(obj, record):
+    """True for a box training keeps, False for one of width or height <= 0, None for one entirely outside the
+    record's image (relative or rotated boxes, and records without a size, are left to detectron2: True)."""
     from detectron2.structures import BoxMode
 
     box, mode = obj.get("bbox"), obj.get("bbox_mode", BoxMode.XYWH_ABS)
-    if box is None or len(box) != 4:
+    if box is None or len(box) != 4 or mode not in (BoxMode.XYWH_ABS, BoxMode.XYXY_ABS):
+        return True
+    x0, y0 = box[0], box[1]
+    x1, y1 = (x0 + box[2], y0 + box[3]) if mode == BoxMode.XYWH_ABS else (box[2], box[3])
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return False
+    if "width" in record and "height" in record and _outside(x0, y0, x1, y1, record["width"], record["height"]):
         return None
-    if mode == BoxMode.XYWH_ABS:
-        return box[2], box[3]
-    if mode == BoxMode.XYXY_ABS:
-        return box[2] - box[0], box[3] - box[1]
-    return None  # relative or rotated boxes: left to detectron2
+    return True
 
 
 def drop_degenerate_boxes(dataset_dicts, drop_empty_images=True):
     """The one rule for invalid boxes, on detectron2 dataset dicts of any dataset: annotations whose box has a width
     or height <= 0 are removed from training (and then images left without annotations, when drop_empty_images,
     as detectron2 drops images without annotations). Evaluation reads the json as it is, so such a box stays in the
-    ground truth there, as in every COCO evaluation; boxes extending past the image are kept (detectron2 clips).
-    lgd-train's loader applies it. Returns (dicts, number of boxes dropped, number of images dropped); warns when
-    any is dropped."""
-    kept, boxes, images = [], 0, 0
+    ground truth there, as in every COCO evaluation; boxes extending past the image are kept (detectron2 clips),
+    boxes entirely outside it are dropped too. lgd-train's loader applies it. Returns (dicts, number of boxes
+    dropped, number of images dropped); warns when any is dropped."""
+    kept, boxes, images, outside = [], 0, 0, 0
     for record in dataset_dicts:
         annotations = record.get("annotations")
         if annotations:
-            good = [a for a in annotations if (_box_size(a) or (1, 1))[0] > 0 and (_box_size(a) or (1, 1))[1] > 0]
+            good = [a for a in annotations if _box_usable(a, record)]
+            outside += sum(_box_usable(a, record) is None for a in annotations)
             if len(good) != len(annotations):
                 boxes += len(annotations) - len(good)
                 record = dict(record, annotations=good)
@@ -287,6 +358,7 @@ def drop_degenerate_boxes(dataset_dicts, drop_empty_images=True):
                     continue
         kept.append(record)
     if boxes:
-        logger.warning("training data: dropped %d boxes with a width or height <= 0%s", boxes,
-                       f" and {images} images left without boxes" if images else "")
+        left = f" and {images} images left without boxes" if images else ""
+        logger.warning("training data: dropped %d boxes with a width or height <= 0, %d entirely outside their "
+                       "image%s", boxes - outside, outside, left)
     return kept, boxes, images

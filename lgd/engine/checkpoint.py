@@ -14,9 +14,14 @@ a half-written checkpoint; the file gets the mode of any new file under the proc
 truncated or not a checkpoint (read_checkpoint, and every AtomicCheckpointer load: resume, init_checkpoint,
 lgd-eval) is a CheckpointError naming the file; AtomicCheckpointer.load_checked (lgd-eval) also refuses
 weights that do not fit the model (missing, or of another shape) unless allow_partial.
+
+No code runs from a checkpoint: every load goes through read_weights_file (weights-only torch.load, or the
+restricted unpickler of lgd.engine.weights_pickle for `.pkl`), never detectron2's or fvcore's plain pickle.
 """
+import errno
 import glob
 import os
+import re
 import tempfile
 import threading
 from typing import Callable, Dict, Optional
@@ -25,13 +30,15 @@ import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.utils import comm
 
+from ..errors import CommandError
 from ..modeling.detector_drivers import build_detector_driver
+from .weights_pickle import UnsafePickleError, load_weights_pickle
 
 __all__ = ["CONFIG_HINT", "AtomicCheckpointer", "BackendChoices", "CheckpointError", "DetectorEMAState", "INIT_MODULES",
-           "STUDENT_PREFIX",
-           "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "remove_stale_temporaries", "student_module",
-           "student_state_dict"]
+           "STUDENT_PREFIX", "atomic_write", "is_wrapper_state_dict", "read_checkpoint", "read_weights_file",
+           "remove_stale_temporaries", "student_module", "student_state_dict", "WriteError"]
 
 STUDENT_PREFIX = "detector."
 # a wrapper attribute: the names of its detectors that a name-matched init checkpoint (ImageNet .pkl) initialises,
@@ -40,6 +47,7 @@ INIT_MODULES = "init_checkpoint_modules"
 TMP_SUFFIX = ".lgd-tmp"
 # what a command says when a checkpoint does not fit its config: the run's own config holds its overrides
 CONFIG_HINT = "pass the run's own config, --config-file OUTPUT/config.yaml (train.output_dir of the run that wrote it)"
+UNSAFE_HINT = "configs are code, checkpoints are data: convert trusted weights to a dict of tensors or numpy arrays"
 _umask_lock = threading.Lock()
 
 
@@ -58,22 +66,56 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class WriteError(CommandError):
+    """A file that could not be written; the message names it and the cause, and says the old file is intact."""
+
+
+# what a failed write's errno means to the user
+_WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EFBIG: "the file would exceed the process's file-size limit (ulimit -f)",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EROFS: "the file system is read-only"}
+
+
 def atomic_write(path: str, write: Callable) -> None:
     """Calls write(f) on a temporary file next to `path`, then renames it to `path`: readers never see a
-    truncated file, even if the process dies mid-write. The file gets the umask's mode (module docstring)."""
+    truncated file, even if the process dies mid-write. The file gets the umask's mode (module docstring).
+    On failure the temporary is removed and `path` is left as it was: a WriteError names the file and the
+    cause (disk full, file-size limit, permission), and Ctrl-C during the write stays a KeyboardInterrupt."""
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX)
         os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        failure = _write_failure(path, exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def _write_failure(path: str, exc: BaseException) -> BaseException:
+    """What a failed atomic_write raises: torch.save reports a failed write as "unexpected pos", with the
+    OSError or KeyboardInterrupt that caused it in the exception's context."""
+    chain, seen = exc, []
+    while chain is not None and chain not in seen:
+        seen.append(chain)
+        chain = chain.__cause__ or chain.__context__
+    if any(isinstance(e, KeyboardInterrupt) for e in seen):
+        return KeyboardInterrupt()
+    oserror = next((e for e in seen if isinstance(e, OSError)), None)
+    if oserror is None:
+        return exc
+    cause = _WRITE_CAUSES.get(oserror.errno, oserror.strerror or str(oserror))
+    return WriteError(f"cannot write {path}: {cause} ({type(oserror).__name__}: {oserror.strerror or oserror}); "
+                      "the file it would replace is unchanged")
 
 
 def remove_stale_temporaries(directory: str) -> list:
@@ -88,22 +130,53 @@ def remove_stale_temporaries(directory: str) -> list:
 
 
 def read_checkpoint(path: str) -> Dict:
-    """torch.load of a local checkpoint file (CPU, weights only) as a dict; CheckpointError naming the file
-    when it is missing, unreadable, truncated or not a dict."""
-    import torch
-
+    """The dict in a local checkpoint file (read_weights_file); CheckpointError naming the file when it is
+    missing, unreadable, truncated, not a dict, or names code (module docstring)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}" if not os.path.exists(path)
                               else f"checkpoint is not a file: {path}")
     try:
-        with open(path, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        loaded = read_weights_file(path)
     except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_reason(exc)}",
-                              hint="a truncated file (interrupted copy or save?) or not a PyTorch checkpoint") from exc
+        raise _read_error(path, exc) from exc
     if not isinstance(loaded, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, expected a dict of weights")
     return loaded
+
+
+def read_weights_file(path: str):
+    """What a weight file holds, code never run: `.pkl` through load_weights_pickle, laid out as detectron2
+    reads it (its model zoo's {"model", "__author__"}, or a Caffe2/ImageNet blob dict as name-matched
+    weights); `.pyth` (pycls) as name-matched weights; anything else torch.load(weights_only=True), which
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD does not override when passed explicitly."""
+    if path.endswith(".pkl"):
+        data = load_weights_pickle(path)
+        if not isinstance(data, dict) or ("model" in data and "__author__" in data):
+            return data
+        blobs = data.get("blobs", data)  # detection models keep their weights under blobs, ImageNet ones do not
+        return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")}, "__author__": "Caffe2",
+                "matching_heuristics": True}
+    with open(path, "rb") as f:
+        data = torch.load(f, map_location="cpu", weights_only=True)
+    if path.endswith(".pyth") and isinstance(data, dict) and "model_state" in data:
+        state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+        return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+    return data
+
+
+_TORCH_REFUSED = re.compile(r"GLOBAL (\S+)")
+
+
+def _read_error(path: str, exc: BaseException) -> CheckpointError:
+    """The CheckpointError of a checkpoint that failed to load: the global it was refused for, else the reason."""
+    if isinstance(exc, UnsafePickleError):
+        return CheckpointError(f"checkpoint {exc}", hint=UNSAFE_HINT)
+    refused = _TORCH_REFUSED.search(str(exc)) if "Weights only load failed" in str(exc) else None
+    if refused:
+        return CheckpointError(f"checkpoint {path} needs {refused.group(1)}, which is not weights: refused before "
+                               "anything in it ran (torch.load weights_only=True)", hint=UNSAFE_HINT)
+    return CheckpointError(f"checkpoint {path} cannot be read: {_reason(exc)}",
+                           hint="a truncated file (interrupted copy or save?) or not a checkpoint")
 
 
 def _reason(exc: BaseException) -> str:
@@ -196,11 +269,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_file(self, filename):
-        try:
-            loaded = super()._load_file(filename)
-        except Exception as exc:  # noqa: BLE001 - pickle/zip errors of a truncated or foreign file vary
-            raise CheckpointError(f"checkpoint {filename} cannot be read: {_reason(exc)}",
-                                  hint="a truncated file (interrupted copy or save?) or not a checkpoint") from exc
+        loaded = read_checkpoint(filename)
+        if "model" not in loaded:  # a bare state_dict
+            loaded = {"model": loaded}
+        elif "__author__" in loaded:
+            self.logger.info("Reading a file from '%s'", loaded["__author__"])
         state = loaded.get("model")
         if not isinstance(state, dict) or not state:
             return loaded
@@ -245,7 +318,9 @@ class BackendChoices:
 class DetectorEMAState:
     """Checkpointable (state_dict / load_state_dict) of a detector's EMA loss normalizers (RetinaNet and FCOS
     loss_normalizer): plain attributes that its state_dict lacks, so a resumed run would restart them. The one
-    mechanism for every run: the student of any training method (student_module), the baseline's detector."""
+    mechanism for every run: the student of any training method (student_module), the baseline's detector.
+    Each process's normalizer follows its own images, and only the main process saves: gather() (every
+    process, before a save) puts every rank's values into the checkpoint, and each rank resumes its own."""
 
     def __init__(self, detector):
         self.detector = detector
@@ -253,11 +328,23 @@ class DetectorEMAState:
             self.names = tuple(build_detector_driver(detector).ema_attributes)
         except ValueError:  # a detector LGD does not support: no EMA attributes known
             self.names = ()
+        self.ranks = None
 
-    def state_dict(self):
+    def _local(self):
         return {name: float(getattr(self.detector, name)) for name in self.names if hasattr(self.detector, name)}
 
+    def gather(self):
+        """Collects every rank's values (a collective call: every process calls it at the same iteration)."""
+        if self.names and comm.get_world_size() > 1:
+            self.ranks = comm.all_gather(self._local())
+
+    def state_dict(self):
+        return dict(self._local(), ranks=self.ranks) if self.ranks else self._local()
+
     def load_state_dict(self, state):
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == comm.get_world_size():
+            state = ranks[comm.get_rank()]
         for name in self.names:
             if name in state:
                 setattr(self.detector, name, float(state[name]))

@@ -13,10 +13,11 @@ from ..errors import CommandError, UsageError
 from ..methods import build_method, stage_checkpoint
 from .build import build_schedule, fast_path
 from .cost import COST_FILE
+from .lock import LOCK_FILE
 from .train import method_stages
 
 __all__ = ["RUN_FILES", "apply_dataset_arguments", "check_backend", "check_output_dir", "check_run_inputs",
-           "set_num_classes"]
+           "remove_run_files", "set_num_classes"]
 
 # what a run writes into train.output_dir: what --overwrite deletes
 RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt*", "events.out.tfevents.*",
@@ -86,6 +87,22 @@ def check_backend(name, where="--ops"):
         raise UsageError(f"{where}: {str(exc).split(': ', 1)[-1]}") from exc
 
 
+def _check_numbers(cfg):
+    """UsageError naming the key when one of the numbers lgd.runner.build_optimizer reads is not a number."""
+    opt, clip = cfg.optimizer, cfg.train.get("clip_gradients", {}) or {}
+    values = {"optimizer.lr": opt.get("lr"), "optimizer.momentum": opt.get("momentum"),
+              "optimizer.weight_decay": opt.get("weight_decay"),
+              "optimizer.params.weight_decay_norm": opt.get("params", {}).get("weight_decay_norm", 0.0),
+              "train.clip_gradients.clip_value": clip.get("clip_value", 1.0)}
+    for key, value in values.items():
+        if value is None and key == "optimizer.params.weight_decay_norm":
+            continue
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{key}={value!r} must be a number") from None
+
+
 def check_run_inputs(cfg, *, training=True, produced=()):
     """Checks what a run reads. When training: the method and its settings, each stage's config in turn, the
     schedule, the backend, the fast path, the training datasets and a local train.init_checkpoint (or one in
@@ -108,6 +125,7 @@ def check_run_inputs(cfg, *, training=True, produced=()):
                 raise type(exc)(f"stage {stage.name} of lgd.method={method.name}: {exc}", hint=exc.hint) from exc
             produced.append(stage_checkpoint(cfg.train.output_dir, stage.name))
         build_schedule(cfg)
+        _check_numbers(cfg)
         check_backend(str(cfg.lgd.get("backend", "auto")), where="lgd.backend")
         try:
             fast_path(cfg)
@@ -128,8 +146,9 @@ def check_run_inputs(cfg, *, training=True, produced=()):
 
 
 def check_output_dir(output_dir, *, resume=False, overwrite=False, stages=()):
-    """Refuses (UsageError) a non-empty output folder unless resume or overwrite; overwrite deletes the
-    RUN_FILES of the earlier run there and its stage folders (`stages`). Returns the deleted paths."""
+    """Refuses (UsageError) a non-empty output folder (its lock file aside) unless resume or overwrite. Returns
+    what overwrite deletes there (remove_run_files): the RUN_FILES of the earlier run and its stage folders
+    (`stages`); writes nothing."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in "
                          f"{output_dir}, --overwrite replaces it")
@@ -137,15 +156,18 @@ def check_output_dir(output_dir, *, resume=False, overwrite=False, stages=()):
         return []
     if not os.path.isdir(output_dir):
         raise UsageError(f"train.output_dir={output_dir} is a file, not a directory")
-    entries = sorted(os.listdir(output_dir))
+    entries = sorted(e for e in os.listdir(output_dir) if e != LOCK_FILE)
     if not entries or resume:
         return []
     if not overwrite:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UsageError(f"output directory {output_dir} is not empty ({shown}): refusing to overwrite an earlier "
                          "run", hint="--resume continues it, --overwrite replaces it, or train.output_dir=NEW_DIR")
-    removed = sorted({p for pattern in RUN_FILES + tuple(stages)
-                      for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
-    for path in removed:
+    return sorted({p for pattern in RUN_FILES + tuple(stages)
+                   for p in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+
+
+def remove_run_files(paths):
+    """Deletes the files and folders check_output_dir returned (lgd-train does, holding the folder's lock)."""
+    for path in paths:
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return removed

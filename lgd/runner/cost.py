@@ -1,6 +1,7 @@
 """A run's training cost record, OUTPUT/cost.json: wall time, seconds per iteration and peak memory, its
 stages included, so that methods can be priced on the same budget (docs/methods/README.md)."""
 import json
+import logging
 import os
 import statistics
 
@@ -12,9 +13,12 @@ from lgd_ops.benchmark import proc_status_kib, reset_peak_rss
 
 from ..engine.checkpoint import atomic_write
 
-__all__ = ["COST_FILE", "read_cost", "read_metrics", "reset_peak_memory", "write_cost"]
+__all__ = ["COST_FILE", "METRICS_FILE", "drop_torn_tail", "read_cost", "read_metrics", "reset_peak_memory",
+           "write_cost"]
 
 COST_FILE = "cost.json"
+METRICS_FILE = "metrics.json"
+logger = logging.getLogger(__name__)
 
 
 def reset_peak_memory(device):
@@ -49,14 +53,40 @@ def read_cost(output_dir):
 
 
 def read_metrics(output_dir):
-    """The rows of OUTPUT/metrics.json by iteration (a resumed run appends: the last row of an iteration wins)."""
-    path = os.path.join(output_dir, "metrics.json")
+    """The rows of OUTPUT/metrics.json by iteration (a resumed run appends: the last row of an iteration wins).
+    A line that is not a JSON row (torn by a full disk or a kill) is skipped with a warning naming the file."""
+    path = os.path.join(output_dir, METRICS_FILE)
     rows = {}
     if os.path.isfile(path):
-        with open(path) as f:
-            for row in map(json.loads, filter(str.strip, f)):
-                rows.setdefault(row["iteration"], {}).update(row)
+        with open(path, errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    rows.setdefault(row["iteration"], {}).update(row)
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("%s: line %d is not a metrics row (torn by an interrupted write?): skipped",
+                                   path, number)
     return [rows[i] for i in sorted(rows)]
+
+
+def drop_torn_tail(output_dir):
+    """Cuts a last line without its newline (an append torn by a full disk or a kill) off OUTPUT/metrics.json,
+    with a warning naming the file, so the rows a resumed run appends start on a line of their own."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(size - 2**16, 0))
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        cut = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        f.truncate(cut)
+    logger.warning("%s: removed its torn last line (%d bytes, an interrupted write)", path, size - cut)
 
 
 def _median_step_seconds(output_dir):

@@ -19,7 +19,7 @@ def export_student(cfg, checkpoint: str, output: str, overwrite: bool = False) -
     """Writes the student of `checkpoint` to `output` as {"model": state_dict} (module docstring), after
     checking it against instantiate(cfg.model); an existing `output` only with overwrite. Returns the written
     state_dict."""
-    if os.path.exists(output) and not overwrite:
+    if os.path.lexists(output) and not overwrite:
         raise FileExistsError(f"{output} exists: refusing to overwrite it")
     if "://" in checkpoint:
         with PathManager.open(checkpoint, "rb") as f:

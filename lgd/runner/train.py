@@ -1,12 +1,14 @@
 """Training and evaluating a run: the method's stages, then the run itself on detectron2's trainer with lgd's
 hooks, atomic checkpoints, exact resume, periodic evaluation of the student and the cost record."""
 import copy
+import glob
 import logging
 import os
 import re
 import time
 
 import torch
+from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -18,12 +20,14 @@ from detectron2.utils.file_io import PathManager
 
 from ..engine.checkpoint import (AtomicCheckpointer, BackendChoices, DetectorEMAState, remove_stale_temporaries,
                                  student_module)
+from ..data.register import NamedImageErrors
 from ..engine.hooks import IterationSeed, build_lr_hook
 from ..errors import CommandError
 from ..methods import build_method, stage_checkpoint
 from .build import (build_model, build_optimizer, build_schedule, build_train_loader, build_trainer, data_seed,
                     ddp_kwargs, fast_path, run_device)
-from .cost import reset_peak_memory, write_cost
+from .cost import METRICS_FILE, drop_torn_tail, reset_peak_memory, write_cost
+from .stopping import EvalAfterSuccess, StopOnSignal, stop_signals
 
 __all__ = ["evaluate", "method_stages", "test", "train", "train_stages"]
 
@@ -88,6 +92,28 @@ def train_stages(cfg, method, backend=None):
     return checkpoints
 
 
+def _naming_image_errors(cfg):
+    """A copy of cfg whose training mapper names the file, dataset and image id of an image it cannot read."""
+    if cfg.dataloader.train.get("mapper") is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    loader = cfg.dataloader.train
+    names = loader.get("dataset", {}).get("names")
+    names = names if isinstance(names, str) else ", ".join(map(str, names or ()))
+    loader.mapper = L(NamedImageErrors)(mapper=loader.mapper, datasets=names)
+    return cfg
+
+
+def _periodic_checkpointer(checkpointer, cfg):
+    """detectron2's PeriodicCheckpointer hook knowing the checkpoints already in the folder, so that
+    train.checkpointer.max_to_keep applies across resumes (its own list starts empty in every process)."""
+    hook = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    if hook.max_to_keep is not None:
+        hook.recent_checkpoints = sorted(glob.glob(os.path.join(glob.escape(cfg.train.output_dir),
+                                                                "model_[0-9]*.pth")))
+    return hook
+
+
 def _load_trainer_state(trainer, state, loaded_from):
     try:
         trainer.load_state_dict(state)
@@ -100,7 +126,13 @@ def _load_trainer_state(trainer, state, loaded_from):
 def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
     """Trains cfg's method (default build_method(cfg, backend=backend)): its stages first, then the run from
     train.init_checkpoint, or from OUTPUT/last_checkpoint with resume=True, to train.max_iter. extra_hooks come
-    after lgd's. Returns the last evaluation results ({} without an evaluator, or off the main process)."""
+    after lgd's. SIGTERM or SIGUSR1 stops it after the current iteration with a checkpoint (lgd.runner.stopping:
+    Preempted). Returns the last evaluation results ({} without an evaluator, or off the main process)."""
+    with stop_signals() as received:
+        return _train(cfg, method, backend, resume, extra_hooks, received)
+
+
+def _train(cfg, method, backend, resume, extra_hooks, received):
     schedule = build_schedule(cfg)
     method = method or build_method(cfg, backend=backend)
     checkpoints = train_stages(cfg, method, backend)
@@ -125,12 +157,14 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
     trainer_state = loaded.get("trainer") if resumed else None
     start_iter = trainer_state["iteration"] + 1 if trainer_state else 0
 
-    trainer = build_trainer(create_ddp_model(model, **ddp_kwargs(cfg, device)), build_train_loader(cfg, start_iter),
+    trainer = build_trainer(create_ddp_model(model, **ddp_kwargs(cfg, device)),
+                            build_train_loader(_naming_image_errors(cfg), start_iter),
                             build_optimizer(cfg, model, method), fast)
     if trainer_state:
         _load_trainer_state(trainer, trainer_state, loaded_from=initial.get_checkpoint_file())
 
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer, **extra)
+    stop = StopOnSignal(received, checkpointer)
     results = {}
 
     def test_and_keep():
@@ -141,15 +175,18 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
     main = comm.is_main_process()
     if main:
         PathManager.mkdirs(output_dir)
+        drop_torn_tail(output_dir)  # before the JSONWriter appends to it
         reset_peak_memory(device)
-    writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, "metrics.json")),
+    writers = [CommonMetricPrinter(schedule.max_iter), JSONWriter(os.path.join(output_dir, METRICS_FILE)),
                TensorboardXWriter(output_dir)] if main else []
     # the method's hooks after the timer (a report's own work is not step time), before the writers (their
     # scalars reach metrics.json)
     trainer.register_hooks([IterationSeed(data_seed(cfg)), build_lr_hook(schedule), hooks.IterationTimer()]
                            + method.hooks(schedule) + [
-        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
-        hooks.EvalHook(cfg.train.eval_period, test_and_keep),
+        hooks.CallbackHook(after_step=lambda _: extra["detector_ema"].gather()),  # each rank's, before a save
+        _periodic_checkpointer(checkpointer, cfg) if main else None,
+        EvalAfterSuccess(cfg.train.eval_period, test_and_keep),
+        stop,  # before the writers: detectron2's printer divides by zero writing one iteration twice in warmup
         hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main else None,
     ] + list(extra_hooks))
     # TorchScript's profiling executor swaps a scripted function (detectron2's focal loss) for a re-derived graph
@@ -159,6 +196,7 @@ def train(cfg, *, method=None, backend=None, resume=False, extra_hooks=()):
             trainer.train(start_iter, schedule.max_iter)
     finally:  # a failed or interrupted run records what it spent too (a resumed run adds to it)
         if main:
-            write_cost(cfg, method.name, min(trainer.iter, schedule.max_iter), schedule.max_iter,
+            done = min(trainer.iter, schedule.max_iter) if stop.stopped_at is None else stop.stopped_at + 1
+            write_cost(cfg, method.name, done, schedule.max_iter,
                        time.perf_counter() - started, device, stages=list(checkpoints), resume=resume)
     return results

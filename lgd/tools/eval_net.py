@@ -7,7 +7,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..runner import apply_dataset_arguments, check_run_inputs, evaluate
-from .cli import DEBUG_HELP, run_command
+from .cli import DEBUG_HELP, console_progress, run_command
 from .train_net import add_dataset_arguments
 
 __all__ = ["build_parser", "main", "run"]
@@ -30,7 +30,8 @@ def run(argv=None):
     """lgd-eval as a function: checks the config and the test dataset, then evaluates. Returns the results."""
     args = build_parser().parse_args(argv)
     cfg = apply_dataset_arguments(load_config(args.config_file, args.opts), args)
-    check_run_inputs(cfg, training=False)
+    with console_progress():
+        check_run_inputs(cfg, training=False)
     setup_logger()
     setup_logger(name="lgd")
     return evaluate(cfg, args.checkpoint, allow_partial=args.allow_partial)

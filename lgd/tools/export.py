@@ -16,12 +16,16 @@ __all__ = ["build_parser", "check_output", "main", "run"]
 
 
 def check_output(checkpoint: str, output: str, overwrite: bool = False) -> None:
-    """UsageError when `output` exists (or is `checkpoint` itself) and not overwrite, or is a directory."""
+    """UsageError when `output` exists (a dangling symlink included; or is `checkpoint` itself) and not
+    overwrite, is a directory, or its folder does not exist."""
     if os.path.isdir(output):
         raise UsageError(f"--output {output} is a directory; give the file to write, e.g. {output}/student.pth")
-    if overwrite or not os.path.exists(output):
+    folder = os.path.dirname(output) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output {output}: folder {folder} does not exist", hint=f"create it: mkdir -p {folder}")
+    if overwrite or not os.path.lexists(output):
         return
-    same = os.path.exists(checkpoint) and os.path.samefile(checkpoint, output)
+    same = os.path.exists(checkpoint) and os.path.exists(output) and os.path.samefile(checkpoint, output)
     what = "is the input checkpoint itself" if same else "exists"
     raise UsageError(f"--output {output} {what}: refusing to overwrite it",
                      hint="choose another --output, or pass --overwrite to replace it")
