@@ -1,8 +1,11 @@
 """lgd.modeling.deform: DeformConv2d (torchvision's deform_conv2d) against a float64 direct implementation
 written here (v1 and modulated v2, groups, deformable groups, stride, dilation, offsets sampling outside the map),
 forward and backward, gradcheck; DeformBottleneckBlock starting as a plain conv; a deformable ResNet / ResNeXt
-running forward and backward. CPU, seconds."""
+running forward and backward with detectron2's parameter names; the paper's DCN configs building and training
+(shrunk) and refusing missing ImageNet weights in one line. CPU, seconds."""
+import glob
 import math
+import os
 
 import pytest
 
@@ -11,8 +14,11 @@ pytest.importorskip("detectron2")
 import torch
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock as D2DeformBottleneckBlock
+from detectron2.utils.events import EventStorage
 
 from lgd.modeling.deform import DeformBottleneckBlock, DeformConv2d, detectron2_has_deform_conv, make_resnet_stages
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 
 
 def _sample(plane, y, x):
@@ -184,8 +190,90 @@ def test_deformable_resnext_forward_backward(modulated):
     assert not torch.allclose(model(x)["res5"], before)
 
 
+def test_same_parameters_as_detectron2_build_resnet_backbone():
+    """Same state-dict keys and shapes as detectron2's own deformable ResNeXt (build_resnet_backbone), so its
+    ImageNet weights and checkpoints load (shrunk widths; X-101 32x8d DCN v2 matches too)."""
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    settings = dict(deform_on_per_stage=[False, True, True, True], deform_modulated=True, num_groups=2,
+                    width_per_group=4, stride_in_1x1=False, out_channels=64)
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.update(DEPTH=50, NUM_GROUPS=2, WIDTH_PER_GROUP=4, STRIDE_IN_1X1=False, RES2_OUT_CHANNELS=64,
+                             DEFORM_ON_PER_STAGE=[False, True, True, True], DEFORM_MODULATED=True,
+                             OUT_FEATURES=["res5"])
+    theirs = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    ours = ResNet(BasicStem(3, 64, norm="FrozenBN"), make_resnet_stages(50, **settings), out_features=["res5"])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
 def test_make_resnet_stages_refuses_bad_arguments():
     with pytest.raises(ValueError, match="depth must be one of \\[50, 101, 152\\]"):
         make_resnet_stages(34)
     with pytest.raises(ValueError, match="4 flags"):
         make_resnet_stages(50, deform_on_per_stage=[True])
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's DCN configs (lgd/configs/_lgd_config.py: make_dcn)
+# ------------------------------------------------------------------------------------------------
+
+def _dcn_configs():
+    from lgd.configs._lgd_config import DCN_ROWS, dcn_config_name
+    return [(det, backbone, os.path.join(CONFIG_DIR, dcn_config_name(det, backbone, "2x", True) + ".py"))
+            for det, backbone in DCN_ROWS]
+
+
+def test_every_dcn_row_has_a_file():
+    files = {os.path.basename(f) for f in glob.glob(os.path.join(CONFIG_DIR, "*DCN*_lgd.py"))}
+    assert files == {os.path.basename(path) for _, _, path in _dcn_configs()} and len(files) == 4
+
+
+@pytest.mark.parametrize("det, backbone, path", _dcn_configs(), ids=lambda v: os.path.basename(str(v)))
+def test_dcn_config_builds_and_trains(det, backbone, path):
+    """The full config names the paper's backbone and weights; shrunk (64..512 channels, depth 50, BN), it builds
+    with torchvision-backed DCN v2 blocks on res3..res5 and one LGD training step runs forward and backward."""
+    from detectron2.config import LazyConfig
+    from conftest import detectron2_input, shrink_detector_config
+    from lgd.runner import build_model
+
+    cfg = LazyConfig.load(path)
+    stages = cfg.model.backbone.bottom_up.stages
+    assert stages._target_ is make_resnet_stages and stages.depth == 101
+    assert (list(stages.deform_on_per_stage), stages.deform_modulated) == ([False, True, True, True], True)
+    resnext = backbone.startswith("X")
+    assert (stages.get("num_groups", 1), stages.get("width_per_group", 64)) == ((32, 8) if resnext else (1, 64))
+    assert stages.stride_in_1x1 is not resnext
+    assert cfg.train.init_checkpoint.endswith("FAIR/X-101-32x8d.pkl" if resnext else "MSRA/R-101.pkl")
+    assert cfg.train.max_iter == 180000 and len(cfg.dataloader.train.mapper.augmentations[0].short_edge_length) == 6
+    cfg.model = shrink_detector_config(cfg.model, 3)
+    # res5 with 512 channels, as R-18's (what shrink_detector_config sizes the rest for)
+    cfg.model.backbone.bottom_up.stages.update(depth=50, out_channels=64, width_per_group=2 if resnext else 16)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    blocks = [m for m in model.modules() if isinstance(m, DeformBottleneckBlock)]
+    assert len(blocks) == 4 + 6 + 3 and all(isinstance(b.conv2, DeformConv2d) and b.deform_modulated for b in blocks)
+    batch = [detectron2_input([[10, 20, 60, 90], [80, 10, 150, 70]], [0, 2], seed=1, image_size=(128, 160))]
+    with EventStorage(0):
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert blocks[0].conv2_offset.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("det, backbone, path", _dcn_configs()[-1:], ids=lambda v: os.path.basename(str(v)))
+def test_dcn_config_refuses_missing_weights(det, backbone, path, tmp_path):
+    """A local copy of the weights that is not there: one line naming the file and where it comes from."""
+    from detectron2.config import LazyConfig
+    from lgd.runner.checks import check_run_inputs
+
+    cfg = LazyConfig.load(path)
+    cfg.dataloader.train.dataset.names = []
+    cfg.train.output_dir = str(tmp_path / "out")
+    cfg.train.init_checkpoint = missing = str(tmp_path / "X-101-32x8d.pkl")
+    with pytest.raises(FileNotFoundError) as info:
+        check_run_inputs(cfg)
+    source = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/FAIR/X-101-32x8d.pkl"
+    assert str(info.value) == (f"train.init_checkpoint: file not found: {missing} (detectron2's ImageNet weights, "
+                               f"from {source})")

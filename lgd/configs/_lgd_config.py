@@ -4,6 +4,9 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
 
     lgd-train --config-file lgd/configs/mask_rcnn_R_101_FPN_2x_ms_lgd.py --num-gpus 8
 
+and the paper's DCN rows (DCN_ROWS) are lgd/configs/<detector>_<backbone>_FPN_2x_ms_lgd.py, one call of
+make_dcn() each: R-101 DCN v2 for RetinaNet, FCOS and Faster R-CNN, ResNeXt-101 32x8d DCN v2 for FCOS.
+
 Sections: dataloader, model, optimizer, train are detectron2's model-zoo LazyConfig of the detector, unchanged
 except as noted below; `lgd` holds the method switch, the schedule and the lgd_ops backend (SHARED) and every
 method's settings, written once in its DEFAULTS (method_settings: LGD's as top-level lgd.* keys, the others'
@@ -29,6 +32,7 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from lgd.modeling.deform import make_resnet_stages
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.engine.schedule import PAPER_SCHEDULES
 from lgd.methods import METHOD_REGISTRY
@@ -41,6 +45,17 @@ DETECTORS = {
     "mask_rcnn": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py", 0.02),
 }
 DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
+# the paper's DCN backbones, as the authors' configs build them: deformable conv v2 (modulated) on res3..res5, on
+# lgd.modeling.deform (torchvision's deform_conv2d when detectron2 has no C++ ops); the "R-101 DCN" rows are v2
+# too. name -> (make_resnet_stages settings, ImageNet weights, PIXEL_STD or None for the stock config's)
+DCN_BACKBONES = {
+    "R_101_DCNv2": (dict(depth=101, stride_in_1x1=True), DEPTHS[101], None),
+    "X_101_32x8d_DCNv2": (dict(depth=101, num_groups=32, width_per_group=8, stride_in_1x1=False),
+                          "detectron2://ImageNetPretrained/FAIR/X-101-32x8d.pkl", [57.375, 57.120, 58.395]),
+}
+# the paper's DCN rows: (detector, backbone), all 2x multi-scale
+DCN_ROWS = [("retinanet", "R_101_DCNv2"), ("fcos", "R_101_DCNv2"), ("faster_rcnn", "R_101_DCNv2"),
+            ("fcos", "X_101_32x8d_DCNv2")]
 SCHEDULES = PAPER_SCHEDULES  # "1x", "2x"
 SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
@@ -92,6 +107,26 @@ def method_settings():
 def config_name(detector: str, depth: int, schedule: str, multiscale: bool) -> str:
     """The file name (without .py) of one variant under lgd/configs/."""
     return f"{detector}_R_{depth}_FPN_{schedule}{'_ms' if multiscale else ''}_lgd"
+
+
+def dcn_config_name(detector: str, backbone: str, schedule: str, multiscale: bool) -> str:
+    """The file name (without .py) of one DCN variant under lgd/configs/."""
+    return f"{detector}_{backbone}_FPN_{schedule}{'_ms' if multiscale else ''}_lgd"
+
+
+def make_dcn(detector: str, backbone: str, schedule: str = "2x", multiscale: bool = True):
+    """make(detector, 101, schedule, multiscale) with a DCN backbone of DCN_BACKBONES (frozen BN, as the stock
+    ResNet) and the ImageNet weights it needs."""
+    if backbone not in DCN_BACKBONES:
+        raise ValueError(f"make_dcn: backbone must be one of {list(DCN_BACKBONES)}, got {backbone!r}")
+    stages, weights, pixel_std = DCN_BACKBONES[backbone]
+    dataloader, lgd, model, optimizer, train = make(detector, 101, schedule, multiscale)
+    model.backbone.bottom_up.stages = L(make_resnet_stages)(
+        deform_on_per_stage=[False, True, True, True], deform_modulated=True, norm="FrozenBN", **stages)
+    if pixel_std is not None:
+        model.pixel_std = pixel_std
+    train.init_checkpoint = weights
+    return dataloader, lgd, model, optimizer, train
 
 
 def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool = False):

@@ -22,6 +22,10 @@ __all__ = ["RUN_FILES", "apply_dataset_arguments", "check_backend", "check_outpu
 # what a run writes into train.output_dir: what --overwrite deletes
 RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "config.yaml", "log.txt*", "events.out.tfevents.*",
              "inference", COST_FILE, ".*.lgd-tmp")
+# detectron2's ImageNet weights that the configs' train.init_checkpoint names (lgd/configs/_lgd_config.py:
+# DEPTHS, DCN_BACKBONES), by file name: where a missing local copy comes from
+IMAGENET_WEIGHTS = {name: f"https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/{org}/{name}"
+                    for org, name in (("MSRA", "R-50.pkl"), ("MSRA", "R-101.pkl"), ("FAIR", "X-101-32x8d.pkl"))}
 
 
 def _num_categories(json_file, image_root):
@@ -135,7 +139,9 @@ def check_run_inputs(cfg, *, training=True, produced=()):
             validate_dataset(name, where="dataloader.train.dataset.names", training=True)
         init = cfg.train.get("init_checkpoint", "")
         if init and "://" not in str(init) and not os.path.isfile(init) and init not in produced:
-            raise FileNotFoundError(f"train.init_checkpoint: file not found: {init}")
+            source = IMAGENET_WEIGHTS.get(os.path.basename(str(init)))
+            raise FileNotFoundError(f"train.init_checkpoint: file not found: {init}"
+                                    + (f" (detectron2's ImageNet weights, from {source})" if source else ""))
     evaluator = cfg.dataloader.get("evaluator")
     if evaluator is not None:
         target = evaluator.get("_target_") if hasattr(evaluator, "get") else None
