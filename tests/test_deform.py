@@ -3,6 +3,7 @@ written here (v1 and modulated v2, groups, deformable groups, stride, dilation, 
 forward and backward, gradcheck; DeformBottleneckBlock starting as a plain conv; a deformable ResNet / ResNeXt
 running forward and backward with detectron2's parameter names; the paper's DCN configs building and training
 (shrunk) and refusing missing ImageNet weights in one line. CPU, seconds."""
+import copy
 import glob
 import math
 import os
@@ -103,26 +104,32 @@ def _inputs(case, seed=0, size=(5, 4)):
     return conv, x, offset, mask
 
 
-def _reference(conv, x, offset, mask):
+def _reference(conv, x, offset, mask=None):
     return reference_deform_conv(x, offset, conv.weight, conv.bias, conv.stride[0], conv.padding[0],
                                  conv.dilation[0], mask)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_direct_implementation_forward_and_backward(case):
+def test_matches_direct_implementation_forward_and_backward(case, device):
     conv, x, offset, mask = _inputs(case)
-    inputs = [t.requires_grad_() for t in (x, offset, mask) if t is not None]
     # offsets of a few pixels both ways: border outputs sample partly or wholly outside the map
     assert (offset > 2).any() and (offset < -2).any()
-    out = conv(x, offset, mask)
-    ref = _reference(conv, x, offset, mask)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    grad_out = torch.randn_like(out)
-    params = inputs + [p for p in conv.parameters()]
-    got = torch.autograd.grad(out, params, grad_out)
-    want = torch.autograd.grad(ref, params, grad_out)
+    tensors = [t for t in (x, offset, mask) if t is not None]
+    ref_inputs = [t.clone().requires_grad_() for t in tensors]
+    ref = _reference(conv, *ref_inputs)
+    moved = copy.deepcopy(conv).to(device)
+    inputs = [t.to(device).requires_grad_() for t in tensors]
+    out = moved(*inputs)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs + list(moved.parameters()), grad_out.to(device))
+    want = torch.autograd.grad(ref, ref_inputs + list(conv.parameters()), grad_out)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-9)
 
 
 def test_offsets_wholly_outside_read_zeros():
