@@ -17,7 +17,7 @@ from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResN
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock as D2DeformBottleneckBlock
 from detectron2.utils.events import EventStorage
 
-from lgd.modeling.deform import DeformBottleneckBlock, DeformConv2d, detectron2_has_deform_conv, make_resnet_stages
+from lgd.modeling.deform import DeformBottleneckBlock, DeformConv2d, make_resnet_stages
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lgd", "configs")
 
@@ -145,10 +145,8 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(lambda x, offset, *mask: conv(x, offset, *mask), inputs, eps=1e-6, atol=1e-6)
 
 
-def test_detectron2_op_is_missing_here_and_the_block_uses_torchvision():
-    """The premise (without its C++ ops detectron2's block runs only v1 with one deformable group on CPU, and
-    nothing on CUDA) and the swap it calls for."""
-    assert not detectron2_has_deform_conv()
+def test_detectron2_block_fails_where_ours_runs():
+    """The premise (detectron2's block runs v2 on no CPU) and the swap it calls for."""
     x = torch.randn(1, 8, 6, 6)
     with pytest.raises(NotImplementedError, match="not supported on CPUs"):
         D2DeformBottleneckBlock(8, 16, bottleneck_channels=4, norm="BN", deform_modulated=True)(x)

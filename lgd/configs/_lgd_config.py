@@ -46,7 +46,7 @@ DETECTORS = {
 }
 DEPTHS = {50: "detectron2://ImageNetPretrained/MSRA/R-50.pkl", 101: "detectron2://ImageNetPretrained/MSRA/R-101.pkl"}
 # the paper's DCN backbones, as the authors' configs build them: deformable conv v2 (modulated) on res3..res5, on
-# lgd.modeling.deform (torchvision's deform_conv2d when detectron2 has no C++ ops); the "R-101 DCN" rows are v2
+# lgd.modeling.deform (torchvision's deform_conv2d, CPU and CUDA); the "R-101 DCN" rows are v2
 # too. name -> (make_resnet_stages settings, ImageNet weights, PIXEL_STD or None for the stock config's)
 DCN_BACKBONES = {
     "R_101_DCNv2": (dict(depth=101, stride_in_1x1=True), DEPTHS[101], None),

@@ -1,15 +1,13 @@
 """Deformable convolution (v1, and modulated v2) on torchvision.ops.deform_conv2d, and ResNet stages with it.
 
-detectron2 v0.6 installed without its C++ extension has a placeholder detectron2._C whose deformable conv
-raises, so detectron2's DeformBottleneckBlock runs nothing on CUDA and only v1 with one deformable group on CPU
-(its CPU path is torchvision's op). DeformBottleneckBlock here is that block with its
-3x3 deformable conv on torchvision's op whenever detectron2's own op is missing (same parameter names, so
-checkpoints load either way). make_resnet_stages builds a (ResNeXt-capable) ResNet's stages with deformable
-blocks on the chosen stages, as detectron2's build_resnet_backbone does for DEFORM_ON_PER_STAGE; a LazyConfig
-selects it as model.backbone.bottom_up.stages (lgd/configs/_lgd_config.py). Nothing in detectron2 is patched.
+detectron2's own deformable conv is missing on CUDA in a Python-only install (its placeholder detectron2._C
+raises) and, in every install, on CPU for v2 and for several deformable groups (its CPU path is torchvision's op,
+v1 only). DeformBottleneckBlock here is detectron2's block with its 3x3 deformable conv on torchvision's op, which
+covers every case on CPU and CUDA, under detectron2's parameter names (its weights and checkpoints load).
+make_resnet_stages builds a (ResNeXt-capable) ResNet's stages with deformable blocks on the chosen stages, as
+detectron2's build_resnet_backbone does for DEFORM_ON_PER_STAGE; a LazyConfig selects it as
+model.backbone.bottom_up.stages (lgd/configs/_lgd_config.py). Nothing in detectron2 is patched.
 """
-import os
-
 import torch
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from detectron2.modeling.backbone.resnet import DeformBottleneckBlock as D2DeformBottleneckBlock
@@ -19,16 +17,6 @@ from torchvision.ops import deform_conv2d
 
 # ResNet depth -> blocks per stage (res2..res5), as detectron2's ResNet.make_default_stages
 BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
-
-
-def detectron2_has_deform_conv() -> bool:
-    """Whether detectron2's own deformable conv can run: its compiled extension (a .py placeholder or no
-    detectron2._C at all means a Python-only install)."""
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return os.path.splitext(getattr(_C, "__file__", "") or "")[1] != ".py"
 
 
 class DeformConv2d(nn.Module):
@@ -62,15 +50,13 @@ class DeformConv2d(nn.Module):
 
 class DeformBottleneckBlock(D2DeformBottleneckBlock):
     """detectron2's DeformBottleneckBlock (same arguments, forward and initialisation: zero offsets, so it starts
-    as a plain 3x3 conv), its conv2 on torchvision's op when detectron2's C++ op is missing."""
+    as a plain 3x3 conv), its conv2 on torchvision's op."""
 
     def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, num_groups=1, norm="BN",
                  stride_in_1x1=False, dilation=1, deform_modulated=False, deform_num_groups=1):
         super().__init__(in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
                          num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation,
                          deform_modulated=deform_modulated, deform_num_groups=deform_num_groups)
-        if detectron2_has_deform_conv():
-            return
         d2 = self.conv2
         self.conv2 = DeformConv2d(bottleneck_channels, bottleneck_channels, kernel_size=3, stride=d2.stride,
                                   padding=d2.padding, dilation=d2.dilation, groups=num_groups,
