@@ -5,6 +5,7 @@ Preemption across processes: the launching process forwards SIGTERM/SIGUSR1 to i
 signal only it), each child stops as lgd.runner.stopping says and exits 143 after its local rank 0 wrote the
 Preempted line to a file the launcher reads, so the command prints that one line and exits 143 too.
 """
+import gc
 import multiprocessing
 import os
 import signal
@@ -61,10 +62,16 @@ def _child(main_func, report, *args):
         try:
             return main_func(*args)
         except Preempted as exc:
-            if comm.get_local_rank() == 0:
-                with open(report, "w") as f:
-                    f.write(str(exc))
-            sys.exit(Preempted.exit_code)
+            message = str(exc)
+    # Outside the except block, so the run's frames (its DDP model and reducer) are released before the process
+    # group is torn down; and only once every rank is done (the main process's checkpoint and cost.json written),
+    # so no rank closes its connections while another still uses them (gloo aborts the process then).
+    gc.collect()
+    if comm.get_local_rank() == 0:
+        with open(report, "w") as f:
+            f.write(message)
+    comm.synchronize()
+    sys.exit(Preempted.exit_code)
 
 
 def _forward(signum, frame):
