@@ -12,7 +12,7 @@ import time
 import torch
 
 import lgd
-from lgd_ops.benchmark import STEADY_MALLOC, proc_status_kib, reset_peak_rss
+from lgd_ops.benchmark import STEADY_MALLOC, proc_status_kib, reset_peak_rss, sync
 
 __all__ = ["COMPONENTS", "DETECTORS", "MODES", "child", "held_bytes", "make_batch", "peak_step_bytes", "percentiles",
            "run_child", "run_config", "time_steps", "train_step"]
@@ -167,20 +167,15 @@ def train_step(model, optimizer, fast, inputs, device):
     return step
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step, iters, device):
     """One warm-up step (lazy init, gradients and optimizer state allocated), then `iters` timed steps (ms)."""
     step()
     times = []
     for _ in range(iters):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -214,7 +209,7 @@ def child(detector, variant, device, batch, image, objects, iters, mode="fp32"):
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        _sync(device)
+        sync(device)
     totals, forward_total_ms = {}, 0.0
     for event in prof.key_averages():
         if event.key == "forward_total":
