@@ -2,7 +2,8 @@
 authors' code does it.
 
 The reference ops and the mask ops use the masks; box_cells is the rule itself, shared with the Triton glue
-(csrc/common/box_math.h is its C++ twin). The kernels never materialise a mask.
+(csrc/common/box_math.h is its C++ twin). The kernels never materialise a mask: they read a level index
+(level_index), the boxes' cells and row events on one level.
 """
 import torch
 
@@ -38,6 +39,48 @@ def box_cells(boxes, batch_idx, batch, in_h, in_w, height, width):
     cells = torch.where(valid[:, None], ranges, none).to(torch.int32).contiguous()
     covers = valid & (cells[:, 0] <= cells[:, 1]) & (cells[:, 2] <= cells[:, 3])
     return cells, covers
+
+
+def sweep_events(cells, covers, batch_idx, batch, height):
+    """The row sweeps' events (docs/method.md §1-3, csrc/common/box_sweep_math.h): box n's top event 2n at row
+    y0 and bottom event 2n + 1 at row y1 + 1, keyed image * (height + 2) + row (boxes covering nothing after
+    every image, key batch * (height + 2)). Returns (keys, ids, start): int64 keys ascending, the event ids in
+    key order (box order within a row: a stable sort), and int64 [batch + 1] with image b's events at
+    [start[b], start[b + 1])."""
+    rows = torch.stack([cells[:, 2], cells[:, 3] + 1], dim=1).reshape(-1).to(torch.int64)
+    img = batch_idx.to(torch.int64).repeat_interleave(2)
+    keys = torch.where(covers.repeat_interleave(2), img * (height + 2) + rows,
+                       torch.full_like(rows, batch * (height + 2)))
+    keys, ids = torch.sort(keys, stable=True)
+    start = torch.searchsorted(keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device) * (height + 2))
+    return keys, ids, start
+
+
+INDEX_MAX_KEY = 2**31 - 1
+
+
+def level_index(boxes, batch_idx, batch, in_h, in_w, height, width):
+    """The level index of N boxes on a height x width level of `batch` images: one int32 tensor of
+    8 N + batch + 1 entries, on the boxes' device, that every kernel reads instead of the boxes:
+
+        [0, 4N)          cells: box n's (x0, x1, y0, y1) at 4n (box_cells; (0, -1, 0, -1) covers nothing)
+        [4N, 6N)         event keys, ascending: image * (height + 2) + row (sweep_events)
+        [6N, 8N)         event ids in key order: 2 n (top, row y0) or 2 n + 1 (bottom, row y1 + 1)
+        [8N, 8N+batch+1) start: image b's events are [start[b], start[b + 1]) of the two event arrays
+
+    Built once per batch and level on the host from the loader's CPU boxes (no device sync), its size alone
+    ties it to (N, batch); the ops check that size and nothing else."""
+    if (batch + 1) * (height + 2) > INDEX_MAX_KEY:
+        raise ValueError(f"level index: {batch} images of {height} rows exceed int32 event keys")
+    cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, height, width)
+    keys, ids, start = sweep_events(cells, covers, batch_idx, batch, height)
+    parts = [cells.reshape(-1), keys.to(torch.int32), ids.to(torch.int32), start.to(torch.int32)]
+    return torch.cat(parts)
+
+
+def index_size(num_boxes, batch):
+    """The number of entries of a level index of num_boxes boxes over batch images."""
+    return 8 * num_boxes + batch + 1
 
 
 def box_masks(boxes, image_size, height, width):
