@@ -131,3 +131,27 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(setup):
     for name, value in final["model"].items():  # rank 0 saved the unwrapped model: the same weights
         if "module." + name in rank0:
             assert torch.equal(rank0["module." + name], value), name
+
+
+def agree_worker(out):
+    """Each rank starts from its own auto choices; after agree() every rank holds rank 0's."""
+    import json
+
+    import lgd_ops
+    from lgd.engine.checkpoint import BackendChoices
+
+    rank = comm.get_rank()
+    lgd_ops.set_auto_choices({"box_pool/cpu/float32/contiguous": "cpu" if rank == 0 else "reference"})
+    BackendChoices().agree()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(lgd_ops.auto_choices(), f)
+
+
+def test_ranks_agree_on_auto_choices(tmp_path):
+    """A run's processes measure auto's choices separately; after the first step all take the main process's
+    (train() calls BackendChoices.agree), so the checkpoint's choices are the ones every rank ran."""
+    import json
+
+    launch_cpu(agree_worker, 2, args=(str(tmp_path),))
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1] == {"box_pool/cpu/float32/contiguous": "cpu"}

@@ -314,6 +314,15 @@ class BackendChoices:
 
         lgd_ops.set_auto_choices(state.get("choices", {}))
 
+    def agree(self):
+        """Every process adopts the main process's choices (call it in every process, after the first step).
+        Each process measures on its own first calls, and only the main process's choices reach a checkpoint:
+        a process that had chosen otherwise would run other kernels after a resume than before."""
+        import lgd_ops
+
+        if comm.get_world_size() > 1:
+            lgd_ops.set_auto_choices(comm.all_gather(lgd_ops.auto_choices())[0])
+
 
 class DetectorEMAState:
     """Checkpointable (state_dict / load_state_dict) of a detector's EMA loss normalizers (RetinaNet and FCOS

@@ -184,6 +184,7 @@ def _train(cfg, method, backend, resume, extra_hooks, received):
     trainer.register_hooks([IterationSeed(data_seed(cfg)), build_lr_hook(schedule), hooks.IterationTimer()]
                            + method.hooks(schedule) + [
         hooks.CallbackHook(after_step=lambda _: extra["detector_ema"].gather()),  # each rank's, before a save
+        hooks.CallbackHook(after_step=lambda t: extra["lgd_ops_auto"].agree() if t.iter == t.start_iter else None),
         _periodic_checkpointer(checkpointer, cfg) if main else None,
         EvalAfterSuccess(cfg.train.eval_period, test_and_keep),
         stop,  # before the writers: detectron2's printer divides by zero writing one iteration twice in warmup
