@@ -4,10 +4,9 @@ env `LGD_OPS_BACKEND`, then "auto".
 "auto" chooses by measurement where the code runs, as torch.backends.cudnn.benchmark does, because no fixed
 order is right on every device: the first call of an op for a (device, dtype, layout) times every backend that
 can run there on that call's own inputs and keeps the fastest (auto_choices() lists the choices; a run records
-them so that a resumed run uses the same ones;
-lgd-train's processes all take the main process's after the first step). Under torch.compile and during CUDA graph capture nothing is
-timed: a recorded choice is used, else the compiled kernels (cuda, then triton on CUDA tensors; cpu on CPU
-tensors). auto never picks triton for CPU tensors. "triton" needs triton and a GPU, or TRITON_INTERPRET=1 to run
+them so that a resumed run uses the same ones; lgd-train's processes all take the main process's after the first
+step). Under torch.compile and during CUDA graph capture nothing is timed: a recorded choice is used, else the
+compiled kernels (cuda, then triton on CUDA tensors; cpu on CPU tensors). auto never picks triton for CPU tensors. "triton" needs triton and a GPU, or TRITON_INTERPRET=1 to run
 CPU tensors through Triton's interpreter (slow: for tests).
 """
 import contextlib
