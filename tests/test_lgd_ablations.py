@@ -32,7 +32,8 @@ IMAGE = (128, 160)
 DETECTORS = ("retinanet", "fcos", "faster_rcnn")
 # every non-default value of every switch (the defaults: test_defaults_are_the_method)
 VARIANTS = [dict(label_encoder="mlp"), dict(label_encoder="transformer"), dict(interaction="label_guided"),
-            dict(interaction="student_fill"), dict(interaction="teacher_fill"), dict(use_objects=False),
+            dict(interaction="student_fill"), dict(interaction="teacher_fill"),
+            dict(use_objects=False, use_context=True),  # the FCOS R50 config turns the context off
             dict(instructive_head="unshared")]
 
 
@@ -292,6 +293,23 @@ def test_shared_head_gets_both_branches():
     losses = train_losses(model)
     sum(v for k, v in losses.items() if k.endswith("_tea")).backward()
     assert all(p.grad is not None for p in model.detector.head.parameters())
+
+
+# -- parameter counts (docs/method.md §10's table) -------------------------------------------------------------------
+
+TEACHER_PARAMETERS_K80 = {  # 256 channels, context on, no masks
+    "defaults": 8_304_336, "label_encoder=mlp": 3_819_200, "label_encoder=transformer": 7_091_072,
+    "interaction=label_guided": 8_304_336, "interaction=student_fill": 3_081_984,
+    "interaction=teacher_fill": 7_451_088, "use_objects=False": 7_648_464,
+}
+
+
+@pytest.mark.parametrize("variant", list(TEACHER_PARAMETERS_K80))
+def test_teacher_parameter_count_k80(variant):
+    settings = dict(kv.split("=") for kv in variant.split(",")) if variant != "defaults" else {}
+    settings = {k: v == "True" if v in ("True", "False") else v for k, v in settings.items()}
+    teacher = LGDTeacher(80, **settings)
+    assert sum(p.numel() for p in teacher.parameters()) == TEACHER_PARAMETERS_K80[variant]
 
 
 # -- what a run records ----------------------------------------------------------------------------------------------
