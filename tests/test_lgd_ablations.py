@@ -260,12 +260,13 @@ def test_use_objects_off_paints_only_the_context():
 
 # -- lgd.instructive_head (Table 6b) -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("detector, parts", [("retinanet", ["head"]), ("faster_rcnn",
-                                                                        ["proposal_generator", "roi_heads"])])
-def test_unshared_head_has_its_own_parameters_and_gradients(detector, parts):
+@pytest.mark.parametrize("detector, branch, parts", [
+    ("retinanet", "detector", ["head"]), ("faster_rcnn", "detector", ["proposal_generator", "roi_heads"]),
+    ("faster_rcnn", "shared_proposals", ["roi_heads"])])
+def test_unshared_head_has_its_own_parameters_and_gradients(detector, branch, parts):
     """A copy of the detector's head (the same architecture and initial weights), in the teacher's optimizer
     group; the instructive losses train only it, the student's losses only the detector's own head."""
-    model = build(detector, instructive_head="unshared")
+    model = build(detector, instructive_head="unshared", rcnn_branch=branch)
     assert sorted(model.instructive_head) == sorted(parts)
     own = {id(p) for p in model.instructive_head.parameters()}
     student_head = [p for name in parts for p in getattr(model.detector, name).parameters()]
