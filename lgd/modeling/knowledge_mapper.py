@@ -76,6 +76,7 @@ class KnowledgeMapper(nn.Module):
         return out
 
     def _context_only(self, embeddings, labels, level_sizes):
+        """use_objects=False: each image's ReLU(F_ctx(e_context)) on all its cells, refined."""
         ctx = labels.object_index(context=True)
         memory_format = _layout(self.refine[0].weight)
         return [self.refine(F.relu(self.context_proj(e[ctx]))[:, :, None, None].expand(-1, -1, *size)
