@@ -279,8 +279,10 @@ def test_lgd_settings_are_the_top_level_lgd_keys():
     cfg = load_config("lgd/configs/fcos_R_50_FPN_1x_lgd.py", ["lgd.distill_weight=2.5", "lgd.stn_pool=image"])
     method = build_method(cfg)
     assert method.name == "lgd" and method.settings_key() == "lgd"
-    assert method.settings == dict(distill_weight=2.5, teacher_lr=0.01, use_context=False, stn_pool="image",
-                                   rcnn_branch="detector", recompute_teacher=False, op_report_period=1000)
+    assert method.settings == dict(distill_weight=2.5, teacher_lr=0.01, use_context=False, use_objects=True,
+                                   label_encoder="pointnet", interaction="student_guided", instructive_head="shared",
+                                   stn_pool="image", rcnn_branch="detector", recompute_teacher=False,
+                                   op_report_period=1000)
     assert build_method(cfg, "fgfi").settings_key() == "lgd.fgfi"
     cfg.lgd.distil_weight = 1.0
     with pytest.raises(ValueError, match=r"^lgd: unknown settings \['distil_weight'\]"):

@@ -143,9 +143,10 @@ class OpReport(HookBase):
         self._captured, self._lgd_ms = None, 0.0
         device = model.device
 
-        def capture(_module, args):
-            features, labels = args
-            self._captured = ([x.detach() for x in features], labels.boxes.detach(), labels.batch_idx,
+        def capture(_module, args):  # the teacher's (features, labels, image_size), as LGDDistiller calls it
+            features, labels = args[:2]
+            levels = features.values() if isinstance(features, dict) else features
+            self._captured = ([x.detach() for x in levels], labels.boxes.detach(), labels.batch_idx,
                               labels.image_size)
 
         def start(_module, _args):
@@ -158,7 +159,7 @@ class OpReport(HookBase):
             self._lgd_ms += (time.perf_counter() - self._lgd_start) * 1e3
             self._saved.inside = False
 
-        self._handles = [model.teacher.appearance_encoder.register_forward_pre_hook(capture)]
+        self._handles = [model.teacher.register_forward_pre_hook(capture)]
         for module in (model.teacher, model.distill_loss):
             self._handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
         self._saved = _SavedBytes(model.parameters()).__enter__()
@@ -193,7 +194,7 @@ class OpReport(HookBase):
         self._captured = None
         shapes = [tuple(x.shape) for x in levels]
         measure = self.memory and shapes != self._peak_shapes
-        report = time_lgd_ops(levels, boxes, batch_idx, image_size, model.teacher.appearance_encoder.backend,
+        report = time_lgd_ops(levels, boxes, batch_idx, image_size, model.teacher.backend,
                               self.repeats, memory=measure)
         if measure:
             self._peaks = {op: {k: r[k] for k in ("peak_mb", "ref_peak_mb")} for op, r in report.items()}

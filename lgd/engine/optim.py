@@ -88,12 +88,13 @@ def build_lgd_optimizer(model: nn.Module, lr: float, teacher_lr: Optional[float]
                         weight_decay: float = 1e-4, weight_decay_norm: Optional[float] = None,
                         clip: Optional[GradientClip] = None) -> ClippedSGD:
     """One SGD for an LGDDistiller: the student part (detector + adapter F_adapt) at lr, the teacher part
-    (label/appearance encoders, relation adapter, knowledge mapper) at teacher_lr (default lr); lr 0.01 for
+    (label/appearance encoders, relation adapter, knowledge mapper, an unshared instructive head:
+    model.teacher_modules()) at teacher_lr (default lr); lr 0.01 for
     RetinaNet/FCOS, 0.02 for R-CNN at batch 16. Build it before any freezing: parameters with
     requires_grad=False are left out, while parameters frozen later stay in and SGD skips them while they
     have no gradient."""
     student = nn.ModuleList([model.detector, model.distill_loss])
     teacher_lr = lr if teacher_lr is None else teacher_lr
     groups = (_groups(student, "student", lr, weight_decay, weight_decay_norm)
-              + _groups(model.teacher, "teacher", teacher_lr, weight_decay, weight_decay_norm))
+              + _groups(model.teacher_modules(), "teacher", teacher_lr, weight_decay, weight_decay_norm))
     return ClippedSGD(groups, clip=clip, lr=lr, momentum=momentum)

@@ -14,7 +14,10 @@ import torch.nn as nn
 from ..engine.hooks import build_distill_hooks
 from ..engine.op_report import OpReport
 from ..engine.optim import build_lgd_optimizer
-from ..modeling.distiller import LGDDistiller
+from ..modeling.detector_drivers import RCNNDriver
+from ..modeling.distiller import INSTRUCTIVE_HEADS, LGDDistiller
+from ..modeling.label_encoder import LABEL_ENCODERS, STN_POOLS
+from ..modeling.teacher import INTERACTIONS
 from .base import METHOD_REGISTRY, TrainingMethod
 
 __all__ = ["Baseline", "LGD"]
@@ -42,6 +45,16 @@ class LGD(TrainingMethod):
                                    # adapter, knowledge mapper); None: optimizer.lr. The configs set optimizer.lr
         use_context=None,          # the context object; None: the detector's default (RetinaNet/FCOS on, R-CNN
                                    # off); the FCOS R50 configs set False, as the authors' configs do
+        use_objects=True,          # the objects' embeddings are painted into X^I; False: only the context
+                                   # object's (Table 6a), which turns the context on unless use_context=False,
+                                   # an error then
+        label_encoder="pointnet",  # "pointnet" (the method), "mlp" or "transformer" (6 heads; Table 4)
+        interaction="student_guided",  # relation adapter: "student_guided" (appearance queries the label
+                                   # embeddings, the method), "label_guided" (the reverse; Table 5), or no
+                                   # attention: "student_fill" / "teacher_fill" paint the appearance / label
+                                   # embeddings themselves (the authors' code; docs/method.md §6)
+        instructive_head="shared",  # "shared" (the method: X^I goes through the detector's own heads) or
+                                   # "unshared" (a copy of them for the instructive branch; Table 6b)
         stn_pool="object",         # label encoder STN: "object" (each object its own transform, the authors'
                                    # code) or "image" (one transform per image, PointNet's; a variant)
         rcnn_branch="detector",    # R-CNN instructive branch: "detector" (RPN + ROI heads on X^I, p2-p6
@@ -52,11 +65,28 @@ class LGD(TrainingMethod):
         op_report_period=1000,     # every this many iterations time the three ops vs the reference (0: off)
     )
 
+    # the settings that name a variant, with their valid values
+    CHOICES = dict(label_encoder=LABEL_ENCODERS, interaction=INTERACTIONS, instructive_head=INSTRUCTIVE_HEADS,
+                   stn_pool=STN_POOLS, rcnn_branch=RCNNDriver.branches)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        for key, valid in self.CHOICES.items():
+            if self.settings[key] not in valid:
+                raise ValueError(f"lgd.{key} must be one of {list(valid)}, got {self.settings[key]!r}")
+        if not self.settings["use_objects"] and self.settings["use_context"] is False:
+            raise ValueError("lgd.use_objects=False paints only the context object: it needs lgd.use_context "
+                             "True or None, got False")
+
     def build(self, detector: nn.Module, checkpoints: Dict[str, str]) -> LGDDistiller:
         s = self.settings
+        use_context = None if s["use_context"] is None else bool(s["use_context"])
+        if not s["use_objects"] and use_context is None:
+            use_context = True  # only the context is painted: on whatever the detector's default
         return LGDDistiller(detector, backend=self.backend, distill_weight=float(s["distill_weight"]),
-                            use_context=None if s["use_context"] is None else bool(s["use_context"]),
-                            stn_pool=str(s["stn_pool"]), rcnn_branch=str(s["rcnn_branch"]),
+                            use_context=use_context, stn_pool=str(s["stn_pool"]), rcnn_branch=str(s["rcnn_branch"]),
+                            label_encoder=str(s["label_encoder"]), interaction=str(s["interaction"]),
+                            use_objects=bool(s["use_objects"]), instructive_head=str(s["instructive_head"]),
                             recompute_teacher=bool(s["recompute_teacher"]))
 
     def build_optimizer(self, model: LGDDistiller, **sgd_kwargs):

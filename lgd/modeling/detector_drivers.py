@@ -29,7 +29,10 @@ class DetectorDriver:
       in_features                           -> the levels the instructive branch reads: the distilled ones
       targets(images, features, gt)         -> what the losses need from the ground truth, computed ONCE
                                                (optional "student_losses": losses of the student only)
-      losses(images, features, gt, targets) -> detectron2's loss dict for one feature set (student or X^I)
+      losses(images, features, gt, targets, heads=None)
+                                            -> detectron2's loss dict for one feature set (student or X^I),
+                                               run by the detector's heads or by `heads`, copies of
+                                               instructive_heads() (lgd.instructive_head="unshared")
     plus the teacher settings use_context / detach_appearance / use_masks, num_classes and ema_attributes (the
     detector's EMA loss normalizers, which lgd.engine.checkpoint.DetectorEMAState saves). A subclass names the
     detector class it drives in `detector_class`; build_detector_driver picks the registered one nearest in the
@@ -80,8 +83,16 @@ class DetectorDriver:
     def targets(self, images, features, gt_instances) -> Dict:
         raise NotImplementedError
 
-    def losses(self, images, features, gt_instances, targets) -> Dict[str, torch.Tensor]:
+    def instructive_heads(self) -> Dict[str, nn.Module]:
+        """The detector's modules, by attribute name, that run on X^I in the instructive branch."""
         raise NotImplementedError
+
+    def losses(self, images, features, gt_instances, targets, heads=None) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _head(self, name: str, heads) -> nn.Module:
+        """The module `name` a loss pass runs: its copy in heads when given, else the detector's own."""
+        return heads[name] if heads is not None else getattr(self.detector, name)
 
 
 @DETECTOR_DRIVER_REGISTRY.register()
@@ -112,9 +123,12 @@ class RetinaNetDriver(DetectorDriver):
         return {"anchors": anchors, "gt_labels": gt_labels, "gt_boxes": gt_boxes,
                 "normalizer": getattr(det, "loss_normalizer", None)}
 
-    def losses(self, images, features, gt_instances, targets):
+    def instructive_heads(self):
+        return {"head": self.detector.head}
+
+    def losses(self, images, features, gt_instances, targets, heads=None):
         det = self.detector
-        predictions = det.head([features[f] for f in self.in_features])
+        predictions = self._head("head", heads)([features[f] for f in self.in_features])
         pred_logits, pred_deltas, *extra = det._transpose_dense_predictions(
             predictions, [det.num_classes, *self.prediction_dims])
         if targets["normalizer"] is not None:
@@ -208,19 +222,23 @@ class RCNNDriver(DetectorDriver):
         return {"proposals": det.roi_heads.label_and_sample_proposals(proposals, gt_instances),
                 "student_losses": rpn_losses}
 
-    def losses(self, images, features, gt_instances, targets):
+    def instructive_heads(self):
         det = self.detector
-        heads = det.roi_heads
+        parts = {"roi_heads": det.roi_heads}
+        return parts if self.share_proposals else {"proposal_generator": det.proposal_generator, **parts}
+
+    def losses(self, images, features, gt_instances, targets, heads=None):
+        roi_heads = self._head("roi_heads", heads)
         if self.share_proposals:
             # a fresh Instances per branch: with train_on_pred_boxes, _forward_box rewrites proposal_boxes in place
             proposals = [Instances(p.image_size, **p.get_fields()) for p in targets["proposals"]]
             losses = {}
         else:
-            proposals, losses = det.proposal_generator(images, features, gt_instances)
-            proposals = heads.label_and_sample_proposals(proposals, gt_instances)
-        losses.update(heads._forward_box(features, proposals))
-        losses.update(heads._forward_mask(features, proposals))
-        losses.update(heads._forward_keypoint(features, proposals))
+            proposals, losses = self._head("proposal_generator", heads)(images, features, gt_instances)
+            proposals = roi_heads.label_and_sample_proposals(proposals, gt_instances)
+        losses.update(roi_heads._forward_box(features, proposals))
+        losses.update(roi_heads._forward_mask(features, proposals))
+        losses.update(roi_heads._forward_keypoint(features, proposals))
         return losses
 
 

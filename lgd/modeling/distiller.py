@@ -7,6 +7,7 @@ LGD adds no inference cost. A plain nn.Module wrapper rather than a META_ARCH_RE
 model (LazyConfig or yacs build_model) is wrapped unchanged and its weights stay under `detector.`, so the
 student is exported by saving `lgd_model.detector`. Use in a training loop of your own: docs/library.md.
 """
+import copy
 from typing import Dict, List, Optional
 
 import torch.nn as nn
@@ -20,6 +21,7 @@ from .wrapper import DetectorWrapper, detection_step
 
 TEACHER_SUFFIX = "_tea"
 TEACHER_SCOPE = "lgd_teacher"  # EventStorage prefix of the metrics the heads log on the instructive branch
+INSTRUCTIVE_HEADS = ("shared", "unshared")  # lgd.instructive_head
 
 
 class LGDDistiller(DetectorWrapper):
@@ -30,6 +32,13 @@ class LGDDistiller(DetectorWrapper):
     detector's context/detach/mask settings, DistillationLoss()). use_context: the context object (None: the
     family's default, on for RetinaNet/FCOS, off for R-CNN; the authors' FCOS R50 configs turn it off).
     stn_pool: the label encoder's STN ("object", the method; "image", a variant). rcnn_branch: see RCNNDriver.
+    label_encoder, interaction, use_objects: the paper's ablations of the teacher (LGDTeacher; defaults: the
+    method). instructive_head: "shared" (the method: the instructive branch runs the detector's own heads) or
+    "unshared" (the paper's Table 6b): it runs `instructive_head`, copies of the modules the driver names
+    (RetinaNet/FCOS: the head; R-CNN: the RPN and the ROI heads, the ROI heads only with shared proposals)
+    made when the distiller is built, so the same architecture and initial weights as the student's; from
+    then on they learn from the instructive losses only, the student's heads from the student's only, and
+    inference never runs them (docs/method.md §8).
     backend goes to every lgd_ops call ("auto", "reference", "cpu", ...). distill_enabled: see the property.
     recompute_teacher: keep none of the teacher's activations for backward and run its forward again there
     (torch.utils.checkpoint, RNG state preserved): the same losses and gradients for less peak memory and one
@@ -39,8 +48,13 @@ class LGDDistiller(DetectorWrapper):
     def __init__(self, detector: nn.Module, *, teacher: Optional[LGDTeacher] = None,
                  distill_loss: Optional[DistillationLoss] = None, distill_weight: float = 1.0,
                  distill_enabled: bool = True, use_context: Optional[bool] = None, stn_pool: str = "object",
-                 rcnn_branch: str = "detector", backend: str = "auto", recompute_teacher: bool = False):
+                 rcnn_branch: str = "detector", label_encoder: str = "pointnet", interaction: str = "student_guided",
+                 use_objects: bool = True, instructive_head: str = "shared", backend: str = "auto",
+                 recompute_teacher: bool = False):
         super().__init__()
+        if instructive_head not in INSTRUCTIVE_HEADS:
+            raise ValueError(f"LGDDistiller: instructive_head must be one of {INSTRUCTIVE_HEADS}, "
+                             f"got {instructive_head!r}")
         self.detector = detector
         self.detector_driver = build_detector_driver(detector, rcnn_branch=rcnn_branch)
         channels = self.detector_driver.feature_channels()
@@ -48,8 +62,11 @@ class LGDDistiller(DetectorWrapper):
             self.detector_driver.num_classes, channels=channels,
             use_context=self.detector_driver.use_context if use_context is None else bool(use_context),
             detach_appearance=self.detector_driver.detach_appearance, use_masks=self.detector_driver.use_masks,
-            stn_pool=stn_pool,
+            stn_pool=stn_pool, label_encoder=label_encoder, interaction=interaction, use_objects=use_objects,
             backend=backend)
+        self.instructive_head = (nn.ModuleDict({name: copy.deepcopy(module) for name, module
+                                                in self.detector_driver.instructive_heads().items()})
+                                 if instructive_head == "unshared" else None)
         self.distill_loss = distill_loss if distill_loss is not None else DistillationLoss(
             channels, loss_weight=distill_weight, backend=backend)
         self.distill_enabled = distill_enabled
@@ -92,8 +109,13 @@ class LGDDistiller(DetectorWrapper):
         return list(self.detector.parameters()) + list(self.distill_loss.parameters())
 
     def teacher_parameters(self):
-        """The LGD teacher (label/appearance encoders, relation adapter, knowledge mapper)."""
-        return list(self.teacher.parameters())
+        """The LGD teacher (label/appearance encoders, relation adapter, knowledge mapper) and the unshared
+        instructive head, if any: the teacher optimizer's parameters (docs/method.md §8)."""
+        return list(self.teacher_modules().parameters())
+
+    def teacher_modules(self) -> nn.ModuleList:
+        """The modules teacher_parameters() holds."""
+        return nn.ModuleList([self.teacher] + ([self.instructive_head] if self.instructive_head is not None else []))
 
     def training_losses(self, batched_inputs: List[Dict]):
         driver = self.detector_driver
@@ -107,7 +129,8 @@ class LGDDistiller(DetectorWrapper):
         else:
             instructive = self.teacher(distilled, labels, image_size)
         with get_event_storage().name_scope(TEACHER_SCOPE):  # the heads' own metrics, kept apart
-            for name, value in driver.losses(images, instructive, gt_instances, targets).items():
+            for name, value in driver.losses(images, instructive, gt_instances, targets,
+                                             heads=self.instructive_head).items():
                 losses[name + TEACHER_SUFFIX] = value
         losses["loss_distill"] = self.distill_loss(distilled, instructive, warmup=not self.distill_enabled)
         return losses

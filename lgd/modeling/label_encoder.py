@@ -1,17 +1,21 @@
-"""Label encoder (docs/method.md §5): a PointNet over each image's objects, one object = one point.
+"""Label encoders (docs/method.md §5): a label embedding per object from its descriptor, context object included.
 
 Each object's descriptor (box, one-hot class, optional 7 x 7 mask crop, rescaled to [-1, 1]) goes through
-STN(k), a shared per-object MLP, STN(64), more MLP, a max over the objects of the same image (the global
-feature), and a fusion MLP, giving a label embedding per object, context object included.
+LabelEncoder, the method's PointNet over each image's objects (one object = one point: STN(k), a shared
+per-object MLP, STN(64), more MLP, a max over the objects of the same image, and a fusion MLP), or one of the
+paper's Table 4 alternatives: MLPLabelEncoder (each object alone) and TransformerLabelEncoder (attention among
+an image's objects). build_label_encoder picks one by name (lgd.label_encoder).
 Objects are packed (PackedLabels): a 1x1 Conv1d over points is a Linear per object, so the layers are
-nn.Linear on [N, C]; every LayerNorm normalizes one object's channels, without affine parameters.
+nn.Linear on [N, C]; every LayerNorm of the MLPs normalizes one object's channels, without affine parameters.
 """
 import torch
 import torch.nn as nn
 
 from .labels import MASK_CROP, PackedLabels
+from .relation_adapter import padding_mask, per_image
 
 STN_POOLS = ("object", "image")
+LABEL_ENCODERS = ("pointnet", "mlp", "transformer")
 
 
 def build_descriptors(labels: PackedLabels, num_classes: int, *, use_masks: bool = False) -> torch.Tensor:
@@ -79,21 +83,32 @@ class SpatialTransformer(nn.Module):
         return torch.bmm(x[:, None, :], transforms.view(-1, self.dim, self.dim))[:, 0]
 
 
-class LabelEncoder(nn.Module):
-    """Label embeddings [N, channels] from PackedLabels (docs/method.md §5).
+class _DescriptorEncoder(nn.Module):
+    """What every label encoder shares: the class count, the descriptor length 4 + K (+ 49 with use_masks, the
+    Mask R-CNN variant) and the descriptors in the dtype of the encoder's first layer (`first`)."""
 
-    Any number of classes K; descriptor length 4 + K (+ 49 with use_masks, the Mask R-CNN variant).
-    Layers: STN(k) -> Linear(k, 64) LN ReLU -> STN(64) (this 64-d feature is kept) -> Linear(64, 128)
-    LN ReLU -> Linear(128, 1024) LN ReLU -> max over the image's objects -> concat(64, 1024) ->
+    def __init__(self, num_classes: int, use_masks: bool):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes, self.use_masks = num_classes, use_masks
+        self.descriptor_dim = 4 + num_classes + (MASK_CROP ** 2 if use_masks else 0)
+
+    def descriptors(self, labels: PackedLabels, first: nn.Linear) -> torch.Tensor:
+        return build_descriptors(labels, self.num_classes, use_masks=self.use_masks).to(first.weight.dtype)
+
+
+class LabelEncoder(_DescriptorEncoder):
+    """Label embeddings [N, channels] from PackedLabels (docs/method.md §5): the PointNet, lgd.label_encoder
+    "pointnet" (the method).
+
+    Any number of classes K. Layers: STN(k) -> Linear(k, 64) LN ReLU -> STN(64) (this 64-d feature is kept) ->
+    Linear(64, 128) LN ReLU -> Linear(128, 1024) LN ReLU -> max over the image's objects -> concat(64, 1024) ->
     Linear(1088, channels) LN ReLU -> Linear(channels, channels) LN ReLU. stn_pool: see SpatialTransformer.
     """
 
     def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False, stn_pool: str = "object"):
-        super().__init__()
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"LabelEncoder: num_classes must be an int >= 1, got {num_classes!r}")
-        self.num_classes, self.use_masks = num_classes, use_masks
-        self.descriptor_dim = 4 + num_classes + (MASK_CROP ** 2 if use_masks else 0)
+        super().__init__(num_classes, use_masks)
         self.input_transform = SpatialTransformer(self.descriptor_dim, stn_pool)
         self.embed = _mlp(self.descriptor_dim, 64)
         self.feature_transform = SpatialTransformer(64, stn_pool)
@@ -102,9 +117,60 @@ class LabelEncoder(nn.Module):
 
     def forward(self, labels: PackedLabels) -> torch.Tensor:
         """Inputs are validated by the caller (LGDTeacher)."""
-        weight = self.embed[0].weight
-        x = build_descriptors(labels, self.num_classes, use_masks=self.use_masks).to(weight.dtype)
+        x = self.descriptors(labels, self.embed[0])
         idx, num_images = labels.batch_idx, labels.num_images
         local = self.feature_transform(self.embed(self.input_transform(x, idx, num_images)), idx, num_images)
         global_ = max_per_image(self.lift(local), idx, num_images)[idx]
         return self.fuse(torch.cat([local, global_], dim=1))
+
+
+class MLPLabelEncoder(_DescriptorEncoder):
+    """lgd.label_encoder "mlp" (the paper's Table 4): every object encoded alone, nothing shared between an
+    image's objects. The PointNet's per-object widths without its two STNs and its max over the image:
+    Linear k -> 64 -> 128 -> 1024 -> channels -> channels, each followed by LN and ReLU."""
+
+    def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False):
+        super().__init__(num_classes, use_masks)
+        widths = [self.descriptor_dim, 64, 128, 1024, channels, channels]
+        self.layers = nn.Sequential(*(_mlp(a, b) for a, b in zip(widths, widths[1:])))
+
+    def forward(self, labels: PackedLabels) -> torch.Tensor:
+        return self.layers(self.descriptors(labels, self.layers[0][0]))
+
+
+class TransformerLabelEncoder(_DescriptorEncoder):
+    """lgd.label_encoder "transformer" (the paper's Table 4 "TransEnc", 6 heads): each image's objects attend to
+    one another. Linear(k, width) -> `depth` post-norm nn.TransformerEncoderLayer(width, heads, feed-forward
+    4 * width, ReLU, dropout 0) over the image's objects (no positional encoding: the objects are a set, and
+    each carries its box) -> Linear(width, channels) LN ReLU -> Linear(channels, channels) LN ReLU.
+    width = 64 per head (384 for the paper's 6 heads: 256 does not split into 6) and depth 2 are lgd's choice;
+    the paper gives only the head count and the authors' code has no such encoder (docs/method.md §5)."""
+
+    def __init__(self, num_classes: int, *, channels: int = 256, use_masks: bool = False, num_heads: int = 6,
+                 head_width: int = 64, depth: int = 2):
+        super().__init__(num_classes, use_masks)
+        width = num_heads * head_width
+        self.embed = nn.Linear(self.descriptor_dim, width)
+        layer = nn.TransformerEncoderLayer(width, num_heads, dim_feedforward=4 * width, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out = nn.Sequential(_mlp(width, channels), _mlp(channels, channels))
+
+    def forward(self, labels: PackedLabels) -> torch.Tensor:
+        x = self.embed(self.descriptors(labels, self.embed))
+        if labels.num_objects:
+            x = self.encoder(per_image(x, labels), src_key_padding_mask=padding_mask(labels))
+            x = x[labels.batch_idx, labels.slots()]
+        return self.out(x)
+
+
+def build_label_encoder(kind: str, num_classes: int, *, channels: int = 256, use_masks: bool = False,
+                        stn_pool: str = "object") -> nn.Module:
+    """The label encoder lgd.label_encoder names; stn_pool applies to the PointNet only (the others have no STN)."""
+    if kind == "pointnet":
+        return LabelEncoder(num_classes, channels=channels, use_masks=use_masks, stn_pool=stn_pool)
+    if kind == "mlp":
+        return MLPLabelEncoder(num_classes, channels=channels, use_masks=use_masks)
+    if kind == "transformer":
+        return TransformerLabelEncoder(num_classes, channels=channels, use_masks=use_masks)
+    raise ValueError(f"label_encoder must be one of {LABEL_ENCODERS}, got {kind!r}")
