@@ -82,3 +82,17 @@ def test_an_existing_page_is_kept_without_overwrite(demo_model, tmp_path, capsys
     assert (tmp_path / "page.npz").read_bytes() == b"earlier" and not (tmp_path / "page.png").exists()
     assert inspect(demo_model, tmp_path, "--image-id", "1", "--overwrite") == 0
     assert np.load(tmp_path / "page.npz")["attention"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("interaction", ["label_guided", "student_fill"])
+def test_the_ablation_interactions(demo_model, tmp_path, interaction):  # noqa: F811
+    """label_guided records the attention with the label embeddings as queries; a fill variant has no attention
+    and its page says so instead of failing (the checkpoint holds every weight such a teacher has)."""
+    assert inspect(demo_model, tmp_path, "--image-id", "2", f"lgd.interaction={interaction}") == 0
+    data = np.load(tmp_path / "page.npz")
+    assert str(data["interaction"]) == interaction and os.path.getsize(tmp_path / "page.png") > 0
+    if interaction == "label_guided":
+        assert str(data["attention_query"]) == "label" and data["attention"].shape == (3, 3)
+        np.testing.assert_allclose(data["attention"].sum(1), 1.0, rtol=1e-5)
+    else:
+        assert data["attention"].size == 0 and str(data["attention_query"]) == ""

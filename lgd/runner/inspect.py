@@ -74,13 +74,14 @@ class _Recorder:
 
     def __init__(self, model):
         self.adapted, self.attention, self.handles = [], None, []
-        attention = model.teacher.relation_adapter.attention
         self.handles += [
             model.teacher.register_forward_hook(self._teacher),
             model.distill_loss.adapter.register_forward_hook(lambda m, args, out: self.adapted.append(out)),
-            attention.register_forward_pre_hook(self._want_weights, with_kwargs=True),
-            attention.register_forward_hook(self._weights),
         ]
+        adapter = model.teacher.relation_adapter  # None for the fill interactions: no attention to record
+        if adapter is not None:
+            self.handles += [adapter.attention.register_forward_pre_hook(self._want_weights, with_kwargs=True),
+                             adapter.attention.register_forward_hook(self._weights)]
 
     def _teacher(self, module, args, out):
         self.features, self.labels, self.instructive = args[0], args[1], out
@@ -160,7 +161,11 @@ def inspect_image(cfg, checkpoint: str, dataset: str, image_id, level: Optional[
     rows, cols = min(lh, -(-height * lh // in_h)), min(lw, -(-width * lw // in_w))  # cells over the image
     s_norm, t_norm = (instance_norm(x[None], eps)[0] for x in (student, instructive))
     (student_rgb, instructive_rgb), components, mean = _pca_rgb(s_norm, t_norm, rows, cols)
-    weights = recorder.attention.float().cpu().view(len(keys), labels.num_images, *recorder.attention.shape[1:])
+    if recorder.attention is None:  # lgd.interaction student_fill / teacher_fill
+        attention, query = np.zeros((0, 0), dtype=np.float32), ""
+    else:
+        weights = recorder.attention.float().cpu().view(len(keys), labels.num_images, *recorder.attention.shape[1:])
+        attention, query = weights[index, 0].numpy(), model.teacher.relation_adapter.query
     image_format = str(cfg.dataloader.test.mapper.get("image_format", "BGR"))
     classes = labels.classes.numpy()
     names = MetadataCatalog.get(dataset).get("thing_classes", None) or []
@@ -178,7 +183,7 @@ def inspect_image(cfg, checkpoint: str, dataset: str, image_id, level: Optional[
         "error_sizes": np.array([recorder.instructive[k].shape[1] * h * w for k, (h, w) in zip(keys, sizes)]),
         "loss_weight": float(model.distill_loss.loss_weight), "loss_distill": float(losses["loss_distill"]),
         "student_rgb": student_rgb, "instructive_rgb": instructive_rgb, "pca_components": components,
-        "pca_mean": mean, "attention": weights[index, 0].numpy(),
+        "pca_mean": mean, "attention": attention, "attention_query": query, "interaction": model.teacher.interaction,
     }
 
 

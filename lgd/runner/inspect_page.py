@@ -66,18 +66,7 @@ def draw_inspection(data: Dict, path: str) -> None:
     shown = _on_input_grid(ax, data, data["error"], f"per-cell error at {level} ({rows}x{cols} cells)",
                            cmap="magma", vmin=0)
     fig.colorbar(shown, ax=ax, shrink=0.8, label="Σ_c (IN(student) − IN(X^I))²")
-    ax = fig.add_subplot(grid[1, 1])
-    attention = data["attention"]
-    # colours span the weights' own range: a nearly uniform attention (every weight ~1/n) still shows its structure
-    shown = ax.imshow(attention, cmap="viridis", interpolation="nearest")
-    labels = _labels(data)
-    step = max(1, -(-len(labels) // MAX_TICKS))
-    ticks = list(range(0, len(labels), step)) + ([len(labels) - 1] if (len(labels) - 1) % step else [])
-    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
-    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
-    ax.set(xlabel="key: object's label embedding", ylabel="query: object's appearance at " + level,
-           title=f"relation attention (mean over heads)\neach row sums to 1; uniform = 1/{len(labels)}")
-    fig.colorbar(shown, ax=ax, shrink=0.8, label="attention weight")
+    _attention(fig.add_subplot(grid[1, 1]), data, level)
     ax = fig.add_subplot(grid[1, 2])
     levels = [str(k) for k in data["levels"]]
     per_cell = data["error_sums"] / (data["error_sizes"] / data["student"].shape[0])  # sizes are C * H * W
@@ -89,3 +78,25 @@ def draw_inspection(data: Dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _attention(ax, data, level):
+    """The relation adapter's head-averaged attention, query objects by key objects (none for a fill variant)."""
+    attention = data["attention"]
+    if attention.size == 0:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"no relation attention:\nlgd.interaction={data['interaction']}\npaints the embeddings "
+                "directly", ha="center", va="center", transform=ax.transAxes)
+        return
+    # colours span the weights' own range: a nearly uniform attention (every weight ~1/n) still shows its structure
+    shown = ax.imshow(attention, cmap="viridis", interpolation="nearest")
+    labels = _labels(data)
+    step = max(1, -(-len(labels) // MAX_TICKS))
+    ticks = list(range(0, len(labels), step)) + ([len(labels) - 1] if (len(labels) - 1) % step else [])
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
+    appearance, label = f"object's appearance at {level}", "object's label embedding"
+    query, key = (appearance, label) if str(data["attention_query"]) == "student" else (label, appearance)
+    ax.set(xlabel=f"key: {key}", ylabel=f"query: {query}",
+           title=f"relation attention (mean over heads)\neach row sums to 1; uniform = 1/{len(labels)}")
+    ax.figure.colorbar(shown, ax=ax, shrink=0.8, label="attention weight")
