@@ -56,6 +56,24 @@ DCN_BACKBONES = {
 # the paper's DCN rows: (detector, backbone), all 2x multi-scale
 DCN_ROWS = [("retinanet", "R_101_DCNv2"), ("fcos", "R_101_DCNv2"), ("faster_rcnn", "R_101_DCNv2"),
             ("fcos", "X_101_32x8d_DCNv2")]
+# the DCN rows whose authors' configs turn distillation off for the last 50k of 180k iterations
+# (POST_NONDISTILL_ITERS: 50000): lgd.schedule.final_nondistill_iters
+FINAL_NONDISTILL_ITERS = {("fcos", "R_101_DCNv2"): 50000, ("fcos", "X_101_32x8d_DCNv2"): 50000}
+_STAGES = "model.backbone.bottom_up.stages"
+# key=value overrides turning a config's detector into another backbone's: FGFI's teachers (lgd.fgfi.
+# teacher_overrides: R-101 for the R-50 configs, the paper's Tables 3 and 7; R-101 DCN v2, Table 3's second FGFI
+# row) and LabelEnc's step-1 detector (lgd.labelenc.step1_overrides: the authors' R-50 for every step-2 backbone)
+BACKBONE_OVERRIDES = {
+    "R_50": [f"{_STAGES}.depth=50", f"train.init_checkpoint={DEPTHS[50]}"],
+    "R_101": [f"{_STAGES}.depth=101", f"train.init_checkpoint={DEPTHS[101]}"],
+    "R_101_DCNv2": [f"{_STAGES}._target_=lgd.modeling.deform.make_resnet_stages", f"{_STAGES}.depth=101",
+                    f"+{_STAGES}.deform_on_per_stage=[False,True,True,True]", f"+{_STAGES}.deform_modulated=True",
+                    f"train.init_checkpoint={DEPTHS[101]}"],
+}
+# from a DCN config back to the plain MSRA R-50 (make_resnet_stages without deformable stages)
+DCN_TO_R_50 = [f"{_STAGES}.depth=50", f"{_STAGES}.deform_on_per_stage=[False,False,False,False]",
+               f"{_STAGES}.deform_modulated=False", f"{_STAGES}.num_groups=1", f"{_STAGES}.width_per_group=64",
+               f"{_STAGES}.stride_in_1x1=True", "model.pixel_std=[1.0,1.0,1.0]", f"train.init_checkpoint={DEPTHS[50]}"]
 SCHEDULES = PAPER_SCHEDULES  # "1x", "2x"
 SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
@@ -126,6 +144,8 @@ def make_dcn(detector: str, backbone: str, schedule: str = "2x", multiscale: boo
     if pixel_std is not None:
         model.pixel_std = pixel_std
     train.init_checkpoint = weights
+    lgd["schedule"]["final_nondistill_iters"] = FINAL_NONDISTILL_ITERS.get((detector, backbone), 0)
+    lgd["labelenc"]["step1_overrides"] = list(DCN_TO_R_50)
     return dataloader, lgd, model, optimizer, train
 
 
@@ -161,6 +181,10 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
     lgd["teacher_lr"] = lr
     if detector == "fcos" and depth == 50:
         lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
+    if depth == 50:  # FGFI distils the R-101 of the same detector into an R-50 (the paper's FGFI rows)
+        lgd["fgfi"]["teacher_overrides"] = list(BACKBONE_OVERRIDES["R_101"])
+    else:  # LabelEnc's step 1 on the authors' R-50, whatever the step-2 backbone
+        lgd["labelenc"]["step1_overrides"] = list(BACKBONE_OVERRIDES["R_50"])
     train.max_iter = SCHEDULES[schedule].max_iter
     train.amp.update(AMP)
     train.clip_gradients = dict(CLIP_GRADIENTS)
