@@ -149,6 +149,58 @@ def make_dcn(detector: str, backbone: str, schedule: str = "2x", multiscale: boo
     return dataloader, lgd, model, optimizer, train
 
 
+def make_voc(detector: str):
+    """make(detector, 50, "1x", multiscale=True) on Pascal VOC: trained on VOC 2007+2012 trainval, tested on VOC
+    2007 test with detectron2's PascalVOCDetectionEvaluator, 20 classes; detectron2's VOC recipe (shorter side
+    480..800 step 32, 18k iterations: the 1x schedule scaled, LR steps 12k and 16k)."""
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+    dataloader, lgd, model, optimizer, train = make(detector, 50, "1x", multiscale=True)
+    dataloader.train.dataset.names = ("voc_2007_trainval", "voc_2012_trainval")
+    dataloader.test.dataset.names = "voc_2007_test"
+    dataloader.train.mapper.augmentations[0].short_edge_length = tuple(range(480, 801, 32))
+    dataloader.evaluator = L(PascalVOCDetectionEvaluator)(dataset_name="${..test.dataset.names}")
+    _set_num_classes(model, 20)
+    train.max_iter = 18000
+    return dataloader, lgd, model, optimizer, train
+
+
+def register_crowdhuman_splits(root):
+    """Registers "crowdhuman_train" / "crowdhuman_val" (lgd.data.register_crowdhuman) from CrowdHuman's
+    layout under root (annotation_train.odgt, annotation_val.odgt, Images/) when it is there; without it the
+    names stay unregistered and lgd-train's dataset check names them."""
+    import os
+
+    from lgd.data import register_crowdhuman
+
+    for split in ("train", "val"):
+        odgt, images = os.path.join(root, f"annotation_{split}.odgt"), os.path.join(root, "Images")
+        if os.path.isfile(odgt) and os.path.isdir(images):
+            register_crowdhuman(f"crowdhuman_{split}", odgt, images)
+
+
+def make_crowdhuman(detector: str):
+    """make(detector, 50, "1x", multiscale=True) on CrowdHuman (full-body boxes, ignore regions kept as such):
+    trained on its train split, tested on val by mMR (lgd.evaluation.MissRateEvaluator), one class. The data:
+    $DETECTRON2_DATASETS/CrowdHuman (default ./datasets/CrowdHuman), see register_crowdhuman_splits."""
+    import os
+
+    from lgd.evaluation import MissRateEvaluator
+
+    register_crowdhuman_splits(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "CrowdHuman"))
+    dataloader, lgd, model, optimizer, train = make(detector, 50, "1x", multiscale=True)
+    dataloader.train.dataset.names = "crowdhuman_train"
+    dataloader.test.dataset.names = "crowdhuman_val"
+    dataloader.evaluator = L(MissRateEvaluator)(dataset_name="${..test.dataset.names}")
+    _set_num_classes(model, 1)
+    return dataloader, lgd, model, optimizer, train
+
+
+def _set_num_classes(model, num_classes):
+    """The detector's number of classes: the R-CNN ROI heads', else the dense detector's (its head reads it)."""
+    (model.roi_heads if "roi_heads" in model else model).num_classes = num_classes
+
+
 def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool = False):
     """(dataloader, lgd, model, optimizer, train) of one LGD variant (module docstring)."""
     for name, value, allowed in (("detector", detector, DETECTORS), ("depth", depth, DEPTHS),
