@@ -6,6 +6,8 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
 
 and the paper's DCN rows (DCN_ROWS) are lgd/configs/<detector>_<backbone>_FPN_2x_ms_lgd.py, one call of
 make_dcn() each: R-101 DCN v2 for RetinaNet, FCOS and Faster R-CNN, ResNeXt-101 32x8d DCN v2 for FCOS.
+<detector>_R_50_FPN_{voc,crowdhuman}_lgd.py are its Pascal VOC and CrowdHuman rows (make_voc, make_crowdhuman).
+docs/paper.md has the command of every row of the paper's tables.
 
 Sections: dataloader, model, optimizer, train are detectron2's model-zoo LazyConfig of the detector, unchanged
 except as noted below; `lgd` holds the method switch, the schedule and the lgd_ops backend (SHARED) and every
@@ -23,7 +25,9 @@ multi-scale), multi-scale ("_ms") = shorter side drawn from 640..800 (step 32), 
 SGD lr 0.01 (RetinaNet, FCOS) or 0.02 (R-CNN), momentum 0.9, weight decay 1e-4 on every parameter (norm
 layers included), gradient value clipping at 1.0, batch 16; no context object for FCOS R50; 1x = 90k
 iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
-from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
+from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it). The
+comparison systems run as the paper ran them: FGFI's teacher is the R-101 of the same detector for the R-50
+configs, LabelEnc's step 1 the authors' R-50 for the others (BACKBONE_OVERRIDES).
 """
 import copy
 import dataclasses
