@@ -384,3 +384,33 @@ def test_step2_keeps_the_students_frozen_batchnorm_statistics():
     after = model.detector.state_dict()
     assert all(torch.equal(after[k], v) for k, v in stats.items())
     assert torch.equal(after["head.cls_score.weight"], step1.detector.state_dict()["head.cls_score.weight"])
+
+
+def test_dcn_config_step1_is_the_authors_r50_and_step2_starts_from_it(tmp_path):
+    """The X-101 DCN v2 FCOS config: step 1 trains a plain MSRA R-50 FCOS (no deformable block, R-50 depth,
+    its weights and pixel std) for the authors' 120k iterations; step 2, the X-101 DCN student, loads its head,
+    FPN and label-encoding network from that step-1 checkpoint."""
+    import os
+
+    from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+    from lgd.config import load_config
+    from lgd.modeling.deform import DeformBottleneckBlock
+    from lgd.runner import build_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "lgd", "configs", "fcos_X_101_32x8d_DCNv2_FPN_2x_ms_lgd.py"),
+                      ["lgd.method=labelenc", "train.device=cpu", f"train.output_dir={tmp_path}"])
+    (stage,) = build_method(cfg).stages()
+    assert stage.cfg.train.max_iter == 120000 and stage.cfg.train.init_checkpoint.endswith("/R-50.pkl")
+    assert list(stage.cfg.model.pixel_std) == [1.0, 1.0, 1.0]
+    step1 = build_model(stage.cfg)
+    bottom_up = step1.detector.backbone.bottom_up
+    assert len(bottom_up.res4) == 6 and all(type(b) is BottleneckBlock for b in bottom_up.res4)
+    path = stage_checkpoint(str(tmp_path), stage.name)
+    os.makedirs(os.path.dirname(path))
+    torch.save({"model": step1.state_dict()}, path)
+    step2 = build_model(cfg)
+    assert any(isinstance(b, DeformBottleneckBlock) for b in step2.detector.backbone.bottom_up.res4)
+    head = "head.cls_score.weight"
+    assert torch.equal(step2.detector.state_dict()[head], step1.detector.state_dict()[head])

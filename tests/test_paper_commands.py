@@ -147,3 +147,42 @@ def test_configs_end_distillation_as_the_authors(name, final):
     schedule = build_schedule(cfg)
     assert cfg.lgd.schedule.final_nondistill_iters == final
     assert schedule.final_nondistill_iters == final // 100  # scaled with the run, as the other counts
+
+
+# ------------------------------------------------------------------------------------- Pascal VOC and CrowdHuman
+
+def test_voc_config_trains_on_07_12_and_evaluates_on_07_test():
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+    cfg = load_config(os.path.join(ROOT, "lgd", "configs", "faster_rcnn_R_50_FPN_voc_lgd.py"))
+    assert list(cfg.dataloader.train.dataset.names) == ["voc_2007_trainval", "voc_2012_trainval"]
+    assert cfg.dataloader.test.dataset.names == "voc_2007_test" and cfg.model.roi_heads.num_classes == 20
+    assert cfg.dataloader.evaluator._target_ is PascalVOCDetectionEvaluator
+    assert (cfg.train.max_iter, build_schedule(cfg).steps) == (18000, (12000, 16000))
+    retinanet = load_config(os.path.join(ROOT, "lgd", "configs", "retinanet_R_50_FPN_voc_lgd.py"))
+    assert retinanet.model.num_classes == 20
+
+
+def test_crowdhuman_config_registers_the_splits_it_finds(tmp_path, monkeypatch):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from PIL import Image
+
+    from lgd.evaluation import MissRateEvaluator
+
+    root = tmp_path / "CrowdHuman"
+    (root / "Images").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(root / "Images" / "a.jpg")
+    line = '{"ID": "a", "gtboxes": [{"tag": "person", "fbox": [1, 2, 10, 20]}]}\n'
+    (root / "annotation_val.odgt").write_text(line)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    try:
+        cfg = load_config(os.path.join(ROOT, "lgd", "configs", "fcos_R_50_FPN_crowdhuman_lgd.py"))
+        assert (cfg.dataloader.train.dataset.names, cfg.dataloader.test.dataset.names) == ("crowdhuman_train",
+                                                                                           "crowdhuman_val")
+        assert cfg.dataloader.evaluator._target_ is MissRateEvaluator and cfg.model.num_classes == 1
+        assert "crowdhuman_val" in DatasetCatalog.list() and "crowdhuman_train" not in DatasetCatalog.list()
+        assert DatasetCatalog.get("crowdhuman_val")[0]["annotations"][0]["bbox"] == [1.0, 2.0, 10.0, 20.0]
+    finally:  # the next registration of the name (another test, another root) starts clean
+        if "crowdhuman_val" in DatasetCatalog.list():
+            DatasetCatalog.remove("crowdhuman_val")
+            MetadataCatalog.remove("crowdhuman_val")
