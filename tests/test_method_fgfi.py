@@ -383,3 +383,19 @@ def test_lgd_train_runs_fgfi_with_its_teacher_stage(tmp_path):
     assert all(math.isfinite(r["loss_imitation"]) and r["loss_imitation"] > 0 and math.isfinite(r["loss_cls"])
                for r in rows)
     assert "AP" in results["bbox"]
+
+
+@pytest.mark.parametrize("name, teacher_depth", [("retinanet_R_50_FPN_2x_ms_lgd.py", 101),
+                                                 ("faster_rcnn_R_50_FPN_1x_lgd.py", 101),
+                                                 ("fcos_R_101_FPN_2x_ms_lgd.py", 101)])
+def test_coco_configs_give_the_papers_teacher(name, teacher_depth):
+    """R-50 COCO configs: the R-101 of the same detector with the R-101 ImageNet weights (the paper's FGFI rows);
+    the others keep the student's own architecture. The teacher stage is a baseline run of that config."""
+    from lgd.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "lgd", "configs", name), ["lgd.method=fgfi"])
+    (stage,) = build_method(cfg).stages()
+    assert stage.cfg.model.backbone.bottom_up.stages.depth == teacher_depth
+    assert stage.cfg.train.init_checkpoint.endswith("/R-101.pkl") and stage.cfg.lgd.method == "baseline"
+    assert cfg.model.backbone.bottom_up.stages.depth == int(name.split("_R_")[1].split("_")[0])

@@ -1,6 +1,7 @@
 """LabelEnc (lgd.method="labelenc", docs/methods/labelenc.md): colour maps, the two steps' models, the
 stage, the hooks and the settings. Tiny CPU detectors (conftest.shrink_detector_config), images 64 x 96."""
 import copy
+import dataclasses
 
 import pytest
 
@@ -14,8 +15,10 @@ from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
 from conftest import detectron2_input, shrink_detector_config
+from lgd.engine.schedule import PAPER_SCHEDULES
+from lgd.errors import UsageError
 from lgd.methods import build_method, stage_checkpoint
-from lgd.methods.labelenc import LabelEnc, LabelEncStep1, LabelEncStep2, LossWindow
+from lgd.methods.labelenc import STEP1_SCHEDULE, LabelEnc, LabelEncStep1, LabelEncStep2, LossWindow
 from lgd.modeling.fcos_head import FCOSHead
 from lgd.modeling.label_encoding_network import render_colour_maps
 
@@ -40,9 +43,12 @@ def tiny_detector(kind="retinanet", seed=0):
     return instantiate(model)
 
 
-def run_cfg(**labelenc):
-    return OmegaConf.create({"lgd": {"method": "labelenc", "labelenc": labelenc},
-                             "dataloader": {"evaluator": {"name": "coco"}}, "train": {"max_iter": 90}})
+def run_cfg(max_iter=90, **labelenc):
+    """A run of max_iter iterations of the paper's 1x schedule (90k) with lgd.labelenc = labelenc."""
+    schedule = dataclasses.asdict(PAPER_SCHEDULES["1x"])
+    return OmegaConf.create({"lgd": {"method": "labelenc", "schedule": schedule, "labelenc": labelenc},
+                             "model": {"backbone": {"depth": 101}},
+                             "dataloader": {"evaluator": {"name": "coco"}}, "train": {"max_iter": max_iter}})
 
 
 def settings(**kwargs):
@@ -255,9 +261,35 @@ def test_stages_with_and_without_step1_checkpoint():
     assert stage.cfg.dataloader.evaluator is None and stage.cfg.train.max_iter == 120
     assert cfg == original  # the run's own config untouched
     assert LabelEnc(stage.cfg).stages() == []  # step 1 has no prerequisite
-    assert build_method(run_cfg()).stages()[0].cfg.train.max_iter == 90  # step1_iters None: the run's
     assert LabelEnc(run_cfg(step1_checkpoint="/x/model_final.pth")).stages() == []
     assert stage_checkpoint("out", stage.name).endswith("out/labelenc_step1/model_final.pth")
+
+
+@pytest.mark.parametrize("max_iter, step1_iters", [(90000, 120000), (90, 120), (900, 1200), (1, 1)])
+def test_step1_runs_the_authors_schedule_scaled_as_the_run(max_iter, step1_iters):
+    """step1_iters None: the authors' 120k (30k without the distance loss, then their 1x), in the proportion the
+    run's train.max_iter has to its schedule's 90k; LR steps at 90k and 110k of 120k, scaled by lgd's rule."""
+    (stage,) = LabelEnc(run_cfg(max_iter)).stages()
+    assert stage.cfg.train.max_iter == step1_iters
+    assert stage.cfg.lgd.schedule == dataclasses.asdict(STEP1_SCHEDULE)
+    assert (STEP1_SCHEDULE.max_iter, STEP1_SCHEDULE.steps) == (120000, (90000, 110000))
+    if max_iter == 900:
+        from lgd.runner import build_schedule
+
+        assert build_schedule(stage.cfg).steps == (900, 1100)
+        (window,) = LabelEnc(stage.cfg).hooks(build_schedule(stage.cfg))
+        assert (window.start, window.end) == (300, 1200)  # no distance loss for the first 30k-equivalent
+
+
+def test_step1_overrides_give_the_step1_detector():
+    cfg = run_cfg(step1_overrides=["model.backbone.depth=50"])
+    (stage,) = LabelEnc(cfg).stages()
+    assert stage.cfg.model.backbone.depth == 50 and cfg.model.backbone.depth == 101
+    assert list(stage.cfg.lgd.labelenc.step1_overrides) == []  # applied once, not again by step 1's own method
+    with pytest.raises(UsageError, match="lgd.labelenc.step1_overrides: .*depht"):
+        LabelEnc(run_cfg(step1_overrides=["model.backbone.depht=50"])).stages()
+    with pytest.raises(ValueError, match="step1_overrides must be a list"):
+        LabelEnc(run_cfg(step1_overrides="model.backbone.depth=50"))
 
 
 class _Trainer:
@@ -352,3 +384,33 @@ def test_step2_keeps_the_students_frozen_batchnorm_statistics():
     after = model.detector.state_dict()
     assert all(torch.equal(after[k], v) for k, v in stats.items())
     assert torch.equal(after["head.cls_score.weight"], step1.detector.state_dict()["head.cls_score.weight"])
+
+
+def test_dcn_config_step1_is_the_authors_r50_and_step2_starts_from_it(tmp_path):
+    """The X-101 DCN v2 FCOS config: step 1 trains a plain MSRA R-50 FCOS (no deformable block, R-50 depth,
+    its weights and pixel std) for the authors' 120k iterations; step 2, the X-101 DCN student, loads its head,
+    FPN and label-encoding network from that step-1 checkpoint."""
+    import os
+
+    from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+    from lgd.config import load_config
+    from lgd.modeling.deform import DeformBottleneckBlock
+    from lgd.runner import build_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "lgd", "configs", "fcos_X_101_32x8d_DCNv2_FPN_2x_ms_lgd.py"),
+                      ["lgd.method=labelenc", "train.device=cpu", f"train.output_dir={tmp_path}"])
+    (stage,) = build_method(cfg).stages()
+    assert stage.cfg.train.max_iter == 120000 and stage.cfg.train.init_checkpoint.endswith("/R-50.pkl")
+    assert list(stage.cfg.model.pixel_std) == [1.0, 1.0, 1.0]
+    step1 = build_model(stage.cfg)
+    bottom_up = step1.detector.backbone.bottom_up
+    assert len(bottom_up.res4) == 6 and all(type(b) is BottleneckBlock for b in bottom_up.res4)
+    path = stage_checkpoint(str(tmp_path), stage.name)
+    os.makedirs(os.path.dirname(path))
+    torch.save({"model": step1.state_dict()}, path)
+    step2 = build_model(cfg)
+    assert any(isinstance(b, DeformBottleneckBlock) for b in step2.detector.backbone.bottom_up.res4)
+    head = "head.cls_score.weight"
+    assert torch.equal(step2.detector.state_dict()[head], step1.detector.state_dict()[head])

@@ -6,6 +6,8 @@ Every lgd/configs/<detector>_R_<depth>_FPN_<schedule>[_ms]_lgd.py is one call of
 
 and the paper's DCN rows (DCN_ROWS) are lgd/configs/<detector>_<backbone>_FPN_2x_ms_lgd.py, one call of
 make_dcn() each: R-101 DCN v2 for RetinaNet, FCOS and Faster R-CNN, ResNeXt-101 32x8d DCN v2 for FCOS.
+<detector>_R_50_FPN_{voc,crowdhuman}_lgd.py are its Pascal VOC and CrowdHuman rows (make_voc, make_crowdhuman).
+docs/paper.md has the command of every row of the paper's tables.
 
 Sections: dataloader, model, optimizer, train are detectron2's model-zoo LazyConfig of the detector, unchanged
 except as noted below; `lgd` holds the method switch, the schedule and the lgd_ops backend (SHARED) and every
@@ -23,7 +25,9 @@ multi-scale), multi-scale ("_ms") = shorter side drawn from 640..800 (step 32), 
 SGD lr 0.01 (RetinaNet, FCOS) or 0.02 (R-CNN), momentum 0.9, weight decay 1e-4 on every parameter (norm
 layers included), gradient value clipping at 1.0, batch 16; no context object for FCOS R50; 1x = 90k
 iterations (LR steps 60k, 80k; backbone frozen 10k), 2x = 180k (120k, 160k; frozen 20k), distillation
-from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it).
+from 30k in both; COCO evaluation without detectron2's C++ COCOeval (a Python-only install lacks it). The
+comparison systems run as the paper ran them: FGFI's teacher is the R-101 of the same detector for the R-50
+configs, LabelEnc's step 1 the authors' R-50 for the others (BACKBONE_OVERRIDES).
 """
 import copy
 import dataclasses
@@ -56,6 +60,24 @@ DCN_BACKBONES = {
 # the paper's DCN rows: (detector, backbone), all 2x multi-scale
 DCN_ROWS = [("retinanet", "R_101_DCNv2"), ("fcos", "R_101_DCNv2"), ("faster_rcnn", "R_101_DCNv2"),
             ("fcos", "X_101_32x8d_DCNv2")]
+# the DCN rows whose authors' configs turn distillation off for the last 50k of 180k iterations
+# (POST_NONDISTILL_ITERS: 50000): lgd.schedule.final_nondistill_iters
+FINAL_NONDISTILL_ITERS = {("fcos", "R_101_DCNv2"): 50000, ("fcos", "X_101_32x8d_DCNv2"): 50000}
+_STAGES = "model.backbone.bottom_up.stages"
+# key=value overrides turning a config's detector into another backbone's: FGFI's teachers (lgd.fgfi.
+# teacher_overrides: R-101 for the R-50 configs, the paper's Tables 3 and 7; R-101 DCN v2, Table 3's second FGFI
+# row) and LabelEnc's step-1 detector (lgd.labelenc.step1_overrides: the authors' R-50 for every step-2 backbone)
+BACKBONE_OVERRIDES = {
+    "R_50": [f"{_STAGES}.depth=50", f"train.init_checkpoint={DEPTHS[50]}"],
+    "R_101": [f"{_STAGES}.depth=101", f"train.init_checkpoint={DEPTHS[101]}"],
+    "R_101_DCNv2": [f"{_STAGES}._target_=lgd.modeling.deform.make_resnet_stages", f"{_STAGES}.depth=101",
+                    f"+{_STAGES}.deform_on_per_stage=[False,True,True,True]", f"+{_STAGES}.deform_modulated=True",
+                    f"train.init_checkpoint={DEPTHS[101]}"],
+}
+# from a DCN config back to the plain MSRA R-50 (make_resnet_stages without deformable stages)
+DCN_TO_R_50 = [f"{_STAGES}.depth=50", f"{_STAGES}.deform_on_per_stage=[False,False,False,False]",
+               f"{_STAGES}.deform_modulated=False", f"{_STAGES}.num_groups=1", f"{_STAGES}.width_per_group=64",
+               f"{_STAGES}.stride_in_1x1=True", "model.pixel_std=[1.0,1.0,1.0]", f"train.init_checkpoint={DEPTHS[50]}"]
 SCHEDULES = PAPER_SCHEDULES  # "1x", "2x"
 SINGLE_SCALE = (800,)
 MULTI_SCALE = (640, 672, 704, 736, 768, 800)
@@ -126,7 +148,61 @@ def make_dcn(detector: str, backbone: str, schedule: str = "2x", multiscale: boo
     if pixel_std is not None:
         model.pixel_std = pixel_std
     train.init_checkpoint = weights
+    lgd["schedule"]["final_nondistill_iters"] = FINAL_NONDISTILL_ITERS.get((detector, backbone), 0)
+    lgd["labelenc"]["step1_overrides"] = list(DCN_TO_R_50)
     return dataloader, lgd, model, optimizer, train
+
+
+def make_voc(detector: str):
+    """make(detector, 50, "1x", multiscale=True) on Pascal VOC: trained on VOC 2007+2012 trainval, tested on VOC
+    2007 test with detectron2's PascalVOCDetectionEvaluator, 20 classes; detectron2's VOC recipe (shorter side
+    480..800 step 32, 18k iterations: the 1x schedule scaled, LR steps 12k and 16k)."""
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+    dataloader, lgd, model, optimizer, train = make(detector, 50, "1x", multiscale=True)
+    dataloader.train.dataset.names = ("voc_2007_trainval", "voc_2012_trainval")
+    dataloader.test.dataset.names = "voc_2007_test"
+    dataloader.train.mapper.augmentations[0].short_edge_length = tuple(range(480, 801, 32))
+    dataloader.evaluator = L(PascalVOCDetectionEvaluator)(dataset_name="${..test.dataset.names}")
+    _set_num_classes(model, 20)
+    train.max_iter = 18000
+    return dataloader, lgd, model, optimizer, train
+
+
+def register_crowdhuman_splits(root):
+    """Registers "crowdhuman_train" / "crowdhuman_val" (lgd.data.register_crowdhuman) from CrowdHuman's
+    layout under root (annotation_train.odgt, annotation_val.odgt, Images/) when it is there; without it the
+    names stay unregistered and lgd-train's dataset check names them."""
+    import os
+
+    from lgd.data import register_crowdhuman
+
+    for split in ("train", "val"):
+        odgt, images = os.path.join(root, f"annotation_{split}.odgt"), os.path.join(root, "Images")
+        if os.path.isfile(odgt) and os.path.isdir(images):
+            register_crowdhuman(f"crowdhuman_{split}", odgt, images)
+
+
+def make_crowdhuman(detector: str):
+    """make(detector, 50, "1x", multiscale=True) on CrowdHuman (full-body boxes, ignore regions kept as such):
+    trained on its train split, tested on val by mMR (lgd.evaluation.MissRateEvaluator), one class. The data:
+    $DETECTRON2_DATASETS/CrowdHuman (default ./datasets/CrowdHuman), see register_crowdhuman_splits."""
+    import os
+
+    from lgd.evaluation import MissRateEvaluator
+
+    register_crowdhuman_splits(os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "CrowdHuman"))
+    dataloader, lgd, model, optimizer, train = make(detector, 50, "1x", multiscale=True)
+    dataloader.train.dataset.names = "crowdhuman_train"
+    dataloader.test.dataset.names = "crowdhuman_val"
+    dataloader.evaluator = L(MissRateEvaluator)(dataset_name="${..test.dataset.names}")
+    _set_num_classes(model, 1)
+    return dataloader, lgd, model, optimizer, train
+
+
+def _set_num_classes(model, num_classes):
+    """The detector's number of classes: the R-CNN ROI heads', else the dense detector's (its head reads it)."""
+    (model.roi_heads if "roi_heads" in model else model).num_classes = num_classes
 
 
 def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool = False):
@@ -161,6 +237,10 @@ def make(detector: str, depth: int = 50, schedule: str = "1x", multiscale: bool 
     lgd["teacher_lr"] = lr
     if detector == "fcos" and depth == 50:
         lgd["use_context"] = False  # the authors' FCOS R50 configs have no context object (R101: on)
+    if depth == 50:  # FGFI distils the R-101 of the same detector into an R-50 (the paper's FGFI rows)
+        lgd["fgfi"]["teacher_overrides"] = list(BACKBONE_OVERRIDES["R_101"])
+    else:  # LabelEnc's step 1 on the authors' R-50, whatever the step-2 backbone
+        lgd["labelenc"]["step1_overrides"] = list(BACKBONE_OVERRIDES["R_50"])
     train.max_iter = SCHEDULES[schedule].max_iter
     train.amp.update(AMP)
     train.clip_gradients = dict(CLIP_GRADIENTS)

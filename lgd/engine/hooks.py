@@ -2,7 +2,7 @@
 
 Every schedule hook derives its state from trainer.iter in before_step (never from toggles), so a run resumed
 at any iteration gets the right distillation / backbone-freeze state and learning rates at its first step:
-  DistillationSchedule   model.distill_enabled = iter >= distill_start_iter      (logs lgd/distill_enabled)
+  DistillationSchedule   model.distill_enabled = start <= iter < end             (logs lgd/distill_enabled)
   BackboneFreezeSchedule model.set_backbone_frozen(iter < backbone_freeze_iters) (logs lgd/backbone_frozen)
   LRScheduler            detectron2's, the multiplier over the schedule's length  (logs lr, lr_teacher)
 IterationSeed reseeds python/numpy/torch before each step from (seed, iteration, rank), for exact resume.
@@ -33,13 +33,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class DistillationSchedule(HookBase):
-    """Distillation off (loss_distill trains only the adapter) before iteration start_iter, on from it."""
+    """Distillation on for iterations [start_iter, end_iter) (end_iter None: to the end of the run), off
+    (loss_distill trains only the adapter) outside them."""
 
-    def __init__(self, start_iter: int):
+    def __init__(self, start_iter: int, end_iter=None):
         self.start_iter = int(start_iter)
+        self.end_iter = None if end_iter is None else int(end_iter)
 
     def before_step(self):
-        enabled = self.trainer.iter >= self.start_iter
+        it = self.trainer.iter
+        enabled = self.start_iter <= it and (self.end_iter is None or it < self.end_iter)
         unwrap_model(self.trainer.model).distill_enabled = enabled
         self.trainer.storage.put_scalar("lgd/distill_enabled", float(enabled), smoothing_hint=False)
 
@@ -96,8 +99,10 @@ def build_lr_hook(schedule: LGDSchedule) -> LRScheduler:
 
 
 def build_distill_hooks(schedule: LGDSchedule) -> List[HookBase]:
-    """LGD's own schedule hooks: distillation warm-up and backbone freeze (lgd.methods.builtin.LGD.hooks)."""
-    return [DistillationSchedule(schedule.distill_start_iter), BackboneFreezeSchedule(schedule.backbone_freeze_iters)]
+    """LGD's own schedule hooks: distillation warm-up and end, backbone freeze (lgd.methods.builtin.LGD.hooks)."""
+    end = schedule.max_iter - schedule.final_nondistill_iters if schedule.final_nondistill_iters else None
+    return [DistillationSchedule(schedule.distill_start_iter, end),
+            BackboneFreezeSchedule(schedule.backbone_freeze_iters)]
 
 
 def build_lgd_hooks(schedule: LGDSchedule) -> List[HookBase]:

@@ -1,4 +1,4 @@
-"""The LGD schedule (docs/method.md §8): LR steps, distillation warm-up and backbone freeze, in iterations.
+"""The LGD schedule (docs/method.md §8): LR steps, distillation warm-up (and end) and backbone freeze, in iterations.
 
 The one table (PAPER_SCHEDULES) and the one scaling rule (LGDSchedule.scaled): the configs hold a schedule
 as `lgd.schedule` (this dataclass's fields), and a run of train.max_iter iterations uses
@@ -18,8 +18,10 @@ __all__ = ["LGDSchedule", "PAPER_SCHEDULES"]
 @dataclasses.dataclass(frozen=True)
 class LGDSchedule:
     """Iteration counts of one LGD run. Iterations are 0-based: distillation is on from iteration
-    distill_start_iter, the bottom-up backbone trains from iteration backbone_freeze_iters, the LR drops
-    by 10 at each of steps, after a linear warm-up of warmup_iters from warmup_factor (detectron2's)."""
+    distill_start_iter until iteration max_iter - final_nondistill_iters (excluded: the last
+    final_nondistill_iters iterations are without it, the authors' POST_NONDISTILL_ITERS), the bottom-up
+    backbone trains from iteration backbone_freeze_iters, the LR drops by 10 at each of steps, after a linear
+    warm-up of warmup_iters from warmup_factor (detectron2's)."""
 
     max_iter: int
     steps: Tuple[int, ...]
@@ -27,10 +29,12 @@ class LGDSchedule:
     backbone_freeze_iters: int
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
+    final_nondistill_iters: int = 0
 
     def __post_init__(self):
         counts = dict(max_iter=self.max_iter, distill_start_iter=self.distill_start_iter,
-                      backbone_freeze_iters=self.backbone_freeze_iters, warmup_iters=self.warmup_iters)
+                      backbone_freeze_iters=self.backbone_freeze_iters, warmup_iters=self.warmup_iters,
+                      final_nondistill_iters=self.final_nondistill_iters)
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "max_iter" else 0):
                 raise ValueError(f"LGDSchedule: {name} must be an int >= {1 if name == 'max_iter' else 0}, "
@@ -56,7 +60,8 @@ class LGDSchedule:
         return dataclasses.replace(self, max_iter=max_iter, steps=steps,
                                    distill_start_iter=scale(self.distill_start_iter),
                                    backbone_freeze_iters=scale(self.backbone_freeze_iters),
-                                   warmup_iters=scale(self.warmup_iters))
+                                   warmup_iters=scale(self.warmup_iters),
+                                   final_nondistill_iters=scale(self.final_nondistill_iters))
 
     def lr_multiplier(self) -> ParamScheduler:
         """The LR multiplier over [0, max_iter) as detectron2's model-zoo configs build it."""

@@ -4,11 +4,13 @@ Step 1 (the stage "labelenc_step1", LabelEncStep1): the label-encoding network (
 label_encoding_network) turns the ground truth's colour maps into FPN features, and the detector's own head
 and losses run on them ("ae_" losses); as in the authors' code, a regular detector is trained on the images
 alongside, sharing that head, with a distance loss from its adapted features to the (detached) label
-features. Step 2 (the main run, LabelEncStep2): the student is initialised from step 1 (head, and the FPN from
+features. Its length and LR steps are the authors' (STEP1_SCHEDULE), scaled as the run's schedule is, and
+its detector is the run's with lgd.labelenc.step1_overrides (the configs: the authors' R-50). Step 2 (the main run, LabelEncStep2): the student is initialised from step 1 (head, and the FPN from
 the label-encoding network's FPN) and trained with its detection losses plus loss_labelenc, the distance from
 its adapted FPN features to the frozen label-encoding network's.
 """
 import copy
+import dataclasses
 from typing import Dict
 
 import torch
@@ -16,8 +18,11 @@ import torch.nn as nn
 from detectron2.engine import HookBase
 from detectron2.utils.events import get_event_storage
 
+from ..config import apply_overrides_strict
 from ..engine.checkpoint import read_checkpoint
 from ..engine.hooks import unwrap_model
+from ..engine.schedule import LGDSchedule
+from ..errors import UsageError
 from ..modeling.detector_drivers import (FCOSDriver, RCNNDriver, RetinaNetDriver,
                                           build_detector_driver)
 from ..modeling.label_encoding_network import (build_label_encoding_network, feature_adapter,
@@ -25,9 +30,12 @@ from ..modeling.label_encoding_network import (build_label_encoding_network, fea
 from ..modeling.wrapper import DetectorWrapper, detection_step
 from .base import METHOD_REGISTRY, Stage, TrainingMethod
 
-__all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow"]
+__all__ = ["LabelEnc", "LabelEncStep1", "LabelEncStep2", "LossWindow", "STEP1_SCHEDULE"]
 
 STEP1 = "labelenc_step1"
+# the authors' step 1 at batch 16: their 1x (90k) lengthened by the 30k iterations without the distance loss
+# (step1_loss_start), LR steps moved to 90k and 110k. LabelEnc uses no distillation or backbone-freeze window
+STEP1_SCHEDULE = LGDSchedule(120000, (90000, 110000), distill_start_iter=0, backbone_freeze_iters=0)
 AE_PREFIX = "ae_"  # step 1: the head's losses on the label features (the authors' names)
 AE_SCOPE = "labelenc_ae"  # EventStorage scope of the metrics the head logs on the label features
 SUPPORTED = (RetinaNetDriver, FCOSDriver, RCNNDriver)
@@ -147,7 +155,10 @@ class LabelEnc(TrainingMethod):
     DEFAULTS = dict(
         step=2,                 # 1: the label-encoding run (the stage), 2: the student (the main run)
         step1_checkpoint=None,  # a step-1 model_final.pth: no stage, step 2 starts from it
-        step1_iters=None,       # step 1's train.max_iter (None: the run's; the authors: 1x + 30k, see the docs)
+        step1_iters=None,       # step 1's train.max_iter; None: STEP1_SCHEDULE's 120k scaled as the run's
+                                # schedule is (train.max_iter / lgd.schedule.max_iter)
+        step1_overrides=[],     # key=value overrides of the run's config that give step 1's detector (the
+                                # configs: the authors' R-50 for R-101 and DCN runs)
         loss_weight=1.0,        # weight of loss_labelenc (both steps; the authors' 1.0)
         step1_loss_start=0.25,  # step 1: loss_labelenc from this fraction of the run (the authors: 30k of 120k)
         step2_loss_end=80000 / 90000,  # step 2: loss_labelenc until this fraction (the authors: 80k of 90k)
@@ -165,17 +176,32 @@ class LabelEnc(TrainingMethod):
         for key in ("step1_loss_start", "step2_loss_end"):
             if not 0 <= float(s[key]) <= 1:
                 raise ValueError(f"lgd.labelenc.{key} must be a fraction in [0, 1], got {s[key]!r}")
+        overrides = s["step1_overrides"]
+        if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+            raise ValueError(f"lgd.labelenc.step1_overrides must be a list of key=value strings, got {overrides!r}")
+
+    def step1_iters(self) -> int:
+        """Step 1's train.max_iter: step1_iters, or STEP1_SCHEDULE's length scaled as the run's schedule is."""
+        if self.settings["step1_iters"] is not None:
+            return int(self.settings["step1_iters"])
+        fraction = int(self.cfg.train.max_iter) / int(self.cfg.lgd.schedule.max_iter)
+        return max(1, int(round(STEP1_SCHEDULE.max_iter * fraction)))
 
     def stages(self):
+        """Step 1: the run's config with step1_overrides, STEP1_SCHEDULE over step1_iters(), no evaluation."""
         s = self.settings
         if s["step"] == 1 or s["step1_checkpoint"] is not None:
             return []
         cfg = copy.deepcopy(self.cfg)
+        try:
+            apply_overrides_strict(cfg, list(s["step1_overrides"]))
+        except UsageError as exc:
+            raise UsageError(f"lgd.labelenc.step1_overrides: {exc}", hint=exc.hint) from None
         cfg.lgd.method = self.name
-        cfg.lgd[self.name] = {**s, "step": 1, "step1_checkpoint": None}
+        cfg.lgd[self.name] = {**s, "step": 1, "step1_checkpoint": None, "step1_overrides": []}
+        cfg.lgd.schedule = dataclasses.asdict(STEP1_SCHEDULE)
         cfg.dataloader.evaluator = None
-        if s["step1_iters"] is not None:
-            cfg.train.max_iter = s["step1_iters"]
+        cfg.train.max_iter = self.step1_iters()
         return [Stage(STEP1, cfg)]
 
     def build(self, detector, checkpoints):

@@ -67,6 +67,11 @@ lgd.update(
     teacher_lr=0.005,
     op_report_period=100,
 )
+# the comparison systems' cheap settings: FGFI's teacher is the demo's own detector (a baseline run of this config;
+# the COCO configs' R-101 teacher has no MobileNetV2 counterpart); LabelEnc's step 1 is this detector too, for
+# 4/3 of the run's iterations (the authors' proportion, lgd.methods.labelenc.STEP1_SCHEDULE)
+lgd.fgfi.teacher_overrides = []
+lgd.labelenc.step1_overrides = []
 # norm clipping at 10 per part (student, teacher), both modes alike, in place of the paper's value
 # clipping at 1.0: a bad batch of 4 tiles must not blow the run up
 train.clip_gradients.update(clip_type="norm", clip_value=10.0)
