@@ -48,8 +48,8 @@ def sweep_events(cells, covers, batch_idx, batch, height):
     key order (box order within a row: a stable sort), and int64 [batch + 1] with image b's events at
     [start[b], start[b + 1])."""
     rows = torch.stack([cells[:, 2], cells[:, 3] + 1], dim=1).reshape(-1).to(torch.int64)
-    img = batch_idx.to(torch.int64)[:, None].expand(-1, 2).reshape(-1)  # not repeat_interleave: a sync-class op
-    keys = torch.where(covers[:, None].expand(-1, 2).reshape(-1), img * (height + 2) + rows,
+    img = batch_idx.to(torch.int64).repeat_interleave(2)
+    keys = torch.where(covers.repeat_interleave(2), img * (height + 2) + rows,
                        torch.full_like(rows, batch * (height + 2)))
     keys, ids = torch.sort(keys, stable=True)
     start = torch.searchsorted(keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device) * (height + 2))
