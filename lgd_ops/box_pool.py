@@ -57,7 +57,8 @@ def register_autograd(op, adjoint):
 
     def backward(ctx, grad):
         boxes, batch_idx, index = ctx.saved_tensors
-        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args, index)  # features' layout
+        adjoint_op = getattr(torch.ops.lgd_ops, adjoint)
+        grad_features = adjoint_op(grad, boxes, batch_idx, *ctx.args, index)  # in the features' layout
         return grad_features, None, None, None, None, None, None
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -305,16 +305,18 @@ class BoxOpTests(BoxIndexTests):
 
     @pytest.mark.compile
     @KERNELS
-    @pytest.mark.parametrize("api", ["raw_op", "public_api"])
+    @pytest.mark.parametrize("api", ["raw_op", "public_api", "public_api_with_index"])
     def test_compile(self, device, backend, api):
-        """torch.compile(fullgraph=True) of the raw op in both modes, and of the public op."""
+        """torch.compile(fullgraph=True) of the raw op in both modes, and of the public op (with a BoxIndex too)."""
         boxes, batch_idx, b, c, image_size, level = box_case("mixed")
         boxes, batch_idx = boxes.to(device), batch_idx.to(device)
         x = self.make_input(b, c, level, boxes.shape[0], torch.float32, device)
+        index = self.host_index(boxes, batch_idx, image_size, b, level, device) if api.endswith("index") else None
 
         def fn(v):
-            if api == "public_api":
-                return self.call(v * 2.0, boxes, batch_idx, image_size, b, level, backend=backend).square().sum()
+            if api.startswith("public_api"):
+                out = self.call(v * 2.0, boxes, batch_idx, image_size, b, level, backend=backend, index=index)
+                return out.square().sum()
             mean = self.run_raw(backend, v * 2.0, boxes, batch_idx, image_size, b, level, True)
             total = self.run_raw(backend, v, boxes, batch_idx, image_size, b, level, False)
             return (mean.square() + total.sin()).sum()

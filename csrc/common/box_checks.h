@@ -28,7 +28,8 @@ inline void check_box_args(const at::Tensor& boxes, const at::Tensor& batch_idx,
 
 // Checks a box op's level index (lgd_ops._boxes.level_index) of n boxes over `batch` images, when given: its size
 // alone ties it to (n, batch), so this reads no value (no device sync) and a stale index from another batch fails.
-inline void check_level_index(const std::optional<at::Tensor>& index, int64_t n, int64_t batch, const at::Tensor& like) {
+inline void check_level_index(const std::optional<at::Tensor>& index, int64_t n, int64_t batch,
+                              const at::Tensor& like) {
   if (!index.has_value()) return;
   const at::Tensor& t = *index;
   TORCH_CHECK(t.dim() == 1 && t.numel() == 8 * n + batch + 1, "lgd_ops: index must be a level index of ", n,

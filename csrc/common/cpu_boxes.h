@@ -43,7 +43,8 @@ struct BoxPlan {
 
 // Event k of image im, at `row`, into the plan's rows (rows[row_start[im] ..) is the image's, events by row).
 inline void add_to_rows(BoxPlan& plan, int64_t im, int64_t k, int32_t row) {
-  if (plan.rows.size() == size_t(plan.row_start[im]) || plan.rows.back().row != row) plan.rows.push_back({row, k, k, 0});
+  if (plan.rows.size() == size_t(plan.row_start[im]) || plan.rows.back().row != row)
+    plan.rows.push_back({row, k, k, 0});
   plan.rows.back().end = k + 1;
   plan.rows.back().width += plan.events[k].x1 - plan.events[k].x0 + 1;
 }
