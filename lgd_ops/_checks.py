@@ -1,9 +1,8 @@
 """Argument checks of the public ops: a ValueError naming the argument, before any kernel runs.
 
-Checks that read tensor values (finite boxes, batch indices in range) need one host sync; they are
-skipped while torch.compile traces and when the caller passes validate=False (an internal caller whose
-boxes were validated once per batch, e.g. lgd.modeling.labels.PackedLabels), where the kernels still treat
-such boxes as covering nothing.
+Checks that read tensor values (finite boxes, batch indices in range) need one host sync for device boxes; they are
+skipped while torch.compile traces and when the op is given a BoxIndex (lgd_ops.box_index checked the boxes when
+it built the index, on the host), where the kernels still treat such boxes as covering nothing.
 """
 import math
 
@@ -37,9 +36,9 @@ def check_size(op, name, value, length, minimum):
     return tuple(value)
 
 
-def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name, validate=True):
+def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name, check_values=True):
     """Validates the (boxes, batch_idx, image_size) triple every box op takes; returns (in_h, in_w).
-    validate=False skips the value checks (and their host sync), not the shape/dtype/device checks."""
+    check_values=False (an op given a BoxIndex) skips the value checks, not the shape/dtype/device checks."""
     check_tensor(op, "boxes", boxes, dim=2, floating=True)
     if boxes.shape[1] != 4:
         raise ValueError(f"{op}: boxes must be [N, 4] (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
@@ -52,7 +51,7 @@ def check_boxes(op, boxes, batch_idx, image_size, num_images, like, like_name, v
         )
     check_same_device(op, {like_name: like, "boxes": boxes, "batch_idx": batch_idx})
     in_h, in_w = check_size(op, "image_size", image_size, 2, 1)
-    if validate and boxes.shape[0] and not torch.compiler.is_compiling():
+    if check_values and boxes.shape[0] and not torch.compiler.is_compiling():
         finite = torch.isfinite(boxes).all()
         in_range = ((batch_idx >= 0) & (batch_idx < num_images)).all()
         if not bool(finite & in_range):  # one host sync for both checks

@@ -23,7 +23,6 @@ from typing import List, Sequence, Tuple
 import torch
 
 import lgd_ops
-from lgd_ops._checks import check_boxes
 
 __all__ = ["MODES", "OPS", "STEADY_MALLOC", "ArgumentParser", "OpCase", "device_name", "git_commit", "make_case",
            "mode_fn", "peak_memories", "peak_memory", "proc_status_kib", "reset_peak_rss", "sync", "time_ms",
@@ -70,15 +69,17 @@ def make_case(op: str, levels: Sequence[Sequence[int]], boxes: torch.Tensor, bat
 
 
 def _build(case: OpCase):
-    """(run(backend) -> outputs, differentiable inputs) with random inputs of the case's shapes. The boxes are
-    validated once here and the timed calls skip the per-call value checks (validate=False, no host sync), as
-    the trainer calls the ops after lgd.modeling.labels.PackedLabels validated the batch."""
+    """(run(backend) -> outputs, differentiable inputs) with random inputs of the case's shapes. Each level's
+    BoxIndex is built once here on the host from the case's CPU boxes (which checks them) and moved to the device,
+    so the timed calls read no box value (no host sync), as the trainer's calls do
+    (lgd.modeling.labels.PackedLabels.box_index)."""
     g = torch.Generator().manual_seed(case.seed)
     device = torch.device(case.device)
     boxes, batch_idx = case.boxes.to(device), case.batch_idx.to(device)
     n_img, channels = case.levels[0][:2]
     if case.op != "normalized_mse":
-        check_boxes("lgd_ops.benchmark", boxes, batch_idx, case.image_size, n_img, boxes, "boxes")
+        indices = [lgd_ops.box_index(case.boxes, case.batch_idx, case.image_size, n_img, s[2:]).to(device)
+                   for s in case.levels]
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=case.dtype)
@@ -91,15 +92,15 @@ def _build(case: OpCase):
         inputs = [level(s).requires_grad_() for s in case.levels]
 
         def run(backend):
-            return [lgd_ops.box_pool(f, boxes, batch_idx, case.image_size, validate=False, backend=backend)
-                    for f in inputs]
+            return [lgd_ops.box_pool(f, boxes, batch_idx, case.image_size, index=index, backend=backend)
+                    for f, index in zip(inputs, indices)]
     elif case.op == "box_fill":
         inputs = [rand(boxes.shape[0], channels).requires_grad_()]
 
         def run(backend):
             return [lgd_ops.box_fill(inputs[0], boxes, batch_idx, case.image_size, (n_img, h, w),
-                                     memory_format=case.memory_format, validate=False, backend=backend)
-                    for _, _, h, w in case.levels]
+                                     memory_format=case.memory_format, index=index, backend=backend)
+                    for (_, _, h, w), index in zip(case.levels, indices)]
     else:
         inputs = [level(s).requires_grad_() for s in case.levels]
         teachers = [level(s) for s in case.levels]

@@ -7,25 +7,29 @@ import torch
 from ._backend import HAS_EXTENSION, select
 from ._boxes import box_masks, fill_with_masks
 from ._checks import check_boxes, check_memory_format, check_size, check_tensor
+from .box_index import check_index
 
 
 def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, memory_format=torch.contiguous_format,
-             validate=True, backend="auto"):
+             index=None, backend="auto"):
     """Sum of `embeddings` [N, C] over the boxes covering each cell -> [B, C, H, W].
 
     output_size = (B, H, W); boxes, batch_idx and image_size as in box_pool. Overlaps add up;
     an image with no boxes gets a zero map. memory_format: torch.contiguous_format or torch.channels_last
-    (the kernels write either directly). validate=False skips the checks that read the boxes' values
-    (finite, batch_idx in range: one host sync) for callers that validated them once per batch.
+    (the kernels write either directly). index: None, or the boxes' BoxIndex on the H x W output (lgd_ops.box_index),
+    as in box_pool: with one, the op reads no box value (no sync) and only checks that it was built for this call.
     """
     check_tensor("box_fill", "embeddings", embeddings, dim=2, floating=True)
     n_img, height, width = check_size("box_fill", "output_size", output_size, 3, 1)
-    in_h, in_w = check_boxes("box_fill", boxes, batch_idx, image_size, n_img, embeddings, "embeddings", validate)
+    in_h, in_w = check_boxes("box_fill", boxes, batch_idx, image_size, n_img, embeddings, "embeddings",
+                             check_values=index is None)
     if embeddings.shape[0] != boxes.shape[0]:
         raise ValueError(
             f"box_fill: embeddings must have one row per box ({boxes.shape[0]}), got {embeddings.shape[0]}"
         )
     channels_last = check_memory_format("box_fill", memory_format)
+    if index is not None:
+        index = check_index("box_fill", index, boxes, n_img, (in_h, in_w), (height, width))
 
     def run(name):
         if name == "reference":
@@ -33,9 +37,9 @@ def box_fill(embeddings, boxes, batch_idx, image_size, output_size, *, memory_fo
             return out.contiguous(memory_format=memory_format)
         if name == "triton":
             return torch.ops.lgd_ops.box_fill_triton(
-                embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False, channels_last)
+                embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False, channels_last, index)
         return torch.ops.lgd_ops.box_fill(embeddings, boxes, batch_idx, in_h, in_w, n_img, height, width, False,
-                                          channels_last)
+                                          channels_last, index)
 
     return run(select("box_fill", backend, embeddings, channels_last, run))  # keyed by the map it writes
 
@@ -46,7 +50,8 @@ def reference_box_fill(embeddings, boxes, batch_idx, image_size, output_size, av
     return fill_with_masks(embeddings, masks, batch_idx, output_size, average)
 
 
-def fake_box_fill(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average, channels_last=False):
+def fake_box_fill(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average, channels_last=False,
+                  index=None):
     """The output a box_fill-schema op returns, for fake tensors."""
     return values.new_empty(batch, values.shape[1], out_h, out_w).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -54,17 +59,18 @@ def fake_box_fill(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, ave
 
 def register_autograd(op, adjoint):
     """Autograd of a box_fill-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_pool-schema
-    op) of the output gradient, with the same average flag (docs/method.md §3: fill and pool are adjoint)."""
+    op) of the output gradient, with the same average flag and level index (docs/method.md §3: fill and pool are
+    adjoint, on the same map)."""
 
     def setup_context(ctx, inputs, output):
-        _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs[:9]
-        ctx.save_for_backward(boxes, batch_idx)
+        _, boxes, batch_idx, in_h, in_w, _, _, _, average, _, index = inputs
+        ctx.save_for_backward(boxes, batch_idx, index)
         ctx.args = (in_h, in_w, average)
 
     def backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_values = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)
-        return grad_values, None, None, None, None, None, None, None, None, None
+        boxes, batch_idx, index = ctx.saved_tensors
+        grad_values = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args, index)
+        return grad_values, None, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 

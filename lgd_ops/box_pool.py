@@ -8,27 +8,32 @@ import torch
 from ._backend import HAS_EXTENSION, select
 from ._boxes import box_masks, pool_with_masks
 from ._checks import check_boxes, check_tensor, is_channels_last
+from .box_index import check_index
 
 
-def box_pool(features, boxes, batch_idx, image_size, *, validate=True, backend="auto"):
+def box_pool(features, boxes, batch_idx, image_size, *, index=None, backend="auto"):
     """Mean of `features` [B, C, H, W] over each box's cells -> [N, C].
 
     boxes [N, 4] (x1, y1, x2, y2) in padded-input pixels, batch_idx [N] int64 (the box's image),
     image_size (H_in, W_in) the padded input size. A box covering no cell gives a zero row.
     features may be NCHW-contiguous or channels_last (read as they are; the gradient has their layout).
-    validate=False skips the checks that read the boxes' values (finite, batch_idx in range: one host
-    sync) for callers that validated them once per batch (lgd.modeling.labels.PackedLabels does).
+    index: None, or the boxes' BoxIndex on this H x W map (lgd_ops.box_index, built once per batch on the host and
+    moved to the features' device). Without one, the op checks the boxes' values (finite, batch_idx in range: one
+    host sync for device boxes) and the kernel builds the index itself; with one, it only checks that the index
+    was built for this call (N, B, image_size, H x W, device): no sync. The reference ignores it.
     """
     check_tensor("box_pool", "features", features, dim=4, floating=True)
     in_h, in_w = check_boxes("box_pool", boxes, batch_idx, image_size, features.shape[0], features, "features",
-                             validate)
+                             check_values=index is None)
+    if index is not None:
+        index = check_index("box_pool", index, boxes, features.shape[0], (in_h, in_w), features.shape[2:])
 
     def run(name):
         if name == "reference":
             return reference_box_pool(features, boxes, batch_idx, (in_h, in_w))
         if name == "triton":
-            return torch.ops.lgd_ops.box_pool_triton(features, boxes, batch_idx, in_h, in_w, True)
-        return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True)
+            return torch.ops.lgd_ops.box_pool_triton(features, boxes, batch_idx, in_h, in_w, True, index)
+        return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, True, index)
 
     return run(select("box_pool", backend, features, is_channels_last(features), run))
 
@@ -41,18 +46,20 @@ def reference_box_pool(features, boxes, batch_idx, image_size, average=True):
 
 def register_autograd(op, adjoint):
     """Autograd of a box_pool-schema op: the gradient is torch.ops.lgd_ops.<adjoint> (a box_fill-schema
-    op) of the output gradient, with the same average flag (docs/method.md §3: fill and pool are adjoint)."""
+    op) of the output gradient, with the same average flag and level index (docs/method.md §3: fill and pool are
+    adjoint, on the same map)."""
 
     def setup_context(ctx, inputs, output):
-        features, boxes, batch_idx, in_h, in_w, average = inputs
-        ctx.save_for_backward(boxes, batch_idx)
+        features, boxes, batch_idx, in_h, in_w, average, index = inputs
+        ctx.save_for_backward(boxes, batch_idx, index)
         ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average,
                     is_channels_last(features))
 
     def backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)  # features' layout
-        return grad_features, None, None, None, None, None
+        boxes, batch_idx, index = ctx.saved_tensors
+        adjoint_op = getattr(torch.ops.lgd_ops, adjoint)
+        grad_features = adjoint_op(grad, boxes, batch_idx, *ctx.args, index)  # in the features' layout
+        return grad_features, None, None, None, None, None, None
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
@@ -60,7 +67,7 @@ def register_autograd(op, adjoint):
 if HAS_EXTENSION:
 
     @torch.library.register_fake("lgd_ops::box_pool")
-    def _(features, boxes, batch_idx, in_h, in_w, average):
+    def _(features, boxes, batch_idx, in_h, in_w, average, index=None):
         return features.new_empty(boxes.shape[0], features.shape[1])
 
     register_autograd("lgd_ops::box_pool", "box_fill")

@@ -9,13 +9,15 @@ layouts and non-contiguous upstream gradients, non-contiguous boxes, box order, 
 modes, gradcheck/gradgradcheck, opcheck (channels_last included), determinism across runs and threads,
 hypothesis fuzzing of every backend, torch.compile, maps wide enough for the kernels' channel blocks (40
 channels: NCHW blocks of 8 planes, channels_last blocks of 32 channels plus single channels) in both layouts,
-non-finite values, the CPU kernels' AVX2 and baseline copies, and validate=False.
+non-finite values, the CPU kernels' AVX2 and baseline copies, and the level index (lgd_ops.box_index): the
+same bits with and without it, refused when built for another call, trusted, gradcheck and opcheck through it.
 """
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from box_index_tests import BoxIndexTests, WIDE
 from conftest import (
     all_backends_on,
     assert_close_to_oracle,
@@ -36,7 +38,6 @@ from conftest import (
     value_scale,
 )
 
-WIDE = 40  # channels: 5 NCHW blocks of 8, one channels_last block of 32 + 8 single channels
 LAYOUTS = ("contiguous", "channels_last")
 MEMORY_FORMAT = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -48,7 +49,7 @@ def reversed_strides(shape, dtype, device):
     return torch.randn(tuple(reversed(shape)), dtype=torch.float64).to(device=device, dtype=dtype).permute(dims)
 
 
-class BoxOpTests:
+class BoxOpTests(BoxIndexTests):
     """Subclasses set `op` and the per-op parameter lists, and implement the hooks below."""
 
     op = None  # "box_pool" / "box_fill"
@@ -111,9 +112,9 @@ class BoxOpTests:
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def run_raw(self, backend, x, boxes, batch_idx, image_size, b, level, average):
+    def run_raw(self, backend, x, boxes, batch_idx, image_size, b, level, average, index=None):
         return raw_op(self.op, backend)(x, boxes, batch_idx, *self.raw_args(x, boxes, batch_idx, image_size, b,
-                                                                             level, average))
+                                                                             level, average), index)
 
     def assert_grad_matches_oracle(self, x, ref_x, upstream, boxes, batch_idx, image_size, b, level, dtype, msg,
                                    average=None):
@@ -270,7 +271,9 @@ class BoxOpTests:
             x = self.make_input(b, c, (h, w), n, torch.float32, device, layout, requires_grad=True)
             args = (x, boxes, batch_idx,
                     *self.raw_args(x, boxes, batch_idx, (4 * h, 4 * w), b, (h, w), average, layout))
+            index = self.host_index(boxes, batch_idx, (4 * h, 4 * w), b, (h, w), device)
             torch.library.opcheck(raw_op(self.op, backend).default, args)
+            torch.library.opcheck(raw_op(self.op, backend).default, (*args, index.tensor))
 
     @pytest.mark.parametrize("backend", [b for b in all_backends_on("cpu") if b != "reference"])
     def test_deterministic_across_runs_and_threads(self, backend):
@@ -302,16 +305,18 @@ class BoxOpTests:
 
     @pytest.mark.compile
     @KERNELS
-    @pytest.mark.parametrize("api", ["raw_op", "public_api"])
+    @pytest.mark.parametrize("api", ["raw_op", "public_api", "public_api_with_index"])
     def test_compile(self, device, backend, api):
-        """torch.compile(fullgraph=True) of the raw op in both modes, and of the public op."""
+        """torch.compile(fullgraph=True) of the raw op in both modes, and of the public op (with a BoxIndex too)."""
         boxes, batch_idx, b, c, image_size, level = box_case("mixed")
         boxes, batch_idx = boxes.to(device), batch_idx.to(device)
         x = self.make_input(b, c, level, boxes.shape[0], torch.float32, device)
+        index = self.host_index(boxes, batch_idx, image_size, b, level, device) if api.endswith("index") else None
 
         def fn(v):
-            if api == "public_api":
-                return self.call(v * 2.0, boxes, batch_idx, image_size, b, level, backend=backend).square().sum()
+            if api.startswith("public_api"):
+                out = self.call(v * 2.0, boxes, batch_idx, image_size, b, level, backend=backend, index=index)
+                return out.square().sum()
             mean = self.run_raw(backend, v * 2.0, boxes, batch_idx, image_size, b, level, True)
             total = self.run_raw(backend, v, boxes, batch_idx, image_size, b, level, False)
             return (mean.square() + total.sin()).sum()
@@ -435,17 +440,3 @@ class BoxOpTests:
             "pooled = lgd_ops.box_pool(x, boxes, idx, size, backend='cpu')\n"
             "filled = lgd_ops.box_fill(e, boxes, idx, size, (b, *level), backend='cpu')\n"
             "torch.save([pooled, filled], sys.argv[1])\n")
-
-    @KERNELS
-    def test_validate_false_gives_the_same_result(self, device, backend):
-        boxes, batch_idx, b, _, image_size, level = box_case("mixed")
-        boxes, batch_idx = boxes.to(device), batch_idx.to(device)
-        x = self.make_input(b, WIDE, level, boxes.shape[0], torch.float32, device)
-        checked = self.call(x, boxes, batch_idx, image_size, b, level, "contiguous", backend)
-        trusted = self.call(x, boxes, batch_idx, image_size, b, level, "contiguous", backend, validate=False)
-        torch.testing.assert_close(trusted, checked, rtol=0, atol=0)
-        bad = boxes.clone()
-        bad[0] = float("nan")
-        with pytest.raises(ValueError, match="NaN"):
-            self.call(x, bad, batch_idx, image_size, b, level, "contiguous", backend)
-        self.call(x, bad, batch_idx, image_size, b, level, "contiguous", backend, validate=False)  # covers nothing

@@ -1,10 +1,11 @@
-"""Bad arguments: the public ops raise ValueError naming the argument before any kernel runs; the raw
-torch.ops.lgd_ops kernels raise RuntimeError (never crash) on bad shapes."""
+"""Bad arguments: the public ops (and lgd_ops.box_index) raise ValueError naming the argument before any kernel
+runs; the raw torch.ops.lgd_ops kernels raise RuntimeError (never crash) on bad shapes and corrupt level indices."""
 import pytest
 import torch
 
 import lgd_ops
 from conftest import all_backends_on
+from lgd_ops._boxes import level_index
 
 nan, inf = float("nan"), float("inf")
 BACKENDS = pytest.mark.parametrize("backend", all_backends_on("cpu"))
@@ -69,6 +70,27 @@ def test_box_pool_bad_box_args(backend, case, kwargs, match):
 def test_box_fill_bad_box_args(backend, case, kwargs, match):
     with pytest.raises(ValueError, match=r"^box_fill: .*" + match):
         fill(backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("case,kwargs,match", BOX_ARG_CASES, ids=[c[0] for c in BOX_ARG_CASES])
+def test_box_index_bad_box_args(case, kwargs, match):
+    """The index checks the boxes once, where they are, as the ops do without one."""
+    args = dict(boxes=BOXES, batch_idx=IDX, image_size=(16, 20), num_images=2, level_size=(4, 5))
+    with pytest.raises(ValueError, match=r"^box_index: .*" + match):
+        lgd_ops.box_index(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_images=-1), r"num_images must be an int >= 0"),
+    (dict(num_images=2.0), r"num_images must be an int >= 0"),
+    (dict(num_images=1), r"batch_idx values must be in \[0, 1\)"),
+    (dict(level_size=(4,)), r"level_size must be 2 integers >= 0"),
+    (dict(level_size=(4, -5)), r"level_size must be 2 integers >= 0"),
+])
+def test_box_index_bad_sizes(kwargs, match):
+    args = dict(boxes=BOXES, batch_idx=IDX, image_size=(16, 20), num_images=2, level_size=(4, 5))
+    with pytest.raises(ValueError, match=r"^box_index: .*" + match):
+        lgd_ops.box_index(**{**args, **kwargs})
 
 
 @BACKENDS
@@ -217,14 +239,24 @@ def test_mask_ops_bad_args(call, match):
 # Raw custom ops: RuntimeError (c10::Error), never a crash
 # ---------------------------------------------------------------------------------------------
 
-def _raw_pool(features=None, boxes=BOXES, batch_idx=IDX, in_h=16, in_w=20, average=True):
+def _raw_pool(features=None, boxes=BOXES, batch_idx=IDX, in_h=16, in_w=20, average=True, index=None):
     features = _features(2, 3, 4, 5) if features is None else features
-    return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, average)
+    return torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, in_h, in_w, average, index)
 
 
-def _raw_fill(values=None, boxes=BOXES, batch_idx=IDX, in_h=16, in_w=20, batch=2, out_h=4, out_w=5, average=False):
+def _raw_fill(values=None, boxes=BOXES, batch_idx=IDX, in_h=16, in_w=20, batch=2, out_h=4, out_w=5, average=False,
+              index=None):
     values = torch.randn(2, 3) if values is None else values
-    return torch.ops.lgd_ops.box_fill(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average)
+    return torch.ops.lgd_ops.box_fill(values, boxes, batch_idx, in_h, in_w, batch, out_h, out_w, average, False,
+                                      index)
+
+
+def _corrupt_index(place, value):
+    """The level index of BOXES/IDX on the 4 x 5 level with entry `place` (an offset into its cells [0, 8), event
+    ids [12, 16) or starts [16, 19)) set to value: a raw call must refuse it rather than read outside the map."""
+    index = lgd_ops.box_index(BOXES, IDX, (16, 20), 2, (4, 5)).tensor.clone()
+    index[place] = value
+    return index
 
 
 RAW_CASES = [
@@ -246,6 +278,16 @@ RAW_CASES = [
     ("fill_boxes_3d", lambda: _raw_fill(boxes=BOXES[:, None]), r"boxes must be \[N, 4\]"),
     ("fill_idx_int32", lambda: _raw_fill(batch_idx=IDX.int()), r"batch_idx must be int64"),
     ("fill_in_h_0", lambda: _raw_fill(in_h=0), r"image_size must be positive"),
+    ("pool_index_size", lambda: _raw_pool(index=torch.zeros(8 * 2 + 2, dtype=torch.int32)),
+     r"level index of 2 boxes over 2 images \(8 \* N \+ batch \+ 1 = 19 entries\)"),
+    ("pool_index_int64", lambda: _raw_pool(index=torch.zeros(19, dtype=torch.int64)), r"index must be int32"),
+    ("fill_index_2d", lambda: _raw_fill(index=torch.zeros(1, 19, dtype=torch.int32)), r"level index of 2 boxes"),
+    ("fill_index_strided", lambda: _raw_fill(index=torch.zeros(38, dtype=torch.int32)[::2]), r"contiguous"),
+    ("pool_index_cell_past_the_map", lambda: _raw_pool(index=_corrupt_index(1, 5)), r"corrupt level index \(box 0"),
+    ("fill_index_cell_negative", lambda: _raw_fill(index=_corrupt_index(6, -1)), r"corrupt level index \(box 1"),
+    ("pool_index_event_id", lambda: _raw_pool(index=_corrupt_index(12, 4)), r"corrupt level index \(event id 4"),
+    ("fill_index_start", lambda: _raw_fill(index=_corrupt_index(18, 5)), r"corrupt level index \(events of image 1"),
+    ("pool_index_duplicate_top", lambda: _raw_pool(index=_corrupt_index(14, 0)), r"corrupt level index \(box 0"),
     ("nmse_empty", lambda: torch.ops.lgd_ops.normalized_mse([], [], 1e-5), r"no tensor arguments|non-empty"),
     ("nmse_lengths", lambda: torch.ops.lgd_ops.normalized_mse([_maps(1, 2, 3, 3)] * 2, [_maps(1, 2, 3, 3)], 1e-5),
      r"equal-length non-empty lists, got 2 and 1"),
@@ -293,5 +335,10 @@ def test_raw_ops_tolerate_what_the_api_rejects():
     expected_fill = torch.zeros(2, 3, 4, 5)
     expected_fill[1] = 1.0
     torch.testing.assert_close(filled, expected_fill)
+    # the same from their level index (built without the API's checks, as under torch.compile)
+    index = level_index(boxes, batch_idx, 2, 16, 20, 4, 5)
+    torch.testing.assert_close(torch.ops.lgd_ops.box_pool(features, boxes, batch_idx, 16, 20, True, index), expected)
+    torch.testing.assert_close(torch.ops.lgd_ops.box_fill(torch.ones(5, 3), boxes, batch_idx, 16, 20, 2, 4, 5, False,
+                                                          False, index), expected_fill)
     # empty outputs are fine too
     assert torch.ops.lgd_ops.box_fill(torch.ones(5, 3), boxes, batch_idx, 16, 20, 0, 4, 5, False).shape == (0, 3, 4, 5)

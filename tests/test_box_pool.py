@@ -153,8 +153,9 @@ def test_empty_feature_map_gives_zero_rows(device, backend, shape):
 
 @KERNELS
 def test_in_place_edit_of_boxes_between_calls_is_seen(device, backend):
-    """The compiled kernels cache each level's plan per (boxes, batch_idx) tensor (csrc/common/plan_cache.h):
-    after an in-place edit of either, forward and backward follow the edited values, as the reference does."""
+    """The compiled kernels keep nothing of the boxes between calls (their plans are built per call, no cache keyed
+    on the tensors): after an in-place edit of the boxes or batch_idx, forward and backward follow the edited
+    values, as the reference does."""
     boxes, batch_idx, b, c, image_size, level = box_case("mixed")
     boxes, batch_idx = boxes.to(device), batch_idx.to(device)
     features = make_features((b, c, *level), torch.float64, device, requires_grad=True)
@@ -164,7 +165,7 @@ def test_in_place_edit_of_boxes_between_calls_is_seen(device, backend):
         (grad,) = torch.autograd.grad((out * out).sum(), features)
         return out, grad
 
-    first = run(backend)  # caches the plans of (boxes, batch_idx) on this level
+    first = run(backend)
     torch.testing.assert_close(first, run("reference"))
     with torch.no_grad():
         boxes.copy_(random_boxes(len(boxes), image_size, level))

@@ -1,9 +1,10 @@
 // Schema of box_pool: per box, the sum (average=false) or mean (average=true) of a feature map
-// over the level cells the box covers (docs/method.md §1-2). Its adjoint is box_fill.
+// over the level cells the box covers (docs/method.md §1-2). Its adjoint is box_fill. index: the boxes' level
+// index on this map (lgd_ops._boxes.level_index, built once per batch on the host); None: the op builds it.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(lgd_ops, m) {
   m.def(
       "box_pool(Tensor features, Tensor boxes, Tensor batch_idx, int in_h, int in_w, "
-      "bool average) -> Tensor");
+      "bool average, Tensor? index=None) -> Tensor");
 }

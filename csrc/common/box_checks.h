@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace lgd_ops {
 
 // Checks the box arguments every box op takes; throws a c10::Error naming the argument.
@@ -22,6 +24,20 @@ inline void check_box_args(const at::Tensor& boxes, const at::Tensor& batch_idx,
               in_w, ")");
   TORCH_CHECK(boxes.device() == like.device() && batch_idx.device() == like.device(),
               "lgd_ops: boxes, batch_idx and ", like_name, " must be on one device");
+}
+
+// Checks a box op's level index (lgd_ops._boxes.level_index) of n boxes over `batch` images, when given: its size
+// alone ties it to (n, batch), so this reads no value (no device sync) and a stale index from another batch fails.
+inline void check_level_index(const std::optional<at::Tensor>& index, int64_t n, int64_t batch,
+                              const at::Tensor& like) {
+  if (!index.has_value()) return;
+  const at::Tensor& t = *index;
+  TORCH_CHECK(t.dim() == 1 && t.numel() == 8 * n + batch + 1, "lgd_ops: index must be a level index of ", n,
+              " boxes over ", batch, " images (8 * N + batch + 1 = ", 8 * n + batch + 1, " entries), got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "lgd_ops: index must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "lgd_ops: index must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "lgd_ops: index must be contiguous");
 }
 
 }  // namespace lgd_ops

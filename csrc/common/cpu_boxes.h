@@ -1,22 +1,20 @@
 // CPU-side preparation shared by the box kernels: each box's cell range on the level grid, the boxes
 // grouped by image (a (b, c) plane visits only its own image's boxes), and each image's row events
 // for the kernels' top-to-bottom sweep (csrc/common/cpu_box_sweep.inc), grouped by row.
-// A plan depends only on the boxes and the level size, so it is built once per (boxes, level) and
-// reused by every call on them (box_pool's forward and its box_fill backward, each level's call):
-// plan_boxes_cpu caches the BoxPlan in PlanCache<BoxPlan, 5> (plan_cache.h; the CUDA plans have their own
-// caches, cuda_boxes.cuh), keyed on the boxes/batch_idx tensors' identity and version and the sizes.
+// The plan is built per call, in O(N + batch + event rows): from the level index when the caller gives one
+// (lgd_ops._boxes.level_index: cells and events already sorted on the host, once per batch and level), else
+// from the boxes themselves. Both give the same plan, so the kernels' results do not depend on which.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <memory>
+#include <optional>
 #include <vector>
 
 #include "box_checks.h"
 #include "box_math.h"
-#include "plan_cache.h"
 
 namespace lgd_ops {
 
@@ -43,9 +41,18 @@ struct BoxPlan {
   std::vector<int64_t> row_start;
 };
 
-// Boxes whose batch index is outside [0, batch) cover nothing (the Python API rejects them first).
-inline BoxPlan build_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch, int64_t in_h,
-                          int64_t in_w, int64_t h, int64_t w) {
+// Event k of image im, at `row`, into the plan's rows (rows[row_start[im] ..) is the image's, events by row).
+inline void add_to_rows(BoxPlan& plan, int64_t im, int64_t k, int32_t row) {
+  if (plan.rows.size() == size_t(plan.row_start[im]) || plan.rows.back().row != row)
+    plan.rows.push_back({row, k, k, 0});
+  plan.rows.back().end = k + 1;
+  plan.rows.back().width += plan.events[k].x1 - plan.events[k].x0 + 1;
+}
+
+// The plan of the boxes themselves. Boxes whose batch index is outside [0, batch) cover nothing (the Python
+// API rejects them first).
+inline BoxPlan plan_from_boxes(const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t batch, int64_t in_h,
+                               int64_t in_w, int64_t h, int64_t w) {
   const int64_t n = boxes.size(0);
   const at::Tensor bx = boxes.to(at::kDouble).contiguous();
   const at::Tensor bi = batch_idx.contiguous();
@@ -91,25 +98,73 @@ inline BoxPlan build_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, 
     };
     std::stable_sort(out.events.begin() + first, out.events.end(),
                      [&](const SweepEvent& a, const SweepEvent& e) { return row_of(a) < row_of(e); });
-    for (int64_t k = first; k < int64_t(out.events.size()); ++k) {
-      const int32_t row = row_of(out.events[k]);
-      if (out.rows.size() == size_t(out.row_start[im]) || out.rows.back().row != row)
-        out.rows.push_back({row, k, k, 0});
-      out.rows.back().end = k + 1;
-      out.rows.back().width += out.events[k].x1 - out.events[k].x0 + 1;
-    }
+    for (int64_t k = first; k < int64_t(out.events.size()); ++k) add_to_rows(out, im, k, row_of(out.events[k]));
     out.row_start[im + 1] = int64_t(out.rows.size());
   }
   return out;
 }
 
-// The plan of (boxes, batch_idx) on an h x w level, from PlanCache<BoxPlan, 5> (plan_cache.h): keyed on both
-// tensors' identity, data pointer and version and on (batch, in_h, in_w, h, w).
-inline std::shared_ptr<const BoxPlan> plan_boxes_cpu(const at::Tensor& boxes, const at::Tensor& batch_idx,
-                                                     int64_t batch, int64_t in_h, int64_t in_w, int64_t h,
-                                                     int64_t w) {
-  return cached_plan<BoxPlan>(boxes, batch_idx, {batch, in_h, in_w, h, w},
-                              [&] { return build_plan(boxes, batch_idx, batch, in_h, in_w, h, w); });
+// The plan read from a level index of n boxes over `batch` images on an h x w level (its layout:
+// lgd_ops._boxes.level_index; its size, dtype, device and contiguity checked by check_level_index). The events
+// come sorted as plan_from_boxes sorts them (by row, then box, top before bottom), so the plans are the same.
+// Every entry the sweeps use to address memory is checked on the way (one pass, no extra cost), so a raw call
+// with a corrupt index raises instead of reading outside the map.
+inline BoxPlan plan_from_index(const at::Tensor& index, int64_t n, int64_t batch, int64_t h, int64_t w) {
+  const int32_t* cells = index.const_data_ptr<int32_t>();
+  const int32_t* ids = cells + 6 * n;
+  const int32_t* start = cells + 8 * n;
+  BoxPlan out;
+  out.cells.resize(n);
+  for (int64_t i = 0; i < n; ++i)
+    out.cells[i] = {cells[4 * i], cells[4 * i + 1], cells[4 * i + 2], cells[4 * i + 3]};
+  std::vector<int64_t> image(n, -1);  // each covering box's image, from its top event
+  out.start.assign(batch + 1, 0);
+  out.area.assign(batch, 0);
+  TORCH_CHECK(start[0] >= 0, "lgd_ops: corrupt level index (event start ", start[0], ")");
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(start[b] <= start[b + 1] && start[b + 1] <= 2 * n, "lgd_ops: corrupt level index (events of image ",
+                b, ": [", start[b], ", ", start[b + 1], "))");
+    for (int64_t e = start[b]; e < start[b + 1]; ++e) {
+      const int64_t id = ids[e], box = id / 2;
+      TORCH_CHECK(id >= 0 && id < 2 * n, "lgd_ops: corrupt level index (event id ", id, ")");
+      if (id % 2) continue;
+      const CellRange r = out.cells[box];
+      TORCH_CHECK(image[box] < 0 && r.x0 >= 0 && r.x0 <= r.x1 && r.x1 < w && r.y0 >= 0 && r.y0 <= r.y1 && r.y1 < h,
+                  "lgd_ops: corrupt level index (box ", box, " on a ", h, " x ", w, " level)");
+      image[box] = b;
+      ++out.start[b + 1];
+      out.area[b] += r.count();
+    }
+  }
+  for (int64_t b = 0; b < batch; ++b) out.start[b + 1] += out.start[b];
+  std::vector<int64_t> fill(out.start.begin(), out.start.end() - 1), slot(n, 0);
+  out.order.resize(out.start[batch]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (image[i] < 0) continue;
+    slot[i] = fill[image[i]] - out.start[image[i]];
+    out.order[fill[image[i]]++] = i;
+  }
+  out.events.reserve(2 * out.order.size());
+  out.row_start.assign(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t e = start[b]; e < start[b + 1]; ++e) {
+      const int64_t box = ids[e] / 2;
+      const bool top = ids[e] % 2 == 0;
+      TORCH_CHECK(image[box] == b, "lgd_ops: corrupt level index (box ", box, " in image ", b, ")");
+      const CellRange r = out.cells[box];
+      out.events.push_back({r.x0, r.x1, int32_t(slot[box]), top});
+      add_to_rows(out, b, int64_t(out.events.size()) - 1, top ? r.y0 : r.y1 + 1);
+    }
+    out.row_start[b + 1] = int64_t(out.rows.size());
+  }
+  return out;
+}
+
+// The plan of a call: from its level index when given (checked by check_level_index), else from the boxes.
+inline BoxPlan box_plan(const at::Tensor& boxes, const at::Tensor& batch_idx, const std::optional<at::Tensor>& index,
+                        int64_t batch, int64_t in_h, int64_t in_w, int64_t h, int64_t w) {
+  if (index.has_value()) return plan_from_index(*index, boxes.size(0), batch, h, w);
+  return plan_from_boxes(boxes, batch_idx, batch, in_h, in_w, h, w);
 }
 
 // Where element (b, c, j, i) of a [B, C, H, W] map lives: b * sb + c * sc + j * sh + i * sw.

@@ -36,6 +36,7 @@ class AppearanceEncoder(nn.Module):
             if self.use_masks:
                 out.append(lgd_ops.mask_pool(projected, labels.masks, labels.batch_idx))
             else:
+                index = labels.box_index(x.shape[-2:])  # built on the host once per batch and level
                 out.append(lgd_ops.box_pool(projected, labels.boxes, labels.batch_idx, labels.image_size,
-                                            backend=self.backend, validate=False))  # PackedLabels checked them
+                                            index=index, backend=self.backend))
         return out

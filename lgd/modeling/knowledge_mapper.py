@@ -66,9 +66,9 @@ class KnowledgeMapper(nn.Module):
             if self.use_masks:
                 painted = lgd_ops.mask_fill(painted_values, regions, batch_idx, output_size)
             else:
+                index = labels.box_index(size, context_objects=False)  # built on the host once per batch and level
                 painted = lgd_ops.box_fill(painted_values, regions, batch_idx, labels.image_size, output_size,
-                                           memory_format=memory_format, backend=self.backend,
-                                           validate=False)  # PackedLabels checked the boxes once per batch
+                                           memory_format=memory_format, index=index, backend=self.backend)
             x = self.spatial(painted)
             if self.use_context:
                 x = x + self.context_proj(e[ctx])[:, :, None, None]

@@ -9,7 +9,7 @@ Packing rather than per-image lists lets every module run batched over the whole
 Everything that sets a shape or an index (objects per image, each object's place inside its image, which objects
 are context objects) is known on the host when the labels are packed, so no module reads it back from the device:
 a training step packs the loader's CPU boxes once (pack_on_host), checks them there, and moves the result to the
-device without waiting for it (to).
+device without waiting for it (to). The box ops' per-level indices (box_index) are built from those CPU boxes too.
 """
 import dataclasses
 import itertools
@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from detectron2.structures import BitMasks, Instances, PolygonMasks
+
+from lgd_ops.box_index import BoxIndex, index_of_checked
 
 CONTEXT_CLASS = -1
 MASK_CROP = 7  # the Mask R-CNN descriptor appends the object's mask cropped to its box at 7 x 7 (49 values)
@@ -77,6 +79,10 @@ class PackedLabels:
         if len({t.device for t in tensors.values()}) > 1:
             raise ValueError(f"PackedLabels: tensors must be on one device, got "
                              f"{ {k: str(t.device) for k, t in tensors.items()} }")
+        # the host copy of the boxes the box indices are built from, and the indices built so far (box_index)
+        object.__setattr__(self, "_host_boxes", (self.boxes, self.batch_idx) if self.boxes.device.type == "cpu"
+                           else None)
+        object.__setattr__(self, "_box_indices", {})
         if self.counts is not None and (len(self.counts) != b or sum(self.counts) != n):
             raise ValueError(f"PackedLabels: counts must give the objects of each of the {b} images, {n} in all, "
                              f"got {self.counts}")
@@ -138,7 +144,25 @@ class PackedLabels:
             value = getattr(self, field.name)
             object.__setattr__(moved, field.name, _to_device(value, device) if isinstance(value, torch.Tensor)
                                else value)
+        object.__setattr__(moved, "_host_boxes", self._host_boxes)
+        object.__setattr__(moved, "_box_indices", {})
         return moved
+
+    def box_index(self, level_size, *, context_objects: bool = True) -> BoxIndex:
+        """The lgd_ops.BoxIndex of the objects' boxes on a level_size (H, W) map, on the labels' device: of every
+        object, or with context_objects=False of the others only (object_index(context=False), the knowledge
+        mapper's regions). Built on the host from the packed CPU boxes (checked when packed: nothing is read
+        back) the first time it is asked for, moved with one non-blocking copy, and kept on these labels, which
+        live one step, for every later call on that level."""
+        key = (tuple(level_size), context_objects or not self.context)
+        if key not in self._box_indices:
+            boxes, batch_idx = self._host_boxes or (self.boxes, self.batch_idx)
+            if not key[1]:
+                rows = torch.tensor(self._object_rows(context=False), dtype=torch.int64, device=boxes.device)
+                boxes, batch_idx = boxes[rows], batch_idx[rows]
+            index = index_of_checked(boxes, batch_idx, self.image_size, self.num_images, key[0])
+            self._box_indices[key] = index.to(self.boxes.device, non_blocking=True)
+        return self._box_indices[key]
 
     def _index(self, values) -> torch.Tensor:
         """An int64 index built on the host from host values, on the labels' device."""
@@ -158,8 +182,12 @@ class PackedLabels:
 
     def object_index(self, context: bool) -> torch.Tensor:
         """Indices of the context objects (context=True; one per image, in image order) or of the others."""
+        return self._index(self._object_rows(context))
+
+    def _object_rows(self, context: bool):
+        """object_index's indices, as a host list."""
         ends = set(itertools.accumulate(self.counts)) if self.context else set()
-        return self._index([i for i in range(self.num_objects) if ((i + 1) in ends) == context])
+        return [i for i in range(self.num_objects) if ((i + 1) in ends) == context]
 
     @property
     def is_context(self):

@@ -82,27 +82,29 @@ void fill_blocks(const scalar_t* values, scalar_t* out, const MapLayout& m, cons
 }
 
 at::Tensor box_fill_cpu(const at::Tensor& values, const at::Tensor& boxes, const at::Tensor& batch_idx, int64_t in_h,
-                        int64_t in_w, int64_t batch, int64_t out_h, int64_t out_w, bool average, bool channels_last) {
+                        int64_t in_w, int64_t batch, int64_t out_h, int64_t out_w, bool average, bool channels_last,
+                        const std::optional<at::Tensor>& index) {
   TORCH_CHECK(values.dim() == 2 && values.size(0) == boxes.size(0),
               "lgd_ops.box_fill: values must be [N, C] with N = boxes.size(0), got ", values.sizes());
   TORCH_CHECK(batch >= 0 && out_h >= 0 && out_w >= 0, "lgd_ops.box_fill: output size must be non-negative, got (",
               batch, ", ", out_h, ", ", out_w, ")");
   check_box_args(boxes, batch_idx, in_h, in_w, values, "values");
+  check_level_index(index, boxes.size(0), batch, values);
   const int64_t C = values.size(1);
   at::Tensor out = at::empty({batch, C, out_h, out_w}, values.options().memory_format(
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));  // every element is written
   if (out.numel() == 0) return out;
-  const auto plan = plan_boxes_cpu(boxes, batch_idx, batch, in_h, in_w, out_h, out_w);
+  const BoxPlan plan = box_plan(boxes, batch_idx, index, batch, in_h, in_w, out_h, out_w);
   const at::Tensor vals = values.contiguous();
   const MapLayout m = layout_of(out);
-  const Blocks blocks(C, m.channels_last, *plan, out_h, out_w, at::get_num_threads());
+  const Blocks blocks(C, m.channels_last, plan, out_h, out_w, at::get_num_threads());
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals.scalar_type(), "box_fill_cpu", [&] {
     const scalar_t* v = vals.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * blocks.per_image, blocks.grain(out_h, out_w), [&](int64_t begin, int64_t end) {
-      if (avx2) fill_blocks<scalar_t, true>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
-      else fill_blocks<scalar_t, false>(v, o, m, blocks, out_h, out_w, *plan, average, begin, end);
+      if (avx2) fill_blocks<scalar_t, true>(v, o, m, blocks, out_h, out_w, plan, average, begin, end);
+      else fill_blocks<scalar_t, false>(v, o, m, blocks, out_h, out_w, plan, average, begin, end);
     });
   });
   return out;

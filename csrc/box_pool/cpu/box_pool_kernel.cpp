@@ -76,24 +76,25 @@ void pool_blocks(const scalar_t* feat, const MapLayout& m, const Blocks& blocks,
 }
 
 at::Tensor box_pool_cpu(const at::Tensor& features, const at::Tensor& boxes, const at::Tensor& batch_idx,
-                        int64_t in_h, int64_t in_w, bool average) {
+                        int64_t in_h, int64_t in_w, bool average, const std::optional<at::Tensor>& index) {
   TORCH_CHECK(features.dim() == 4, "lgd_ops.box_pool: features must be [B, C, H, W], got ", features.sizes());
   check_box_args(boxes, batch_idx, in_h, in_w, features, "features");
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  check_level_index(index, boxes.size(0), B, features);
   // Boxes covering nothing (and boxes of no valid image) keep this zero row.
   at::Tensor out = at::zeros({boxes.size(0), C}, features.options());
   if (out.numel() == 0 || H == 0 || W == 0) return out;
-  const auto plan = plan_boxes_cpu(boxes, batch_idx, B, in_h, in_w, H, W);
+  const BoxPlan plan = box_plan(boxes, batch_idx, index, B, in_h, in_w, H, W);
   const at::Tensor feat = kernel_layout(features) ? features : features.contiguous();
   const MapLayout m = layout_of(feat);
-  const Blocks blocks(C, m.channels_last, *plan, H, W, at::get_num_threads());
+  const Blocks blocks(C, m.channels_last, plan, H, W, at::get_num_threads());
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cpu", [&] {
     const scalar_t* f = feat.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * blocks.per_image, blocks.grain(H, W), [&](int64_t begin, int64_t end) {
-      if (avx2) pool_blocks<scalar_t, true>(f, m, blocks, H, W, *plan, average, o, begin, end);
-      else pool_blocks<scalar_t, false>(f, m, blocks, H, W, *plan, average, o, begin, end);
+      if (avx2) pool_blocks<scalar_t, true>(f, m, blocks, H, W, plan, average, o, begin, end);
+      else pool_blocks<scalar_t, false>(f, m, blocks, H, W, plan, average, o, begin, end);
     });
   });
   return out;
