@@ -6,5 +6,5 @@
 TORCH_LIBRARY_FRAGMENT(lgd_ops, m) {
   m.def(
       "box_fill(Tensor values, Tensor boxes, Tensor batch_idx, int in_h, int in_w, int batch, "
-      "int out_h, int out_w, bool average, bool channels_last=False) -> Tensor");
+      "int out_h, int out_w, bool average, bool channels_last=False, Tensor? index=None) -> Tensor");
 }

@@ -5,5 +5,5 @@
 TORCH_LIBRARY_FRAGMENT(lgd_ops, m) {
   m.def(
       "box_pool(Tensor features, Tensor boxes, Tensor batch_idx, int in_h, int in_w, "
-      "bool average) -> Tensor");
+      "bool average, Tensor? index=None) -> Tensor");
 }
