@@ -149,10 +149,11 @@ LGD_HOST_DEVICE Band band_range(int32_t H, int32_t R, int32_t k) {
   return {b, e < H ? e : H};
 }
 
-// Rows per band so that blocks_per_band * bands reaches target_blocks where the plane has the rows for it
-// (bands <= H); blocks_per_band = channel blocks x images.
+// Rows per band so that blocks_per_band * bands comes as close to target_blocks as whole bands allow without
+// passing it (one wave when target_blocks is what the SMs hold at once), bands <= H; blocks_per_band = channel
+// blocks x images. With blocks_per_band <= target_blocks / 2 that is more than target_blocks / 2 blocks.
 LGD_HOST_DEVICE int32_t sweep_band_rows(int32_t H, int64_t blocks_per_band, int64_t target_blocks) {
-  int64_t bands = (target_blocks + blocks_per_band - 1) / blocks_per_band;
+  int64_t bands = target_blocks / blocks_per_band;
   bands = bands < 1 ? 1 : (bands > H ? H : bands);
   return int32_t((H + bands - 1) / bands);
 }

@@ -99,7 +99,9 @@ using sweep_acc_t = std::conditional_t<(sizeof(scalar_t) >= 4), double, float>;
 constexpr int kSweepThreads = 256;        // 8 warps: up to 8 channels per block, one warp each
 constexpr int64_t kSweepMinCells = 64;    // maps with fewer cells keep the direct kernels (a guess: untimed on GPU)
 constexpr size_t kSweepSharedBytes = 48 * 1024;  // without opting in to more shared memory per block
-constexpr int kSweepBlocksPerSm = 4;      // the band count aims at this many blocks per SM (at least 2 after rounding)
+// The band count aims at this many blocks per SM, at most: one wave, since an SM holds 4-5 sweep blocks (48-54
+// registers x 256 threads, up to 39 KB of shared memory), and at least 2 per SM (sweep_band_rows).
+constexpr int kSweepBlocksPerSm = 4;
 
 // A banded sweep's launch: grid (ceil(C / cb), bands, B), cb channels per block (one warp each), rows of
 // state at `pitch` accumulators, bands of `rows` rows.
