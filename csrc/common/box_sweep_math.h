@@ -1,5 +1,5 @@
 // The per-element arithmetic and the block schedule of the CUDA box sweeps (csrc/box_pool/cuda,
-// csrc/box_fill/cuda), in __host__ __device__ helpers so csrc/tests/test_kernel_math.cpp runs the same additions,
+// csrc/box_fill/cuda), in __host__ __device__ helpers so csrc/tests/test_box_sweeps.cpp runs the same additions,
 // in the same order, on the CPU (it emulates the blocks, and the 32 lanes of a warp, with loops).
 //
 // A sweep walks rows of one image's (b, c) plane keeping one row of state col[i] (pool: the column sums of the
