@@ -60,6 +60,7 @@ LGD_HOST_DEVICE Chunk lane_chunk(int64_t W, int lane) {
   return {b, e};
 }
 
+// Column i lies in the chunk (its lane applies the fill events landing there).
 LGD_HOST_DEVICE bool owns(Chunk ch, int64_t i) { return ch.begin <= i && i < ch.end; }
 
 template <typename acc_t>
@@ -213,9 +214,9 @@ LGD_HOST_DEVICE acc_t pool_box_total(const CellRange& r, int32_t H, int32_t R, c
 // The row state of CB channels x W columns lives in shared memory at cc * pitch + i. A block's threads own
 // the row elements e = t, t + threads, ... in load order: e -> (channel cc, column i) with columns fastest for
 // NCHW maps (coalesced along a row) and channels fastest for channels_last maps (coalesced along channels).
-// The pitch (>= W + 1, the prefix/difference rows need W + 1) is = 16 / CB mod 16 in doubles, so in
-// channels_last the 16 lanes of a half-warp (one 64-bit shared access wavefront), CB channels x 16 / CB
-// consecutive columns, hit 16 different 8-byte bank pairs.
+// The pitch (>= W + 1, the prefix/difference rows need W + 1) is = 16 / CB mod 16 in doubles (CB a power of 2
+// <= 8), so in channels_last the 16 lanes of a half-warp (one 64-bit shared access wavefront), CB channels x
+// 16 / CB consecutive columns, hit 16 different 8-byte bank pairs.
 LGD_HOST_DEVICE int32_t sweep_pitch(int32_t W, int32_t CB) {
   const int32_t want = (16 / CB) % 16;
   int32_t p = W + 1;
