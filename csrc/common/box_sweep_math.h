@@ -224,6 +224,10 @@ LGD_HOST_DEVICE int32_t sweep_pitch(int32_t W, int32_t CB) {
   return p;
 }
 
+// A sweep block's dynamic shared memory: the 48 KB a block gets without opting in to more, less room for the
+// kernels' own static shared variables.
+constexpr int64_t kSweepSharedBytes = 48 * 1024 - 256;
+
 // Channels per sweep block: up to 8 (one warp each) while its two rows of state, 2 * CB * pitch accumulators,
 // fit in max_shared bytes; 0 when one channel's rows are too wide.
 LGD_HOST_DEVICE int32_t sweep_block_channels(int64_t C, int32_t W, int64_t acc_bytes, int64_t max_shared) {

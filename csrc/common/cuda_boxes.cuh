@@ -98,7 +98,6 @@ using sweep_acc_t = std::conditional_t<(sizeof(scalar_t) >= 4), double, float>;
 
 constexpr int kSweepThreads = 256;        // 8 warps: up to 8 channels per block, one warp each
 constexpr int64_t kSweepMinCells = 64;    // maps with fewer cells keep the direct kernels (a guess: untimed on GPU)
-constexpr size_t kSweepSharedBytes = 48 * 1024;  // without opting in to more shared memory per block
 // The band count aims at this many blocks per SM, at most: one wave, since an SM holds 4-5 sweep blocks (48-54
 // registers x 256 threads, up to 39 KB of shared memory), and at least 2 per SM (sweep_band_rows).
 constexpr int kSweepBlocksPerSm = 4;
@@ -113,7 +112,7 @@ struct SweepLaunch {
 // cb = 0 when the map is too small (or one channel's rows too wide) for a sweep.
 inline SweepLaunch sweep_launch(int64_t C, int64_t H, int64_t W, int64_t B, size_t acc_bytes) {
   if (H * W < kSweepMinCells || H >= INT_MAX / 2 || W >= INT_MAX / 2 || C >= INT_MAX) return {0, 0, 0, 0, 0};
-  const int32_t cb = sweep_block_channels(C, int32_t(W), int64_t(acc_bytes), int64_t(kSweepSharedBytes));
+  const int32_t cb = sweep_block_channels(C, int32_t(W), int64_t(acc_bytes), kSweepSharedBytes);
   if (cb == 0) return {0, 0, 0, 0, 0};
   const int32_t pitch = sweep_pitch(int32_t(W), cb);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

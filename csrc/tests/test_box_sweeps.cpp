@@ -372,7 +372,7 @@ static void test_sweep_occupancy() {
   const int64_t B = 2, C = 256, sms = 132;
   for (const auto& hw : levels)
     for (int64_t acc_bytes : {8, 4}) {
-      const int32_t cb = lgd_ops::sweep_block_channels(C, hw[1], acc_bytes, 48 * 1024);
+      const int32_t cb = lgd_ops::sweep_block_channels(C, hw[1], acc_bytes, lgd_ops::kSweepSharedBytes);
       const int64_t per_band = (C + cb - 1) / cb * B;
       const int32_t R = lgd_ops::sweep_band_rows(hw[0], per_band, 4 * sms);
       const int64_t blocks = per_band * lgd_ops::band_count(hw[0], R);
