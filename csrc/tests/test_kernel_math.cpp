@@ -1,8 +1,8 @@
 // ctest for the arithmetic shared by the CPU and CUDA kernels (csrc/common/*.h), without torch:
-// the docs/method.md §1 cell rule on hand-worked boxes, the CUDA box sweeps (box_sweep_math.h) run with a
-// warp's 32 lanes emulated by loops against direct sums, the normalized-MSE plane terms against a
-// direct two-pass computation, and the CUDA channels_last normalized_mse schedule (tiles, rows and their merges)
-// emulated thread by thread against float64 two-pass moments.
+// the docs/method.md §1 cell rule on hand-worked boxes, the CUDA banded box sweeps (test_box_sweeps.cpp), the
+// normalized-MSE plane terms against a direct two-pass computation,
+// and the CUDA channels_last normalized_mse schedule (tiles, rows and their merges) emulated thread by thread
+// against float64 two-pass moments.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -11,15 +11,15 @@
 #include <vector>
 
 #include "../common/box_math.h"
-#include "../common/box_sweep_math.h"
 #include "../common/nmse_math.h"
+#include "kernel_math_tests.h"
 
 using lgd_ops::box_cells;
 using lgd_ops::CellRange;
 
 static int failures = 0;
 
-static void expect(bool ok, const char* what) {
+void expect(bool ok, const char* what) {
   if (!ok) {
     std::printf("FAIL: %s\n", what);
     ++failures;
@@ -49,187 +49,6 @@ static void test_box_cells() {
   expect(same(box_cells(0, 0, 150, 90, 100, 200, 1, 1), 0, 0, 0, 0), "1x1 level");
   expect(box_cells(0, 0, 10, 10, 100, 200, 0, 0).empty(), "empty level");
   expect(box_cells(15, 5, 42, 30, 100, 200, 10, 20).count() == 9, "cell count");
-}
-
-// ---- the CUDA box sweeps, one channel's warp emulated lane by lane (the kernels' order of additions) ----
-
-using lgd_ops::Chunk;
-using lgd_ops::kSweepLanes;
-
-// warp_exclusive_carry (cuda_boxes.cuh): the Hillis-Steele steps over the lanes, then each lane takes the
-// inclusive value of the lane before it.
-template <typename acc_t>
-static std::vector<acc_t> lane_carries(const std::vector<acc_t>& partial) {
-  std::vector<acc_t> incl = partial;
-  for (int d = 1; d < kSweepLanes; d *= 2) {
-    const std::vector<acc_t> prev = incl;
-    for (int l = 0; l < kSweepLanes; ++l) incl[l] = lgd_ops::scan_step(prev[l], l >= d ? prev[l - d] : prev[l], l, d);
-  }
-  std::vector<acc_t> carry(kSweepLanes, acc_t(0));
-  for (int l = 1; l < kSweepLanes; ++l) carry[l] = incl[l - 1];
-  return carry;
-}
-
-struct Event {
-  int32_t row;
-  int64_t id;  // 2 * box + (bottom ? 1 : 0)
-};
-
-// The image's events sorted by row, box order within a row (plan_events' stable sort).
-static std::vector<Event> sweep_events(const std::vector<CellRange>& boxes) {
-  std::vector<Event> ev;
-  for (size_t n = 0; n < boxes.size(); ++n)
-    if (!boxes[n].empty())
-      for (int bottom = 0; bottom < 2; ++bottom)
-        ev.push_back({lgd_ops::event_row(boxes[n], bottom == 0), int64_t(2 * n + bottom)});
-  std::stable_sort(ev.begin(), ev.end(), [](const Event& a, const Event& b) { return a.row < b.row; });
-  return ev;
-}
-
-// box_pool_sweep_kernel for one (b, c) plane x [H][W] (sum mode).
-template <typename acc_t>
-static std::vector<acc_t> emulate_pool(const std::vector<float>& x, int64_t H, int64_t W,
-                                       const std::vector<CellRange>& boxes) {
-  std::vector<acc_t> col(W, 0), pre(W + 1, 0), partial(boxes.size(), 0), out(boxes.size(), 0);
-  const std::vector<Event> ev = sweep_events(boxes);
-  size_t p = 0;
-  for (int64_t j = 0; p < ev.size(); ++j) {
-    if (ev[p].row == j) {
-      size_t q = p + 1;
-      while (q < ev.size() && ev[q].row == j) ++q;
-      std::vector<acc_t> partials(kSweepLanes);
-      for (int l = 0; l < kSweepLanes; ++l) partials[l] = lgd_ops::chunk_total(col.data(), lgd_ops::lane_chunk(W, l));
-      const std::vector<acc_t> carry = lane_carries(partials);
-      for (int l = 0; l < kSweepLanes; ++l)
-        lgd_ops::chunk_prefix(col.data(), pre.data(), lgd_ops::lane_chunk(W, l), carry[l]);
-      for (size_t e = p; e < q; ++e) {
-        const int64_t n = ev[e].id / 2;
-        const bool top = ev[e].id % 2 == 0;
-        const CellRange& r = boxes[n];
-        const acc_t sum = lgd_ops::pool_event_update(top ? acc_t(0) : partial[n],
-                                                     lgd_ops::range_from_prefix(pre.data(), r.x0, r.x1), top);
-        if (top) {
-          partial[n] = sum;
-        } else {
-          out[n] = lgd_ops::is_finite_value(sum) ? sum : lgd_ops::direct_box_sum<acc_t>(x.data(), W, 1, r);
-        }
-      }
-      p = q;
-      if (p == ev.size()) break;
-    }
-    if (j == H) break;
-    for (int64_t i = 0; i < W; ++i) col[i] += static_cast<acc_t>(x[j * W + i]);
-  }
-  return out;
-}
-
-// box_fill_sweep_kernel for one (b, c) plane (non-finite values left out, as the kernel's sweep does).
-template <typename acc_t>
-static std::vector<acc_t> emulate_fill(const std::vector<float>& v, int64_t H, int64_t W,
-                                       const std::vector<CellRange>& boxes, bool average) {
-  std::vector<acc_t> col(W, 0), diff(W + 1, 0), out(H * W, 0);
-  const std::vector<Event> ev = sweep_events(boxes);
-  size_t p = 0;
-  for (int64_t j = 0; j < H; ++j) {
-    if (p < ev.size() && ev[p].row == j) {
-      size_t q = p + 1;
-      while (q < ev.size() && ev[q].row == j) ++q;
-      for (int l = 0; l < kSweepLanes; ++l)
-        for (size_t e = p; e < q; ++e) {  // each lane walks the row's events in order
-          const int64_t n = ev[e].id / 2;
-          const CellRange& r = boxes[n];
-          acc_t val = static_cast<acc_t>(v[n]);
-          if (!lgd_ops::is_finite_value(val)) val = 0;
-          const acc_t amount = lgd_ops::fill_event_amount(lgd_ops::fill_box_value(val, r, average), ev[e].id % 2 == 0);
-          if (lgd_ops::lane_of_column(W, r.x0) == l) diff[r.x0] += amount;
-          if (r.x1 + 1 < W && lgd_ops::lane_of_column(W, r.x1 + 1) == l) diff[r.x1 + 1] -= amount;
-        }
-      std::vector<acc_t> partials(kSweepLanes);
-      for (int l = 0; l < kSweepLanes; ++l) partials[l] = lgd_ops::chunk_total(diff.data(), lgd_ops::lane_chunk(W, l));
-      const std::vector<acc_t> carry = lane_carries(partials);
-      for (int l = 0; l < kSweepLanes; ++l)
-        lgd_ops::chunk_apply_diff(diff.data(), col.data(), lgd_ops::lane_chunk(W, l), carry[l]);
-      p = q;
-    }
-    for (int64_t i = 0; i < W; ++i) out[j * W + i] = col[i];
-  }
-  return out;
-}
-
-static void test_lane_chunks() {
-  for (int64_t W : {1, 5, 31, 32, 33, 64, 100, 337}) {
-    int64_t next = 0;
-    for (int l = 0; l < kSweepLanes; ++l) {
-      const Chunk ch = lgd_ops::lane_chunk(W, l);
-      expect(ch.begin == next && ch.end >= ch.begin && ch.end <= W, "lane chunks tile the row in order");
-      for (int64_t i = ch.begin; i < ch.end; ++i) expect(lgd_ops::lane_of_column(W, i) == l, "lane_of_column");
-      next = ch.end;
-    }
-    expect(next == W, "lane chunks cover the row");
-  }
-}
-
-template <typename acc_t>
-static void check_sweeps(int64_t H, int64_t W, int nboxes, std::mt19937& rng, double tol, const char* what) {
-  std::normal_distribution<float> normal;
-  std::uniform_int_distribution<int> col(0, int(W) - 1), row(0, int(H) - 1);
-  std::vector<float> x(H * W);
-  for (float& v : x) v = normal(rng);
-  std::vector<CellRange> boxes;
-  std::vector<float> v(nboxes);
-  for (int n = 0; n < nboxes; ++n) {
-    const int xa = col(rng), xb = col(rng), ya = row(rng), yb = row(rng);
-    CellRange r{std::min(xa, xb), std::max(xa, xb), std::min(ya, yb), std::max(ya, yb)};
-    if (n == 0) r = {0, int(W) - 1, 0, int(H) - 1};  // the whole map (a context box)
-    if (n % 7 == 3) r.x1 = r.x0 - 1;                 // covers nothing
-    boxes.push_back(r);
-    v[n] = normal(rng);
-  }
-  const std::vector<acc_t> pooled = emulate_pool<acc_t>(x, H, W, boxes);
-  const std::vector<acc_t> filled = emulate_fill<acc_t>(v, H, W, boxes, /*average=*/true);
-  std::vector<double> painted(H * W, 0.0);
-  for (int n = 0; n < nboxes; ++n) {
-    const CellRange& r = boxes[n];
-    double sum = 0, mass = 1;
-    for (int32_t j = r.y0; j <= r.y1; ++j)
-      for (int32_t i = r.x0; i <= r.x1; ++i) {
-        sum += x[j * W + i];
-        painted[j * W + i] += double(v[n]) / double(r.count());
-      }
-    for (int64_t j = 0; j <= std::min<int64_t>(r.y1, H - 1); ++j)
-      for (int64_t i = 0; i <= std::min<int64_t>(r.x1, W - 1); ++i) mass += std::fabs(x[j * W + i]);
-    if (r.empty()) sum = 0;
-    expect(std::fabs(double(pooled[n]) - sum) <= tol * mass, what);
-  }
-  double fill_mass = 1;
-  for (float a : v) fill_mass += std::fabs(a);
-  for (int64_t k = 0; k < H * W; ++k) expect(std::fabs(double(filled[k]) - painted[k]) <= tol * fill_mass, what);
-}
-
-static void test_box_sweeps() {
-  std::mt19937 rng(7);
-  const int64_t sizes[][2] = {{1, 1}, {3, 5}, {8, 10}, {13, 31}, {25, 32}, {7, 33}, {50, 76}, {100, 152}};
-  for (const auto& hw : sizes)
-    for (int nboxes : {1, 7, 60}) {
-      check_sweeps<double>(hw[0], hw[1], nboxes, rng, 1e-13, "double sweep vs direct sums");
-      check_sweeps<float>(hw[0], hw[1], nboxes, rng, 2e-5, "float sweep vs direct sums");
-    }
-  // A NaN and an inf in the map reach only the boxes covering them (the direct re-sum); in fill a NaN
-  // value is left out of the sweep, so it spreads to no cell (the kernel adds it to its own box afterwards).
-  const int64_t H = 6, W = 9;
-  std::vector<float> x(H * W, 1.0f);
-  x[2 * W + 3] = std::numeric_limits<float>::quiet_NaN();
-  x[4 * W + 7] = std::numeric_limits<float>::infinity();
-  const std::vector<CellRange> boxes = {{0, 8, 0, 5}, {3, 3, 2, 2}, {0, 2, 3, 5}, {4, 8, 0, 3}, {7, 8, 4, 5}};
-  const std::vector<double> pooled = emulate_pool<double>(x, H, W, boxes);
-  expect(std::isnan(pooled[0]) && std::isnan(pooled[1]), "NaN cell reaches the boxes covering it");
-  expect(pooled[2] == 9.0 && pooled[3] == 20.0, "NaN and inf cells reach no other box");
-  expect(std::isinf(pooled[4]) && pooled[4] > 0, "inf cell reaches the box covering it");
-  std::vector<float> v = {1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f, 3.0f, 4.0f};
-  const std::vector<double> filled = emulate_fill<double>(v, H, W, boxes, false);
-  expect(std::all_of(filled.begin(), filled.end(), [](double a) { return std::isfinite(a); }),
-         "a NaN value stays out of the fill sweep");
-  expect(filled[5 * W + 8] == 5.0 && filled[0] == 1.0 && filled[3 * W + 0] == 3.0, "fill sweep cell values");
 }
 
 static void test_nmse_terms() {
@@ -417,8 +236,7 @@ static void test_nmse_channels_last_schedule() {
 
 int main() {
   test_box_cells();
-  test_lane_chunks();
-  test_box_sweeps();
+  test_box_sweep_schedule();
   test_nmse_terms();
   test_nmse_channels_last_schedule();
   if (failures) {

@@ -1,10 +1,14 @@
-// CUDA box_pool. The sweep (box_pool_sweep_kernel): one block per (image, up to 8 channels) walks the map top
-// to bottom keeping one row of column sums per channel in shared memory (an integral image built a row at a
-// time, no scratch map); on a row where boxes start or end, each channel's warp scans the row and reads each
-// box's part (csrc/common/box_sweep_math.h: arithmetic, order and error bound). Cost O(B*C*H*W + N*C)
-// whatever the boxes' sizes; accumulation in double for float/double maps, float for half maps; fixed-order
-// adds, no atomics: bit-identical run to run. A box whose sum is not finite is summed again over its own
-// cells, so a NaN or inf stays with the boxes covering it.
+// CUDA box_pool. The banded sweep: box_pool_sweep_kernel, one block per (up to 8 channels, band of rows, image),
+// sweeps its band's rows keeping one row of column sums per channel in shared memory (an integral image of the
+// band built a row at a time); on a row where boxes start or end, and at the band's last row for every box
+// still open there, each channel's warp scans the row and writes each box's prefix P(row) to a
+// [bands, N, 2, C] scratch. box_pool_reduce_kernel then adds each box's band parts P(bottom) - P(top) in band
+// order (csrc/common/box_sweep_math.h: schedule, arithmetic, order and error bound). Cost O(B*C*H*W) map reads
+// plus the scratch of the bands each box touches; accumulation in double for float/double maps, float for half
+// maps; fixed-order adds, no atomics: bit-identical run to run. A band part that is not finite is summed again
+// over the box's cells in that band, so a NaN or inf stays with the boxes covering it.
+// Between event rows a thread adds its own row elements' column sums over the rows in a register loop, with no
+// block barrier; barriers come only around an event row's scan.
 // The direct kernel (box_pool_kernel: one warp per (box, channel) sums the box's rectangle, lanes along the
 // row, fixed-order shuffle reduction) stays for maps under kSweepMinCells cells and rows too wide for a
 // sweep block's shared memory (cuda_boxes.cuh); that threshold is a guess, untimed on a GPU.
@@ -30,7 +34,7 @@ __global__ void box_pool_kernel(const scalar_t* __restrict__ feat, const int32_t
   const int64_t c = int64_t(blockIdx.y) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (box >= n || c >= C) return;
-  const CellRange r{cells[4 * box], cells[4 * box + 1], cells[4 * box + 2], cells[4 * box + 3]};
+  const CellRange r = load_cells(cells, box);
   acc_t sum = 0;
   if (!r.empty()) {
     const scalar_t* plane = feat + batch_idx[box] * sb + c * sc;
@@ -44,99 +48,131 @@ __global__ void box_pool_kernel(const scalar_t* __restrict__ feat, const int32_t
   }
 }
 
-// grid (channel blocks, images); shared: col [CB][W] and pre [CB][W + 1] accumulators. CL: channels_last map
-// (the row adds run along channels, so reads are coalesced in either layout).
+// grid (channel blocks, bands, images); shared: col and pre, CB rows of `pitch` accumulators each. CL:
+// channels_last map (a thread's row elements run along channels, so loads are coalesced in either layout).
 template <typename scalar_t, typename acc_t, bool CL>
 __global__ void __launch_bounds__(kSweepThreads) box_pool_sweep_kernel(
-    const scalar_t* __restrict__ feat, int64_t sb, int64_t sc, int64_t sh, int64_t sw, int64_t C, int64_t H,
-    int64_t W, int CB, const int64_t* __restrict__ ev_key, const int64_t* __restrict__ ev_id,
-    const int64_t* __restrict__ ev_start, const int32_t* __restrict__ cells, bool average,
-    acc_t* __restrict__ partial, scalar_t* __restrict__ out) {
+    const scalar_t* __restrict__ feat, int64_t sb, int64_t sc, int64_t sh, int64_t sw, int32_t C, int32_t H,
+    int32_t W, int32_t CB, int32_t pitch, int32_t R, const int32_t* __restrict__ index, int64_t N,
+    acc_t* __restrict__ scratch) {
   extern __shared__ __align__(sizeof(double)) unsigned char sweep_shared[];
   acc_t* col = reinterpret_cast<acc_t*>(sweep_shared);
-  acc_t* pre = col + CB * W;
-  const int64_t b = blockIdx.y, c0 = int64_t(blockIdx.x) * CB;
+  acc_t* pre = col + CB * pitch;
+  const int32_t c0 = int32_t(blockIdx.x) * CB, k = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kSweepLanes, lane = tid % kSweepLanes;
-  const int64_t span = CB * W, base = b * (H + 2), pend = ev_start[b + 1];
+  const Band band = band_range(H, R, k);
+  const IndexView ix = index_view(index, N);
+  const int32_t base = b * (H + 2), first = ix.start[b];
+  // Events strictly inside the band: [p, p_end); the image's events before the band's end: [first, p_end).
+  const int32_t p_end = lower_bound_key(ix.keys, first, ix.start[b + 1], base + band.end);
+  int32_t p = lower_bound_key(ix.keys, first, p_end, base + band.begin + 1);
   const scalar_t* x = feat + b * sb + c0 * sc;
-  for (int64_t e = tid; e < span; e += kSweepThreads) col[e] = 0;
-  __syncthreads();
-  for (int64_t j = 0, p = ev_start[b]; p < pend; ++j) {
-    if (ev_key[p] == base + j) {  // an event row (the same branch in every thread)
-      int64_t q = p + 1;
-      while (q < pend && ev_key[q] == base + j) ++q;
-      const int64_t c = c0 + warp;
-      if (warp < CB && c < C) {
-        acc_t* cw = col + warp * W;
-        acc_t* pw = pre + warp * (W + 1);
-        const Chunk ch = lane_chunk(W, lane);
-        chunk_prefix(cw, pw, ch, warp_exclusive_carry(chunk_total(cw, ch), lane));
-        __syncwarp();
-        for (int64_t e = p + lane; e < q; e += kSweepLanes) {
-          const int64_t n = ev_id[e] / 2;
-          const bool top = ev_id[e] % 2 == 0;
-          const CellRange r = load_cells(cells, n);
-          acc_t& s = partial[n * C + c];
-          const acc_t sum = pool_event_update(top ? acc_t(0) : s, range_from_prefix(pw, r.x0, r.x1), top);
-          if (top) {
-            s = sum;
-            continue;
-          }
-          const acc_t total = is_finite_value(sum) ? sum : direct_box_sum<acc_t>(x + warp * sc, sh, sw, r);
-          out[n * C + c] = static_cast<scalar_t>(average ? total / acc_t(r.count()) : total);
+  const WalkStep step = walk_step(CL ? CB : W, kSweepThreads);
+  const Walk start = walk_start(tid, step);
+  const int32_t outer = CL ? W : CB;
+  for (Walk w = start; w.outer < outer; walk_next(w, step)) {
+    const RowElement e = row_element(w, CL);
+    col[e.cc * pitch + e.i] = 0;
+  }
+  const int32_t c = c0 + warp;
+  for (int32_t j = band.begin;;) {
+    const int32_t next = p < p_end ? ix.keys[p] - base : band.end;
+    for (Walk w = start; w.outer < outer; walk_next(w, step)) {  // rows [j, next), each thread its own elements
+      const RowElement e = row_element(w, CL);
+      if (c0 + e.cc >= C) continue;
+      const scalar_t* xe = x + e.cc * sc + e.i * sw;
+      acc_t acc = col[e.cc * pitch + e.i];
+#pragma unroll 4
+      for (int32_t r = j; r < next; ++r) acc += static_cast<acc_t>(xe[r * sh]);
+      col[e.cc * pitch + e.i] = acc;
+    }
+    j = next;
+    int32_t q = p;
+    while (q < p_end && ix.keys[q] == base + j) ++q;
+    __syncthreads();
+    if (warp < CB && c < C) {  // the channel's warp: P(j) of its row, then the events of row j
+      acc_t* cw = col + warp * pitch;
+      acc_t* pw = pre + warp * pitch;
+      const Chunk ch = lane_chunk(W, lane);
+      chunk_prefix(cw, pw, ch, warp_exclusive_carry(chunk_total(cw, ch), lane));
+      __syncwarp();
+      if (j < band.end) {
+        for (int32_t e = p + lane; e < q; e += kSweepLanes) {
+          const int32_t id = ix.ids[e];
+          const CellRange r = load_cells(ix.cells, id / 2);
+          scratch[band_slot(k, id / 2, id % 2, N, C, c)] = range_from_prefix(pw, r.x0, r.x1);
+        }
+      } else {  // the band's end: P(end) for every box open at its last row
+        for (int32_t e = first + lane; e < p_end; e += kSweepLanes) {
+          const int32_t id = ix.ids[e];
+          if (id % 2 != 0) continue;
+          const CellRange r = load_cells(ix.cells, id / 2);
+          if (active_at(r, band.end - 1)) scratch[band_slot(k, id / 2, 1, N, C, c)] = range_from_prefix(pw, r.x0, r.x1);
         }
       }
-      __syncthreads();
-      p = q;
-      if (p == pend) break;
     }
-    if (j == H) break;
-    const scalar_t* xr = x + j * sh;
-    for (int64_t e = tid; e < span; e += kSweepThreads) {
-      const int64_t cc = CL ? e % CB : e / W, i = CL ? e / CB : e % W;
-      if (c0 + cc < C) col[cc * W + i] += static_cast<acc_t>(xr[cc * sc + i * sw]);
-    }
+    if (j == band.end) break;
     __syncthreads();
+    p = q;
   }
 }
 
+// grid (boxes, channel blocks of 256): out[n, c] = the sum of box n's band parts (pool_box_total).
+template <typename scalar_t, typename acc_t>
+__global__ void box_pool_reduce_kernel(const scalar_t* __restrict__ feat, int64_t sb, int64_t sc, int64_t sh,
+                                       int64_t sw, int64_t C, int32_t H, int32_t R, const int32_t* __restrict__ index,
+                                       const int64_t* __restrict__ batch_idx, int64_t N, int64_t B,
+                                       const acc_t* __restrict__ scratch, bool average, scalar_t* __restrict__ out) {
+  const int64_t n = blockIdx.x, c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const CellRange r = load_cells(index, n);
+  const int64_t b = batch_idx[n];
+  acc_t total = 0;
+  if (!r.empty() && b >= 0 && b < B)
+    total = pool_box_total<acc_t>(r, H, R, scratch, N, C, n, c, feat + b * sb + c * sc, sh, sw);
+  out[n * C + c] = static_cast<scalar_t>(average && !r.empty() ? total / acc_t(r.count()) : total);
+}
+
 at::Tensor box_pool_cuda(const at::Tensor& features, const at::Tensor& boxes, const at::Tensor& batch_idx,
-                         int64_t in_h, int64_t in_w, bool average) {
+                         int64_t in_h, int64_t in_w, bool average, const std::optional<at::Tensor>& index) {
   TORCH_CHECK(features.dim() == 4, "lgd_ops.box_pool: features must be [B, C, H, W], got ", features.sizes());
   check_box_args(boxes, batch_idx, in_h, in_w, features, "features");
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t n = boxes.size(0);
-  // With no image (B == 0) no box covers anything, and the sweep's grid would have no rows of blocks.
+  // With no image (B == 0) no box covers anything, and the sweep's grid would have no images.
   if (B == 0 || n == 0 || C == 0 || H == 0 || W == 0) return at::zeros({n, C}, features.options());
+  const at::Tensor ix = level_index_or_build(index, boxes, batch_idx, B, in_h, in_w, H, W, features);
   at::Tensor out = at::empty({n, C}, features.options());
-  const auto plan = cached_box_plan(boxes, batch_idx, B, in_h, in_w, H, W);
   // NCHW and channels_last maps are read in place (strides); other views are made contiguous first.
   const at::Tensor feat = features.is_contiguous() || features.is_contiguous(at::MemoryFormat::ChannelsLast)
                               ? features : features.contiguous();
   const at::Tensor bi = batch_idx.contiguous();
   const bool channels_last = !feat.is_contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "box_pool_cuda", [&] {
     using acc_t = sweep_acc_t<scalar_t>;
-    const int cb = B <= 65535 ? sweep_channels(C, H, W, sizeof(acc_t)) : 0;
-    if (cb > 0) {
-      const auto ev = cached_event_plan(boxes, batch_idx, B, in_h, in_w, H, W, *plan);
-      at::Tensor partial = at::empty({n, C}, features.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      out.zero_();  // boxes covering nothing
-      const dim3 grid((C + cb - 1) / cb, B);
-      const size_t shared = size_t(cb) * size_t(2 * W + 1) * sizeof(acc_t);
+    const SweepLaunch l = B <= 65535 ? sweep_launch(C, H, W, B, sizeof(acc_t)) : SweepLaunch{0, 0, 0, 0, 0};
+    if (l.cb > 0) {
+      at::Tensor scratch =
+          at::empty({l.bands, n, 2, C}, features.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       auto kernel = channels_last ? box_pool_sweep_kernel<scalar_t, acc_t, true>
                                   : box_pool_sweep_kernel<scalar_t, acc_t, false>;
-      kernel<<<grid, kSweepThreads, shared, at::cuda::getCurrentCUDAStream()>>>(
-          feat.data_ptr<scalar_t>(), feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3), C, H, W, cb,
-          ev->key.data_ptr<int64_t>(), ev->id.data_ptr<int64_t>(), ev->start.data_ptr<int64_t>(),
-          plan->cells.data_ptr<int32_t>(), average, partial.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+      kernel<<<dim3((C + l.cb - 1) / l.cb, l.bands, B), kSweepThreads, l.shared, stream>>>(
+          feat.data_ptr<scalar_t>(), feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3), C, H, W, l.cb,
+          l.pitch, l.rows, ix.data_ptr<int32_t>(), n, scratch.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int threads = C < 256 ? int(C) : 256;
+      box_pool_reduce_kernel<scalar_t, acc_t><<<dim3(n, (C + threads - 1) / threads), threads, 0, stream>>>(
+          feat.data_ptr<scalar_t>(), feat.stride(0), feat.stride(1), feat.stride(2), feat.stride(3), C, H, l.rows,
+          ix.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, B, scratch.data_ptr<acc_t>(), average,
+          out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     const dim3 grid(n, (C + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    box_pool_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        feat.data_ptr<scalar_t>(), plan->cells.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, feat.stride(0),
+    box_pool_kernel<scalar_t><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+        feat.data_ptr<scalar_t>(), ix.data_ptr<int32_t>(), bi.data_ptr<int64_t>(), n, C, feat.stride(0),
         feat.stride(1), feat.stride(2), feat.stride(3), average, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -169,31 +169,58 @@ __device__ NmseMoments row_tree(NmseMoments m) {
   return m;
 }
 
+// What a channels_last tile block's thread reads (the prologue of the tile kernels): its level l, the tile's place,
+// its channel c of C, the student and teacher planes of (image, c) with their element strides, and the tile's
+// rows [first, end) of this thread's row threadIdx.y (stepping kNmseRows). The planes are dereferenced only
+// when c < C.
+template <typename scalar_t>
+struct TileThread {
+  int l;
+  NmseTilePlace tp;
+  int64_t C, c;
+  const scalar_t* s;
+  const scalar_t* t;
+  int64_t se, te, first, end;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ TileThread<scalar_t> tile_thread(const Levels<scalar_t>& lv) {
+  int64_t local;
+  TileThread<scalar_t> tt;
+  tt.l = block_level(lv, blockIdx.x, &local);
+  const int l = tt.l;
+  tt.C = lv.channels[l];
+  tt.tp = nmse_tile_place(local, lv.tiles[l], lv.runs[l]);
+  tt.c = tt.tp.c0 + threadIdx.x;
+  tt.s = lv.s[l] + tt.tp.b * lv.ss[l][0] + tt.c * lv.ss[l][1];
+  tt.t = lv.t[l] + tt.tp.b * lv.ts[l][0] + tt.c * lv.ts[l][1];
+  tt.se = lv.ss[l][2];
+  tt.te = lv.ts[l][2];
+  tt.first = tt.tp.tile * kNmseTile + threadIdx.y;
+  tt.end = nmse_tile_end(lv.n[l], tt.tp.tile);
+  return tt;
+}
+
 // Forward, first pass: the moments of one tile of kNmseLanes planes -> part[k * parts + part_first +
 // nmse_part_index(...)], k = mx, my, m2x, m2y, cxy (a tile's count follows from its index).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) nmse_tile_moments_kernel(Levels<scalar_t> lv, int64_t parts,
                                                                       double* __restrict__ part) {
-  int64_t local;
-  const int l = block_level(lv, blockIdx.x, &local);
-  const int64_t n = lv.n[l], C = lv.channels[l];
-  const NmseTilePlace tp = nmse_tile_place(local, lv.tiles[l], lv.runs[l]);
-  const int64_t c = tp.c0 + threadIdx.x;
+  const TileThread<scalar_t> tt = tile_thread(lv);
+  const int l = tt.l;
+  const int64_t C = tt.C, c = tt.c;
   NmseSums m{0, 0, 0, 0, 0};
   if (c < C) {
-    const scalar_t* s = lv.s[l] + tp.b * lv.ss[l][0] + c * lv.ss[l][1];
-    const scalar_t* t = lv.t[l] + tp.b * lv.ts[l][0] + c * lv.ts[l][1];
-    const int64_t se = lv.ss[l][2], te = lv.ts[l][2], end = nmse_tile_end(n, tp.tile);
-    const double s0 = static_cast<double>(s[0]), t0 = static_cast<double>(t[0]);
+    const double s0 = static_cast<double>(tt.s[0]), t0 = static_cast<double>(tt.t[0]);
     // unrolled so that a thread has several loads in flight (a bfloat16 load is only 2 bytes)
 #pragma unroll 4
-    for (int64_t i = tp.tile * kNmseTile + threadIdx.y; i < end; i += kNmseRows)
-      nmse_add(m, static_cast<double>(s[i * se]) - s0, static_cast<double>(t[i * te]) - t0);
+    for (int64_t i = tt.first; i < tt.end; i += kNmseRows)
+      nmse_add(m, static_cast<double>(tt.s[i * tt.se]) - s0, static_cast<double>(tt.t[i * tt.te]) - t0);
   }
-  const double count = c < C ? double(nmse_row_count(n, tp.tile, threadIdx.y)) : 0.0;
+  const double count = c < C ? double(nmse_row_count(lv.n[l], tt.tp.tile, threadIdx.y)) : 0.0;
   const NmseMoments r = row_tree(nmse_moments(count, m));
   if (threadIdx.y == 0 && c < C) {
-    const int64_t o = lv.part_first[l] + nmse_part_index(tp.tile, lv.planes[l], tp.b, C, c);
+    const int64_t o = lv.part_first[l] + nmse_part_index(tt.tp.tile, lv.planes[l], tt.tp.b, C, c);
     part[o] = r.mx, part[parts + o] = r.my, part[2 * parts + o] = r.m2x, part[3 * parts + o] = r.m2y;
     part[4 * parts + o] = r.cxy;
   }
@@ -232,24 +259,19 @@ __global__ void __launch_bounds__(kThreads) nmse_tile_backward_kernel(Levels<sca
                                                                        const scalar_t* __restrict__ grad_out,
                                                                        double inv_total) {
   using acc_t = at::opmath_type<scalar_t>;
-  int64_t local;
-  const int l = block_level(lv, blockIdx.x, &local);
-  const int64_t C = lv.channels[l];
-  const NmseTilePlace tp = nmse_tile_place(local, lv.tiles[l], lv.runs[l]);
-  const int64_t c = tp.c0 + threadIdx.x;
-  if (c >= C) return;  // no block-wide synchronization follows
-  const int64_t q = lv.plane_first[l] + tp.b * C + c;
+  const TileThread<scalar_t> tt = tile_thread(lv);
+  const int l = tt.l;
+  if (tt.c >= tt.C) return;  // no block-wide synchronization follows
+  const int64_t q = lv.plane_first[l] + tt.tp.b * tt.C + tt.c;
   const acc_t scale = acc_t(static_cast<double>(grad_out[0]) * 2.0 * inv_total);
   const acc_t ms = acc_t(stats[q]), rs = acc_t(stats[planes_total + q]), mt = acc_t(stats[2 * planes_total + q]),
               rt = acc_t(stats[3 * planes_total + q]), k = acc_t(stats[4 * planes_total + q]);
-  const scalar_t* s = lv.s[l] + tp.b * lv.ss[l][0] + c * lv.ss[l][1];
-  const scalar_t* t = lv.t[l] + tp.b * lv.ts[l][0] + c * lv.ts[l][1];
-  scalar_t* g = lv.g[l] + tp.b * lv.gs[l][0] + c * lv.gs[l][1];
-  const int64_t se = lv.ss[l][2], te = lv.ts[l][2], ge = lv.gs[l][2], end = nmse_tile_end(lv.n[l], tp.tile);
+  scalar_t* g = lv.g[l] + tt.tp.b * lv.gs[l][0] + tt.c * lv.gs[l][1];
+  const int64_t ge = lv.gs[l][2];
 #pragma unroll 4
-  for (int64_t i = tp.tile * kNmseTile + threadIdx.y; i < end; i += kNmseRows)
-    g[i * ge] = static_cast<scalar_t>(
-        nmse_grad<acc_t>(static_cast<acc_t>(s[i * se]), static_cast<acc_t>(t[i * te]), ms, rs, mt, rt, k, scale));
+  for (int64_t i = tt.first; i < tt.end; i += kNmseRows)
+    g[i * ge] = static_cast<scalar_t>(nmse_grad<acc_t>(static_cast<acc_t>(tt.s[i * tt.se]),
+                                                       static_cast<acc_t>(tt.t[i * tt.te]), ms, rs, mt, rt, k, scale));
 }
 
 // (sb, sc, se) of an NCHW or channels_last map: element f = j * W + i of plane (b, c) at b*sb + c*sc + f*se.
