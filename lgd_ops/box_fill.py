@@ -58,13 +58,15 @@ def register_autograd(op, adjoint):
 
     def setup_context(ctx, inputs, output):
         _, boxes, batch_idx, in_h, in_w, _, _, _, average = inputs[:9]
-        ctx.save_for_backward(boxes, batch_idx)
+        ctx.save_for_backward(boxes, batch_idx, *inputs[10:])  # the level index, where the schema has one
         ctx.args = (in_h, in_w, average)
+        ctx.inputs = len(inputs)
 
     def backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_values = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)
-        return grad_values, None, None, None, None, None, None, None, None, None
+        boxes, batch_idx, *index = ctx.saved_tensors
+        index = [i for i in index if i is not None]
+        grad_values = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args, *index)
+        return (grad_values,) + (None,) * (ctx.inputs - 1)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 

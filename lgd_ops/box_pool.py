@@ -44,15 +44,17 @@ def register_autograd(op, adjoint):
     op) of the output gradient, with the same average flag (docs/method.md §3: fill and pool are adjoint)."""
 
     def setup_context(ctx, inputs, output):
-        features, boxes, batch_idx, in_h, in_w, average = inputs
-        ctx.save_for_backward(boxes, batch_idx)
+        features, boxes, batch_idx, in_h, in_w, average = inputs[:6]
+        ctx.save_for_backward(boxes, batch_idx, *inputs[6:])  # the level index, where the schema has one
         ctx.args = (in_h, in_w, features.shape[0], features.shape[2], features.shape[3], average,
                     is_channels_last(features))
+        ctx.inputs = len(inputs)
 
     def backward(ctx, grad):
-        boxes, batch_idx = ctx.saved_tensors
-        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args)  # features' layout
-        return grad_features, None, None, None, None, None
+        boxes, batch_idx, *index = ctx.saved_tensors
+        index = [i for i in index if i is not None]
+        grad_features = getattr(torch.ops.lgd_ops, adjoint)(grad, boxes, batch_idx, *ctx.args, *index)
+        return (grad_features,) + (None,) * (ctx.inputs - 1)  # features' layout
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 

@@ -10,19 +10,22 @@ pass over the row per event, whatever the boxes' sizes; fp64 accumulation for fp
 half; no atomics: deterministic. Non-finite values are left out of the sweep and added to
 their own box's cells afterwards. The backward is box_pool_triton with sums (its adjoint), as for the C++ op.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..box_fill import register_autograd
-from ._common import MAX_GRID_Y, check_box_args, device_guard, sweep_blocks, sweep_acc_fp64, sweep_plan
+from ._common import (MAX_GRID_Y, SWEEP_EVENTS, check_box_args, device_guard, row_change, sweep_acc_fp64,
+                      sweep_blocks, sweep_index)
 
 
 @triton.jit
-def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr, C, H, W, stride_vn, stride_vc,
-                     stride_ob, stride_oc, stride_oh, stride_ow, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+def _box_fill_kernel(values_ptr, index_ptr, out_ptr, N, C, H, W, stride_vn, stride_vc, stride_ob, stride_oc,
+                     stride_oh, stride_ow, AVERAGE: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr):
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     img = tl.program_id(1).to(tl.int64)
     c_mask = c_offs < C
@@ -32,6 +35,11 @@ def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr,
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
+    cells_ptr = index_ptr  # the level index's four parts
+    key_ptr = index_ptr + 4 * N
+    id_ptr = index_ptr + 6 * N
+    start_ptr = index_ptr + 8 * N
+    e_offs = tl.arange(0, BLOCK_E)
     col = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
     # offsets in int64: a row's offset j * stride_oh (or a column's) can pass 2**31 elements on a large map
     plane = (out_ptr + img * stride_ob + c_offs.to(tl.int64)[:, None] * stride_oc
@@ -43,32 +51,30 @@ def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr,
     non_finite = 0
     for j in range(0, H):
         key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
-        if key == base + j:  # an event row
-            diff = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
-            while key == base + j:
-                event = tl.load(id_ptr + p)
-                n = event // 2
-                x0 = tl.load(cells_ptr + n * 4)
-                x1 = tl.load(cells_ptr + n * 4 + 1)
-                v = tl.load(values_ptr + n * stride_vn + c_offs * stride_vc, mask=c_mask, other=0.0).to(acc_ty)
-                finite = v - v == 0.0
-                non_finite += tl.sum((~finite).to(tl.int32), axis=0)
-                v = tl.where(finite, v, 0.0)  # added after the sweep: it would stay in the columns past the box
-                if AVERAGE:
-                    y0 = tl.load(cells_ptr + n * 4 + 2)
-                    y1 = tl.load(cells_ptr + n * 4 + 3)
-                    count = (x1 - x0 + 1) * (y1 - y0 + 1)
-                    if ACC_FP64:
-                        v = v / count.to(tl.float64)
-                    else:
-                        v = tl.div_rn(v, count.to(tl.float32))
-                if event % 2 == 1:  # bottom: the box ends above this row
-                    v = -v
-                diff += tl.where((cols == x0)[None, :], v[:, None], 0.0)
-                diff -= tl.where((cols == x1 + 1)[None, :], v[:, None], 0.0)
-                p += 1
-                key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
-            col += tl.cumsum(diff, axis=1)
+        while key == base + j:  # the next BLOCK_E events of the row (keys ascend: those of row j lead)
+            at = p + e_offs
+            in_row = tl.load(key_ptr + at, mask=at < p_end, other=-1) == base + j
+            event = tl.load(id_ptr + at, mask=in_row, other=0)
+            n = event // 2
+            x0 = tl.load(cells_ptr + n * 4, mask=in_row, other=0)
+            x1 = tl.load(cells_ptr + n * 4 + 1, mask=in_row, other=0)
+            v = tl.load(values_ptr + n.to(tl.int64)[None, :] * stride_vn + c_offs[:, None] * stride_vc,
+                        mask=c_mask[:, None] & in_row[None, :], other=0.0).to(acc_ty)  # [channels, events]
+            finite = v - v == 0.0
+            non_finite += tl.sum(tl.sum((~finite).to(tl.int32), axis=1), axis=0)
+            v = tl.where(finite, v, 0.0)  # added after the sweep: it would stay in the columns past the box
+            if AVERAGE:
+                y0 = tl.load(cells_ptr + n * 4 + 2, mask=in_row, other=0)
+                y1 = tl.load(cells_ptr + n * 4 + 3, mask=in_row, other=0)
+                count = (x1 - x0 + 1) * (y1 - y0 + 1)
+                if ACC_FP64:
+                    v = v / count.to(tl.float64)[None, :]
+                else:
+                    v = tl.div_rn(v, count.to(tl.float32)[None, :])
+            v = tl.where((event % 2 == 1)[None, :], -v, v)  # bottom: the box ends above this row
+            col += row_change(v, x0, x1 + 1, BLOCK_C, BLOCK_E, BLOCK_W)
+            p += tl.sum(in_row.to(tl.int32), axis=0)
+            key = tl.load(key_ptr + p, mask=p < p_end, other=-1)
         tl.store(plane + tl.cast(j, tl.int64) * stride_oh, col.to(out_ptr.dtype.element_ty), mask=mask)
     if non_finite > 0:  # NaN - NaN, inf - inf never cancel: such values go straight into their own box's cells
         for k in range(p_begin, p_end):
@@ -93,9 +99,11 @@ def _box_fill_kernel(values_ptr, cells_ptr, key_ptr, id_ptr, start_ptr, out_ptr,
 
 @triton_op("lgd_ops::box_fill_triton", mutates_args=())
 def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, in_h: int, in_w: int,
-                    batch: int, out_h: int, out_w: int, average: bool, channels_last: bool = False) -> torch.Tensor:
+                    batch: int, out_h: int, out_w: int, average: bool, channels_last: bool = False,
+                    index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum over the boxes covering each cell of the box's values [N, C] -> [batch, C, out_h, out_w]
-    (average=True divides each box's values by its cell count first), written NCHW or channels_last."""
+    (average=True divides each box's values by its cell count first), written NCHW or channels_last.
+    index: the level index of (boxes, batch_idx) on the output (lgd_ops._boxes.level_index), built here if None."""
     if values.dim() != 2 or values.shape[0] != boxes.shape[0]:
         raise RuntimeError(f"lgd_ops.box_fill_triton: values must be [N, C] with N = boxes.size(0), "
                            f"got {tuple(values.shape)}")
@@ -108,15 +116,15 @@ def box_fill_triton(values: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     channels = values.shape[1]
     out = torch.empty(batch, channels, out_h, out_w, dtype=values.dtype, device=values.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # all written
+    index = sweep_index("lgd_ops.box_fill_triton", index, boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
     if batch == 0 or channels == 0 or out_h == 0 or out_w == 0:
         return out
-    cells, _, keys, ids, start = sweep_plan(boxes, batch_idx, batch, in_h, in_w, out_h, out_w)
     block_c, block_w = sweep_blocks("lgd_ops.box_fill_triton", channels, out_w)
     with device_guard(values):
         wrap_triton(_box_fill_kernel)[(triton.cdiv(channels, block_c), batch)](
-            values, cells, keys, ids, start, out, channels, out_h, out_w, values.stride(0), values.stride(1),
+            values, index, out, boxes.shape[0], channels, out_h, out_w, values.stride(0), values.stride(1),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3), AVERAGE=average,
-            ACC_FP64=sweep_acc_fp64(values.dtype), BLOCK_C=block_c, BLOCK_W=block_w)
+            ACC_FP64=sweep_acc_fp64(values.dtype), BLOCK_C=block_c, BLOCK_W=block_w, BLOCK_E=SWEEP_EVENTS)
     return out
 
 
