@@ -301,8 +301,8 @@ def test_box_fill_row_offsets_past_int32():
     want = _ops().box_fill_triton(values, boxes, batch_idx, h, w, 1, h, w, False)
     index = lgd_ops._boxes.level_index(boxes, batch_idx, 1, h, w, h, w)
     out = torch.empty(stride_h * (h - 1) + w, dtype=torch.bfloat16, device=DEVICE)  # no memory until written
-    box_fill._box_fill_kernel[(1, 1)](values, index, out, 2, 1, h, w, 1, 1, out.numel(), out.numel(), stride_h, 1,
-                                      AVERAGE=False, ACC_FP64=False, BLOCK_C=1, BLOCK_W=2, BLOCK_E=2)
+    box_fill._box_fill_kernel[(1, 1, 1)](values, index, out, 2, 1, h, w, h, 1, 1, out.numel(), out.numel(), stride_h,
+                                         1, AVERAGE=False, ACC_FP64=False, BLOCK_C=1, BLOCK_W=2, BLOCK_E=2)
     got = out.as_strided((1, 1, h, w), (out.numel(), out.numel(), stride_h, 1))
     assert torch.equal(got, want), (got, want)
 
@@ -330,17 +330,21 @@ def _crowded_boxes(gen):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,block_events", [(torch.float64, 2), (torch.float32, 16), (torch.bfloat16, 2)],
-                         ids=["f64-2", "f32-16", "bf16-2"])
+@pytest.mark.parametrize("dtype,block_events,band_rows", [(torch.float64, 2, 1), (torch.float32, 16, 3),
+                                                          (torch.bfloat16, 2, 6)], ids=["f64-2-1", "f32-16-3", "bf16-2-6"])
 @pytest.mark.parametrize("op", ["box_pool", "box_fill"])
-def test_crowded_event_rows(op, dtype, block_events, monkeypatch):
+def test_crowded_event_rows(op, dtype, block_events, band_rows, monkeypatch):
     """Rows with hundreds of events (blocks of 2 and 16 events), events on the last rows, boxes covering
-    nothing: forward and backward against the float64 reference, then a NaN and an inf that stay with the boxes
-    covering them (pool) or in their own box (fill), as in the reference."""
-    from lgd_ops.triton import box_fill, box_pool
+    nothing, swept in bands of 1, 3 and 6 rows (one band): forward and backward against the float64 reference,
+    then a NaN and an inf that stay with the boxes covering them (pool) or in their own box (fill), as in the
+    reference."""
+    from lgd_ops.triton import _common, box_fill, box_pool
 
     for module in (box_pool, box_fill):
         monkeypatch.setattr(module, "SWEEP_EVENTS", block_events)
+    monkeypatch.setattr(_common, "SWEEP_PROGRAMS", 10**6)  # as many bands as MIN_BAND_ROWS allows
+    monkeypatch.setattr(_common, "MIN_BAND_ROWS", band_rows)
+    assert _common.sweep_bands(1, 6) == (band_rows, 6 // band_rows)
     boxes, batch_idx = _crowded_boxes(torch.Generator().manual_seed(22))
     image_size, (b, c, h, w) = (48, 72), (2, 3, 6, 9)
     cells, covers = lgd_ops._boxes.box_cells(boxes, batch_idx, b, *image_size, h, w)
@@ -376,6 +380,27 @@ def test_crowded_event_rows(op, dtype, block_events, monkeypatch):
     finite = want.isfinite()
     _assert_close(out.cpu()[finite], want[finite], dtype, f"{op}, crowded rows, non-finite inputs")
     assert torch.equal(out.cpu()[~finite & ~want.isnan()], want[~finite & ~want.isnan()].to(dtype))
+
+
+@needs_kernels
+def test_sweep_launch_geometry():
+    """The box sweeps' grids at B = 2, C = 256 on RetinaNet's P3-P7 and Faster R-CNN's P2-P6 of 800 x 1216 inputs
+    (the programs per level in benchmarks/README.md's launch-geometry table): bands bring the large levels to
+    about two programs per SM of an H100."""
+    import triton
+
+    from lgd_ops.triton import _common
+
+    def programs(levels):
+        counts = []
+        for h, w in levels:
+            block_c, _ = _common.sweep_blocks("sweep", 256, w)
+            columns = triton.cdiv(256, block_c) * 2
+            counts.append(columns * _common.sweep_bands(columns, h)[1])
+        return counts
+
+    assert programs([(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]) == [288, 112, 64, 32, 16]
+    assert programs([(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]) == [320, 288, 112, 64, 32]
 
 
 @needs_kernels
@@ -675,12 +700,12 @@ def test_aot_decomposes_into_triton_kernels(triton_target):
     graph = aot_export_joint_simple(_all_ops, _traced_inputs(), trace_joint=True)
     kernels = [n for n in graph.graph.nodes if n.op == "call_function"
                and n.target is tkw.triton_kernel_wrapper_functional]
-    assert len(kernels) == 6  # 3 forward, 3 backward
+    assert len(kernels) == 8  # 4 forward (box_pool: the band sweep and the bands' sum), 4 backward
     assert not any("lgd_ops" in str(n.target) for n in graph.graph.nodes)
     for node in kernels:
-        # written: the outputs, and box_pool's [N, C] scratch of the boxes' top parts
+        # written: the outputs, and box_pool's [bands, N, C] scratch of the boxes' sums over each band
         assert set(node.kwargs["tensors_to_clone"]) <= {"out_ptr", "stats_ptr", "loss_ptr", "g_ptr",
-                                                        "partial_ptr"}, node.kwargs
+                                                        "part_ptr"}, node.kwargs
 
 
 # normalized_mse's channel count and (sb, sc, se) strides of the student and the teacher
@@ -694,14 +719,18 @@ def _signatures():
     for ptr, avg in (("*fp64", True), ("*fp32", False), ("*bf16", False)):
         fp64 = ptr == "*fp64"
         sweep64 = ptr != "*bf16"  # the box sweeps accumulate fp32 maps in fp64 too
-        blocks = {"AVERAGE": avg, "ACC_FP64": sweep64, "BLOCK_C": 8, "BLOCK_W": 64, "BLOCK_E": 16}
+        blocks = {"ACC_FP64": sweep64, "BLOCK_C": 8, "BLOCK_W": 64, "BLOCK_E": 16}
+        part = "*fp64" if sweep64 else "*fp32"
         yield box_pool._box_pool_kernel, {
-            "feat_ptr": ptr, "index_ptr": "*i32", "partial_ptr": "*fp64" if sweep64 else "*fp32", "out_ptr": ptr,
-            "N": "i32", "C": "i32", "H": "i32", "W": "i32", "stride_b": "i32", "stride_c": "i32", "stride_h": "i32",
-            "stride_w": "i32"}, blocks
+            "feat_ptr": ptr, "index_ptr": "*i32", "part_ptr": part, "N": "i32", "C": "i32", "H": "i32", "W": "i32",
+            "band_rows": "i32", "stride_b": "i32", "stride_c": "i32", "stride_h": "i32", "stride_w": "i32"}, blocks
+        yield box_pool._box_pool_finish_kernel, {
+            "index_ptr": "*i32", "part_ptr": part, "out_ptr": ptr, "N": "i32", "C": "i32", "band_rows": "i32"}, {
+            "AVERAGE": avg, "ACC_FP64": sweep64, "BLOCK": 256}
+        blocks["AVERAGE"] = avg
         yield box_fill._box_fill_kernel, {
             "values_ptr": ptr, "index_ptr": "*i32", "out_ptr": ptr, "N": "i32", "C": "i32", "H": "i32", "W": "i32",
-            "stride_vn": "i32",
+            "band_rows": "i32", "stride_vn": "i32",
             "stride_vc": "constexpr", "stride_ob": "i32", "stride_oc": "i32", "stride_oh": "i32",
             "stride_ow": "i32"}, dict(blocks, stride_vc=1)
         stats = "*fp64" if fp64 else "*fp32"

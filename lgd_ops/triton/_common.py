@@ -18,6 +18,8 @@ MAX_SWEEP_WIDTH = 8192  # the sweeps hold a whole row of a plane per program
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the sweeps' image)
 SWEEP_ELEMENTS = 4096  # channels x padded row width held per program
 SWEEP_EVENTS = 16  # events of one row handled at once (a row with more takes several blocks)
+SWEEP_PROGRAMS = 264  # programs a sweep launch aims at: two per SM of an H100 or H200 (132 SMs)
+MIN_BAND_ROWS = 8  # a band's rows, at least: each band also scans the events above it once
 
 
 def sweep_index(op, index, boxes, batch_idx, batch, in_h, in_w, height, width):
@@ -50,6 +52,27 @@ def row_change(v, start, stop, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLO
     reached = tl.sum(((order // (2 * BLOCK_E))[:, None] <= cols[None, :]).to(tl.int32), axis=0)  # points <= w
     last = tl.broadcast_to(tl.maximum(reached - 1, 0)[None, :], (BLOCK_C, BLOCK_W))
     return tl.where((reached > 0)[None, :], tl.gather(running, last, 1), 0.0)
+
+
+@triton.jit
+def first_event(key_ptr, lo, hi, key):
+    """The first position in [lo, hi) of the ascending keys whose key is at least `key` (hi if none)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(key_ptr + mid) < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def sweep_bands(column_programs, height):
+    """(rows per band, bands): the rows split into bands, each swept by its own programs, so that the launch
+    has about SWEEP_PROGRAMS programs (column_programs = channel blocks x images), bands of MIN_BAND_ROWS rows
+    at least."""
+    bands = max(1, min(triton.cdiv(SWEEP_PROGRAMS, column_programs), triton.cdiv(height, MIN_BAND_ROWS)))
+    rows = triton.cdiv(height, bands)
+    return rows, triton.cdiv(height, rows)
 
 
 def sweep_blocks(op, channels, width):
