@@ -330,8 +330,9 @@ def _crowded_boxes(gen):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype,block_events,band_rows", [(torch.float64, 2, 1), (torch.float32, 16, 3),
-                                                          (torch.bfloat16, 2, 6)], ids=["f64-2-1", "f32-16-3", "bf16-2-6"])
+@pytest.mark.parametrize("dtype,block_events,band_rows",
+                         [(torch.float64, 2, 1), (torch.float32, 16, 3), (torch.bfloat16, 2, 6)],
+                         ids=["f64-2-1", "f32-16-3", "bf16-2-6"])
 @pytest.mark.parametrize("op", ["box_pool", "box_fill"])
 def test_crowded_event_rows(op, dtype, block_events, band_rows, monkeypatch):
     """Rows with hundreds of events (blocks of 2 and 16 events), events on the last rows, boxes covering

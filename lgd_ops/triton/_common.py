@@ -1,5 +1,5 @@
-"""Helpers shared by the Triton box kernels: the level index they read, their block sizes, and the row
-change of a block of fill events (a @triton.jit function).
+"""Helpers shared by the Triton box kernels: the level index they read, their block sizes and bands of rows,
+and two @triton.jit functions (a band's first event, the row change of a block of fill events).
 
 The kernels read the level index (lgd_ops._boxes.level_index: cells, sorted row events, image starts, one
 int32 tensor built on the host once per batch and level); without one, an op builds it per call on its own
