@@ -727,7 +727,7 @@ def _signatures():
             "band_rows": "i32", "stride_b": "i32", "stride_c": "i32", "stride_h": "i32", "stride_w": "i32"}, blocks
         yield box_pool._box_pool_finish_kernel, {
             "index_ptr": "*i32", "part_ptr": part, "out_ptr": ptr, "N": "i32", "C": "i32", "band_rows": "i32"}, {
-            "AVERAGE": avg, "ACC_FP64": sweep64, "BLOCK": 256}
+            "AVERAGE": avg, "ACC_FP64": sweep64, "BLOCK_N": 16, "BLOCK_C": 64}
         blocks["AVERAGE"] = avg
         yield box_fill._box_fill_kernel, {
             "values_ptr": ptr, "index_ptr": "*i32", "out_ptr": ptr, "N": "i32", "C": "i32", "H": "i32", "W": "i32",

@@ -41,11 +41,14 @@ def sweep_index(op, index, boxes, batch_idx, batch, in_h, in_w, height, width):
 def row_change(v, start, stop, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr):
     """[BLOCK_C, BLOCK_W]: the sum over a block's events e of v[:, e] on the columns [start[e], stop[e]) (what
     the cumsum of a difference row with +v at start and -v at stop adds). The 2E points (column, +-v) are
-    put in column order (a sort of column * 2E + point: fixed, ties in event order); column w then gathers
-    the running sum of the points at or left of it: O(C (E + W) + E W) work, no scatter, no atomics."""
-    pos = tl.reshape(tl.join(start, stop), (2 * BLOCK_E,))
+    put in column order (ranks of column * 2E + point, ties in event order, from a [2E, 2E] comparison); column
+    w then gathers the running sum of the points at or left of it: O(C (E + W) + E (E + W)) work, no scatter,
+    no atomics."""
+    key = tl.reshape(tl.join(start, stop), (2 * BLOCK_E,)) * (2 * BLOCK_E) + tl.arange(0, 2 * BLOCK_E)
     weight = tl.reshape(tl.join(v, -v), (BLOCK_C, 2 * BLOCK_E))
-    order = tl.sort(pos * (2 * BLOCK_E) + tl.arange(0, 2 * BLOCK_E))
+    rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)  # keys are distinct: a permutation
+    at_rank = rank[None, :] == tl.arange(0, 2 * BLOCK_E)[:, None]  # [rank, point]
+    order = tl.sum(tl.where(at_rank, key[None, :], 0), axis=1)  # the keys in ascending order
     point = tl.broadcast_to((order % (2 * BLOCK_E))[None, :], (BLOCK_C, 2 * BLOCK_E))
     running = tl.cumsum(tl.gather(weight, point, 1), axis=1)
     cols = tl.arange(0, BLOCK_W)

@@ -26,7 +26,8 @@ from ..box_pool import register_autograd
 from ._common import (MAX_GRID_Y, SWEEP_EVENTS, check_box_args, device_guard, first_event, sweep_acc_fp64,
                       sweep_bands, sweep_blocks, sweep_index)
 
-FINISH_BLOCK = 256  # channels per program of the band sums' reduction
+FINISH_BOXES = 16  # boxes x channels per program adding the band sums
+FINISH_CHANNELS = 64
 
 
 @triton.jit
@@ -137,29 +138,34 @@ def _box_pool_kernel(feat_ptr, index_ptr, part_ptr, N, C, H, W, band_rows, strid
 
 @triton.jit
 def _box_pool_finish_kernel(index_ptr, part_ptr, out_ptr, N, C, band_rows, AVERAGE: tl.constexpr,
-                            ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):
+                            ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[n] = the sum of box n's band sums, bands in order (the mean if AVERAGE); zero if it covers nothing."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask = n < N
     c_mask = c < C
-    x0 = tl.load(index_ptr + n * 4)
-    x1 = tl.load(index_ptr + n * 4 + 1)
-    y0 = tl.load(index_ptr + n * 4 + 2)
-    y1 = tl.load(index_ptr + n * 4 + 3)
+    x0 = tl.load(index_ptr + n * 4, mask=n_mask, other=0)
+    x1 = tl.load(index_ptr + n * 4 + 1, mask=n_mask, other=-1)
+    y0 = tl.load(index_ptr + n * 4 + 2, mask=n_mask, other=0)
+    y1 = tl.load(index_ptr + n * 4 + 3, mask=n_mask, other=-1)
+    covers = (x0 <= x1) & (y0 <= y1)
+    first = y0 // band_rows
+    bands = tl.where(covers, y1 // band_rows - first + 1, 0)  # the bands the box meets
     if ACC_FP64:
-        total = tl.zeros([BLOCK], dtype=tl.float64)
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
     else:
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-    if (x0 <= x1) & (y0 <= y1):
-        for band in range(y0 // band_rows, y1 // band_rows + 1):
-            total += tl.load(part_ptr + (band * N + n) * C + c, mask=c_mask, other=0.0)
-        if AVERAGE:
-            count = (x1 - x0 + 1) * (y1 - y0 + 1)
-            if ACC_FP64:
-                total = total / count.to(tl.float64)
-            else:
-                total = tl.div_rn(total, count.to(tl.float32))  # IEEE division, as the C++ kernels
-    tl.store(out_ptr + n * C + c, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+        total = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for k in range(0, tl.max(bands, axis=0)):
+        slot = part_ptr + ((first + k).to(tl.int64) * N + n)[:, None] * C + c[None, :]
+        total += tl.load(slot, mask=(k < bands)[:, None] & c_mask[None, :], other=0.0)
+    if AVERAGE:
+        count = tl.where(covers, (x1 - x0 + 1) * (y1 - y0 + 1), 1)[:, None]
+        if ACC_FP64:
+            total = total / count.to(tl.float64)
+        else:
+            total = tl.div_rn(total, count.to(tl.float32))  # IEEE division, as the C++ kernels
+    tl.store(out_ptr + n[:, None] * C + c[None, :], total.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & c_mask[None, :])
 
 
 @triton_op("lgd_ops::box_pool_triton", mutates_args=())
@@ -188,8 +194,9 @@ def box_pool_triton(features: torch.Tensor, boxes: torch.Tensor, batch_idx: torc
             features, index, parts, n, channels, height, width, rows, features.stride(0), features.stride(1),
             features.stride(2), features.stride(3), ACC_FP64=fp64, BLOCK_C=block_c, BLOCK_W=block_w,
             BLOCK_E=SWEEP_EVENTS)
-        wrap_triton(_box_pool_finish_kernel)[(n, triton.cdiv(channels, FINISH_BLOCK))](
-            index, parts, out, n, channels, rows, AVERAGE=average, ACC_FP64=fp64, BLOCK=FINISH_BLOCK)
+        wrap_triton(_box_pool_finish_kernel)[(triton.cdiv(n, FINISH_BOXES), triton.cdiv(channels, FINISH_CHANNELS))](
+            index, parts, out, n, channels, rows, AVERAGE=average, ACC_FP64=fp64, BLOCK_N=FINISH_BOXES,
+            BLOCK_C=FINISH_CHANNELS)
     return out
 
 
