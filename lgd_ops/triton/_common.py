@@ -1,93 +1,81 @@
-"""Host-side helpers shared by the Triton box kernels.
+"""Helpers shared by the Triton box kernels: the level index they read, their block sizes and bands of rows,
+and two @triton.jit functions (a band's first event, the row change of a block of fill events).
 
-The per-box cell ranges come from lgd_ops._boxes.box_cells (a few float64 torch ops on N boxes, with
-exactly the arithmetic of csrc/common/box_math.h), so the Triton backend covers bit-for-bit the cells of
-the C++ kernels and the reference; the kernels take the resulting int32 ranges.
-
-The plan of a call (the cells and the sorted row events, sweep_plan) depends only on the boxes, batch_idx
-and a few sizes, and the box ops run on the same boxes at every level, forward and backward; so the plans
-are kept here, in one process-wide cache shared by box_pool_triton and box_fill_triton, keyed as the C++
-kernels' csrc/common/plan_cache.h: an in-place edit, a dead tensor or a recycled id() misses. Nothing is
-cached while compiling, for inference tensors, or during CUDA graph capture (_cacheable).
+The kernels read the level index (lgd_ops._boxes.level_index: cells, sorted row events, image starts, one
+int32 tensor built on the host once per batch and level); without one, an op builds it per call on its own
+device, from the same float64 arithmetic as csrc/common/box_math.h, so every backend covers the same cells.
 """
 import contextlib
-import threading
-import weakref
 
 import torch
 import triton
+import triton.language as tl
 
-from .._boxes import box_cells
+from .._boxes import index_size, level_index
 
 
 MAX_SWEEP_WIDTH = 8192  # the sweeps hold a whole row of a plane per program
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the sweeps' image)
 SWEEP_ELEMENTS = 4096  # channels x padded row width held per program
+SWEEP_EVENTS = 16  # events of one row handled at once (a row with more takes several blocks)
+SWEEP_PROGRAMS = 264  # programs a sweep launch aims at: two per SM of an H100 or H200 (132 SMs)
+MIN_BAND_ROWS = 8  # a band's rows, at least: each band also scans the events above it once
 
 
-def sweep_events(cells, covers, batch_idx, batch, height):
-    """The row sweeps' events (docs/method.md §1-3; csrc/common/box_sweep_math.h is the CUDA twin): box n's
-    top event 2n at row y0 and bottom event 2n + 1 at row y1 + 1, keyed image * (height + 2) + row (boxes
-    covering nothing after every image). Returns (keys, ids, start): int64 keys ascending, the event ids in
-    key order (box order within a row: a stable sort), and int64 [batch + 1] with image b's events at
-    [start[b], start[b + 1])."""
-    rows = torch.stack([cells[:, 2], cells[:, 3] + 1], dim=1).reshape(-1).to(torch.int64)
-    img = batch_idx.repeat_interleave(2)
-    keys = torch.where(covers.repeat_interleave(2), img * (height + 2) + rows,
-                       torch.full_like(rows, batch * (height + 2)))
-    keys, ids = torch.sort(keys, stable=True)
-    start = torch.searchsorted(keys, torch.arange(batch + 1, dtype=keys.dtype, device=keys.device) * (height + 2))
-    return keys.contiguous(), ids.contiguous(), start.contiguous()
+def sweep_index(op, index, boxes, batch_idx, batch, in_h, in_w, height, width):
+    """The level index of the call: `index` after the size, dtype, device and layout checks (no sync), or
+    level_index built now on the boxes' device (the op's, checked by check_box_args)."""
+    if index is None:
+        return level_index(boxes, batch_idx, batch, in_h, in_w, height, width)
+    size = index_size(boxes.shape[0], batch)
+    if (index.dim() != 1 or index.numel() != size or index.dtype != torch.int32 or index.device != boxes.device
+            or not index.is_contiguous()):
+        raise RuntimeError(f"{op}: index must be a contiguous int32 level index of {size} entries (8 N + batch + 1, "
+                           f"N = {boxes.shape[0]}, batch = {batch}) on {boxes.device}, got {index.dtype} "
+                           f"{tuple(index.shape)} on {index.device}"
+                           f"{'' if index.is_contiguous() else ', not contiguous'}")
+    return index
 
 
-PLAN_CACHE_ENTRIES = 32
-_plans = []  # (weak boxes, weak batch_idx, key, plan), oldest first
-_plans_lock = threading.Lock()
+@triton.jit
+def row_change(v, start, stop, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr):
+    """[BLOCK_C, BLOCK_W]: the sum over a block's events e of v[:, e] on the columns [start[e], stop[e]) (what
+    the cumsum of a difference row with +v at start and -v at stop adds). The 2E points (column, +-v) are
+    put in column order (ranks of column * 2E + point, ties in event order, from a [2E, 2E] comparison); column
+    w then gathers the running sum of the points at or left of it: O(C (E + W) + E (E + W)) work, no scatter,
+    no atomics."""
+    key = tl.reshape(tl.join(start, stop), (2 * BLOCK_E,)) * (2 * BLOCK_E) + tl.arange(0, 2 * BLOCK_E)
+    weight = tl.reshape(tl.join(v, -v), (BLOCK_C, 2 * BLOCK_E))
+    rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)  # keys are distinct: a permutation
+    at_rank = rank[None, :] == tl.arange(0, 2 * BLOCK_E)[:, None]  # [rank, point]
+    order = tl.sum(tl.where(at_rank, key[None, :], 0), axis=1)  # the keys in ascending order
+    point = tl.broadcast_to((order % (2 * BLOCK_E))[None, :], (BLOCK_C, 2 * BLOCK_E))
+    running = tl.cumsum(tl.gather(weight, point, 1), axis=1)
+    cols = tl.arange(0, BLOCK_W)
+    reached = tl.sum(((order // (2 * BLOCK_E))[:, None] <= cols[None, :]).to(tl.int32), axis=0)  # points <= w
+    last = tl.broadcast_to(tl.maximum(reached - 1, 0)[None, :], (BLOCK_C, BLOCK_W))
+    return tl.where((reached > 0)[None, :], tl.gather(running, last, 1), 0.0)
 
 
-def _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width):
-    cells, covers = box_cells(boxes, batch_idx, batch, in_h, in_w, height, width)
-    return (cells, covers, *sweep_events(cells, covers, batch_idx, batch, height))
+@triton.jit
+def first_event(key_ptr, lo, hi, key):
+    """The first position in [lo, hi) of the ascending keys whose key is at least `key` (hi if none)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(key_ptr + mid) < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
-def _cacheable(boxes, batch_idx):
-    """Plain eager tensors outside torch.compile and CUDA graph capture: traced code must not see Python-side
-    state (fake and functional tensors have no data either), inference tensors have no version counter, and
-    a captured graph must not read tensors the cache may free."""
-    if torch.compiler.is_compiling():
-        return False
-    if any(type(t) is not torch.Tensor or t.is_inference() for t in (boxes, batch_idx)):
-        return False
-    return boxes.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
-
-
-def _tensor_key(t):
-    return t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride()
-
-
-def sweep_plan(boxes, batch_idx, batch, in_h, in_w, height, width):
-    """(cells, covers, keys, ids, start) of box_cells and sweep_events for a height x width map of `batch`
-    images, from the plan cache: reused while boxes and batch_idx are the same live tensors, unedited (data
-    pointer and version counter), with the same sizes, device and (on CUDA) current stream, since the plan's
-    tensors are ordered on the stream that built them. PLAN_CACHE_ENTRIES entries, the oldest evicted first;
-    entries of dead tensors are dropped at the next lookup."""
-    if not _cacheable(boxes, batch_idx):
-        return _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width)
-    device = boxes.device
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (_tensor_key(boxes), _tensor_key(batch_idx), batch, in_h, in_w, height, width, device, stream)
-    with _plans_lock:
-        _plans[:] = [e for e in _plans if e[0]() is not None and e[1]() is not None]
-        for weak_boxes, weak_idx, entry_key, plan in _plans:
-            if weak_boxes() is boxes and weak_idx() is batch_idx and entry_key == key:
-                return plan
-    # Built outside the lock; the key (versions included) was read first, so an edit made meanwhile misses.
-    plan = _build_plan(boxes, batch_idx, batch, in_h, in_w, height, width)
-    with _plans_lock:
-        if len(_plans) >= PLAN_CACHE_ENTRIES:
-            del _plans[0]
-        _plans.append((weakref.ref(boxes), weakref.ref(batch_idx), key, plan))
-    return plan
+def sweep_bands(column_programs, height):
+    """(rows per band, bands): the rows split into bands, each swept by its own programs, so that the launch
+    has about SWEEP_PROGRAMS programs (column_programs = channel blocks x images), bands of MIN_BAND_ROWS rows
+    at least."""
+    bands = max(1, min(triton.cdiv(SWEEP_PROGRAMS, column_programs), triton.cdiv(height, MIN_BAND_ROWS)))
+    rows = triton.cdiv(height, bands)
+    return rows, triton.cdiv(height, rows)
 
 
 def sweep_blocks(op, channels, width):

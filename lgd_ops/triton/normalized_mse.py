@@ -121,11 +121,16 @@ def _nmse_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, first, p
 
 
 @triton.jit
-def _cl_place(pid, tiles, runs, BLOCK_C: tl.constexpr):
-    """(image, tile, first channel) of program `pid`, numbered image, tile, run of channels (memory order)."""
+def _cl_tile(n, C, tiles, runs, TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The channels_last tile of this program, programs numbered image, tile, run of channels (memory order):
+    (image, tile, its BLOCK_C channels and their mask, its first position and the end of its positions)."""
+    pid = tl.program_id(0).to(tl.int64)
     r = pid // runs
     b = r // tiles
-    return b, r - b * tiles, (pid - r * runs) * BLOCK_C
+    tile = r - b * tiles
+    c = (pid - r * runs) * BLOCK_C + tl.arange(0, BLOCK_C)
+    begin = tile * TILE
+    return b, tile, c, c < C, begin, tl.minimum(begin + TILE, n)
 
 
 @triton.jit
@@ -149,15 +154,11 @@ def _nmse_cl_moments_kernel(s_ptr, t_ptr, part_ptr, n, C, tiles, runs, planes, p
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    b, tile, c0 = _cl_place(tl.program_id(0).to(tl.int64), tiles, runs, BLOCK_C)
-    c = c0 + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    b, tile, c, cmask, begin, end = _cl_tile(n, C, tiles, runs, TILE, BLOCK_C)
     s_ptr += b * s_sb + c * s_sc
     t_ptr += b * t_sb + c * t_sc
     s0 = tl.load(s_ptr, mask=cmask, other=0.0).to(acc_ty)  # the planes' first elements
     t0 = tl.load(t_ptr, mask=cmask, other=0.0).to(acc_ty)
-    begin = tile * TILE
-    end = tl.minimum(begin + TILE, n)
     a = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)  # sums of x, y, x^2, y^2, x*y with x = s - s0, y = t - t0
     bs = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
     aa = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
@@ -220,9 +221,7 @@ def _nmse_cl_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, C, ti
         acc_ty = tl.float64
     else:
         acc_ty = tl.float32
-    b, tile, c0 = _cl_place(tl.program_id(0).to(tl.int64), tiles, runs, BLOCK_C)
-    c = c0 + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    b, _, c, cmask, begin, end = _cl_tile(n, C, tiles, runs, TILE, BLOCK_C)
     q = first + b * C + c
     s_mean = tl.load(stats_ptr + q, mask=cmask, other=0.0).to(acc_ty)[None, :]
     s_rstd = tl.load(stats_ptr + planes_total + q, mask=cmask, other=0.0).to(acc_ty)[None, :]
@@ -233,8 +232,6 @@ def _nmse_cl_backward_kernel(s_ptr, t_ptr, g_ptr, stats_ptr, scale_ptr, n, C, ti
     s_ptr += (b * s_sb + c * s_sc)[None, :]
     t_ptr += (b * t_sb + c * t_sc)[None, :]
     g_ptr += (b * g_sb + c * g_sc)[None, :]
-    begin = tile * TILE
-    end = tl.minimum(begin + TILE, n)
     for p0 in range(0, TILE, BLOCK_P):
         p = (begin + p0 + tl.arange(0, BLOCK_P))[:, None]  # int64: p * se (se = C) can pass 2**31
         mask = (p < end) & cmask[None, :]
