@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "box_checks.h"
 #include "box_math.h"
 #include "box_sweep_math.h"
 
@@ -65,19 +66,13 @@ inline at::Tensor device_level_index(const at::Tensor& boxes, const at::Tensor& 
   return at::cat({cells, key.to(at::kInt), std::get<1>(sorted).to(at::kInt), start.to(at::kInt)});
 }
 
-// The caller's level index after the cheap checks (size, dtype, device, layout: no sync), else one built here.
+// The caller's level index after the cheap checks (check_level_index: no sync), else one built here.
 inline at::Tensor level_index_or_build(const std::optional<at::Tensor>& index, const at::Tensor& boxes,
                                        const at::Tensor& batch_idx, int64_t batch, int64_t in_h, int64_t in_w,
                                        int64_t h, int64_t w, const at::Tensor& like) {
   if (!index.has_value() || !index->defined()) return device_level_index(boxes, batch_idx, batch, in_h, in_w, h, w);
-  const at::Tensor& ix = *index;
-  const int64_t n = boxes.size(0);
-  TORCH_CHECK(ix.dim() == 1 && ix.numel() == 8 * n + batch + 1, "lgd_ops: index must be the level index of ", n,
-              " boxes over ", batch, " images (", 8 * n + batch + 1, " entries), got ", ix.sizes());
-  TORCH_CHECK(ix.scalar_type() == at::kInt, "lgd_ops: index must be int32, got ", ix.scalar_type());
-  TORCH_CHECK(ix.device() == like.device(), "lgd_ops: index must be on ", like.device(), ", got ", ix.device());
-  TORCH_CHECK(ix.is_contiguous(), "lgd_ops: index must be contiguous");
-  return ix;
+  check_level_index(index, boxes.size(0), batch, like);
+  return *index;
 }
 
 // The four parts of a level index of N boxes.
